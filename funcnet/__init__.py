@@ -1,0 +1,15 @@
+"""funcnet: the book *Deep Learning from Scratch* as pure JAX functions over pytrees.
+
+Public API (re-exports only; each module states its own contract).
+"""
+
+from funcnet.gradcheck import check_vjp
+from funcnet.losses import mean_squared_error, softmax_cross_entropy
+from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bias_add", "check_vjp", "dropout", "linear", "mean_squared_error", "relu", "sigmoid",
+    "softmax_cross_entropy", "tanh", "weight_multiply",
+]

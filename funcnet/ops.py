@@ -1,0 +1,197 @@
+"""The book's operations as ``jax.custom_vjp`` primitives (book: ``Operation`` subclasses).
+
+Contract, stated once for every op here:
+
+* The forward is the book's ``_output``; ``_<op>_fwd`` saves the residuals the backward
+  needs and no more; ``_<op>_bwd(residuals, output_grad)`` is the book's hand-derived
+  ``_input_grad`` (and ``_param_grad`` for ``ParamOperation``s) and returns one cotangent
+  per primal argument.
+* Inputs are arrays of a floating dtype; two arrays meeting in one op share a dtype (no
+  silent promotion). Shapes are checked in Python when the op is traced, so a mistake is a
+  ``ValueError``/``TypeError`` before anything compiles, under ``jit`` and ``vmap`` too.
+* ``custom_vjp`` rules out forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``): use
+  reverse mode, including for second order (``jax.jacrev(jax.grad(f))``), since each
+  backward is itself written in differentiable ``jax.numpy``.
+* Every backward is verified against ``jax.vjp`` of a plain ``jax.numpy`` reference and
+  against finite differences (``funcnet.check_vjp``, ``tests/test_ops.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from funcnet import _checks
+
+__all__ = ["weight_multiply", "bias_add", "sigmoid", "tanh", "relu", "linear", "dropout"]
+
+
+def _check_pair(fn: str, x, other, other_name: str) -> None:
+    _checks.floating(fn, "x", x)
+    _checks.floating(fn, other_name, other)
+    _checks.rank(fn, "x", x, 2, "(batch, features)")
+    _checks.same_dtype(fn, ("x", other_name), x, other)
+
+
+# --- ParamOperations ---------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
+    """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply."""
+    _check_pair("weight_multiply", x, W, "W")
+    _checks.rank("weight_multiply", "W", W, 2, "(num_in, num_out)")
+    if x.shape[1] != W.shape[0]:
+        raise ValueError(
+            f"weight_multiply: x has {x.shape[1]} features but W expects {W.shape[0]} "
+            f"(x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)})."
+        )
+    return x @ W
+
+
+def _weight_multiply_fwd(x, W):
+    return weight_multiply(x, W), (x, W)
+
+
+def _weight_multiply_bwd(residuals, output_grad):
+    x, W = residuals
+    return output_grad @ W.T, x.T @ output_grad  # input_grad, param_grad
+
+
+weight_multiply.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
+
+
+@jax.custom_vjp
+def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
+    """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd."""
+    _check_pair("bias_add", x, B, "B")
+    if B.shape != (1, x.shape[1]):
+        raise ValueError(
+            f"bias_add: B must have shape (1, {x.shape[1]}) to match x.shape={tuple(x.shape)}, "
+            f"got {tuple(B.shape)}."
+        )
+    return x + B
+
+
+def _bias_add_fwd(x, B):
+    return bias_add(x, B), None
+
+
+def _bias_add_bwd(_, output_grad):
+    return output_grad, jnp.sum(output_grad, axis=0, keepdims=True)  # input_grad, param_grad
+
+
+bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
+# --- Activations (any shape) ---------------------------------------------------------------
+
+
+@jax.custom_vjp
+def sigmoid(x: jax.Array) -> jax.Array:
+    """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
+    _checks.floating("sigmoid", "x", x)
+    return lax.logistic(x)
+
+
+def _sigmoid_fwd(x):
+    y = sigmoid(x)
+    return y, y  # the book's backward needs only the output
+
+
+def _sigmoid_bwd(y, output_grad):
+    return (output_grad * y * (1 - y),)
+
+
+sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+
+
+@jax.custom_vjp
+def tanh(x: jax.Array) -> jax.Array:
+    """Hyperbolic tangent. Book: Tanh."""
+    _checks.floating("tanh", "x", x)
+    return jnp.tanh(x)
+
+
+def _tanh_fwd(x):
+    y = tanh(x)
+    return y, y
+
+
+def _tanh_bwd(y, output_grad):
+    return (output_grad * (1 - y * y),)
+
+
+tanh.defvjp(_tanh_fwd, _tanh_bwd)
+
+
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+    """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
+    _checks.floating("relu", "x", x)
+    return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+    # The mask is taken on the *input*. The book takes it on the clipped output
+    # (output >= 0), which is always true: that backward passes every gradient through.
+    return relu(x), x > 0
+
+
+def _relu_bwd(positive, output_grad):
+    return (jnp.where(positive, output_grad, 0),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+@jax.custom_vjp
+def linear(x: jax.Array) -> jax.Array:
+    """The identity, for output layers. Book: Linear."""
+    _checks.floating("linear", "x", x)
+    return x
+
+
+def _linear_fwd(x):
+    return linear(x), None
+
+
+def _linear_bwd(_, output_grad):
+    return (output_grad,)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+# --- Dropout -------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``x * mask`` where ``mask`` is 0 for dropped units and ``1 / (1 - rate)`` for kept ones.
+
+    Inverted dropout: the scaling happens in training, so inference is the identity (the
+    book instead scales by the keep probability at inference; the expectations agree).
+    The backward routes the output gradient through the same mask. Book: Dropout.
+    """
+    _checks.floating("dropout", "x", x)
+    _checks.floating("dropout", "mask", mask)
+    _checks.same_dtype("dropout", ("x", "mask"), x, mask)
+    if mask.shape != x.shape:
+        raise ValueError(
+            f"dropout: mask must have the shape of x, {tuple(x.shape)}, got {tuple(mask.shape)}."
+        )
+    return x * mask
+
+
+def _dropout_fwd(x, mask):
+    return dropout(x, mask), (x, mask)
+
+
+def _dropout_bwd(residuals, output_grad):
+    x, mask = residuals
+    return output_grad * mask, output_grad * x
+
+
+dropout.defvjp(_dropout_fwd, _dropout_bwd)
