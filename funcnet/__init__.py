@@ -4,12 +4,16 @@ Public API (re-exports only; each module states its own contract).
 """
 
 from funcnet.gradcheck import check_vjp
+from funcnet.initializers import glorot_normal, standard_normal, zeros
+from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",
+    "standard_normal", "summary", "zeros",
     "bias_add", "check_vjp", "dropout", "linear", "mean_squared_error", "relu", "sigmoid",
     "softmax_cross_entropy", "tanh", "weight_multiply",
 ]

@@ -1,0 +1,43 @@
+"""Weight initializers (book: ``Dense(weight_init="standard" | "glorot")``).
+
+An initializer is any ``(key, shape, dtype) -> array``. Fans are read from the shape: for
+a dense ``(num_in, num_out)`` matrix they are its two sizes; for a convolution kernel
+``(height, width, in_channels, out_channels)`` (HWIO) they are multiplied by the receptive
+field ``height * width``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Initializer", "standard_normal", "glorot_normal", "zeros"]
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def _fans(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) < 2:
+        raise ValueError(f"glorot_normal: shape must have at least 2 dimensions (fan_in, fan_out), got {tuple(shape)}.")
+    receptive = int(np.prod(shape[:-2]))
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """N(0, 1): the book's default for W and B."""
+    return jax.random.normal(key, tuple(shape), dtype)
+
+
+def glorot_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """N(0, 2 / (fan_in + fan_out)): the book's chapter-4 "glorot" initialization."""
+    fan_in, fan_out = _fans(shape)
+    return jax.random.normal(key, tuple(shape), dtype) * jnp.sqrt(jnp.asarray(2.0 / (fan_in + fan_out), dtype))
+
+
+def zeros(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """All zeros (a common choice for B)."""
+    del key
+    return jnp.zeros(tuple(shape), dtype)

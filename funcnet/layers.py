@@ -1,0 +1,236 @@
+"""Layers as pure ``init``/``apply`` pairs (book: ``Layer``, ``Dense``, ``Dropout``, ``NeuralNetwork``).
+
+The layer contract, stated once:
+
+* ``Layer(init, apply)`` is a ``NamedTuple`` of two pure functions, so ``init, apply = layer``
+  unpacks as in stax.
+* ``init(key, input_shape) -> (output_shape, params)``. Shapes include the batch dimension
+  first, which may be ``-1`` (any). ``params`` is an immutable pytree (a ``NamedTuple`` such
+  as ``DenseParams(W, B)``, a tuple, or ``()``); nothing is ever mutated.
+* ``apply(params, x, *, key=None) -> y``. ``key`` is keyword-only; a layer with randomness
+  (``Dropout``) is active only when a key is given, so ``apply(params, x)`` is inference.
+* Names: CamelCase for layer constructors (``Dense``, ``Dropout``), snake_case for the rest
+  (``serial``, ``summary``), as in stax.
+* Mistakes (a wrong input shape, params from another network) raise ``ValueError`` or
+  ``TypeError`` at trace time; inside ``serial`` the message names the layer's index.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funcnet import _checks, initializers, ops
+
+__all__ = ["Layer", "DenseParams", "Dense", "Dropout", "serial", "summary", "param_count", "layer_name"]
+
+Shape = tuple[int, ...]
+Params = Any
+
+
+class Layer(NamedTuple):
+    """A layer: ``init(key, input_shape) -> (output_shape, params)`` and ``apply(params, x, *, key=None)``."""
+
+    init: Callable[[jax.Array, Shape], tuple[Shape, Params]]
+    apply: Callable[..., jax.Array]
+
+
+class DenseParams(NamedTuple):
+    """``W: (num_in, neurons)`` and ``B: (1, neurons)``, the book's shapes."""
+
+    W: jax.Array
+    B: jax.Array
+
+
+def _layer(init, apply, name: str, children: Sequence[Layer] = ()) -> Layer:
+    """Build a Layer whose ``init`` carries its display name (and children) for ``summary``."""
+    init.funcnet_name = name
+    init.funcnet_children = tuple(children)
+    return Layer(init, apply)
+
+
+def layer_name(layer: Layer) -> str:
+    """The display name of a layer (its constructor call, or its init function's name)."""
+    return getattr(layer.init, "funcnet_name", getattr(layer.init, "__name__", "Layer"))
+
+
+def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
+    """``input_shape`` must be ``ndim`` ints (any number if None), positive or the batch's ``-1``."""
+    if not isinstance(input_shape, (tuple, list)) or not input_shape or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in input_shape):
+        raise TypeError(f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}.")
+    shape = tuple(int(d) for d in input_shape)
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{fn}: input_shape must be {ndim}-D {layout}, got {shape}.")
+    if not (shape[0] == -1 or shape[0] >= 1) or any(d < 1 for d in shape[1:]):
+        raise ValueError(f"{fn}: input_shape sizes must be positive (batch may be -1), got {shape}.")
+    return shape
+
+
+def _activation_name(activation: Callable) -> str:
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
+def Dense(neurons: int, activation: Callable[[jax.Array], jax.Array] = ops.sigmoid, *,
+          w_init: initializers.Initializer = initializers.standard_normal,
+          b_init: initializers.Initializer = initializers.standard_normal,
+          dtype: Any = None) -> Layer:
+    """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
+
+    Args:
+      neurons: output units.
+      activation: any ``array -> array`` (the book's default is sigmoid).
+      w_init, b_init: initializers ``(key, shape, dtype)``; the book draws both from N(0, 1).
+      dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
+    """
+    name = f"Dense({neurons}, {_activation_name(activation)})"
+    _checks.positive_int(name, "neurons", neurons)
+    if not callable(activation):
+        raise TypeError(f"{name}: activation must be a callable, got {type(activation).__name__}.")
+    dtype = jnp.dtype(dtype or jnp.zeros(()).dtype)
+
+    def init(key, input_shape):
+        batch, num_in = check_input_shape(name, input_shape, 2, "(batch, num_in)")
+        k_w, k_b = jax.random.split(key)
+        return (batch, neurons), DenseParams(w_init(k_w, (num_in, neurons), dtype),
+                                             b_init(k_b, (1, neurons), dtype))
+
+    def apply(params, x, *, key=None):
+        del key  # deterministic
+        if not isinstance(params, DenseParams):
+            raise TypeError(f"{name}: params must be DenseParams(W, B), got {type(params).__name__} "
+                            "(params from another network?).")
+        if np.shape(params.W)[-1:] != (neurons,):
+            raise ValueError(f"{name}: params.W must have {neurons} output columns, got shape "
+                             f"{np.shape(params.W)} (params from another network?).")
+        return activation(ops.bias_add(ops.weight_multiply(x, params.W), params.B))
+
+    return _layer(init, apply, name)
+
+
+def Dropout(rate: float) -> Layer:
+    """Drop each unit with probability ``rate`` when a ``key`` is given (inverted dropout). Book: Dropout.
+
+    Kept units are scaled by ``1 / (1 - rate)`` in training, so inference (no key) is the
+    identity. The backward routes gradients through the same mask (``ops.dropout``).
+    """
+    _checks.real_number("Dropout", "rate", rate, low=0.0, high=1.0, high_open=True)
+    name = f"Dropout({rate})"
+
+    def init(key, input_shape):
+        del key
+        return check_input_shape(name, input_shape, None, "(batch, ...)"), ()
+
+    def apply(params, x, *, key=None):
+        if params != ():
+            raise TypeError(f"{name}: params must be (), got {type(params).__name__} (params from another network?).")
+        _checks.floating(name, "x", x)
+        if key is None or rate == 0:
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return ops.dropout(x, jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype))
+
+    return _layer(init, apply, name)
+
+
+def serial(*layers: Layer) -> Layer:
+    """Compose layers in order; the result is itself a Layer. Book: NeuralNetwork.
+
+    ``init`` and ``apply`` split their ``key`` into one per layer. Params are a tuple with one
+    entry per layer.
+    """
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"serial: layer {i} must be a Layer(init, apply), got {type(layer).__name__}.")
+    if not layers:
+        raise ValueError("serial: at least one layer is needed, got none.")
+    name = f"serial({len(layers)} layers)"
+
+    def init(key, input_shape):
+        params = []
+        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
+            with _blame(i, layer):
+                input_shape, p = layer.init(k, input_shape)
+            params.append(p)
+        return input_shape, tuple(params)
+
+    def apply(params, x, *, key=None):
+        if not isinstance(params, tuple) or len(params) != len(layers):
+            got = f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
+            raise TypeError(f"serial: params must be a tuple with one entry per layer ({len(layers)}), "
+                            f"got {got} (params from another network?).")
+        keys = [None] * len(layers) if key is None else list(jax.random.split(key, len(layers)))
+        for i, (layer, p, k) in enumerate(zip(layers, params, keys)):
+            with _blame(i, layer):
+                x = layer.apply(p, x, key=k)
+        return x
+
+    return _layer(init, apply, name, layers)
+
+
+class _blame:
+    """Prefix an error raised inside layer ``i`` of a ``serial`` with the layer's index and name."""
+
+    def __init__(self, index: int, layer: Layer):
+        self.index, self.name = index, layer_name(layer)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind not in (ValueError, TypeError):
+            return False
+        message, nested = str(error), "serial: layer "
+        if message.startswith(nested):  # from a nested serial: extend its path, 2 -> 1.2
+            raise kind(f"{nested}{self.index}.{message[len(nested):]}") from error
+        message = message.removeprefix(f"{self.name}: ")  # the layer's own name, said once
+        raise kind(f"{nested}{self.index} ({self.name}): {message}") from error
+
+
+def param_count(params: Params) -> int:
+    """Total number of scalars in a params pytree."""
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def _shapes(layer: Layer, input_shape: Shape) -> tuple[Shape, Params]:
+    """``init``'s output shape and abstract params, without computing anything."""
+    result = {}
+
+    def run(key):
+        result["shape"], params = layer.init(key, input_shape)
+        return params
+
+    params = jax.eval_shape(run, jax.random.PRNGKey(0))
+    return result["shape"], params
+
+
+def _rows(layer: Layer, input_shape: Shape, label: str, depth: int) -> tuple[list[tuple[str, str, str, int]], Shape]:
+    children = getattr(layer.init, "funcnet_children", ())
+    if not children:
+        output_shape, params = _shapes(layer, input_shape)
+        return [(label, "  " * depth + layer_name(layer), str(tuple(output_shape)), param_count(params))], output_shape
+    rows = []
+    for i, child in enumerate(children):
+        with _blame(i, child):
+            child_rows, input_shape = _rows(child, input_shape, f"{label}{'.' if label else ''}{i}", depth + 1 if label else depth)
+        rows += child_rows
+    return rows, input_shape
+
+
+def summary(net: Layer, input_shape: Sequence[int]) -> str:
+    """A text table of each layer's name, output shape and parameter count, with the total."""
+    if not isinstance(net, Layer):
+        raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
+    if not isinstance(input_shape, (tuple, list)):
+        raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}.")
+    rows, _ = _rows(net, tuple(input_shape), "", 0)
+    header = ("#", "layer", "output shape", "params")
+    widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(4)]
+    fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}"
+    total = sum(r[3] for r in rows)
+    lines = [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows]
+    return "\n".join(lines + [f"Total params: {total:,}"])

@@ -1,0 +1,164 @@
+"""Layers: shape agreement, whole-network gradients against plain jnp, keys, dropout, errors."""
+
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcnet as fn
+
+KEY = jax.random.PRNGKey(0)
+ACTIVATIONS = {"sigmoid": (fn.sigmoid, jax.nn.sigmoid), "tanh": (fn.tanh, jnp.tanh),
+               "relu": (fn.relu, jax.nn.relu), "linear": (fn.linear, lambda x: x)}
+
+
+def _check_shape_agreement(layer, input_shape, key=None):
+    """init's output_shape == apply(...).shape == jax.eval_shape(apply, ...) (stax's check)."""
+    output_shape, params = layer.init(KEY, input_shape)
+    concrete = tuple(4 if d == -1 else d for d in input_shape)
+    x = jnp.ones(concrete)
+    y = layer.apply(params, x, key=key)
+    abstract = jax.eval_shape(lambda p, x: layer.apply(p, x, key=key), params, x)
+    expected = tuple(4 if d == -1 else d for d in output_shape)
+    assert y.shape == abstract.shape == expected
+
+
+NETS = {
+    "dense": lambda: fn.Dense(7),
+    "dropout": lambda: fn.Dropout(0.3),
+    "serial": lambda: fn.serial(fn.Dense(5, fn.tanh), fn.Dropout(0.5), fn.Dense(3, fn.linear)),
+    "nested": lambda: fn.serial(fn.Dense(4), fn.serial(fn.Dense(6, fn.relu), fn.serial(fn.Dense(2)))),
+}
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("input_shape", [(-1, 1), (1, 3), (8, 16), (-1, 33)])
+@pytest.mark.parametrize("key", [None, jax.random.PRNGKey(1)])
+def test_shape_agreement(name, input_shape, key):
+    _check_shape_agreement(NETS[name](), input_shape, key)
+
+
+def _plain_net(params, x, act):
+    for W, B in params:
+        x = act(x @ W + B)
+    return x
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_network_gradient_equals_plain_jnp_and_finite_differences(activation, loss):
+    act, plain_act = ACTIVATIONS[activation]
+    net = fn.serial(fn.Dense(6, act), fn.Dense(5, act), fn.Dense(3, act))
+    _, params = net.init(KEY, (-1, 4))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 4))
+    if loss == "mse":
+        y = rng.standard_normal((10, 3))
+        loss_fn, plain_loss = fn.mean_squared_error, lambda p, t: jnp.sum((p - t) ** 2) / p.shape[0]
+    else:
+        y = np.eye(3)[rng.integers(0, 3, 10)]
+        loss_fn = fn.softmax_cross_entropy
+        plain_loss = lambda p, t: -jnp.sum(t * jax.nn.log_softmax(p, axis=1)) / p.shape[0]
+    ours = jax.grad(lambda p: loss_fn(net.apply(p, x), y))(params)
+    plain = jax.grad(lambda p: plain_loss(_plain_net([(q.W, q.B) for q in p], x, plain_act), y))(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), ours, plain)
+    # finite differences along random directions in the whole parameter tree
+    flat, unravel = ravel_pytree(params)
+    fn.check_vjp(lambda f: loss_fn(net.apply(unravel(f), x), y),
+                 lambda f: plain_loss(_plain_net([(q.W, q.B) for q in unravel(f)], x, plain_act), y), flat)
+
+
+def test_same_key_same_params_different_keys_differ():
+    net = NETS["serial"]()
+    a, b, c = (net.init(k, (-1, 4))[1] for k in (KEY, KEY, jax.random.PRNGKey(2)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    assert not np.allclose(a[0].W, c[0].W)
+
+
+def test_initializers():
+    w = fn.glorot_normal(KEY, (400, 600), jnp.float64)
+    np.testing.assert_allclose(np.std(w), np.sqrt(2 / 1000), rtol=0.02)
+    np.testing.assert_allclose(np.std(fn.standard_normal(KEY, (500, 500), jnp.float64)), 1.0, rtol=0.02)
+    assert not np.any(fn.zeros(KEY, (3, 2)))
+    conv = fn.glorot_normal(KEY, (5, 5, 8, 16), jnp.float64)  # HWIO: fans times the 25-pixel field
+    np.testing.assert_allclose(np.std(conv), np.sqrt(2 / (25 * 24)), rtol=0.05)
+    _, params = fn.Dense(3, w_init=fn.glorot_normal, b_init=fn.zeros).init(KEY, (-1, 2))
+    assert not np.any(params.B)
+
+
+def test_dropout_keep_rate_mean_and_identity_without_key():
+    layer = fn.Dropout(0.3)
+    x = jnp.ones((200, 500))
+    y = layer.apply((), x, key=jax.random.PRNGKey(3))
+    kept = np.mean(np.asarray(y) != 0)
+    np.testing.assert_allclose(kept, 0.7, atol=0.01)
+    np.testing.assert_allclose(np.mean(y), 1.0, atol=0.02)  # 1/(1-rate) scaling keeps the mean
+    np.testing.assert_array_equal(layer.apply((), x), x)
+    np.testing.assert_array_equal(fn.Dropout(0.0).apply((), x, key=KEY), x)
+
+
+def test_dropout_backward_uses_the_same_mask():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((20, 30)))
+    key = jax.random.PRNGKey(4)
+    y, vjp = jax.vjp(lambda x: fn.Dropout(0.5).apply((), x, key=key), x)
+    (g,) = vjp(jnp.ones_like(y))
+    np.testing.assert_array_equal(np.asarray(g) != 0, np.asarray(y) != 0)
+    np.testing.assert_allclose(np.asarray(g)[np.asarray(y) != 0], 2.0)
+
+
+def test_summary_lists_layers_shapes_and_total():
+    net = fn.serial(fn.Dense(13), fn.Dropout(0.1), fn.serial(fn.Dense(1, fn.linear)))
+    text = fn.summary(net, (-1, 10))
+    assert "Dense(13, sigmoid)" in text and "(-1, 13)" in text and "143" in text
+    assert "Dense(1, linear)" in text and "Total params: 157" in text
+    _, params = net.init(KEY, (-1, 10))
+    assert fn.param_count(params) == 157
+
+
+def test_user_defined_layer_composes():
+    def init(key, input_shape):
+        return input_shape, ()
+
+    def apply(params, x, *, key=None):
+        del params, key
+        return 2 * x
+
+    net = fn.serial(fn.Dense(3), fn.Layer(init, apply))
+    _check_shape_agreement(net, (-1, 2))
+    assert "apply" not in fn.summary(net, (-1, 2)) and "init" in fn.summary(net, (-1, 2))
+
+
+BAD = [
+    (lambda: fn.Dense(3).init(KEY, (5,)), ValueError, r"Dense\(3, sigmoid\): input_shape must be 2-D \(batch, num_in\), got \(5,\)"),
+    (lambda: fn.Dense(0), ValueError, "neurons must be >= 1, got 0"),
+    (lambda: fn.Dense(-2), ValueError, "neurons must be >= 1, got -2"),
+    (lambda: fn.Dense(2.5), TypeError, "neurons must be an int"),
+    (lambda: fn.Dense(3, activation="tanh"), TypeError, "activation must be a callable"),
+    (lambda: fn.Dropout(1.0), ValueError, r"Dropout: rate must be >= 0.0 and < 1.0, got 1.0"),
+    (lambda: fn.Dropout(-0.1), ValueError, "rate must be >= 0.0"),
+    (lambda: fn.serial(fn.Dense(2), "relu"), TypeError, "serial: layer 1 must be a Layer"),
+    (lambda: fn.serial(), ValueError, "at least one layer"),
+    (lambda: fn.Dense(3).init(KEY, [2, "a"]), TypeError, "input_shape must be a tuple of ints"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD)
+def test_bad_construction_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_apply_errors_name_the_layer_inside_serial():
+    net = fn.serial(fn.Dense(4), fn.serial(fn.Dense(3), fn.Dense(2)))
+    _, params = net.init(KEY, (-1, 5))
+    with pytest.raises(ValueError, match=r"serial: layer 0 \(Dense\(4, sigmoid\)\): weight_multiply: x has 6 features but W expects 5"):
+        jax.jit(net.apply)(params, jnp.ones((2, 6)))
+    other = fn.serial(fn.Dense(4), fn.serial(fn.Dense(3), fn.Dense(7)))
+    _, other_params = other.init(KEY, (-1, 5))
+    with pytest.raises(ValueError, match=r"serial: layer 1.1 \(Dense\(2, sigmoid\)\): params.W must have 2 output columns"):
+        net.apply(other_params, jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match="params must be a tuple with one entry per layer"):
+        net.apply(params[:1], jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match=r"layer 0 \(Dense\(4, sigmoid\)\): params must be DenseParams"):
+        net.apply(((1, 2), params[1]), jnp.ones((2, 5)))
