@@ -7,11 +7,16 @@ from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
+from funcnet.optimizers import (Optimizer, adagrad, adam, constant, exponential_decay, linear_decay,
+                                 momentum, sgd)
+from funcnet.train import FitResult, History, fit, train_step
 from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitResult", "History", "Optimizer", "adagrad", "adam", "constant", "exponential_decay",
+    "fit", "linear_decay", "momentum", "sgd", "train_step",
     "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",
     "standard_normal", "summary", "zeros",
     "bias_add", "check_vjp", "dropout", "linear", "mean_squared_error", "relu", "sigmoid",

@@ -19,3 +19,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 settings.register_profile("ci", max_examples=15, deadline=None)
 settings.register_profile("long", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/book_reference.py
