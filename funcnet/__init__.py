@@ -3,6 +3,7 @@
 Public API (re-exports only; each module states its own contract).
 """
 
+from funcnet.checkpoint import load, save
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
@@ -15,6 +16,7 @@ from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_m
 __version__ = "0.1.0"
 
 __all__ = [
+    "load", "save",
     "FitResult", "History", "Optimizer", "adagrad", "adam", "constant", "exponential_decay",
     "fit", "linear_decay", "momentum", "sgd", "train_step",
     "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",

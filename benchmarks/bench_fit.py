@@ -1,0 +1,220 @@
+"""fit against the baselines it replaces, side by side in one run.
+
+Workloads (steady-state seconds per epoch; compile time reported separately):
+  A (book-sized): scikit-learn digits (1,797 x 64, /16), 64 -> 128 tanh -> 10, softmax CE,
+    momentum 0.9 lr 0.05, batch 32, 20 epochs.
+  B (compute-bound): synthetic 8,192 x 512, 512 -> 1024 tanh -> 1024 tanh -> 10, batch 256,
+    3 epochs; GFLOP/s and the fraction of this machine's measured f32 matmul peak.
+Rows: funcnet fit; a hand-written pure-JAX lax.scan loop (the ceiling); a per-step jax.jit
+Python loop; the book's NumPy classes; funcnet with plain-jnp layers (autodiff only).
+Ensemble: vmap of 32 workload-A fits (different keys and learning rates) vs one fit.
+
+    python benchmarks/bench_fit.py            # everything
+    python benchmarks/bench_fit.py --quick    # tiny sizes, to check it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import funcnet as fn
+from funcnet import train
+from _timing import machine, median_seconds, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import book_reference as book  # noqa: E402
+
+
+def plain_dense(neurons, activation):
+    """Dense with plain jnp ops: the same network, differentiated by autodiff alone."""
+    dense = fn.Dense(neurons, w_init=fn.glorot_normal, b_init=fn.zeros)
+
+    def apply(params, x, *, key=None):
+        del key
+        return activation(x @ params.W + params.B)
+
+    return fn.Layer(dense.init, apply)
+
+
+def networks(sizes, plain=False):
+    acts = [jnp.tanh if plain else fn.tanh] * (len(sizes) - 2) + [(lambda x: x) if plain else fn.linear]
+    make = plain_dense if plain else (lambda n, a: fn.Dense(n, a, w_init=fn.glorot_normal, b_init=fn.zeros))
+    return fn.serial(*(make(n, a) for n, a in zip(sizes[1:], acts)))
+
+
+def scan_trainer(rows, batch_size, epochs, lr, mom):
+    """A hand-written lax.scan training loop in plain JAX: what an expert writes by hand."""
+    batches = -(-rows // batch_size)
+    padded = batches * batch_size
+
+    def loss(params, x, y, mask):
+        for W, B in params[:-1]:
+            x = jnp.tanh(x @ W + B)
+        W, B = params[-1]
+        log_probs = jax.nn.log_softmax(x @ W + B)
+        per_row = -jnp.take_along_axis(log_probs, y[:, None], axis=1)[:, 0]
+        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask)
+
+    @jax.jit
+    def run(params, x, y, key):
+        def epoch(carry, e):
+            order = jax.random.permutation(jax.random.fold_in(key, e), rows)
+            order = jnp.concatenate([order, order[: padded - rows]]).reshape(batches, batch_size)
+            masks = (jnp.arange(padded) < rows).reshape(batches, batch_size)
+
+            def step(carry, batch):
+                params, velocity = carry
+                index, mask = batch
+                value, grads = jax.value_and_grad(loss)(params, x[index], y[index], mask)
+                velocity = jax.tree_util.tree_map(lambda v, g: mom * v + lr * g, velocity, grads)
+                params = jax.tree_util.tree_map(lambda p, v: p - v, params, velocity)
+                return (params, velocity), value
+
+            carry, values = lax.scan(step, carry, (order, masks))
+            return carry, jnp.mean(values)
+
+        velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (params, _), losses = lax.scan(epoch, (params, velocity), jnp.arange(epochs))
+        return params, losses
+
+    return run
+
+
+def per_step_loop(net, optimizer, params, x, y, batch_size, epochs, key):
+    """A Python loop over a jitted train_step (data sliced on the host)."""
+    step = jax.jit(fn.train_step(net, fn.softmax_cross_entropy, optimizer))
+    state = optimizer.init(params)
+    for e in range(epochs):
+        order = np.asarray(train.epoch_order(key, e, x.shape[0])[0])
+        for i in range(0, x.shape[0], batch_size):
+            index = order[i:i + batch_size]
+            params, state, _ = step(params, state, x[index], y[index], None)
+    return params
+
+
+def numpy_book(params, x, y, batch_size, epochs, lr, mom, hidden_layers):
+    acts = [book.Tanh] * hidden_layers + [book.Linear]
+    net = book.NeuralNetwork([book.Dense(np.asarray(p.W), np.asarray(p.B), a()) for p, a in zip(params, acts)],
+                             book.SoftmaxCrossEntropy())
+    rng = np.random.default_rng(0)
+    trainer = book.Trainer(net, book.SGDMomentum(lr, momentum=mom), lambda e: rng.permutation(x.shape[0]))
+    trainer.fit(x, np.eye(10, dtype=x.dtype)[y], None, None, epochs=epochs, batch_size=batch_size)
+
+
+def interleaved(variants, rounds):
+    """First-call time and the median over ``rounds`` of each variant, timed in alternation
+    so that every variant sees the same machine noise."""
+    first, times = {}, {name: [] for name in variants}
+    for name, (run, _) in variants.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first[name] = time.perf_counter() - start
+    for _ in range(rounds):
+        for name, (run, _) in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times[name].append(time.perf_counter() - start)
+    per_epoch = {name: float(np.median(times[name])) / epochs for name, (_, epochs) in variants.items()}
+    compile_s = {name: first[name] - float(np.median(times[name])) for name in variants}
+    return per_epoch, compile_s
+
+
+def workload(x, y, sizes, batch_size, epochs, lr, mom, rounds, numpy_epochs):
+    key = jax.random.PRNGKey(0)
+    net, plain = networks(sizes), networks(sizes, plain=True)
+    _, params = net.init(key, (-1, sizes[0]))
+    xn, yn = x, y
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    optimizer = fn.momentum(lr, mom)
+    fit = lambda n: lambda: fn.fit(n, fn.softmax_cross_entropy, optimizer, params, (x, y), epochs=epochs,
+                                   batch_size=batch_size, key=key).params
+    scan = scan_trainer(x.shape[0], batch_size, epochs, lr, mom)
+    variants = {
+        "funcnet fit": (fit(net), epochs),
+        "pure-JAX lax.scan loop": (lambda: scan([tuple(p) for p in params], x, y, key)[0], epochs),
+        "funcnet, plain-jnp layers": (fit(plain), epochs),
+        "per-step jax.jit loop": (lambda: per_step_loop(net, optimizer, params, x, y, batch_size, epochs, key),
+                                  epochs),
+        "NumPy book classes": (lambda: numpy_book(params, xn, yn, batch_size, numpy_epochs, lr, mom, len(sizes) - 2),
+                               numpy_epochs),
+    }
+    per_epoch, compile_s = interleaved(variants, rounds)
+    compile_s.pop("NumPy book classes")
+    return per_epoch, compile_s
+
+
+def ensemble(x, y, members, epochs, repeats):
+    """vmap of ``members`` workload-A fits over keys and learning rates, vs one fit."""
+    net = networks([64, 128, 10])
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 64))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    def one(key, lr):
+        return fn.fit(net, fn.softmax_cross_entropy, fn.momentum(lr, 0.9), params, (x, y), epochs=epochs,
+                      batch_size=32, key=key).params
+
+    keys = jax.random.split(jax.random.PRNGKey(1), members)
+    rates = jnp.linspace(0.01, 0.1, members)
+    many = jax.jit(jax.vmap(one))
+    single = jax.jit(one)
+    t_many = median_seconds(lambda: many(keys, rates), repeats=repeats)
+    t_one = median_seconds(lambda: single(keys[0], rates[0]), repeats=repeats)
+    return t_one, t_many
+
+
+def matmul_peak(n=2048, repeats=7):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n ** 3 / median_seconds(lambda: f(a), repeats=repeats) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fit vs its baselines")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
+    parser.add_argument("--skip-b", action="store_true", help="workload A and the ensemble only")
+    args = parser.parse_args()
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    xa, ya = (digits.data / 16).astype(np.float32), digits.target.astype(np.int32)
+    epochs_a, repeats = (2, 1) if args.quick else (20, 9)
+    print(f"Machine: {machine()}\n")
+    results = {"A": workload(xa, ya, [64, 128, 10], 32, epochs_a, 0.05, 0.9, repeats, 2 if args.quick else 5)}
+    if not args.skip_b:
+        rows_b = 512 if args.quick else 8192
+        rng = np.random.default_rng(0)
+        xb = rng.standard_normal((rows_b, 512)).astype(np.float32)
+        yb = rng.integers(0, 10, rows_b).astype(np.int32)
+        results["B"] = workload(xb, yb, [512, 1024, 1024, 10], 256, 1 if args.quick else 3, 0.01, 0.9,
+                                1 if args.quick else 5, 1)
+    for name, (per_epoch, compile_s) in results.items():
+        ceiling, fit_time = per_epoch["pure-JAX lax.scan loop"], per_epoch["funcnet fit"]
+        print(f"Workload {name}: seconds per epoch (median), ratio to funcnet fit")
+        print(table(["version", "s / epoch", "x funcnet fit", "compile s"],
+                    [[k, f"{v:.4f}", f"{v / fit_time:.2f}", f"{compile_s[k]:.2f}" if k in compile_s else "-"]
+                     for k, v in per_epoch.items()]))
+        print(f"funcnet fit / pure-JAX scan = {fit_time / ceiling:.3f}; "
+              f"custom_vjp / plain-jnp layers = {fit_time / per_epoch['funcnet, plain-jnp layers']:.3f}\n")
+    if "B" in results:
+        steps = 8192 // 256 if not args.quick else 2
+        forward = 2 * 256 * (512 * 1024 + 1024 * 1024 + 1024 * 10)
+        gflops = 3 * forward * steps / results["B"][0]["funcnet fit"] / 1e9
+        peak = matmul_peak(512 if args.quick else 2048)
+        print(f"Workload B: funcnet fit {gflops:.1f} GFLOP/s (3x forward matmul FLOPs); "
+              f"measured f32 matmul peak {peak:.1f} GFLOP/s; fraction {gflops / peak:.2f}\n")
+    members = 4 if args.quick else 32
+    t_one, t_many = ensemble(xa, ya, members, epochs_a, 1 if args.quick else 3)
+    print(f"Ensemble: one fit {t_one:.3f} s; vmap of {members} fits {t_many:.3f} s; "
+          f"ratio {t_many / t_one:.1f}x (target <= 8x)")
+
+
+if __name__ == "__main__":
+    main()

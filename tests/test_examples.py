@@ -1,0 +1,26 @@
+"""Every example runs, on its tiny --quick configuration, as a user would run it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_quick(name, tmp_path):
+    args = [sys.executable, str(ROOT / "examples" / name)]
+    if name != "custom_op.py":
+        args.append("--quick")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip(), "an example must print its result"
+
+
+def test_example_list_is_complete():
+    assert {"digits.py", "regression.py", "ensemble.py", "custom_op.py"} <= set(EXAMPLES)
