@@ -4,6 +4,7 @@ Public API (re-exports only; each module states its own contract).
 """
 
 from funcnet.checkpoint import load, save
+from funcnet.conv import Conv2D, Conv2DParams, Flatten, MaxPool2D, conv2d, max_pool2d
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
@@ -16,7 +17,7 @@ from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_m
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save",
+    "load", "save", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "conv2d", "max_pool2d",
     "FitResult", "History", "Optimizer", "adagrad", "adam", "constant", "exponential_decay",
     "fit", "linear_decay", "momentum", "sgd", "train_step",
     "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",

@@ -1,0 +1,235 @@
+"""Convolutions (book chapter 5): ``conv2d`` and ``max_pool2d`` ops, ``Conv2D``/``MaxPool2D``/``Flatten`` layers.
+
+Layout, stated once: images are NHWC ``(batch, height, width, channels)`` and kernels HWIO
+``(height, width, in_channels, out_channels)``, JAX's native layouts on every backend. The
+book is channels-first, ``(batch, channels, height, width)`` images and ``(in, out, h, w)``
+kernels: convert with ``x.transpose(0, 2, 3, 1)`` and ``W.transpose(2, 3, 0, 1)``.
+
+Both ops are ``jax.custom_vjp`` with the book's hand-derived backward, written as
+convolutions (``lax.conv_general_dilated``) rather than the book's Python loops:
+
+* ``conv2d`` input_grad: the output gradient, dilated by the stride, convolved with the
+  spatially flipped kernel whose in/out channels are swapped;
+* ``conv2d`` param_grad: the input convolved with the output gradient, the batch being the
+  contracted axis (the stride becomes a dilation of the output gradient);
+* ``max_pool2d``: each window's gradient goes to its arg-max. Ties go to the first maximum
+  in row-major window order (JAX's own autodiff may pick another tied element; the totals
+  agree).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funcnet import _checks, initializers, ops
+from funcnet.layers import Layer, _layer, _activation_name, check_input_shape
+
+__all__ = ["conv2d", "max_pool2d", "Conv2D", "Conv2DParams", "MaxPool2D", "Flatten"]
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _pair(fn: str, name: str, value) -> tuple[int, int]:
+    values = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2:
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}.")
+    return tuple(_checks.positive_int(fn, name, v) for v in values)  # type: ignore[return-value]
+
+
+def _padding(fn: str, padding) -> str:
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f'{fn}: padding must be "SAME" or "VALID", got {padding!r}.')
+    return padding
+
+
+def _pads(size, kernel, stride, padding):
+    """Explicit (low, high) pads per spatial dim, as XLA computes them for SAME/VALID."""
+    return lax.padtype_to_pads(size, kernel, stride, padding)
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    return -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
+
+
+def _check_conv(x, W, stride, padding) -> None:
+    fn = "conv2d"
+    _checks.floating(fn, "x", x)
+    _checks.floating(fn, "W", W)
+    _checks.rank(fn, "x", x, 4, "NHWC (batch, height, width, channels)")
+    _checks.rank(fn, "W", W, 4, "HWIO (height, width, in_channels, out_channels)")
+    _checks.same_dtype(fn, ("x", "W"), x, W)
+    if x.shape[3] != W.shape[2]:
+        raise ValueError(f"{fn}: x has {x.shape[3]} channels but W expects {W.shape[2]} "
+                         f"(x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)}).")
+    if padding == "VALID" and (W.shape[0] > x.shape[1] or W.shape[1] > x.shape[2]):
+        raise ValueError(f"{fn}: a {W.shape[0]}x{W.shape[1]} kernel does not fit a {x.shape[1]}x{x.shape[2]} "
+                         'image with padding="VALID"; use padding="SAME" or a smaller kernel.')
+
+
+def _conv2d(x, W, stride, padding):
+    return lax.conv_general_dilated(x, W, stride, padding, dimension_numbers=_DIMENSIONS)
+
+
+def conv2d(x: jax.Array, W: jax.Array, *, stride: int | tuple[int, int] = 1, padding: str = "SAME") -> jax.Array:
+    """2-D cross-correlation of NHWC ``x`` with HWIO ``W``. Book: Conv2D_Op."""
+    stride = _pair("conv2d", "stride", stride)
+    padding = _padding("conv2d", padding)
+    _check_conv(x, W, stride, padding)
+    return _conv2d_vjp(x, W, stride, padding)
+
+
+def _conv2d_fwd(x, W, stride, padding):
+    return _conv2d(x, W, stride, padding), (x, W)
+
+
+def _conv2d_bwd(stride, padding, residuals, output_grad):
+    x, W = residuals
+    sizes, kernel, out = x.shape[1:3], W.shape[:2], output_grad.shape[1:3]
+    pads = _pads(sizes, kernel, stride, padding)
+    # input_grad: full correlation of the stride-dilated output_grad with the flipped,
+    # in/out-swapped kernel; pads chosen so the result has the input's size.
+    lhs_pads = []
+    for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads):
+        before = k - 1 - low
+        lhs_pads.append((before, n + k - 1 - ((o - 1) * s + 1) - before))
+    flipped = jnp.flip(W, axis=(0, 1)).transpose(0, 1, 3, 2)
+    input_grad = lax.conv_general_dilated(output_grad, flipped, (1, 1), lhs_pads, lhs_dilation=stride,
+                                          dimension_numbers=_DIMENSIONS)
+    # param_grad: correlate the input with output_grad over the batch (x's N is contracted,
+    # x's C becomes the batch of the result), the stride becoming a dilation of output_grad.
+    rhs_pads = [(low, k + (o - 1) * s - n - low) for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads)]
+    param_grad = lax.conv_general_dilated(x, output_grad, (1, 1), rhs_pads, rhs_dilation=stride,
+                                          dimension_numbers=("CHWN", "IHWO", "HWNC"))
+    return input_grad, param_grad
+
+
+_conv2d_vjp = jax.custom_vjp(_conv2d, nondiff_argnums=(2, 3))
+_conv2d_vjp.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def max_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> jax.Array:
+    """Max over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
+    fn = "max_pool2d"
+    window = _pair(fn, "window", window)
+    stride = window if stride is None else _pair(fn, "stride", stride)
+    _checks.floating(fn, "x", x)
+    _checks.rank(fn, "x", x, 4, "NHWC (batch, height, width, channels)")
+    if window[0] > x.shape[1] or window[1] > x.shape[2]:
+        raise ValueError(f"{fn}: a {window[0]}x{window[1]} window does not fit a {x.shape[1]}x{x.shape[2]} image.")
+    return _max_pool_vjp(x, window, stride)
+
+
+def _windows(x, window, stride):
+    """Every window element as a stacked view: (window_h * window_w, N, OH, OW, C)."""
+    oh, ow = (x.shape[1] - window[0]) // stride[0] + 1, (x.shape[2] - window[1]) // stride[1] + 1
+    return jnp.stack([x[:, i: i + stride[0] * (oh - 1) + 1: stride[0], j: j + stride[1] * (ow - 1) + 1: stride[1], :]
+                      for i in range(window[0]) for j in range(window[1])])
+
+
+def _max_pool(x, window, stride):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *stride, 1), "VALID")
+
+
+def _max_pool_fwd(x, window, stride):
+    winner = jnp.argmax(_windows(x, window, stride), axis=0)  # first maximum wins a tie
+    return _max_pool(x, window, stride), (winner, x.shape)
+
+
+def _max_pool_bwd(window, stride, residuals, output_grad):
+    winner, shape = residuals
+    n, oh, ow, c = output_grad.shape
+    rows = (jnp.arange(oh) * stride[0])[None, :, None, None] + winner // window[1]
+    cols = (jnp.arange(ow) * stride[1])[None, None, :, None] + winner % window[1]
+    batch = jnp.arange(n)[:, None, None, None]
+    channel = jnp.arange(c)[None, None, None, :]
+    input_grad = jnp.zeros(shape, output_grad.dtype).at[batch, rows, cols, channel].add(output_grad)
+    return (input_grad,)
+
+
+_max_pool_vjp = jax.custom_vjp(_max_pool, nondiff_argnums=(1, 2))
+_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# --- Layers --------------------------------------------------------------------------------
+
+
+class Conv2DParams(NamedTuple):
+    """``W: (kh, kw, in_channels, out_channels)`` (HWIO) and ``B: (1, out_channels)``."""
+
+    W: jax.Array
+    B: jax.Array
+
+
+def Conv2D(out_channels: int, kernel_size: int | tuple[int, int], activation: Callable = ops.linear, *,
+           stride: int | tuple[int, int] = 1, padding: str = "SAME",
+           w_init: initializers.Initializer = initializers.standard_normal,
+           b_init: initializers.Initializer = initializers.standard_normal, dtype: Any = None) -> Layer:
+    """``activation(conv2d(x, W) + B)`` on NHWC images. Book: Conv2D."""
+    kernel = _pair("Conv2D", "kernel_size", kernel_size)
+    name = f"Conv2D({out_channels}, {kernel[0]}x{kernel[1]}, {_activation_name(activation)})"
+    _checks.positive_int(name, "out_channels", out_channels)
+    stride = _pair(name, "stride", stride)
+    padding = _padding(name, padding)
+    dtype = jnp.dtype(dtype or jnp.zeros(()).dtype)
+
+    def init(key, input_shape):
+        batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
+        if padding == "VALID" and (kernel[0] > h or kernel[1] > w):
+            raise ValueError(f'{name}: the kernel does not fit a {h}x{w} image with padding="VALID".')
+        k_w, k_b = jax.random.split(key)
+        shape = (batch, _out_size(h, kernel[0], stride[0], padding), _out_size(w, kernel[1], stride[1], padding),
+                 out_channels)
+        return shape, Conv2DParams(w_init(k_w, (*kernel, c, out_channels), dtype), b_init(k_b, (1, out_channels), dtype))
+
+    def apply(params, x, *, key=None):
+        del key
+        if not isinstance(params, Conv2DParams):
+            raise TypeError(f"{name}: params must be Conv2DParams(W, B), got {type(params).__name__} "
+                            "(params from another network?).")
+        y = conv2d(x, params.W, stride=stride, padding=padding)
+        # the book's bias is per channel: reuse bias_add over all pixels as rows
+        y = ops.bias_add(y.reshape(-1, y.shape[-1]), params.B).reshape(y.shape)
+        return activation(y)
+
+    return _layer(init, apply, name)
+
+
+def MaxPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> Layer:
+    """Max pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
+    window = _pair("MaxPool2D", "window", window)
+    stride = window if stride is None else _pair("MaxPool2D", "stride", stride)
+    name = f"MaxPool2D({window[0]}x{window[1]}, stride {stride[0]}x{stride[1]})"
+
+    def init(key, input_shape):
+        del key
+        batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
+        if window[0] > h or window[1] > w:
+            raise ValueError(f"{name}: the window does not fit a {h}x{w} image.")
+        return (batch, (h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1, c), ()
+
+    def apply(params, x, *, key=None):
+        del params, key
+        return max_pool2d(x, window, stride)
+
+    return _layer(init, apply, name)
+
+
+def Flatten() -> Layer:
+    """``(batch, ...)`` to ``(batch, features)``, for a Dense after convolutions. Book: Conv2D(flatten=True)."""
+
+    def init(key, input_shape):
+        del key
+        shape = check_input_shape("Flatten", input_shape, None, "(batch, ...)")
+        return (shape[0], int(np.prod(shape[1:]))), ()
+
+    def apply(params, x, *, key=None):
+        del params, key
+        _checks.array("Flatten", "x", x)
+        return x.reshape(x.shape[0], -1)
+
+    return _layer(init, apply, "Flatten()")
