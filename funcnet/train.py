@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
 from funcnet.layers import Layer
@@ -80,17 +81,23 @@ def _loss_fn(net: Layer, loss: Loss, masked: bool):
     return batch_loss
 
 
-def train_step(net: Layer, loss: Loss, optimizer: Optimizer):
+def train_step(net: Layer, loss: Loss, optimizer: Optimizer, *, mesh: Mesh | None = None,
+               data_axis: str = "data"):
     """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
 
     ``key`` drives dropout; ``None`` trains without it. Wrap it in ``jax.jit`` (or call it
-    inside ``lax.scan``) yourself.
+    inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along ``data_axis``
+    (see ``fit``).
     """
     _check_parts("train_step", net, loss, optimizer)
     batch_loss = _loss_fn(net, loss, masked=False)
+    shard = _batch_sharding("train_step", mesh, data_axis)
 
     def step(params, opt_state, x, y, key):
+        if shard is not None:
+            _check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
+            x, y = shard(x), shard(y)
         value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
         params, opt_state = optimizer.update(grads, opt_state, params)
         return params, opt_state, value
@@ -109,6 +116,26 @@ def epoch_order(key: jax.Array, epoch, rows: int, shuffle: bool = True) -> tuple
     return order, dropout_key
 
 
+def _batch_sharding(fn: str, mesh, data_axis: str):
+    """A function constraining a batch's rows to ``data_axis`` of ``mesh`` (None: no mesh)."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{fn}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if data_axis not in mesh.axis_names:
+        raise ValueError(f"{fn}: data_axis {data_axis!r} is not an axis of the mesh, whose axes are "
+                         f"{mesh.axis_names}.")
+    sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+    return lambda a: lax.with_sharding_constraint(a, sharding)
+
+
+def _check_divisible(fn: str, what: str, size: int, mesh, data_axis: str) -> None:
+    devices = mesh.shape[data_axis]
+    if size % devices:
+        raise ValueError(f"{fn}: {what} ({size}) must divide by the {devices} devices of mesh axis "
+                         f"{data_axis!r}; choose a multiple of {devices}.")
+
+
 class _Config(NamedTuple):
     """Everything static about a fit: it selects the compiled program."""
 
@@ -123,6 +150,8 @@ class _Config(NamedTuple):
     masked: bool
     has_eval: bool
     progress: bool
+    mesh: Mesh | None
+    data_axis: str
 
 
 class _Carry(NamedTuple):
@@ -145,6 +174,7 @@ def _select(flag, a, b):
 def _program(params, opt_state, x, y, eval_x, eval_y, key, min_delta, *, net, loss, optimizer, config):
     c = config
     batch_loss = _loss_fn(net, loss, c.masked)
+    shard = _batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     value_and_grad = jax.value_and_grad(batch_loss)
     used_rows = c.rows if c.masked or c.batches * c.batch_size == c.rows else c.batches * c.batch_size
     padded = c.batches * c.batch_size
@@ -160,7 +190,8 @@ def _program(params, opt_state, x, y, eval_x, eval_y, key, min_delta, *, net, lo
         def step(state, batch):
             params, opt_state = state
             index, mask, b = batch
-            value, grads = value_and_grad(params, x[index], y[index], mask, jax.random.fold_in(dropout_key, b))
+            value, grads = value_and_grad(params, shard(x[index]), shard(y[index]), shard(mask),
+                                          jax.random.fold_in(dropout_key, b))
             params, opt_state = optimizer.update(grads, opt_state, params)
             rows = jnp.sum(mask).astype(value.dtype) if c.masked else c.batch_size
             return (params, opt_state), value * rows
@@ -302,7 +333,8 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
         train_data: tuple[jax.Array, jax.Array], eval_data: tuple[jax.Array, jax.Array] | None = None, *,
         epochs: int, batch_size: int = 32, eval_every: int = 10, patience: int = 0,
         min_delta: float = 0.0, key: jax.Array, shuffle: bool = True, drop_last: bool = False,
-        progress: bool = False, opt_state: Any = None, start_epoch: int = 0) -> FitResult:
+        progress: bool = False, opt_state: Any = None, start_epoch: int = 0,
+        mesh: Mesh | None = None, data_axis: str = "data") -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
     Args:
@@ -320,6 +352,10 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
       progress: show a progress bar (tqdm if installed, else a line per epoch).
       opt_state, start_epoch: resume from a checkpoint: train epochs ``start_epoch`` to
         ``epochs - 1`` from this optimizer state. Early stopping starts afresh.
+      mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
+        ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
+        partitioner averages the gradients with collectives. ``batch_size`` must divide by
+        that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
     Returns:
       A ``FitResult``.
     """
@@ -361,10 +397,15 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
         if jax.tree_util.tree_structure(opt_state) != expected:
             raise TypeError(f"fit: opt_state does not belong to this optimizer and params: expected "
                             f"{expected}, got {jax.tree_util.tree_structure(opt_state)}.")
+    if mesh is not None:
+        _batch_sharding("fit", mesh, data_axis)
+        _check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params, opt_state = jax.device_put((params, opt_state), replicated)
     masked = rows % batch_size != 0 and not drop_last
     config = _Config(rows, batch_size, math.ceil(rows / batch_size) if masked else rows // batch_size,
                      epochs, start_epoch, eval_every, patience, bool(shuffle), masked,
-                     eval_data is not None, bool(progress))
+                     eval_data is not None, bool(progress), mesh, data_axis)
     if progress:
         _bar = _open_bar(epochs, start_epoch)
     try:
