@@ -30,6 +30,35 @@ def array(fn: str, name: str, value: Any) -> Any:
     return value
 
 
+class checked_custom_vjp(jax.custom_vjp):
+    """A ``jax.custom_vjp`` whose arguments must be arrays, named in the error if not.
+
+    Without it a string argument fails inside JAX's flattening with a message that always
+    says ``'x'``, whichever argument it was.
+    """
+
+    def __init__(self, fun, *names: str):
+        super().__init__(fun)
+        self.argument_names = names
+
+    def __call__(self, *args, **kwargs):
+        for name, value in zip(self.argument_names, args):
+            if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:
+                array(self.__name__, name, value)
+        return super().__call__(*args, **kwargs)
+
+
+def op(*names: str):
+    """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors."""
+    return lambda fun: checked_custom_vjp(fun, *names)
+
+
+def rows(fn: str, name: str, value: Any) -> None:
+    """``value`` must have at least one row (axis 0): means over rows of nothing are NaN."""
+    if value.shape[0] == 0:
+        raise ValueError(f"{fn}: {name} must have at least one row, got shape {tuple(value.shape)}.")
+
+
 def floating(fn: str, name: str, value: Any) -> Any:
     """``value`` must be a floating-point array."""
     array(fn, name, value)

@@ -42,7 +42,7 @@ def _pair(fn: str, name: str, value) -> tuple[int, int]:
 
 
 def _padding(fn: str, padding) -> str:
-    if padding not in ("SAME", "VALID"):
+    if not isinstance(padding, str) or padding not in ("SAME", "VALID"):
         raise ValueError(f'{fn}: padding must be "SAME" or "VALID", got {padding!r}.')
     return padding
 
@@ -179,8 +179,8 @@ def Conv2D(out_channels: int, kernel_size: int | tuple[int, int], activation: Ca
 
     def init(key, input_shape):
         batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
-        if padding == "VALID" and (kernel[0] > h or kernel[1] > w):
-            raise ValueError(f'{name}: the kernel does not fit a {h}x{w} image with padding="VALID".')
+        if kernel[0] > h or kernel[1] > w:  # with SAME it would be mostly padding
+            raise ValueError(f"{name}: kernel_size {kernel} does not fit a {h}x{w} image.")
         k_w, k_b = jax.random.split(key)
         shape = (batch, _out_size(h, kernel[0], stride[0], padding), _out_size(w, kernel[1], stride[1], padding),
                  out_channels)

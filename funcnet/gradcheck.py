@@ -95,9 +95,12 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
     for i, a in enumerate(args):
         if not isinstance(a, (jax.Array, np.ndarray)):
             raise TypeError(f"check_vjp: argument {i} must be an array, got {type(a).__name__}.")
+        if _is_float(a) and not np.all(np.isfinite(np.asarray(a))):
+            raise ValueError(f"check_vjp: argument {i} must be finite to differentiate at, got NaN or Inf.")
     diff_index = [i for i, a in enumerate(args) if _is_float(a)]
     if not diff_index:
-        raise ValueError("check_vjp: no floating argument to differentiate.")
+        raise ValueError("check_vjp: no floating argument to differentiate: every argument is "
+                         f"{[str(jnp.result_type(a)) for a in args]}.")
     dtype = jnp.result_type(*(args[i] for i in diff_index))
     rtol, atol = _tolerance(_VJP_TOL, dtype, rtol, atol)
     fd_rtol, fd_atol = _tolerance(_FD_TOL, dtype, fd_rtol, fd_atol)

@@ -25,7 +25,7 @@ from funcnet import _checks
 __all__ = ["mean_squared_error", "softmax_cross_entropy"]
 
 
-@jax.custom_vjp
+@_checks.op('prediction', 'target')
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """``sum((prediction - target)**2) / rows``. Book: MeanSquaredError."""
     _checks.floating("mean_squared_error", "prediction", prediction)
@@ -37,6 +37,7 @@ def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
             f"axis first, got prediction.shape={tuple(prediction.shape)}, "
             f"target.shape={tuple(target.shape)}."
         )
+    _checks.rows("mean_squared_error", "prediction", prediction)
     diff = prediction - target
     return jnp.sum(diff * diff) / prediction.shape[0]
 
@@ -56,11 +57,12 @@ mean_squared_error.defvjp(_mse_fwd, _mse_bwd)
 def _one_hot_target(logits, target):
     """Check ``target`` against ``logits`` and return it as float one-hot rows."""
     fn = "softmax_cross_entropy"
+    _checks.array(fn, "target", target)
     if jnp.issubdtype(target.dtype, jnp.integer):
         if target.shape != logits.shape[:1]:
             raise ValueError(
-                f"{fn}: integer target must hold one class index per row, shape "
-                f"({logits.shape[0]},), got {tuple(target.shape)}."
+                f"{fn}: integer target must hold one class index per row of logits "
+                f"(logits.shape={tuple(logits.shape)}), shape ({logits.shape[0]},), got {tuple(target.shape)}."
             )
         if _checks.is_concrete(target) and target.size:
             low, high = int(np.min(target)), int(np.max(target))
@@ -80,7 +82,7 @@ def _one_hot_target(logits, target):
     return target
 
 
-@jax.custom_vjp
+@_checks.op('logits', 'target')
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """Mean over rows of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 
@@ -93,6 +95,7 @@ def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """
     _checks.floating("softmax_cross_entropy", "logits", logits)
     _checks.rank("softmax_cross_entropy", "logits", logits, 2, "(batch, classes)")
+    _checks.rows("softmax_cross_entropy", "logits", logits)
     one_hot = _one_hot_target(logits, target)
     log_probs = jax.nn.log_softmax(logits, axis=1)
     return -jnp.sum(one_hot * log_probs) / logits.shape[0]

@@ -37,7 +37,7 @@ def _check_pair(fn: str, x, other, other_name: str) -> None:
 # --- ParamOperations ---------------------------------------------------------------------
 
 
-@jax.custom_vjp
+@_checks.op('x', 'W')
 def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
     """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply."""
     _check_pair("weight_multiply", x, W, "W")
@@ -62,7 +62,7 @@ def _weight_multiply_bwd(residuals, output_grad):
 weight_multiply.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
 
 
-@jax.custom_vjp
+@_checks.op('x', 'B')
 def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
     """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd."""
     _check_pair("bias_add", x, B, "B")
@@ -88,7 +88,7 @@ bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 # --- Activations (any shape) ---------------------------------------------------------------
 
 
-@jax.custom_vjp
+@_checks.op('x')
 def sigmoid(x: jax.Array) -> jax.Array:
     """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
     _checks.floating("sigmoid", "x", x)
@@ -107,7 +107,7 @@ def _sigmoid_bwd(y, output_grad):
 sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
-@jax.custom_vjp
+@_checks.op('x')
 def tanh(x: jax.Array) -> jax.Array:
     """Hyperbolic tangent. Book: Tanh."""
     _checks.floating("tanh", "x", x)
@@ -126,7 +126,7 @@ def _tanh_bwd(y, output_grad):
 tanh.defvjp(_tanh_fwd, _tanh_bwd)
 
 
-@jax.custom_vjp
+@_checks.op('x')
 def relu(x: jax.Array) -> jax.Array:
     """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
     _checks.floating("relu", "x", x)
@@ -146,7 +146,7 @@ def _relu_bwd(positive, output_grad):
 relu.defvjp(_relu_fwd, _relu_bwd)
 
 
-@jax.custom_vjp
+@_checks.op('x')
 def linear(x: jax.Array) -> jax.Array:
     """The identity, for output layers. Book: Linear."""
     _checks.floating("linear", "x", x)
@@ -167,7 +167,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 # --- Dropout -------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
+@_checks.op('x', 'mask')
 def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``x * mask`` where ``mask`` is 0 for dropped units and ``1 / (1 - rate)`` for kept ones.
 

@@ -377,6 +377,8 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
         raise TypeError(f"fit: key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}.")
     if not jax.tree_util.tree_leaves(params):
         raise ValueError("fit: params has no arrays to train (did you pass the output shape of init?).")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        _checks.floating("fit", f"params{jax.tree_util.keystr(path)}", leaf)
     x, y = _check_data("train_data", train_data)
     rows = x.shape[0]
     if batch_size > rows:

@@ -124,7 +124,8 @@ BAD = [
     (lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), stride=0), ValueError, "stride must be >= 1"),
     (lambda: fn.max_pool2d(jnp.ones((1, 2, 2, 1)), 3), ValueError, "a 3x3 window does not fit a 2x2 image"),
     (lambda: fn.Conv2D(4, 3).init(KEY, (-1, 8, 8)), ValueError, "input_shape must be 4-D NHWC"),
-    (lambda: fn.Conv2D(4, 9, padding="VALID").init(KEY, (-1, 8, 8, 1)), ValueError, "kernel does not fit"),
+    (lambda: fn.Conv2D(4, 9, padding="VALID").init(KEY, (-1, 8, 8, 1)), ValueError, r"kernel_size \(9, 9\) does not fit"),
+    (lambda: fn.Conv2D(4, 9).init(KEY, (-1, 8, 8, 1)), ValueError, "does not fit a 8x8 image"),
     (lambda: fn.Conv2D(0, 3), ValueError, "out_channels must be >= 1"),
 ]
 
