@@ -114,7 +114,7 @@ BAD = [
     (lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.ones((4, 2))), ValueError,
      r"one-hot target must have the shape of logits, \(4, 3\), got \(4, 2\)"),
     (lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros((4, 1), jnp.int32)), ValueError,
-     r"integer target must hold one class index per row, shape \(4,\), got \(4, 1\)"),
+     r"integer target must hold one class index per row of logits \(logits.shape=\(4, 3\)\), shape \(4,\), got \(4, 1\)"),
     (lambda: fn.softmax_cross_entropy(jnp.ones(3), jnp.zeros((1,), jnp.int32)), ValueError, "logits must be 2-D"),
 ]
 
