@@ -176,8 +176,8 @@ def _program(params, opt_state, x, y, eval_x, eval_y, key, min_delta, *, net, lo
     batch_loss = _loss_fn(net, loss, c.masked)
     shard = _batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     value_and_grad = jax.value_and_grad(batch_loss)
-    used_rows = c.rows if c.masked or c.batches * c.batch_size == c.rows else c.batches * c.batch_size
     padded = c.batches * c.batch_size
+    used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype if jax.tree_util.tree_leaves(params) else x.dtype
 
     def train_epoch(carry: _Carry, epoch):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import jax
-import jax.numpy as jnp
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,6 +1,5 @@
 """save/load: exact round trips, atomic writes, clear errors, and resuming fit from a checkpoint."""
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """conv2d and max_pool2d against lax under autodiff and finite differences; conv layers."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
