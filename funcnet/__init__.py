@@ -9,6 +9,7 @@ from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
+from funcnet.metrics import accuracy
 from funcnet.optimizers import (Optimizer, adagrad, adam, constant, exponential_decay, linear_decay,
                                  momentum, sgd)
 from funcnet.train import FitResult, History, fit, train_step
@@ -17,7 +18,7 @@ from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_m
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "conv2d", "max_pool2d",
+    "accuracy", "load", "save", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "conv2d", "max_pool2d",
     "FitResult", "History", "Optimizer", "adagrad", "adam", "constant", "exponential_decay",
     "fit", "linear_decay", "momentum", "sgd", "train_step",
     "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",

@@ -96,6 +96,13 @@ def positive_int(fn: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def callable_(fn: str, name: str, value: Any) -> Any:
+    """``value`` must be callable."""
+    if not callable(value):
+        raise TypeError(f"{fn}: {name} must be a callable, got {type(value).__name__}.")
+    return value
+
+
 def is_concrete(value: Any) -> bool:
     """True when ``value`` holds data we can inspect now (not a tracer under jit/vmap/grad)."""
     return not isinstance(value, jax.core.Tracer)

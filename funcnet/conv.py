@@ -27,7 +27,8 @@ import numpy as np
 from jax import lax
 
 from funcnet import _checks, initializers, ops
-from funcnet.layers import Layer, _layer, _activation_name, check_input_shape
+from funcnet.layers import (Layer, LayerSpec, activation_name, check_input_shape, check_params,
+                            default_dtype, layer_spec)
 
 __all__ = ["conv2d", "max_pool2d", "Conv2D", "Conv2DParams", "MaxPool2D", "Flatten"]
 
@@ -165,71 +166,103 @@ class Conv2DParams(NamedTuple):
     B: jax.Array
 
 
+@layer_spec
+class _Conv2D(LayerSpec):
+    out_channels: int
+    kernel: tuple[int, int]
+    activation: Callable
+    stride: tuple[int, int]
+    padding: str
+    w_init: initializers.Initializer
+    b_init: initializers.Initializer
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        return f"Conv2D({self.out_channels}, {self.kernel[0]}x{self.kernel[1]}, {activation_name(self.activation)})"
+
+    def init(self, key, input_shape):
+        kernel, stride, padding = self.kernel, self.stride, self.padding
+        batch, h, w, c = check_input_shape(self.name, input_shape, 4, "NHWC (batch, height, width, channels)")
+        if kernel[0] > h or kernel[1] > w:  # with SAME it would be mostly padding
+            raise ValueError(f"{self.name}: kernel_size {kernel} does not fit a {h}x{w} image.")
+        k_w, k_b = jax.random.split(key)
+        shape = (batch, _out_size(h, kernel[0], stride[0], padding), _out_size(w, kernel[1], stride[1], padding),
+                 self.out_channels)
+        return shape, Conv2DParams(self.w_init(k_w, (*kernel, c, self.out_channels), self.dtype),
+                                   self.b_init(k_b, (1, self.out_channels), self.dtype))
+
+    def apply(self, params, x, *, key=None):
+        del key
+        check_params(self.name, params, Conv2DParams, "Conv2DParams(W, B)")
+        y = conv2d(x, params.W, stride=self.stride, padding=self.padding)
+        # the book's bias is per channel: reuse bias_add over all pixels as rows
+        y = ops.bias_add(y.reshape(-1, y.shape[-1]), params.B).reshape(y.shape)
+        return self.activation(y)
+
+
 def Conv2D(out_channels: int, kernel_size: int | tuple[int, int], activation: Callable = ops.linear, *,
            stride: int | tuple[int, int] = 1, padding: str = "SAME",
            w_init: initializers.Initializer = initializers.standard_normal,
            b_init: initializers.Initializer = initializers.standard_normal, dtype: Any = None) -> Layer:
     """``activation(conv2d(x, W) + B)`` on NHWC images. Book: Conv2D."""
     kernel = _pair("Conv2D", "kernel_size", kernel_size)
-    name = f"Conv2D({out_channels}, {kernel[0]}x{kernel[1]}, {_activation_name(activation)})"
+    name = f"Conv2D({out_channels}, {kernel[0]}x{kernel[1]}, {activation_name(activation)})"
     _checks.positive_int(name, "out_channels", out_channels)
-    stride = _pair(name, "stride", stride)
-    padding = _padding(name, padding)
-    dtype = jnp.dtype(dtype or jnp.zeros(()).dtype)
+    _checks.callable_(name, "activation", activation)
+    return _Conv2D(int(out_channels), kernel, activation, _pair(name, "stride", stride), _padding(name, padding),
+                   w_init, b_init, default_dtype(dtype)).layer()
 
-    def init(key, input_shape):
-        batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
-        if kernel[0] > h or kernel[1] > w:  # with SAME it would be mostly padding
-            raise ValueError(f"{name}: kernel_size {kernel} does not fit a {h}x{w} image.")
-        k_w, k_b = jax.random.split(key)
-        shape = (batch, _out_size(h, kernel[0], stride[0], padding), _out_size(w, kernel[1], stride[1], padding),
-                 out_channels)
-        return shape, Conv2DParams(w_init(k_w, (*kernel, c, out_channels), dtype), b_init(k_b, (1, out_channels), dtype))
 
-    def apply(params, x, *, key=None):
+def pooled_shape(name: str, input_shape: Any, window: tuple[int, int], stride: tuple[int, int]) -> tuple[int, ...]:
+    """The NHWC output shape of a VALID pooling; the window must fit the image."""
+    batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
+    if window[0] > h or window[1] > w:
+        raise ValueError(f"{name}: the window does not fit a {h}x{w} image.")
+    return (batch, (h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1, c)
+
+
+@layer_spec
+class _MaxPool2D(LayerSpec):
+    window: tuple[int, int]
+    stride: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return f"MaxPool2D({self.window[0]}x{self.window[1]}, stride {self.stride[0]}x{self.stride[1]})"
+
+    def init(self, key, input_shape):
         del key
-        if not isinstance(params, Conv2DParams):
-            raise TypeError(f"{name}: params must be Conv2DParams(W, B), got {type(params).__name__} "
-                            "(params from another network?).")
-        y = conv2d(x, params.W, stride=stride, padding=padding)
-        # the book's bias is per channel: reuse bias_add over all pixels as rows
-        y = ops.bias_add(y.reshape(-1, y.shape[-1]), params.B).reshape(y.shape)
-        return activation(y)
+        return pooled_shape(self.name, input_shape, self.window, self.stride), ()
 
-    return _layer(init, apply, name)
+    def apply(self, params, x, *, key=None):
+        del params, key
+        return max_pool2d(x, self.window, self.stride)
 
 
 def MaxPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> Layer:
     """Max pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
     window = _pair("MaxPool2D", "window", window)
-    stride = window if stride is None else _pair("MaxPool2D", "stride", stride)
-    name = f"MaxPool2D({window[0]}x{window[1]}, stride {stride[0]}x{stride[1]})"
-
-    def init(key, input_shape):
-        del key
-        batch, h, w, c = check_input_shape(name, input_shape, 4, "NHWC (batch, height, width, channels)")
-        if window[0] > h or window[1] > w:
-            raise ValueError(f"{name}: the window does not fit a {h}x{w} image.")
-        return (batch, (h - window[0]) // stride[0] + 1, (w - window[1]) // stride[1] + 1, c), ()
-
-    def apply(params, x, *, key=None):
-        del params, key
-        return max_pool2d(x, window, stride)
-
-    return _layer(init, apply, name)
+    return _MaxPool2D(window, window if stride is None else _pair("MaxPool2D", "stride", stride)).layer()
 
 
-def Flatten() -> Layer:
-    """``(batch, ...)`` to ``(batch, features)``, for a Dense after convolutions. Book: Conv2D(flatten=True)."""
+@layer_spec
+class _Flatten(LayerSpec):
+    @property
+    def name(self) -> str:
+        return "Flatten()"
 
-    def init(key, input_shape):
+    def init(self, key, input_shape):
         del key
         shape = check_input_shape("Flatten", input_shape, None, "(batch, ...)")
         return (shape[0], int(np.prod(shape[1:]))), ()
 
-    def apply(params, x, *, key=None):
+    def apply(self, params, x, *, key=None):
         del params, key
         _checks.array("Flatten", "x", x)
         return x.reshape(x.shape[0], -1)
 
-    return _layer(init, apply, "Flatten()")
+
+def Flatten() -> Layer:
+    """``(batch, ...)`` to ``(batch, features)``, for a Dense after convolutions. Book: Conv2D(flatten=True)."""
+    return _Flatten().layer()

@@ -11,12 +11,17 @@ The layer contract, stated once:
   (``Dropout``) is active only when a key is given, so ``apply(params, x)`` is inference.
 * Names: CamelCase for layer constructors (``Dense``, ``Dropout``), snake_case for the rest
   (``serial``, ``summary``), as in stax.
+* Layers are values: funcnet's constructors return a ``Layer`` whose ``init``/``apply`` compare
+  and hash by the constructor's arguments, so ``Dense(16, tanh) == Dense(16, tanh)`` and a
+  network rebuilt from equal calls finds the program ``fit`` compiled for the first one. A
+  ``Layer`` a user writes from two closures works everywhere too; it compiles once per object.
 * Mistakes (a wrong input shape, params from another network) raise ``ValueError`` or
   ``TypeError`` at trace time; inside ``serial`` the message names the layer's index.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks, initializers, ops
+from funcnet._values import Method, number
 
 __all__ = ["Layer", "DenseParams", "Dense", "Dropout", "serial", "summary", "param_count", "layer_name"]
 
@@ -46,16 +52,48 @@ class DenseParams(NamedTuple):
     B: jax.Array
 
 
-def _layer(init, apply, name: str, children: Sequence[Layer] = ()) -> Layer:
-    """Build a Layer whose ``init`` carries its display name (and children) for ``summary``."""
-    init.funcnet_name = name
-    init.funcnet_children = tuple(children)
-    return Layer(init, apply)
+class LayerSpec:
+    """Base of funcnet's own layers: subclasses are frozen dataclasses of the constructor's
+    arguments with ``init`` and ``apply`` methods, so equal calls give equal layers."""
+
+    @property
+    def name(self) -> str:
+        """The display name: the constructor call, e.g. ``Dense(16, tanh)``."""
+        raise NotImplementedError
+
+    @property
+    def children(self) -> tuple[Layer, ...]:
+        """The layers inside a combinator (for ``summary`` and error paths); ``()`` for a leaf layer."""
+        return ()
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        raise NotImplementedError
+
+    def apply(self, params: Params, x: Any, *, key: jax.Array | None = None) -> Any:
+        raise NotImplementedError
+
+    def layer(self) -> Layer:
+        return Layer(Method(self, "init"), Method(self, "apply"))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def layer_spec(cls: type) -> type:
+    """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
+    return dataclasses.dataclass(frozen=True, repr=False)(cls)
+
+
+def spec_of(layer: Layer) -> LayerSpec | None:
+    """The spec behind one of funcnet's layers; ``None`` for a Layer a user wrote."""
+    init = layer.init
+    return init.owner if isinstance(init, Method) and isinstance(init.owner, LayerSpec) else None
 
 
 def layer_name(layer: Layer) -> str:
     """The display name of a layer (its constructor call, or its init function's name)."""
-    return getattr(layer.init, "funcnet_name", getattr(layer.init, "__name__", "Layer"))
+    spec = spec_of(layer)
+    return spec.name if spec is not None else getattr(layer.init, "__name__", type(layer.init).__name__)
 
 
 def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
@@ -71,8 +109,46 @@ def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) 
     return shape
 
 
-def _activation_name(activation: Callable) -> str:
+def activation_name(activation: Callable) -> str:
     return getattr(activation, "__name__", type(activation).__name__)
+
+
+def default_dtype(dtype: Any) -> np.dtype:
+    """``dtype``, or JAX's default float (float32 unless x64 is on) for ``None``."""
+    return jnp.dtype(dtype or jnp.zeros(()).dtype)
+
+
+def check_params(name: str, params: Any, kind: type, form: str) -> None:
+    """``params`` must be a ``kind`` (params from another network are the usual cause)."""
+    if not isinstance(params, kind):
+        raise TypeError(f"{name}: params must be {form}, got {type(params).__name__} (params from another network?).")
+
+
+@layer_spec
+class _Dense(LayerSpec):
+    neurons: int
+    activation: Callable[[jax.Array], jax.Array]
+    w_init: initializers.Initializer
+    b_init: initializers.Initializer
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        return f"Dense({self.neurons}, {activation_name(self.activation)})"
+
+    def init(self, key, input_shape):
+        batch, num_in = check_input_shape(self.name, input_shape, 2, "(batch, num_in)")
+        k_w, k_b = jax.random.split(key)
+        return (batch, self.neurons), DenseParams(self.w_init(k_w, (num_in, self.neurons), self.dtype),
+                                                  self.b_init(k_b, (1, self.neurons), self.dtype))
+
+    def apply(self, params, x, *, key=None):
+        del key  # deterministic
+        check_params(self.name, params, DenseParams, "DenseParams(W, B)")
+        if np.shape(params.W)[-1:] != (self.neurons,):
+            raise ValueError(f"{self.name}: params.W must have {self.neurons} output columns, got shape "
+                             f"{np.shape(params.W)} (params from another network?).")
+        return self.activation(ops.bias_add(ops.weight_multiply(x, params.W), params.B))
 
 
 def Dense(neurons: int, activation: Callable[[jax.Array], jax.Array] = ops.sigmoid, *,
@@ -87,29 +163,33 @@ def Dense(neurons: int, activation: Callable[[jax.Array], jax.Array] = ops.sigmo
       w_init, b_init: initializers ``(key, shape, dtype)``; the book draws both from N(0, 1).
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
     """
-    name = f"Dense({neurons}, {_activation_name(activation)})"
+    name = f"Dense({neurons}, {activation_name(activation)})"
     _checks.positive_int(name, "neurons", neurons)
-    if not callable(activation):
-        raise TypeError(f"{name}: activation must be a callable, got {type(activation).__name__}.")
-    dtype = jnp.dtype(dtype or jnp.zeros(()).dtype)
+    _checks.callable_(name, "activation", activation)
+    return _Dense(int(neurons), activation, w_init, b_init, default_dtype(dtype)).layer()
 
-    def init(key, input_shape):
-        batch, num_in = check_input_shape(name, input_shape, 2, "(batch, num_in)")
-        k_w, k_b = jax.random.split(key)
-        return (batch, neurons), DenseParams(w_init(k_w, (num_in, neurons), dtype),
-                                             b_init(k_b, (1, neurons), dtype))
 
-    def apply(params, x, *, key=None):
-        del key  # deterministic
-        if not isinstance(params, DenseParams):
-            raise TypeError(f"{name}: params must be DenseParams(W, B), got {type(params).__name__} "
+@layer_spec
+class _Dropout(LayerSpec):
+    rate: float
+
+    @property
+    def name(self) -> str:
+        return f"Dropout({self.rate})"
+
+    def init(self, key, input_shape):
+        del key
+        return check_input_shape(self.name, input_shape, None, "(batch, ...)"), ()
+
+    def apply(self, params, x, *, key=None):
+        if params != ():
+            raise TypeError(f"{self.name}: params must be (), got {type(params).__name__} "
                             "(params from another network?).")
-        if np.shape(params.W)[-1:] != (neurons,):
-            raise ValueError(f"{name}: params.W must have {neurons} output columns, got shape "
-                             f"{np.shape(params.W)} (params from another network?).")
-        return activation(ops.bias_add(ops.weight_multiply(x, params.W), params.B))
-
-    return _layer(init, apply, name)
+        _checks.floating(self.name, "x", x)
+        if key is None or (_checks.is_concrete(self.rate) and self.rate == 0):
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return ops.dropout(x, jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(x.dtype))
 
 
 def Dropout(rate: float) -> Layer:
@@ -119,22 +199,59 @@ def Dropout(rate: float) -> Layer:
     identity. The backward routes gradients through the same mask (``ops.dropout``).
     """
     _checks.real_number("Dropout", "rate", rate, low=0.0, high=1.0, high_open=True)
-    name = f"Dropout({rate})"
+    return _Dropout(number(rate)).layer()
 
-    def init(key, input_shape):
-        del key
-        return check_input_shape(name, input_shape, None, "(batch, ...)"), ()
 
-    def apply(params, x, *, key=None):
-        if params != ():
-            raise TypeError(f"{name}: params must be (), got {type(params).__name__} (params from another network?).")
-        _checks.floating(name, "x", x)
-        if key is None or rate == 0:
-            return x
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-        return ops.dropout(x, jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype))
+@layer_spec
+class _Serial(LayerSpec):
+    layers: tuple[Layer, ...]
 
-    return _layer(init, apply, name)
+    @property
+    def name(self) -> str:
+        return f"serial({len(self.layers)} layers)"
+
+    @property
+    def children(self) -> tuple[Layer, ...]:
+        return self.layers
+
+    def init(self, key, input_shape):
+        params = []
+        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
+            with blame(i, layer):
+                input_shape, p = layer.init(k, input_shape)
+            params.append(p)
+        return input_shape, tuple(params)
+
+    def apply(self, params, x, *, key=None):
+        check_entries("serial", params, len(self.layers))
+        for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)))):
+            with blame(i, layer):
+                x = layer.apply(p, x, key=k)
+        return x
+
+
+def check_layers(fn: str, layers: Sequence[Any], minimum: int = 1) -> tuple[Layer, ...]:
+    """Every part of a combinator must be a Layer, and there must be at least ``minimum``."""
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{fn}: layer {i} must be a Layer(init, apply), got {type(layer).__name__}.")
+    if len(layers) < minimum:
+        wanted = "one layer" if minimum == 1 else f"{minimum} layers"
+        raise ValueError(f"{fn}: at least {wanted} is needed, got {len(layers) or 'none'}.")
+    return tuple(layers)
+
+
+def check_entries(fn: str, params: Any, count: int) -> None:
+    """A combinator's params are a tuple with one entry per layer."""
+    if not isinstance(params, tuple) or len(params) != count:
+        got = f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
+        raise TypeError(f"{fn}: params must be a tuple with one entry per layer ({count}), "
+                        f"got {got} (params from another network?).")
+
+
+def split_key(key: jax.Array | None, count: int) -> list[jax.Array | None]:
+    """One key per layer, or ``None`` for each (inference)."""
+    return [None] * count if key is None else list(jax.random.split(key, count))
 
 
 def serial(*layers: Layer) -> Layer:
@@ -143,37 +260,11 @@ def serial(*layers: Layer) -> Layer:
     ``init`` and ``apply`` split their ``key`` into one per layer. Params are a tuple with one
     entry per layer.
     """
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"serial: layer {i} must be a Layer(init, apply), got {type(layer).__name__}.")
-    if not layers:
-        raise ValueError("serial: at least one layer is needed, got none.")
-    name = f"serial({len(layers)} layers)"
-
-    def init(key, input_shape):
-        params = []
-        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
-            with _blame(i, layer):
-                input_shape, p = layer.init(k, input_shape)
-            params.append(p)
-        return input_shape, tuple(params)
-
-    def apply(params, x, *, key=None):
-        if not isinstance(params, tuple) or len(params) != len(layers):
-            got = f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
-            raise TypeError(f"serial: params must be a tuple with one entry per layer ({len(layers)}), "
-                            f"got {got} (params from another network?).")
-        keys = [None] * len(layers) if key is None else list(jax.random.split(key, len(layers)))
-        for i, (layer, p, k) in enumerate(zip(layers, params, keys)):
-            with _blame(i, layer):
-                x = layer.apply(p, x, key=k)
-        return x
-
-    return _layer(init, apply, name, layers)
+    return _Serial(check_layers("serial", layers)).layer()
 
 
-class _blame:
-    """Prefix an error raised inside layer ``i`` of a ``serial`` with the layer's index and name."""
+class blame:
+    """Prefix an error raised inside layer ``i`` of a combinator with the layer's path and name."""
 
     def __init__(self, index: int, layer: Layer):
         self.index, self.name = index, layer_name(layer)
@@ -209,13 +300,14 @@ def _shapes(layer: Layer, input_shape: Shape) -> tuple[Shape, Params]:
 
 
 def _rows(layer: Layer, input_shape: Shape, label: str, depth: int) -> tuple[list[tuple[str, str, str, int]], Shape]:
-    children = getattr(layer.init, "funcnet_children", ())
+    spec = spec_of(layer)
+    children = spec.children if spec is not None else ()
     if not children:
         output_shape, params = _shapes(layer, input_shape)
         return [(label, "  " * depth + layer_name(layer), str(tuple(output_shape)), param_count(params))], output_shape
     rows = []
     for i, child in enumerate(children):
-        with _blame(i, child):
+        with blame(i, child):
             child_rows, input_shape = _rows(child, input_shape, f"{label}{'.' if label else ''}{i}", depth + 1 if label else depth)
         rows += child_rows
     return rows, input_shape

@@ -9,6 +9,9 @@ the user gave must come back unmodified. CI runs the short hypothesis profile; r
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import jax
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +27,7 @@ Y = rng.standard_normal((12, 2))
 LABELS = rng.integers(0, 2, 12).astype(np.int32)
 NET = fn.serial(fn.Dense(4, fn.tanh), fn.Dense(2, fn.linear))
 PARAMS = NET.init(KEY, (-1, 3))[1]
+SCRATCH = tempfile.mkdtemp(prefix="funcnet-bad-input-")  # one per process: test workers never share it
 NAN = X.copy()
 NAN[3, 1] = np.nan
 
@@ -102,7 +106,7 @@ CALLS = {
             {"train_x": "arrays", "train_y": "arrays", "eval_x": "arrays", "eval_y": "arrays", "params": "trees",
              "epochs": "numbers", "batch_size": "numbers", "eval_every": "numbers", "patience": "numbers",
              "min_delta": "numbers"}),
-    "save": (lambda tree=PARAMS: fn.save("/tmp/funcnet-bad-input.safetensors", tree), {"tree": "trees"}),
+    "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),
     "load": (lambda like=PARAMS: fn.load(_saved(), like), {"like": "trees"}),
     "check_vjp": (lambda x=X: fn.check_vjp(fn.sigmoid, jax.nn.sigmoid, x), {"x": "arrays"}),
 }
@@ -117,8 +121,9 @@ CASES = [(function, argument, kind) for function, (_, arguments) in CALLS.items(
 
 
 def _saved():
-    fn.save("/tmp/funcnet-bad-input-like.safetensors", PARAMS)
-    return "/tmp/funcnet-bad-input-like.safetensors"
+    path = os.path.join(SCRATCH, "like.safetensors")
+    fn.save(path, PARAMS)
+    return path
 
 
 def _snapshot(value):

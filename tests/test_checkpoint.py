@@ -45,7 +45,7 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("funcnet.checkpoint.save_file", crash)
+    monkeypatch.setattr("funcnet.checkpoint.os.fsync", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         fn.save(path, jax.tree_util.tree_map(lambda a: a + 1, params))
     assert path.read_bytes() == before

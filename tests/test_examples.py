@@ -22,5 +22,17 @@ def test_example_runs_quick(name, tmp_path):
     assert done.stdout.strip(), "an example must print its result"
 
 
+def test_long_run_resumes_on_a_second_invocation(tmp_path):
+    """The second invocation finds the first one's checkpoints and returns the same result."""
+    args = [sys.executable, str(ROOT / "examples" / "long_run.py"), "--quick"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    first, second = (subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                     for _ in range(2))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "starting afresh" in first.stdout and "resuming" in second.stdout
+    result = lambda out: out.strip().splitlines()[-1].split("; ")[-1]
+    assert result(first.stdout) == result(second.stdout)
+
+
 def test_example_list_is_complete():
-    assert {"digits.py", "regression.py", "ensemble.py", "custom_op.py"} <= set(EXAMPLES)
+    assert {"digits.py", "regression.py", "ensemble.py", "custom_op.py", "long_run.py"} <= set(EXAMPLES)

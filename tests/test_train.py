@@ -146,11 +146,11 @@ def test_fit_compiles_once_for_new_data_of_the_same_shapes():
     _, params = net.init(KEY, (-1, 4))
     optimizer = fn.sgd(0.01)
     fn.fit(net, fn.mean_squared_error, optimizer, params, (x, y), epochs=2, batch_size=8, key=KEY)
-    size = train._compiled._cache_size()
+    size = train.program.segment._cache_size()
     x2, y2 = _regression(seed=3)
     fn.fit(net, fn.mean_squared_error, optimizer, params, (x2, y2), epochs=2, batch_size=8,
            key=jax.random.PRNGKey(9))
-    assert train._compiled._cache_size() == size
+    assert train.program.segment._cache_size() == size
 
 
 def test_vmap_over_keys_and_learning_rates_equals_separate_fits():
@@ -218,7 +218,8 @@ X, Y = _regression()
 BAD = [
     (dict(train_data=(X, Y[:-1])), ValueError, "fit: train_data x has 50 rows but y has 49"),
     (dict(train_data=(X[:, :3], Y)), ValueError, "fit: train_data does not fit the network and loss: .*x has 3 features but W expects 4"),
-    (dict(train_data=(X.astype(np.int32), Y)), TypeError, "train_data x must have a floating dtype"),
+    (dict(train_data=(X.astype(np.int32), Y)), TypeError, "train_data does not fit the network.*x must have a floating dtype"),
+    (dict(train_data=(X.astype(bool), Y)), TypeError, "train_data x must have a floating or integer dtype"),
     (dict(train_data=(np.where(np.arange(50)[:, None] == 7, np.nan, X), Y)), ValueError, r"x must be finite.*row 7"),
     (dict(train_data=(X, Y[:, 0])), ValueError, "prediction and target must have the same shape"),
     (dict(train_data=(X.tolist(), Y)), TypeError, "train_data x must be an array"),
@@ -241,10 +242,10 @@ BAD = [
 
 @pytest.mark.parametrize("override,error,message", BAD)
 def test_bad_input_is_rejected_before_compiling(override, error, message):
-    size = train._compiled._cache_size()
+    size = train.program.segment._cache_size()
     with pytest.raises(error, match=message):
         _bad_fit(**override)
-    assert train._compiled._cache_size() == size
+    assert train.program.segment._cache_size() == size
 
 
 def test_bad_optimizer_hyperparameters():

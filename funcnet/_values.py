@@ -1,0 +1,99 @@
+"""Building blocks as values (private): what lets a rebuilt network or optimizer reuse a program.
+
+Contract, stated once:
+
+* funcnet's layers, optimizers and schedules are frozen dataclasses of their constructor's
+  arguments (a *spec*); ``Layer.init``/``Layer.apply`` and ``Optimizer.init``/``update`` are
+  ``Method(spec, name)`` objects, which call ``spec.<name>`` and compare and hash by the spec's
+  value. So equal constructor calls give equal, equally hashed building blocks.
+* A spec whose fields are pytree *data* (optimizers, schedules: their numbers) is registered as
+  a pytree; ``Method`` is a pytree node over its spec. A layer spec is not registered: it is a
+  single leaf, all of it static (its numbers decide shapes).
+* ``partition(tree)`` splits any such tree (a network, a loss, an optimizer, a dict of metrics)
+  into ``data``, the number leaves, which a compiled program takes as traced arguments, and a
+  hashable ``Static`` remainder, which selects the program. ``combine`` inverts it. Closures a
+  user wrote are static leaves that hash by identity: they compile once per object.
+* A number that is traced when the spec is built (an optimizer made inside ``vmap``) makes the
+  spec unhashable; ``Method`` then compares by identity, which is all a trace needs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from funcnet import _checks
+
+__all__ = ["Method", "Static", "partition", "combine", "number"]
+
+
+class Method:
+    """``owner.<name>`` as a value: equal (and equally hashed) when the owners are equal."""
+
+    __slots__ = ("owner", "name", "__weakref__")
+
+    def __init__(self, owner: Any, name: str):
+        self.owner, self.name = owner, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.owner, self.name)(*args, **kwargs)
+
+    def _hashable(self) -> bool:
+        try:
+            hash(self.owner)
+        except TypeError:  # a traced number inside
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Method) or other.name != self.name:
+            return NotImplemented
+        if self.owner is other.owner:
+            return True
+        return self._hashable() and other._hashable() and bool(self.owner == other.owner)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.owner if self._hashable() else id(self.owner)))
+
+    def __repr__(self) -> str:
+        return f"{self.owner!r}.{self.name}"
+
+
+jax.tree_util.register_pytree_node(
+    Method, lambda m: ((m.owner,), m.name), lambda name, children: Method(children[0], name))
+
+
+def number(value: Any) -> Any:
+    """A concrete scalar as a Python number (weakly typed once traced, hashable); tracers as they are."""
+    if _checks.is_array(value) and _checks.is_concrete(value):
+        value = np.asarray(value).item()
+    return value
+
+
+def _is_data(leaf: Any) -> bool:
+    return _checks.is_array(leaf) or (isinstance(leaf, numbers.Number) and not isinstance(leaf, bool))
+
+
+class Static(NamedTuple):
+    """The non-number part of a partitioned tree: its structure and its other leaves (``None``
+    marks a number's place). Hashable, so it can select a compiled program."""
+
+    treedef: Any
+    leaves: tuple
+
+
+def partition(tree: Any) -> tuple[list, Static]:
+    """Split ``tree`` into its number leaves and the hashable rest."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    data = [leaf for leaf in leaves if _is_data(leaf)]
+    return data, Static(treedef, tuple(None if _is_data(leaf) else leaf for leaf in leaves))
+
+
+def combine(data: list, static: Static) -> Any:
+    """The tree ``partition`` split, with ``data`` (possibly traced) in the numbers' places."""
+    numbers_ = iter(data)
+    return jax.tree_util.tree_unflatten(
+        static.treedef, [next(numbers_) if leaf is None else leaf for leaf in static.leaves])

@@ -1,0 +1,44 @@
+"""Metrics for ``fit(..., metrics={...})``: ``(prediction, target) -> scalar``, a mean over rows.
+
+Like the losses, a metric is a mean over every leading position (rows, and time steps of a
+sequence), so ``fit`` can evaluate it in batches and weight the batch means by their rows.
+Metrics are not differentiated, so they are plain functions, not ``custom_vjp``s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from funcnet import _checks
+
+__all__ = ["accuracy"]
+
+
+def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """The fraction of positions whose arg-max class is the target's.
+
+    Args:
+      prediction: ``(..., classes)`` scores (logits or probabilities).
+      target: ``(...)`` integer class indices, or ``(..., classes)`` one-hot (or probability) rows.
+    Returns:
+      A scalar in ``[0, 1]`` in the prediction's dtype.
+    """
+    fn = "accuracy"
+    _checks.floating(fn, "prediction", prediction)
+    _checks.array(fn, "target", target)
+    if prediction.ndim < 2:
+        raise ValueError(f"{fn}: prediction must be at least 2-D (rows, ..., classes), got shape "
+                         f"{tuple(prediction.shape)}.")
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        expected = prediction.shape[:-1]
+        labels = target
+    else:
+        expected = prediction.shape
+        labels = jnp.argmax(target, axis=-1)
+    if target.shape != expected:
+        raise ValueError(f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
+                         f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}.")
+    predicted = jnp.argmax(prediction, axis=-1)
+    hits = predicted == labels.astype(predicted.dtype)
+    return jnp.mean(hits.astype(prediction.dtype))

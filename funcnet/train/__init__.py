@@ -1,0 +1,17 @@
+"""Training (book: ``Trainer``): ``fit``, ``train_step``, ``FitResult``, ``History``.
+
+A package by concept, each module with its contract:
+
+* ``program.py``      the compiled program: training state, segments of epochs, evaluation, results
+* ``shuffle.py``      each epoch's row order, a keyed permutation computed without a sort
+* ``fitting.py``      ``fit``: checks, the split of numbers from structure, the run in segments
+* ``checks.py``       the argument checks, all before anything compiles
+* ``checkpointing.py`` durable checkpoints of the whole state, resume, refusing another run's
+* ``progress.py``     the progress bar
+"""
+
+from funcnet.train.fitting import fit
+from funcnet.train.program import FitResult, History, train_step
+from funcnet.train.shuffle import epoch_order
+
+__all__ = ["fit", "train_step", "FitResult", "History", "epoch_order"]

@@ -1,0 +1,161 @@
+"""``fit``: the book's ``Trainer.fit`` as compiled programs, with checkpoints and metrics.
+
+``fit`` checks its arguments (``checks.py``), splits the network, loss, optimizer and metrics
+into traced numbers and a static remainder (``funcnet._values``), and runs the programs of
+``program.py``: ``fresh_state``, then ``segment`` (once, or once per ``checkpoint_every``
+epochs with a checkpoint after each, ``checkpointing.py``), then ``result``. The same compiled
+programs serve a run with checkpoints and one without, so both give the same result bit for
+bit, and a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from funcnet import _checks
+from funcnet._values import partition
+from funcnet.layers import Layer
+from funcnet.optimizers import Optimizer
+from funcnet.train import checkpointing, checks
+from funcnet.train.progress import bar
+from funcnet.train.program import (Config, FitResult, batch_sharding, check_divisible, fresh_state, result,
+                                   segment)
+
+__all__ = ["fit"]
+
+Params = Any
+Loss = Callable[[jax.Array, jax.Array], jax.Array]
+Metric = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
+        train_data: tuple[jax.Array, jax.Array], eval_data: tuple[jax.Array, jax.Array] | None = None, *,
+        epochs: int, batch_size: int = 32, eval_every: int = 10, patience: int = 0,
+        min_delta: float = 0.0, key: jax.Array, shuffle: bool = True, drop_last: bool = False,
+        progress: bool = False, opt_state: Any = None, start_epoch: int = 0,
+        metrics: dict[str, Metric] | None = None, monitor: str = "loss", mode: str = "min",
+        eval_batch_size: int = 10_000, checkpoint_dir: Any = None, checkpoint_every: int = 1,
+        mesh: Mesh | None = None, data_axis: str = "data") -> FitResult:
+    """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
+
+    Args:
+      net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
+        over rows) and the optimizer.
+      params: initial params, e.g. ``net.init(key, input_shape)[1]``.
+      train_data, eval_data: pairs ``(x, y)`` with rows first; x floating (or integer token
+        ids), y floating or integer labels.
+      epochs: train until this many epochs are done (counting from 0, also when resuming).
+      batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
+      eval_every, patience, min_delta: the early-stopping schedule (``program.py``).
+      key: a ``jax.random`` key; epoch ``e`` uses ``fold_in(key, e)``.
+      shuffle: a fresh order every epoch (else the data order).
+      drop_last: drop the remainder rows each epoch instead of a smaller last batch.
+      progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses
+        and metrics.
+      opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
+        ``epochs - 1`` from this optimizer state. Early stopping starts afresh (a
+        ``checkpoint_dir`` resumes it too).
+      metrics: ``{name: (prediction, target) -> scalar}``, each a mean over rows (e.g.
+        ``funcnet.accuracy``), computed on ``eval_data`` at every evaluation into
+        ``history.eval_metrics[name]``.
+      monitor, mode: what early stopping watches, ``"loss"`` (the eval loss) or a metric's name,
+        and whether lower (``"min"``) or higher (``"max"``) is better.
+      eval_batch_size: evaluate in batches of this many rows (the result is the same up to
+        rounding, for a loss and metrics that are means over rows).
+      checkpoint_dir, checkpoint_every: save the whole training state to this directory every
+        ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
+        the newest checkpoint, and a finished run returns its result without training
+        (``checkpointing.py``). Not under ``jit``/``vmap``.
+      mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
+        ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
+        partitioner averages the gradients with collectives. ``batch_size`` must divide by
+        that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
+    Returns:
+      A ``FitResult``.
+    """
+    checks.check_parts("fit", net, loss, optimizer)
+    epochs = _checks.positive_int("fit", "epochs", epochs)
+    batch_size = _checks.positive_int("fit", "batch_size", batch_size)
+    eval_every = _checks.positive_int("fit", "eval_every", eval_every)
+    patience = _checks.positive_int("fit", "patience", patience, minimum=0)
+    start_epoch = _checks.positive_int("fit", "start_epoch", start_epoch, minimum=0)
+    eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
+    checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
+    if start_epoch >= epochs:
+        raise ValueError(f"fit: start_epoch must be < epochs ({epochs}), got {start_epoch}.")
+    _checks.real_number("fit", "min_delta", min_delta, low=0.0)
+    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress)
+    checks.check_key(key)
+    checks.check_params(params)
+    metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
+    x, y = checks.check_data("train_data", train_data)
+    rows = x.shape[0]
+    if batch_size > rows:
+        raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
+    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
+    if eval_data is not None:
+        eval_x, eval_y = checks.check_data("eval_data", eval_data)
+        checks.check_fits_network("eval_data", net, loss, metrics, params, eval_x, eval_y,
+                                  min(eval_x.shape[0], eval_batch_size))
+        if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
+            raise ValueError(f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
+                             f"{start_epoch + 1}..{epochs}; lower it or drop eval_data.")
+    else:
+        eval_x = eval_y = None
+    if opt_state is not None:
+        expected = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
+        if jax.tree_util.tree_structure(opt_state) != expected:
+            raise TypeError(f"fit: opt_state does not belong to this optimizer and params: expected "
+                            f"{expected}, got {jax.tree_util.tree_structure(opt_state)}.")
+    if mesh is not None:
+        batch_sharding("fit", mesh, data_axis)
+        check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
+    directory = None
+    if checkpoint_dir is not None:
+        traced = [a for a in jax.tree_util.tree_leaves((params, opt_state, x, y, eval_x, eval_y, key, min_delta,
+                                                         partition(optimizer)[0])) if not _checks.is_concrete(a)]
+        if traced:
+            raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
+        directory = checkpointing.prepare(checkpoint_dir)
+
+    masked = rows % batch_size != 0 and not drop_last
+    config = Config(rows, batch_size, math.ceil(rows / batch_size) if masked else rows // batch_size, epochs,
+                    eval_every, patience, bool(shuffle), masked, 0 if eval_x is None else eval_x.shape[0],
+                    eval_batch_size, tuple(metrics), monitor, mode == "max", jnp.dtype(value.dtype).name,
+                    bool(progress), mesh, data_axis)
+    hyper, static = partition((net, loss, optimizer, metrics))
+    # Device arrays once, so segments move no data; the user's arrays are not touched.
+    x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
+    if mesh is not None:
+        params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
+    state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
+    run = lambda state, stop: segment(state, hyper, x, y, eval_x, eval_y, key, min_delta, stop,
+                                      static=static, config=config)
+    if directory is None:
+        with bar(config.progress, epochs, start_epoch):
+            state = run(state, epochs)
+            if config.progress:
+                jax.block_until_ready(state)
+                jax.effects_barrier()
+        return result(state, start_epoch, config=config)
+    run_id = checkpointing.fingerprint(
+        net=net, loss=loss, optimizer=optimizer, metrics=metrics, params=params, opt_state=opt_state,
+        train_data=(x, y), eval_data=None if eval_x is None else (eval_x, eval_y), key=key, epochs=epochs,
+        start_epoch=start_epoch, batch_size=batch_size, eval_every=eval_every, patience=patience,
+        min_delta=float(min_delta), shuffle=bool(shuffle), drop_last=bool(drop_last), monitor=monitor, mode=mode,
+        eval_batch_size=eval_batch_size)
+    restored = checkpointing.restore(directory, state, run_id)
+    if restored is not None:
+        state = restored if mesh is None else jax.device_put(restored, NamedSharding(mesh, PartitionSpec()))
+    with bar(config.progress, epochs, int(state.epoch)):
+        while not bool(state.stopped) and int(state.epoch) < epochs:
+            state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
+            checkpointing.store(directory, jax.device_get(state), int(state.epoch), run_id)
+            if config.progress:
+                jax.effects_barrier()
+    return result(state, start_epoch, config=config)

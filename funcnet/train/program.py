@@ -1,0 +1,303 @@
+"""The compiled training program (book: the loops of ``Trainer.fit``) and ``train_step``.
+
+Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only caller besides tests):
+
+* The whole training state is one pytree, ``TrainState``: params and optimizer state, the
+  best evaluation's params and optimizer state, the early-stopping bookkeeping, the next
+  epoch, and the history so far. ``fresh_state`` makes it, ``segment`` advances it, ``result``
+  turns it into a ``FitResult``; each is one jitted program selected by the ``Static`` part of
+  the network, loss, optimizer and metrics (``funcnet._values``) and by ``Config``.
+* ``segment(state, ..., stop)`` trains epochs ``state.epoch`` to ``stop - 1`` in a
+  ``lax.while_loop`` that also ends when training has stopped; ``stop`` is traced, so one
+  compiled program serves a whole run, every checkpointed segment, and the shorter last one.
+  Under ``vmap`` the loop runs until every member is done and stopped members ride along
+  frozen.
+* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``).
+* Every row is used every epoch: when ``batch_size`` does not divide the row count the last
+  batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
+  over one-row batches, exact for losses that are means over rows) and averaged over real rows.
+* Evaluation after epoch ``e`` with ``(e + 1) % eval_every == 0``, in inference mode, in
+  batches of ``eval_batch_size`` rows: the loss and each metric are means over rows, so the
+  batch means weighted by their row counts give the mean over the whole set.
+* An evaluation improves when the monitored value beats the best by more than ``min_delta``
+  (lower for ``mode="min"``, higher for ``"max"``); after ``patience + 1`` evaluations in a row
+  without improvement training stops. A non-finite training or eval loss stops it too
+  (``diverged``), keeping the last finite best.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from funcnet._values import Static, combine
+from funcnet.train import progress
+from funcnet.train.shuffle import epoch_order
+
+__all__ = ["History", "FitResult", "Config", "TrainState", "fresh_state", "segment", "result", "train_step",
+           "batch_sharding", "check_divisible"]
+
+Params = Any
+Loss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class History(NamedTuple):
+    """``train_loss[i]``: mean loss of epoch ``start_epoch + i`` (NaN where not run);
+    ``eval_loss[j]``: loss of the j-th scheduled evaluation, taken after ``eval_epoch[j]``
+    epochs (NaN where not run); ``eval_metrics[name][j]``: each metric at that evaluation."""
+
+    train_loss: jax.Array
+    eval_loss: jax.Array
+    eval_epoch: jax.Array
+    eval_metrics: dict[str, jax.Array]
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns (a pytree, so ``vmap``-ed fits return stacked results)."""
+
+    params: Params        # with eval data: the best evaluation's; without: the final (last finite) ones
+    opt_state: Any        # the optimizer state that goes with ``params``'s training run
+    history: History
+    best_epoch: jax.Array     # epochs trained when ``params`` was taken
+    stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
+    diverged: jax.Array       # a training or eval loss was not finite
+
+
+class Config(NamedTuple):
+    """Everything static about a fit's program (hashable: it selects the compiled program)."""
+
+    rows: int
+    batch_size: int
+    batches: int
+    epochs: int
+    eval_every: int
+    patience: int
+    shuffle: bool
+    masked: bool
+    eval_rows: int            # 0 without eval data
+    eval_batch_size: int
+    metrics: tuple[str, ...]
+    monitor: str
+    maximize: bool
+    dtype: str                # of the losses and metrics
+    progress: bool
+    mesh: Mesh | None
+    data_axis: str
+
+    @property
+    def evaluations(self) -> int:
+        return self.epochs // self.eval_every
+
+
+class TrainState(NamedTuple):
+    """The whole state of a run between epochs: what a checkpoint holds."""
+
+    params: Params
+    opt_state: Any
+    best_params: Params       # with eval data: the best evaluation's (else None: ``params`` is it)
+    best_opt_state: Any
+    best: jax.Array           # the best monitored value so far
+    best_epoch: jax.Array
+    bad_evals: jax.Array      # evaluations in a row without improvement
+    stopped: jax.Array
+    stopped_epoch: jax.Array
+    diverged: jax.Array
+    epoch: jax.Array          # the next epoch to train
+    train_loss: jax.Array     # (epochs,)
+    eval_loss: jax.Array      # (evaluations,)
+    eval_metrics: dict[str, jax.Array]
+
+
+def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
+    """A function constraining a batch's rows to ``data_axis`` of ``mesh`` (None: no mesh)."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{fn}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if data_axis not in mesh.axis_names:
+        raise ValueError(f"{fn}: data_axis {data_axis!r} is not an axis of the mesh, whose axes are "
+                         f"{mesh.axis_names}.")
+    sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+    return lambda a: lax.with_sharding_constraint(a, sharding)
+
+
+def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -> None:
+    devices = mesh.shape[data_axis]
+    if size % devices:
+        raise ValueError(f"{fn}: {what} ({size}) must divide by the {devices} devices of mesh axis "
+                         f"{data_axis!r}; choose a multiple of {devices}.")
+
+
+def _batch_loss(net, loss: Loss, masked: bool):
+    """``(params, x, y, mask, key) -> loss``; with ``masked``, a mean over the real rows only."""
+
+    def batch_loss(params, x, y, mask, key):
+        prediction = net.apply(params, x, key=key)
+        if not masked:
+            return loss(prediction, y)
+        per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
+        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask).astype(per_row.dtype)
+
+    return batch_loss
+
+
+def train_step(net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None, data_axis: str = "data"):
+    """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
+    ``Trainer`` batch (``train_batch`` + ``optim.step``).
+
+    ``key`` drives dropout; ``None`` trains without it. Wrap it in ``jax.jit`` (or call it
+    inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along ``data_axis``
+    (see ``fit``).
+    """
+    from funcnet.train.checks import check_parts  # checks imports this module
+
+    check_parts("train_step", net, loss, optimizer)
+    batch_loss = _batch_loss(net, loss, masked=False)
+    shard = batch_sharding("train_step", mesh, data_axis)
+
+    def step(params, opt_state, x, y, key):
+        if shard is not None:
+            check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
+            x, y = shard(x), shard(y)
+        value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
+        params, opt_state = optimizer.update(grads, opt_state, params)
+        return params, opt_state, value
+
+    return step
+
+
+def _nan(shape, dtype):
+    return jnp.full(shape, jnp.nan, dtype)
+
+
+def _select(flag, a, b):
+    return jax.tree_util.tree_map(lambda u, v: jnp.where(flag, u, v), a, b)
+
+
+def _fresh_state(params, opt_state, start_epoch, hyper, *, static: Static, config: Config) -> TrainState:
+    """The state before ``start_epoch``; ``opt_state=None`` is the optimizer's initial state."""
+    c, dtype = config, jnp.dtype(config.dtype)
+    if opt_state is None:
+        opt_state = combine(hyper, static)[2].init(params)
+    int_ = lambda v: jnp.asarray(v, jnp.int32)
+    has_eval = c.eval_rows > 0
+    return TrainState(
+        params, opt_state, params if has_eval else None, opt_state if has_eval else None,
+        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype), int_(start_epoch), int_(0), jnp.asarray(False),
+        int_(c.epochs), jnp.asarray(False), int_(start_epoch), _nan((c.epochs,), dtype),
+        _nan((c.evaluations,), dtype), {name: _nan((c.evaluations,), dtype) for name in c.metrics})
+
+
+fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
+
+
+def _evaluate(net, loss, metrics, params, eval_x, eval_y, config: Config) -> dict[str, jax.Array]:
+    """The eval loss and metrics (means over rows), in batches of ``eval_batch_size`` rows."""
+    dtype = jnp.dtype(config.dtype)
+
+    def means(x, y):
+        prediction = net.apply(params, x)
+        values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
+        return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
+
+    rows, size = config.eval_rows, config.eval_batch_size
+    if rows <= size:
+        return means(eval_x, eval_y)
+    full, rest = divmod(rows, size)
+    batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
+
+    def add(total, batch):
+        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means(*batch)), None
+
+    zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
+    total, _ = lax.scan(add, zero, (batched(eval_x), batched(eval_y)))
+    if rest:
+        last = means(eval_x[full * size:], eval_y[full * size:])
+        total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
+    return jax.tree_util.tree_map(lambda t: t / rows, total)
+
+
+def _segment(state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, stop, *, static: Static,
+             config: Config) -> TrainState:
+    c = config
+    net, loss, optimizer, metrics = combine(hyper, static)
+    dtype = jnp.dtype(c.dtype)
+    value_and_grad = jax.value_and_grad(_batch_loss(net, loss, c.masked))
+    shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
+    padded = c.batches * c.batch_size
+    used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
+    has_eval = c.eval_rows > 0
+
+    def train_epoch(s: TrainState) -> TrainState:
+        e = s.epoch
+        order, dropout_key = epoch_order(key, e, c.rows, c.shuffle)
+        if padded > c.rows:  # pad with real rows, masked out of the loss
+            order = jnp.concatenate([order, order[: padded - c.rows]])
+        batches = order[:padded].reshape(c.batches, c.batch_size)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            index, b = batch
+            mask = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
+            value, grads = value_and_grad(params, shard(x[index]), shard(y[index]), mask,
+                                          jax.random.fold_in(dropout_key, b))
+            params, opt_state = optimizer.update(grads, opt_state, params)
+            return (params, opt_state), value.astype(dtype) * (jnp.sum(mask).astype(dtype) if c.masked else c.batch_size)
+
+        (params, opt_state), sums = lax.scan(step, (s.params, s.opt_state), (batches, jnp.arange(c.batches)))
+        train_loss = jnp.sum(sums) / used_rows
+        finite = jnp.isfinite(train_loss)
+        history = s.train_loss.at[e].set(train_loss)
+        is_eval = (e + 1) % c.eval_every == 0
+        if not has_eval:
+            values = {"loss": _nan((), dtype)}
+            keep = finite  # a diverged epoch's params are dropped: the result is the last finite
+            new = s._replace(params=_select(keep, params, s.params), opt_state=_select(keep, opt_state, s.opt_state),
+                             best_epoch=jnp.where(keep, e + 1, s.best_epoch), stopped=~finite,
+                             stopped_epoch=jnp.where(finite, s.stopped_epoch, e + 1), diverged=~finite,
+                             epoch=e + 1, train_loss=history)
+        else:
+            nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
+            values = lax.cond(is_eval, lambda p: _evaluate(net, loss, metrics, p, eval_x, eval_y, c), nans, params)
+            diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
+            watched = values[c.monitor]
+            better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
+            improved = is_eval & ~diverged & better
+            bad_evals = jnp.where(improved, 0, s.bad_evals + (is_eval & ~improved).astype(jnp.int32))
+            stop_now = diverged | (bad_evals > c.patience)
+            j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
+            record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
+            new = TrainState(params, opt_state, _select(improved, params, s.best_params),
+                             _select(improved, opt_state, s.best_opt_state), jnp.where(improved, watched, s.best),
+                             jnp.where(improved, e + 1, s.best_epoch), bad_evals, stop_now,
+                             jnp.where(stop_now, e + 1, s.stopped_epoch), diverged, e + 1, history,
+                             record(s.eval_loss, values["loss"]),
+                             {name: record(s.eval_metrics[name], values[name]) for name in c.metrics})
+        if c.progress:
+            jax.debug.callback(progress.tick, e, train_loss, values)
+        return new
+
+    return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
+
+
+segment = jax.jit(_segment, static_argnames=("static", "config"))
+
+
+def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
+    c = config
+    first = start_epoch // c.eval_every  # the evaluations scheduled before start_epoch are not this run's
+    history = History(state.train_loss[start_epoch:], state.eval_loss[first:],
+                      jnp.arange(first + 1, c.evaluations + 1, dtype=jnp.int32) * c.eval_every,
+                      {name: values[first:] for name, values in state.eval_metrics.items()})
+    if c.eval_rows > 0:
+        params, opt_state = state.best_params, state.best_opt_state
+    else:
+        params, opt_state = state.params, state.opt_state
+    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged)
+
+
+result = jax.jit(_result, static_argnames=("start_epoch", "config"))

@@ -1,0 +1,98 @@
+"""Epoch orders: permutations, a function of (key, epoch) alone, and statistically uniform.
+
+Uniformity is checked with chi-square tests, which must also catch a weak shuffle: the same
+Feistel network with one round instead of eight fails them.
+"""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funcnet.train import shuffle
+from funcnet.train.shuffle import epoch_order, permutation
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 31, 32, 33, 100, 1797, 2048, 2049])
+def test_every_order_is_a_permutation(rows):
+    for epoch in range(3):
+        order, _ = epoch_order(KEY, epoch, rows)
+        assert order.dtype == jnp.int32 and order.shape == (rows,)
+        np.testing.assert_array_equal(np.sort(np.asarray(order)), np.arange(rows))
+
+
+def test_the_order_is_a_function_of_key_and_epoch_alone():
+    a, key_a = epoch_order(KEY, 3, 50)
+    b, key_b = jax.jit(epoch_order, static_argnums=(2,))(KEY, 3, 50)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(key_a, key_b)
+    batched, _ = jax.vmap(lambda e: epoch_order(KEY, e, 50))(jnp.arange(5))
+    np.testing.assert_array_equal(batched[3], a)
+    assert not np.array_equal(epoch_order(KEY, 4, 50)[0], a)
+    assert not np.array_equal(epoch_order(jax.random.PRNGKey(1), 3, 50)[0], a)
+    np.testing.assert_array_equal(epoch_order(KEY, 3, 50, shuffle=False)[0], np.arange(50))
+    typed = jax.random.key(0)  # new-style keys work the same way
+    np.testing.assert_array_equal(np.sort(np.asarray(epoch_order(typed, 3, 50)[0])), np.arange(50))
+
+
+def _orders(rows, draws):
+    keys = jax.random.split(jax.random.PRNGKey(12345), draws)
+    return np.asarray(jax.jit(jax.vmap(lambda k: permutation(k, rows)))(keys))
+
+
+def _z(counts, expected):
+    """The chi-square statistic as a z-score: (chi2 - df) / sqrt(2 df), about N(0, 1) when uniform."""
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    df = counts.size - 1
+    return (chi2 - df) / math.sqrt(2 * df)
+
+
+def _every_ordering_z(rows, draws):
+    index = {p: i for i, p in enumerate(itertools.permutations(range(rows)))}
+    counts = np.bincount([index[tuple(o)] for o in _orders(rows, draws).tolist()], minlength=len(index))
+    return _z(counts, draws / len(index))
+
+
+def _positions_z(rows, draws):
+    """Where each row lands: a rows x rows table of (row, position) counts."""
+    positions = np.argsort(_orders(rows, draws), axis=1)
+    counts = np.stack([np.bincount(positions[:, r], minlength=rows) for r in range(rows)])
+    return _z(counts.ravel(), draws / rows)
+
+
+def _neighbours_z(rows, draws):
+    """How often row i comes before row i + 1: each a Binomial(draws, 1/2)."""
+    positions = np.argsort(_orders(rows, draws), axis=1)
+    before = np.sum(positions[:, :-1] < positions[:, 1:], axis=0)
+    chi2 = float(np.sum((before - draws / 2) ** 2 / (draws / 4)))
+    return (chi2 - (rows - 1)) / math.sqrt(2 * (rows - 1))
+
+
+@pytest.mark.parametrize("rows,draws", [(4, 4_800), (5, 12_000), (6, 36_000)])
+def test_every_ordering_is_equally_likely(rows, draws):
+    assert abs(_every_ordering_z(rows, draws)) < 5
+
+
+# 100: unequal halves; 254 and 256: a domain of rows + 2 and the next power of two
+@pytest.mark.parametrize("rows", [37, 100, 254, 256])
+def test_each_row_lands_anywhere_equally_often(rows):
+    assert abs(_positions_z(rows, 3_000)) < 5
+
+
+def test_each_row_precedes_the_next_half_the_time():
+    assert abs(_neighbours_z(1797, 2_000)) < 5
+
+
+def test_the_chi_square_tests_catch_a_weak_shuffle(monkeypatch):
+    monkeypatch.setattr(shuffle, "_ROUNDS", 1)
+    assert _every_ordering_z(5, 12_000) > 20
+    assert _positions_z(100, 3_000) > 20
+    rotation = lambda key, rows: jnp.roll(jnp.arange(rows), jax.random.randint(key, (), 0, rows))
+    monkeypatch.setattr(shuffle, "permutation", rotation)  # rows land anywhere, neighbours stay in order
+    monkeypatch.setitem(globals(), "permutation", rotation)
+    assert _neighbours_z(1797, 2_000) > 20
