@@ -6,10 +6,12 @@ Public API (re-exports only; each module states its own contract).
 from funcnet.checkpoint import load, save
 from funcnet.conv import Conv2D, Conv2DParams, Flatten, MaxPool2D, conv2d, max_pool2d
 from funcnet.gradcheck import check_vjp
-from funcnet.initializers import glorot_normal, standard_normal, zeros
+from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
+from funcnet.recurrent import (GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm,
+                               rnn)
 from funcnet.optimizers import (Optimizer, adagrad, adam, constant, exponential_decay, linear_decay,
                                  momentum, sgd)
 from funcnet.train import FitResult, History, fit, train_step
@@ -22,7 +24,8 @@ __all__ = [
     "FitResult", "History", "Optimizer", "adagrad", "adam", "constant", "exponential_decay",
     "fit", "linear_decay", "momentum", "sgd", "train_step",
     "Dense", "DenseParams", "Dropout", "Layer", "glorot_normal", "param_count", "serial",
-    "standard_normal", "summary", "zeros",
+    "standard_normal", "normal", "summary", "zeros",
+    "RNN", "LSTM", "GRU", "RNNParams", "LSTMParams", "GRUParams", "TimeDistributed", "rnn", "lstm", "gru",
     "bias_add", "check_vjp", "dropout", "linear", "mean_squared_error", "relu", "sigmoid",
     "softmax_cross_entropy", "tanh", "weight_multiply",
 ]

@@ -8,13 +8,16 @@ field ``height * width``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Initializer", "standard_normal", "glorot_normal", "zeros"]
+from funcnet import _checks
+
+__all__ = ["Initializer", "standard_normal", "normal", "glorot_normal", "zeros"]
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -29,6 +32,26 @@ def _fans(shape: Sequence[int]) -> tuple[int, int]:
 def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """N(0, 1): the book's default for W and B."""
     return jax.random.normal(key, tuple(shape), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normal:
+    stddev: float
+
+    def __call__(self, key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.normal(key, tuple(shape), dtype) * jnp.asarray(self.stddev, dtype)
+
+    def __repr__(self) -> str:
+        return f"normal({self.stddev!r})"
+
+
+def normal(stddev: float) -> Initializer:
+    """N(0, stddev**2): the book's ``weight_scale`` (chapter 6 draws every weight from N(0, 0.01)).
+
+    A value, like the layers: ``normal(0.01) == normal(0.01)``.
+    """
+    _checks.real_number("normal", "stddev", stddev, low=0.0, low_open=True)
+    return _Normal(float(stddev))
 
 
 def glorot_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:

@@ -1,8 +1,12 @@
 """Losses as ``jax.custom_vjp`` functions with the book's gradients (book: ``Loss`` subclasses).
 
-Contract: ``loss(prediction, target) -> scalar`` is a *mean over rows* (axis 0) of a per-row
-term, as both of the book's losses are. The trainer relies on that to keep the padded rows
-of a last, smaller batch out of the loss (it evaluates the loss one row at a time under
+Contract: ``loss(prediction, target) -> scalar`` is a *mean over positions* of a per-position
+term summed over the last axis (features or classes). A position is a row, or, for sequences
+``(batch, time, ...)``, every leading index: the mean runs over ``batch * time``. Both of the
+book's losses are such means over rows; its chapter-6 loss *sums* over batch and time instead,
+which only scales the gradient, and funcnet keeps the mean so that a learning rate means the
+same for any batch size or sequence length. The trainer relies on the mean to keep the padded
+rows of a last, smaller batch out of the loss (it evaluates the loss one row at a time under
 ``vmap`` and averages over the real rows). Gradients flow to ``prediction`` and ``target``;
 integer class labels get the symbolic zero cotangent ``float0``.
 
@@ -25,9 +29,15 @@ from funcnet import _checks
 __all__ = ["mean_squared_error", "softmax_cross_entropy"]
 
 
+def _positions(shape: tuple[int, ...]) -> int:
+    """How many positions a loss averages over: every index but the last axis's (rows, for 1-D)."""
+    return int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+
+
 @_checks.op('prediction', 'target')
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
-    """``sum((prediction - target)**2) / rows``. Book: MeanSquaredError."""
+    """``sum((prediction - target)**2) / positions``: ``/ rows`` for ``(rows, features)``, the book's
+    MeanSquaredError; ``/ (batch * time)`` for sequences."""
     _checks.floating("mean_squared_error", "prediction", prediction)
     _checks.floating("mean_squared_error", "target", target)
     _checks.same_dtype("mean_squared_error", ("prediction", "target"), prediction, target)
@@ -38,8 +48,10 @@ def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
             f"target.shape={tuple(target.shape)}."
         )
     _checks.rows("mean_squared_error", "prediction", prediction)
+    if prediction.size == 0:
+        raise ValueError(f"mean_squared_error: prediction must not be empty, got shape {tuple(prediction.shape)}.")
     diff = prediction - target
-    return jnp.sum(diff * diff) / prediction.shape[0]
+    return jnp.sum(diff * diff) / _positions(prediction.shape)
 
 
 def _mse_fwd(prediction, target):
@@ -47,7 +59,7 @@ def _mse_fwd(prediction, target):
 
 
 def _mse_bwd(diff, output_grad):
-    input_grad = output_grad * 2 * diff / diff.shape[0]
+    input_grad = output_grad * 2 * diff / _positions(diff.shape)
     return input_grad, -input_grad
 
 
@@ -58,20 +70,21 @@ def _one_hot_target(logits, target):
     """Check ``target`` against ``logits`` and return it as float one-hot rows."""
     fn = "softmax_cross_entropy"
     _checks.array(fn, "target", target)
+    classes = logits.shape[-1]
     if jnp.issubdtype(target.dtype, jnp.integer):
-        if target.shape != logits.shape[:1]:
+        if target.shape != logits.shape[:-1]:
             raise ValueError(
                 f"{fn}: integer target must hold one class index per row of logits "
-                f"(logits.shape={tuple(logits.shape)}), shape ({logits.shape[0]},), got {tuple(target.shape)}."
+                f"(logits.shape={tuple(logits.shape)}), shape {tuple(logits.shape[:-1])}, got {tuple(target.shape)}."
             )
         if _checks.is_concrete(target) and target.size:
             low, high = int(np.min(target)), int(np.max(target))
-            if low < 0 or high >= logits.shape[1]:
+            if low < 0 or high >= classes:
                 raise ValueError(
-                    f"{fn}: integer target must lie in [0, {logits.shape[1]}) for "
-                    f"{logits.shape[1]} classes, got values from {low} to {high}."
+                    f"{fn}: integer target must lie in [0, {classes}) for "
+                    f"{classes} classes, got values from {low} to {high}."
                 )
-        return jax.nn.one_hot(target, logits.shape[1], dtype=logits.dtype)
+        return jax.nn.one_hot(target, classes, dtype=logits.dtype)
     _checks.floating(fn, "target", target)
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
     if target.shape != logits.shape:
@@ -84,33 +97,43 @@ def _one_hot_target(logits, target):
 
 @_checks.op('logits', 'target')
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean over rows of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
+    """Mean over positions of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 
     Args:
-      logits: (batch, classes), unnormalised scores; stable for any finite magnitude.
-      target: (batch, classes) float one-hot (or any probability rows), or (batch,) integer
-        class indices in ``[0, classes)`` (checked when the labels are concrete).
+      logits: (batch, classes), or (batch, time, ..., classes) for sequences: unnormalised
+        scores, stable for any finite magnitude.
+      target: float one-hot (or any probability) rows of the logits' shape, or integer class
+        indices of the logits' shape without the class axis, in ``[0, classes)`` (checked when
+        the labels are concrete).
     Returns:
-      The scalar loss. Its hand gradient is ``(softmax(logits) - target) / rows``.
+      The scalar loss. Its hand gradient is ``(softmax(logits) - target) / positions``.
     """
-    _checks.floating("softmax_cross_entropy", "logits", logits)
-    _checks.rank("softmax_cross_entropy", "logits", logits, 2, "(batch, classes)")
-    _checks.rows("softmax_cross_entropy", "logits", logits)
+    _check_logits(logits)
     one_hot = _one_hot_target(logits, target)
-    log_probs = jax.nn.log_softmax(logits, axis=1)
-    return -jnp.sum(one_hot * log_probs) / logits.shape[0]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(one_hot * log_probs) / _positions(logits.shape)
+
+
+def _check_logits(logits) -> None:
+    fn = "softmax_cross_entropy"
+    _checks.floating(fn, "logits", logits)
+    if logits.ndim < 2:
+        raise ValueError(f"{fn}: logits must be at least 2-D (batch, ..., classes), got shape {tuple(logits.shape)}.")
+    if logits.size == 0:
+        raise ValueError(f"{fn}: logits must have at least one row and one class, got shape {tuple(logits.shape)}.")
 
 
 def _ce_fwd(logits, target):
+    _check_logits(logits)
     one_hot = _one_hot_target(logits, target)
-    log_probs = jax.nn.log_softmax(logits, axis=1)
-    loss = -jnp.sum(one_hot * log_probs) / logits.shape[0]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.sum(one_hot * log_probs) / _positions(logits.shape)
     return loss, (log_probs, one_hot, target)
 
 
 def _ce_bwd(residuals, output_grad):
     log_probs, one_hot, target = residuals
-    scale = output_grad / log_probs.shape[0]
+    scale = output_grad / _positions(log_probs.shape)
     input_grad = scale * (jnp.exp(log_probs) - one_hot)
     if jnp.issubdtype(target.dtype, jnp.integer):
         target_grad = np.zeros(target.shape, dtype=jax.dtypes.float0)

@@ -1,0 +1,93 @@
+"""Backpropagation through time by hand against autodiff, and the character model's fit.
+
+Workloads:
+  BPTT: batch 32, time 25, 62 -> 256 (the book's vocabulary and hidden size), forward +
+    backward of <hs, g> for a fixed random g, jitted. Rows per cell (RNN, LSTM, GRU): funcnet's
+    custom_vjp (the book's per-step backward in a reverse scan) against jax.grad of the very
+    same lax.scan forward without the custom rule. Timed in alternation, medians.
+  char model: examples/char_lm.py's LSTM model (one-hot 103 characters -> LSTM(256) ->
+    TimeDistributed(Dense(103))), batch 32, sequences of 25, Adam with clip_value=2: fit's
+    training steps per second over 2 epochs of 3,200 sequences (compile excluded).
+
+    python benchmarks/bench_rnn.py           # the tables
+    python benchmarks/bench_rnn.py --quick   # tiny sizes, to check it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import funcnet as fn
+from funcnet import recurrent
+from _timing import machine, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import char_lm  # noqa: E402
+
+
+def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: int) -> tuple[float, float]:
+    """Median seconds of one forward + backward: hand-derived, autodiff of the same scan."""
+    layer = {"rnn": fn.RNN, "lstm": fn.LSTM, "gru": fn.GRU}[cell](hidden)
+    _, params = layer.init(jax.random.PRNGKey(0), (-1, time_, inputs))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, time_, inputs)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((batch, time_, hidden)).astype(np.float32))
+    zeros = jnp.zeros((batch, hidden))
+    plain = getattr(recurrent, f"_{cell}")  # the forward scan, no custom rule
+    states = (zeros, zeros) if cell == "lstm" else (zeros,)
+    first = lambda out: out[0] if cell == "lstm" else out
+    hand = jax.jit(jax.grad(lambda p, x: jnp.vdot(getattr(fn, cell)(x, p), g), argnums=(0, 1)))
+    auto = jax.jit(jax.grad(lambda p, x: jnp.vdot(first(plain(x, p, *states)), g), argnums=(0, 1)))
+    times = {"hand": [], "auto": []}
+    for f in (hand, auto):
+        jax.block_until_ready(f(params, x))
+    for _ in range(rounds):
+        for name, f in (("hand", hand), ("auto", auto)):
+            start = time.perf_counter()
+            jax.block_until_ready(f(params, x))
+            times[name].append(time.perf_counter() - start)
+    return float(np.median(times["hand"])), float(np.median(times["auto"]))
+
+
+def char_model_steps_per_second(rows: int, epochs: int) -> float:
+    text = char_lm.corpus()
+    chars = sorted(set(text))
+    ids = np.searchsorted(chars, list(text[: rows * char_lm.SEQUENCE + 1])).astype(np.int32)
+    inputs, targets = char_lm.sequences(ids, char_lm.SEQUENCE)
+    x = jnp.asarray(np.eye(len(chars), dtype=np.float32)[inputs])
+    net = char_lm.model(fn.LSTM, len(chars))
+    _, params = net.init(jax.random.PRNGKey(0), (-1, char_lm.SEQUENCE, len(chars)))
+    run = lambda: fn.fit(net, fn.softmax_cross_entropy, fn.adam(3e-3, clip_value=2.0), params, (x, targets),
+                         epochs=epochs, batch_size=char_lm.BATCH, key=jax.random.PRNGKey(1)).params
+    jax.block_until_ready(run())  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    return epochs * (len(inputs) // char_lm.BATCH) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
+    args = parser.parse_args()
+    shape = (4, 5, 6, 8) if args.quick else (32, 25, 62, 256)
+    rounds = 2 if args.quick else 30
+    print(f"Machine: {machine()}\n")
+    rows = []
+    for cell in ("rnn", "lstm", "gru"):
+        hand, auto = bptt(cell, *shape, rounds)
+        rows.append([cell.upper(), f"{1e3 * hand:.2f}", f"{1e3 * auto:.2f}", f"{hand / auto:.3f}"])
+    print(f"BPTT, batch {shape[0]}, time {shape[1]}, {shape[2]} -> {shape[3]}, forward + backward (median ms)")
+    print(table(["cell", "hand-derived BPTT", "autodiff of the same scan", "ratio"], rows))
+    rate = char_model_steps_per_second(64 if args.quick else 3200, 1 if args.quick else 2)
+    print(f"\nCharacter model (LSTM 256, batch 32, time 25, vocabulary 103): fit at {rate:.1f} steps/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""Recurrent networks (book chapter 6): ``rnn``, ``lstm``, ``gru`` ops and their layers.
+
+Contract, stated once:
+
+* Sequences are ``(batch, time, features)``; row vectors times weights, ``x @ W``, as in the
+  book. ``V`` is the input size, ``H`` the hidden size. Each op returns every hidden state,
+  ``(batch, time, H)``; initial states default to zeros, and ``return_state=True`` also returns
+  the final state(s), so a caller can carry state from one chunk of a sequence to the next.
+* Each op is a ``jax.custom_vjp`` whose backward is the book's backpropagation through time: a
+  reverse ``lax.scan`` applying the hand-derived per-step backward of its node (``RNNNode``,
+  ``LSTMNode``, ``GRUNode``), carrying the hidden (and cell) state gradient back one step, and
+  summing each weight's gradient over time. Not autodiff of the forward scan. Two
+  rearrangements of the same sums make it fast: the input half of ``[x, h] @ W`` is one
+  matmul over all steps before the scan, and the weight gradients, the book's per-step
+  ``Z.T @ d_int``, are one contraction over all steps after it.
+* The forward saves what the backward needs: the inputs, the hidden states, the gates (and the
+  LSTM's cell states); the backward recomputes nothing but ``tanh(C)`` and ``r * h``.
+* Checks (``ValueError``/``TypeError`` before anything compiles): ``x`` floating and 3-D, the
+  params of the op's own type with shapes that agree with ``x`` and with each other, ``h0`` and
+  ``c0`` of shape ``(batch, H)``, one dtype throughout.
+
+The cells (``σ`` the logistic sigmoid):
+
+* RNN: ``h = tanh([x, h] @ W + B)``, ``W: (V + H, H)``, ``B: (1, H)``.
+* LSTM, no peepholes: ``f, i, o = σ([x, h] @ W_{f,i,o} + B_{f,i,o})``,
+  ``c̄ = tanh([x, h] @ W_c + B_c)``, ``C = f * C + i * c̄``, ``h = o * tanh(C)``.
+* GRU, the reset gate applied before the matmul (Keras ``GRU(reset_after=False)``, unlike
+  ``torch.nn.GRU``): ``r = σ(x W_xr + h W_hr + B_r)``, ``u = σ(x W_xu + h W_hu + B_u)``,
+  ``h̄ = tanh(x W_xh + (r * h) W_hh + B_h)``, ``h = u * h + (1 - u) * h̄``. The book's GRU as
+  published gives the update gate the reset gate's pre-activation, uses the carried gradient
+  where it computed ``dh_out`` and drops the direct path ``u * dh`` to the previous state;
+  together these make every gradient of its gates exactly zero. This GRU is the corrected one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from funcnet import _checks, initializers
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_name, layer_spec
+
+__all__ = ["RNNParams", "LSTMParams", "GRUParams", "rnn", "lstm", "gru", "RNN", "LSTM", "GRU",
+           "TimeDistributed"]
+
+
+class RNNParams(NamedTuple):
+    """``W: (V + H, H)`` acting on ``[x, h]``, ``B: (1, H)``. Book: RNNNode's ``W_f``, ``B_f``.
+
+    From ``torch.nn.RNN(V, H, batch_first=True)`` (tanh, one layer):
+    ``W = concatenate([weight_ih_l0.T, weight_hh_l0.T])``, ``B = (bias_ih_l0 + bias_hh_l0)[None]``.
+    """
+
+    W: jax.Array
+    B: jax.Array
+
+
+class LSTMParams(NamedTuple):
+    """Forget, input, candidate and output gates: each ``W_*: (V + H, H)`` on ``[x, h]``, ``B_*: (1, H)``.
+
+    From ``torch.nn.LSTM(V, H, batch_first=True)``: torch stacks its gates in the order
+    (i, f, g, o), so with ``ih = weight_ih_l0.T``, ``hh = weight_hh_l0.T``, ``b = bias_ih_l0 +
+    bias_hh_l0`` and ``k`` the gate's slice ``[k * H:(k + 1) * H]``:
+    ``W_i = concatenate([ih[:, 0], hh[:, 0]])``, ``W_f`` with slice 1, ``W_c`` with slice 2 (torch's
+    g), ``W_o`` with slice 3, and ``B_* = b[slice][None]``.
+    """
+
+    W_f: jax.Array
+    B_f: jax.Array
+    W_i: jax.Array
+    B_i: jax.Array
+    W_c: jax.Array
+    B_c: jax.Array
+    W_o: jax.Array
+    B_o: jax.Array
+
+
+class GRUParams(NamedTuple):
+    """Reset, update and candidate: ``W_x*: (V, H)``, ``W_h*: (H, H)``, ``B_*: (1, H)``."""
+
+    W_xr: jax.Array
+    W_hr: jax.Array
+    B_r: jax.Array
+    W_xu: jax.Array
+    W_hu: jax.Array
+    B_u: jax.Array
+    W_xh: jax.Array
+    W_hh: jax.Array
+    B_h: jax.Array
+
+
+# --- Shared pieces ------------------------------------------------------------------------
+
+
+def _check(fn: str, x: Any, params: Any, kind: type, states: dict[str, Any]) -> tuple[int, int]:
+    """Check x, params and the initial states; return ``(V, H)``."""
+    _checks.floating(fn, "x", x)
+    _checks.rank(fn, "x", x, 3, "(batch, time, features)")
+    if not isinstance(params, kind):
+        raise TypeError(f"{fn}: params must be {kind.__name__}, got {type(params).__name__}.")
+    for name, value in params._asdict().items():
+        _checks.floating(fn, f"params.{name}", value)
+        _checks.same_dtype(fn, ("x", f"params.{name}"), x, value)
+    batch, time, inputs = x.shape
+    if batch == 0 or time == 0:
+        raise ValueError(f"{fn}: x must have at least one row and one time step, got shape {tuple(x.shape)}.")
+    bias = next(value for name, value in params._asdict().items() if name.startswith("B"))
+    hidden = bias.shape[-1] if bias.ndim else 0  # a 0-D bias fails the shape check below
+    for name, value in params._asdict().items():
+        want = _param_shape(kind, name, inputs, hidden)
+        if value.shape != want:
+            raise ValueError(f"{fn}: params.{name} must have shape {want} for x with {inputs} features and "
+                             f"{hidden} hidden units, got {tuple(value.shape)}.")
+    for name, state in states.items():
+        if state is None:
+            continue
+        _checks.floating(fn, name, state)
+        _checks.same_dtype(fn, ("x", name), x, state)
+        if state.shape != (batch, hidden):
+            raise ValueError(f"{fn}: {name} must have shape (batch, H) = {(batch, hidden)}, got {tuple(state.shape)}.")
+    return inputs, hidden
+
+
+def _param_shape(kind: type, name: str, inputs: int, hidden: int) -> tuple[int, int]:
+    if name.startswith("B"):
+        return (1, hidden)
+    if kind is GRUParams:
+        return (inputs, hidden) if name.startswith("W_x") else (hidden, hidden)
+    return (inputs + hidden, hidden)
+
+
+def _zeros(x: jax.Array, hidden: int, state: Any) -> jax.Array:
+    return jnp.zeros((x.shape[0], hidden), x.dtype) if state is None else state
+
+
+def _previous(first: jax.Array, states: jax.Array) -> jax.Array:
+    """The state before each step, time-major: ``first`` then all but the last of ``states``."""
+    return jnp.concatenate([first[None], states[:-1]])
+
+
+def _input_part(x: jax.Array, W_x: jax.Array, B: jax.Array) -> jax.Array:
+    """``x_t @ W_x + B`` for every step at once, time-major ``(time, batch, ·)``."""
+    return jnp.einsum("btv,vg->tbg", x, W_x) + B[None]
+
+
+def _weight_grads(x: jax.Array, h_prev: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The book's per-step ``Z.T @ d_int``, summed over time, for ``Z = [x, h_prev]``; and the bias's."""
+    return (jnp.einsum("btv,tbg->vg", x, d), jnp.einsum("tbh,tbg->hg", h_prev, d),
+            jnp.sum(d, axis=(0, 1))[None])
+
+
+def _split(a: jax.Array, parts: int) -> list[jax.Array]:
+    return jnp.split(a, parts, axis=-1)
+
+
+def _sigmoid(z: jax.Array) -> jax.Array:
+    return lax.logistic(z)
+
+
+# --- RNN (book: RNNNode) ---------------------------------------------------------------------
+
+
+def _rnn_forward(x, params, h0):
+    inputs = x.shape[-1]
+    W_h = params.W[inputs:]
+
+    def step(h, xw):
+        h = jnp.tanh(xw + h @ W_h)
+        return h, h
+
+    _, hs = lax.scan(step, h0, _input_part(x, params.W[:inputs], params.B))
+    return hs  # time-major
+
+
+def _rnn(x, params, h0):
+    return jnp.swapaxes(_rnn_forward(x, params, h0), 0, 1)
+
+
+def _rnn_fwd(x, params, h0):
+    hs = _rnn_forward(x, params, h0)
+    return jnp.swapaxes(hs, 0, 1), (x, params, h0, hs)
+
+
+def _rnn_bwd(residuals, output_grad):
+    x, params, h0, hs = residuals
+    inputs = x.shape[-1]
+    W_x, W_h = params.W[:inputs], params.W[inputs:]
+
+    def step(dh_next, t):  # RNNNode.backward: dH_int = dh * dtanh(H_int)
+        g, h = t
+        d = (g + dh_next) * (1 - h * h)
+        return d @ W_h.T, d
+
+    dh0, d = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), hs), reverse=True)
+    dW_x, dW_h, dB = _weight_grads(x, _previous(h0, hs), d)
+    return jnp.einsum("tbg,vg->btv", d, W_x), RNNParams(jnp.concatenate([dW_x, dW_h]), dB), dh0
+
+
+_rnn_vjp = jax.custom_vjp(_rnn)
+_rnn_vjp.defvjp(_rnn_fwd, _rnn_bwd)
+
+
+def rnn(x: jax.Array, params: RNNParams, h0: jax.Array | None = None, *, return_state: bool = False) -> Any:
+    """Every hidden state of ``h = tanh([x, h] @ W + B)``: ``(batch, time, H)``. Book: RNNLayer's cells.
+
+    Args:
+      x: ``(batch, time, V)``.
+      params: ``RNNParams(W, B)``.
+      h0: ``(batch, H)`` initial state; zeros if ``None``.
+      return_state: also return the final state, ``(hs, h_last)``.
+    """
+    _, hidden = _check("rnn", x, params, RNNParams, {"h0": h0})
+    hs = _rnn_vjp(x, params, _zeros(x, hidden, h0))
+    return (hs, hs[:, -1]) if return_state else hs
+
+
+# --- LSTM (book: LSTMNode) -------------------------------------------------------------------
+
+
+def _lstm_weights(params: LSTMParams) -> tuple[jax.Array, jax.Array]:
+    """The four gates side by side, (f, i, c, o): ``W: (V + H, 4H)``, ``B: (1, 4H)``."""
+    return (jnp.concatenate([params.W_f, params.W_i, params.W_c, params.W_o], axis=1),
+            jnp.concatenate([params.B_f, params.B_i, params.B_c, params.B_o], axis=1))
+
+
+def _lstm_forward(x, params, h0, c0):
+    inputs = x.shape[-1]
+    W, B = _lstm_weights(params)
+    W_h = W[inputs:]
+
+    def step(state, xw):
+        h, c = state
+        z_f, z_i, z_c, z_o = _split(xw + h @ W_h, 4)
+        f, i, c_bar, o = _sigmoid(z_f), _sigmoid(z_i), jnp.tanh(z_c), _sigmoid(z_o)
+        c = f * c + i * c_bar
+        h = o * jnp.tanh(c)
+        return (h, c), (h, c, f, i, c_bar, o)
+
+    _, saved = lax.scan(step, (h0, c0), _input_part(x, W[:inputs], B))
+    return saved  # time-major: hs, cs and the gates
+
+
+def _lstm(x, params, h0, c0):
+    hs, cs = _lstm_forward(x, params, h0, c0)[:2]
+    return jnp.swapaxes(hs, 0, 1), cs[-1]
+
+
+def _lstm_fwd(x, params, h0, c0):
+    saved = _lstm_forward(x, params, h0, c0)
+    hs, cs = saved[:2]
+    return (jnp.swapaxes(hs, 0, 1), cs[-1]), (x, params, h0, c0, saved)
+
+
+def _lstm_bwd(residuals, output_grads):
+    x, params, h0, c0, (hs, cs, f, i, c_bar, o) = residuals
+    output_grad, c_last_grad = output_grads
+    inputs = x.shape[-1]
+    W, _ = _lstm_weights(params)
+    W_x, W_h = W[:inputs], W[inputs:]
+
+    def step(carry, t):  # LSTMNode.backward, gate by gate
+        dh_next, dc_next = carry
+        g, c, c_prev, f, i, c_bar, o = t
+        tanh_c = jnp.tanh(c)
+        dh = g + dh_next
+        do_int = dh * tanh_c * o * (1 - o)
+        dc = dh * o * (1 - tanh_c * tanh_c) + dc_next
+        dc_bar_int = dc * i * (1 - c_bar * c_bar)
+        di_int = dc * c_bar * i * (1 - i)
+        df_int = dc * c_prev * f * (1 - f)
+        d = jnp.concatenate([df_int, di_int, dc_bar_int, do_int], axis=-1)
+        return (d @ W_h.T, f * dc), d
+
+    steps = (jnp.swapaxes(output_grad, 0, 1), cs, _previous(c0, cs), f, i, c_bar, o)
+    (dh0, dc0), d = lax.scan(step, (jnp.zeros_like(h0), c_last_grad), steps, reverse=True)
+    dW_x, dW_h, dB = _weight_grads(x, _previous(h0, hs), d)
+    dW = _split(jnp.concatenate([dW_x, dW_h]), 4)
+    dBs = _split(dB, 4)
+    grads = LSTMParams(dW[0], dBs[0], dW[1], dBs[1], dW[2], dBs[2], dW[3], dBs[3])
+    return jnp.einsum("tbg,vg->btv", d, W_x), grads, dh0, dc0
+
+
+_lstm_vjp = jax.custom_vjp(_lstm)
+_lstm_vjp.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def lstm(x: jax.Array, params: LSTMParams, h0: jax.Array | None = None, c0: jax.Array | None = None, *,
+         return_state: bool = False) -> Any:
+    """Every hidden state of the LSTM (module docstring): ``(batch, time, H)``. Book: LSTMLayer's cells.
+
+    Args:
+      x: ``(batch, time, V)``.
+      params: ``LSTMParams(W_f, B_f, W_i, B_i, W_c, B_c, W_o, B_o)``.
+      h0, c0: ``(batch, H)`` initial hidden and cell states; zeros if ``None``.
+      return_state: also return the final states, ``(hs, (h_last, c_last))``.
+    """
+    _, hidden = _check("lstm", x, params, LSTMParams, {"h0": h0, "c0": c0})
+    h0 = _zeros(x, hidden, h0)
+    hs, c_last = _lstm_vjp(x, params, h0, _zeros(x, hidden, c0))
+    return (hs, (hs[:, -1], c_last)) if return_state else hs
+
+
+# --- GRU (book: GRUNode, corrected) ----------------------------------------------------------
+
+
+def _gru_weights(params: GRUParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Input weights side by side (r, u, h̄) ``(V, 3H)``, biases ``(1, 3H)``, recurrent (r, u) ``(H, 2H)``."""
+    return (jnp.concatenate([params.W_xr, params.W_xu, params.W_xh], axis=1),
+            jnp.concatenate([params.B_r, params.B_u, params.B_h], axis=1),
+            jnp.concatenate([params.W_hr, params.W_hu], axis=1))
+
+
+def _gru_forward(x, params, h0):
+    W_x, B, W_ru = _gru_weights(params)
+    hidden = h0.shape[-1]
+
+    def step(h, xw):
+        r, u = _split(_sigmoid(xw[:, :2 * hidden] + h @ W_ru), 2)
+        h_bar = jnp.tanh(xw[:, 2 * hidden:] + (r * h) @ params.W_hh)
+        h = u * h + (1 - u) * h_bar
+        return h, (h, r, u, h_bar)
+
+    _, saved = lax.scan(step, h0, _input_part(x, W_x, B))
+    return saved  # time-major: hs and the gates
+
+
+def _gru(x, params, h0):
+    return jnp.swapaxes(_gru_forward(x, params, h0)[0], 0, 1)
+
+
+def _gru_fwd(x, params, h0):
+    saved = _gru_forward(x, params, h0)
+    return jnp.swapaxes(saved[0], 0, 1), (x, params, h0, saved)
+
+
+def _gru_bwd(residuals, output_grad):
+    x, params, h0, (hs, r, u, h_bar) = residuals
+    W_x, _, W_ru = _gru_weights(params)
+    h_prev = _previous(h0, hs)
+
+    def step(dh_next, t):  # GRUNode.backward, corrected: dh is the output's and the next step's
+        g, h, r, u, h_bar = t
+        dh = g + dh_next
+        du_int = dh * (h - h_bar) * u * (1 - u)
+        dh_bar_int = dh * (1 - u) * (1 - h_bar * h_bar)
+        d_reset = dh_bar_int @ params.W_hh.T  # the gradient of r * h
+        dr_int = d_reset * h * r * (1 - r)
+        d_ru = jnp.concatenate([dr_int, du_int], axis=-1)
+        return dh * u + d_reset * r + d_ru @ W_ru.T, (d_ru, dh_bar_int)
+
+    dh0, (d_ru, dh_bar_int) = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), h_prev,
+                                                                   r, u, h_bar), reverse=True)
+    d = jnp.concatenate([d_ru, dh_bar_int], axis=-1)
+    dW_x = _split(jnp.einsum("btv,tbg->vg", x, d), 3)
+    dW_ru = _split(jnp.einsum("tbh,tbg->hg", h_prev, d_ru), 2)
+    dW_hh = jnp.einsum("tbh,tbg->hg", r * h_prev, dh_bar_int)
+    dB = _split(jnp.sum(d, axis=(0, 1))[None], 3)
+    grads = GRUParams(dW_x[0], dW_ru[0], dB[0], dW_x[1], dW_ru[1], dB[1], dW_x[2], dW_hh, dB[2])
+    return jnp.einsum("tbg,vg->btv", d, W_x), grads, dh0
+
+
+_gru_vjp = jax.custom_vjp(_gru)
+_gru_vjp.defvjp(_gru_fwd, _gru_bwd)
+
+
+def gru(x: jax.Array, params: GRUParams, h0: jax.Array | None = None, *, return_state: bool = False) -> Any:
+    """Every hidden state of the (corrected) GRU (module docstring): ``(batch, time, H)``. Book: GRULayer's cells.
+
+    Args:
+      x: ``(batch, time, V)``.
+      params: ``GRUParams(W_xr, W_hr, B_r, W_xu, W_hu, B_u, W_xh, W_hh, B_h)``.
+      h0: ``(batch, H)`` initial state; zeros if ``None``.
+      return_state: also return the final state, ``(hs, h_last)``.
+    """
+    _, hidden = _check("gru", x, params, GRUParams, {"h0": h0})
+    hs = _gru_vjp(x, params, _zeros(x, hidden, h0))
+    return (hs, hs[:, -1]) if return_state else hs
+
+
+# --- Layers --------------------------------------------------------------------------------
+
+_CELLS: dict[str, tuple[Callable[..., Any], type]] = {"RNN": (rnn, RNNParams), "LSTM": (lstm, LSTMParams),
+                                                      "GRU": (gru, GRUParams)}
+
+
+@layer_spec
+class _Recurrent(LayerSpec):
+    cell: str
+    hidden: int
+    w_init: initializers.Initializer
+    b_init: initializers.Initializer
+    dtype: Any
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}({self.hidden})"
+
+    def init(self, key, input_shape):
+        batch, time, inputs = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
+        _, kind = _CELLS[self.cell]
+        keys = iter(jax.random.split(key, len(kind._fields)))
+        params = kind(*(self.w_init(next(keys), _param_shape(kind, name, inputs, self.hidden), self.dtype)
+                        if name.startswith("W") else self.b_init(next(keys), (1, self.hidden), self.dtype)
+                        for name in kind._fields))
+        return (batch, time, self.hidden), params
+
+    def apply(self, params, x, *, key=None):
+        del key  # deterministic
+        op, kind = _CELLS[self.cell]
+        check_params(self.name, params, kind, f"{kind.__name__}(...)")
+        return op(x, params)
+
+
+def _recurrent(cell: str, hidden: int, w_init, b_init, dtype) -> Layer:
+    _checks.positive_int(f"{cell}({hidden})", "hidden", hidden)
+    for name, init in (("w_init", w_init), ("b_init", b_init)):
+        _checks.callable_(f"{cell}({hidden})", name, init)
+    return _Recurrent(cell, int(hidden), w_init, b_init, default_dtype(dtype)).layer()
+
+
+def RNN(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
+        b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+    """``rnn`` over ``(batch, time, V)`` sequences from zero states: ``(batch, time, hidden)``. Book: RNNLayer.
+
+    Defaults: ``glorot_normal`` weights and zero biases (the book draws all of them from
+    ``N(0, 2 / (V + output))``; pass ``w_init=b_init=normal(...)`` to follow it). The book's
+    output projection is a separate layer: ``TimeDistributed(Dense(O, linear))``.
+    """
+    return _recurrent("RNN", hidden, w_init, b_init, dtype)
+
+
+def LSTM(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
+         b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+    """``lstm`` over ``(batch, time, V)`` sequences from zero states. Book: LSTMLayer.
+
+    Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all, i.e.
+    ``w_init=b_init=normal(0.01)``).
+    """
+    return _recurrent("LSTM", hidden, w_init, b_init, dtype)
+
+
+def GRU(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
+        b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+    """``gru`` (corrected) over ``(batch, time, V)`` sequences from zero states. Book: GRULayer.
+
+    Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all).
+    """
+    return _recurrent("GRU", hidden, w_init, b_init, dtype)
+
+
+@layer_spec
+class _TimeDistributed(LayerSpec):
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return f"TimeDistributed({layer_name(self.inner)})"
+
+    def init(self, key, input_shape):
+        shape = check_input_shape(self.name, input_shape, None, "(batch, time, features...)")
+        if len(shape) < 3:
+            raise ValueError(f"{self.name}: input_shape must be at least 3-D (batch, time, features...), got {shape}.")
+        batch, time = shape[:2]
+        rows = -1 if batch == -1 else batch * time
+        output_shape, params = self.inner.init(key, (rows, *shape[2:]))
+        return (batch, time, *output_shape[1:]), params
+
+    def apply(self, params, x, *, key=None):
+        _checks.array(self.name, "x", x)
+        if x.ndim < 3:
+            raise ValueError(f"{self.name}: x must be at least 3-D (batch, time, features...), got shape "
+                             f"{tuple(x.shape)}.")
+        y = self.inner.apply(params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key)
+        return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+def TimeDistributed(layer: Layer) -> Layer:
+    """Apply a layer of ``(rows, features...)`` at every time step of ``(batch, time, features...)``.
+
+    The book's per-step output projection is ``TimeDistributed(Dense(O, linear))``; params are
+    the inner layer's. The steps are one batch of ``batch * time`` rows to the inner layer.
+    """
+    if not isinstance(layer, Layer):
+        raise TypeError(f"TimeDistributed: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _TimeDistributed(layer).layer()
