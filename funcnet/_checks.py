@@ -34,23 +34,33 @@ class checked_custom_vjp(jax.custom_vjp):
     """A ``jax.custom_vjp`` whose arguments must be arrays, named in the error if not.
 
     Without it a string argument fails inside JAX's flattening with a message that always
-    says ``'x'``, whichever argument it was.
+    says ``'x'``, whichever argument it was. ``values`` checks the arguments' values before
+    the call: inside, under ``jit``, every argument is traced, even a concrete array.
     """
 
     def __init__(self, fun, *names: str):
         super().__init__(fun)
         self.argument_names = names
+        self.check_values: Any = None
 
     def __call__(self, *args, **kwargs):
         for name, value in zip(self.argument_names, args):
             if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:
                 array(self.__name__, name, value)
+        if self.check_values is not None:
+            self.check_values(*args)
         return super().__call__(*args, **kwargs)
 
 
-def op(*names: str):
-    """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors."""
-    return lambda fun: checked_custom_vjp(fun, *names)
+def op(*names: str, values: Any = None):
+    """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors, and
+    whose concrete arguments ``values(*args)`` checks before the call."""
+    def make(fun):
+        checked = checked_custom_vjp(fun, *names)
+        checked.check_values = values
+        return checked
+
+    return make
 
 
 def rows(fn: str, name: str, value: Any) -> None:
@@ -101,6 +111,13 @@ def callable_(fn: str, name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"{fn}: {name} must be a callable, got {type(value).__name__}.")
     return value
+
+
+def value_range(value: Any) -> tuple[int, int]:
+    """The smallest and largest entry of a concrete integer array, on the host (a concrete jax
+    array closed over inside ``jit`` would be traced again by ``np.min``)."""
+    host = np.asarray(value)
+    return int(host.min()), int(host.max())
 
 
 def is_concrete(value: Any) -> bool:

@@ -15,6 +15,9 @@ convolutions (``lax.conv_general_dilated``) rather than the book's Python loops:
 * ``max_pool2d``: each window's gradient goes to its arg-max. Ties go to the first maximum
   in row-major window order (JAX's own autodiff may pick another tied element; the totals
   agree).
+* ``avg_pool2d``: each window's gradient is spread evenly over it: the output gradient,
+  divided by the window's size, dilated by the stride and summed over every window that
+  covers a pixel (a ``reduce_window`` sum of the padded, dilated gradient).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from funcnet import _checks, initializers, ops
 from funcnet.layers import (Layer, LayerSpec, activation_name, check_input_shape, check_params,
                             default_dtype, layer_spec)
 
-__all__ = ["conv2d", "max_pool2d", "Conv2D", "Conv2DParams", "MaxPool2D", "Flatten"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "Conv2D", "Conv2DParams", "MaxPool2D", "AvgPool2D", "Flatten"]
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -113,15 +116,19 @@ _conv2d_vjp = jax.custom_vjp(_conv2d, nondiff_argnums=(2, 3))
 _conv2d_vjp.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _check_pool(fn: str, x, window) -> None:
+    _checks.floating(fn, "x", x)
+    _checks.rank(fn, "x", x, 4, "NHWC (batch, height, width, channels)")
+    if window[0] > x.shape[1] or window[1] > x.shape[2]:
+        raise ValueError(f"{fn}: a {window[0]}x{window[1]} window does not fit a {x.shape[1]}x{x.shape[2]} image.")
+
+
 def max_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> jax.Array:
     """Max over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
     fn = "max_pool2d"
     window = _pair(fn, "window", window)
     stride = window if stride is None else _pair(fn, "stride", stride)
-    _checks.floating(fn, "x", x)
-    _checks.rank(fn, "x", x, 4, "NHWC (batch, height, width, channels)")
-    if window[0] > x.shape[1] or window[1] > x.shape[2]:
-        raise ValueError(f"{fn}: a {window[0]}x{window[1]} window does not fit a {x.shape[1]}x{x.shape[2]} image.")
+    _check_pool(fn, x, window)
     return _max_pool_vjp(x, window, stride)
 
 
@@ -154,6 +161,39 @@ def _max_pool_bwd(window, stride, residuals, output_grad):
 
 _max_pool_vjp = jax.custom_vjp(_max_pool, nondiff_argnums=(1, 2))
 _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def avg_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> jax.Array:
+    """Mean over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
+    fn = "avg_pool2d"
+    window = _pair(fn, "window", window)
+    stride = window if stride is None else _pair(fn, "stride", stride)
+    _check_pool(fn, x, window)
+    return _avg_pool_vjp(x, window, stride)
+
+
+def _avg_pool(x, window, stride):
+    total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, (1, *window, 1), (1, *stride, 1), "VALID")
+    return total / jnp.asarray(window[0] * window[1], x.dtype)
+
+
+def _avg_pool_fwd(x, window, stride):
+    return _avg_pool(x, window, stride), jnp.zeros((*x.shape[1:3], 0), x.dtype)  # the image size, no data
+
+
+def _avg_pool_bwd(window, stride, residuals, output_grad):
+    height, width, _ = residuals.shape
+    share = output_grad / jnp.asarray(window[0] * window[1], output_grad.dtype)
+    # Dilate by the stride, pad so every window covering a pixel is summed there; pixels past
+    # the last window (the VALID remainder) get nothing.
+    pads = [(0, 0, 0)] + [(k - 1, k - 1 + n - ((o - 1) * s + k), s - 1) for n, k, s, o in
+                          zip((height, width), window, stride, output_grad.shape[1:3])] + [(0, 0, 0)]
+    spread = lax.pad(share, jnp.zeros((), share.dtype), pads)
+    return (lax.reduce_window(spread, jnp.zeros((), share.dtype), lax.add, (1, *window, 1), (1, 1, 1, 1), "VALID"),)
+
+
+_avg_pool_vjp = jax.custom_vjp(_avg_pool, nondiff_argnums=(1, 2))
+_avg_pool_vjp.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
 # --- Layers --------------------------------------------------------------------------------
@@ -244,6 +284,23 @@ def MaxPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] |
     """Max pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
     window = _pair("MaxPool2D", "window", window)
     return _MaxPool2D(window, window if stride is None else _pair("MaxPool2D", "stride", stride)).layer()
+
+
+@layer_spec
+class _AvgPool2D(_MaxPool2D):
+    @property
+    def name(self) -> str:
+        return f"AvgPool2D({self.window[0]}x{self.window[1]}, stride {self.stride[0]}x{self.stride[1]})"
+
+    def apply(self, params, x, *, key=None):
+        del params, key
+        return avg_pool2d(x, self.window, self.stride)
+
+
+def AvgPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> Layer:
+    """Average pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
+    window = _pair("AvgPool2D", "window", window)
+    return _AvgPool2D(window, window if stride is None else _pair("AvgPool2D", "stride", stride)).layer()
 
 
 @layer_spec

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+import re
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -205,10 +206,11 @@ def Dropout(rate: float) -> Layer:
 @layer_spec
 class _Serial(LayerSpec):
     layers: tuple[Layer, ...]
+    label: ClassVar[str] = "serial"
 
     @property
     def name(self) -> str:
-        return f"serial({len(self.layers)} layers)"
+        return f"{self.label}({len(self.layers)} layers)"
 
     @property
     def children(self) -> tuple[Layer, ...]:
@@ -217,15 +219,14 @@ class _Serial(LayerSpec):
     def init(self, key, input_shape):
         params = []
         for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
-            with blame(i, layer):
-                input_shape, p = layer.init(k, input_shape)
+            input_shape, p = init_child(self.label, i, layer, k, input_shape)
             params.append(p)
         return input_shape, tuple(params)
 
     def apply(self, params, x, *, key=None):
-        check_entries("serial", params, len(self.layers))
+        check_entries(self.label, params, len(self.layers))
         for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)))):
-            with blame(i, layer):
+            with blame(self.label, i, layer):
                 x = layer.apply(p, x, key=k)
         return x
 
@@ -263,11 +264,18 @@ def serial(*layers: Layer) -> Layer:
     return _Serial(check_layers("serial", layers)).layer()
 
 
-class blame:
-    """Prefix an error raised inside layer ``i`` of a combinator with the layer's path and name."""
+_NESTED = re.compile(r"(\w+): layer ([\d.]+) ")
 
-    def __init__(self, index: int, layer: Layer):
-        self.index, self.name = index, layer_name(layer)
+
+class blame:
+    """Name the path of a combinator's child ``index`` in an error raised inside it.
+
+    ``serial: layer 1 (Dense(4, tanh)): ...``; an error from a nested combinator extends its
+    path, ``serial: layer 2.1 (...)``, so the message leads from the outermost network down.
+    """
+
+    def __init__(self, combinator: str, index: int, layer: Layer):
+        self.combinator, self.index, self.name = combinator, index, layer_name(layer)
 
     def __enter__(self):
         return self
@@ -275,11 +283,33 @@ class blame:
     def __exit__(self, kind, error, traceback):
         if kind not in (ValueError, TypeError):
             return False
-        message, nested = str(error), "serial: layer "
-        if message.startswith(nested):  # from a nested serial: extend its path, 2 -> 1.2
-            raise kind(f"{nested}{self.index}.{message[len(nested):]}") from error
+        message = str(error)
+        nested = _NESTED.match(message)
+        if nested:  # from a nested combinator: extend its path, 1 -> 2.1
+            raise kind(f"{self.combinator}: layer {self.index}.{nested.group(2)} {message[nested.end():]}") from error
         message = message.removeprefix(f"{self.name}: ")  # the layer's own name, said once
-        raise kind(f"{nested}{self.index} ({self.name}): {message}") from error
+        raise kind(f"{self.combinator}: layer {self.index} ({self.name}): {message}") from error
+
+
+# The path of the child being initialised (outermost first), and summary's rows when it records.
+_path: list[int] = []
+_rows: list[tuple[str, int, str, Any, int]] | None = None
+
+
+def init_child(combinator: str, index: int, layer: Layer, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+    """``layer.init`` for a combinator's child ``index``: errors name its path, and while
+    ``summary`` records, a layer without children adds its row."""
+    with blame(combinator, index, layer):
+        _path.append(index)
+        try:
+            output_shape, params = layer.init(key, input_shape)
+        finally:
+            _path.pop()
+    spec = spec_of(layer)
+    if _rows is not None and (spec is None or not spec.children):
+        _rows.append((".".join(map(str, [*_path, index])), len(_path), layer_name(layer), output_shape,
+                      param_count(params)))
+    return output_shape, params
 
 
 def param_count(params: Params) -> int:
@@ -287,7 +317,7 @@ def param_count(params: Params) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def _shapes(layer: Layer, input_shape: Shape) -> tuple[Shape, Params]:
+def _shapes(layer: Layer, input_shape: Any) -> tuple[Any, Params]:
     """``init``'s output shape and abstract params, without computing anything."""
     result = {}
 
@@ -299,30 +329,37 @@ def _shapes(layer: Layer, input_shape: Shape) -> tuple[Shape, Params]:
     return result["shape"], params
 
 
-def _rows(layer: Layer, input_shape: Shape, label: str, depth: int) -> tuple[list[tuple[str, str, str, int]], Shape]:
-    spec = spec_of(layer)
-    children = spec.children if spec is not None else ()
-    if not children:
-        output_shape, params = _shapes(layer, input_shape)
-        return [(label, "  " * depth + layer_name(layer), str(tuple(output_shape)), param_count(params))], output_shape
-    rows = []
-    for i, child in enumerate(children):
-        with blame(i, child):
-            child_rows, input_shape = _rows(child, input_shape, f"{label}{'.' if label else ''}{i}", depth + 1 if label else depth)
-        rows += child_rows
-    return rows, input_shape
+def summary(net: Layer, input_shape: Any) -> str:
+    """A text table of each layer's path, name, output shape and parameter count, with the total.
 
-
-def summary(net: Layer, input_shape: Sequence[int]) -> str:
-    """A text table of each layer's name, output shape and parameter count, with the total."""
+    Combinators are not rows themselves: their layers are, numbered by path (``2.1`` is layer 1
+    of the combinator at position 2), branches included.
+    """
+    global _rows
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
     if not isinstance(input_shape, (tuple, list)):
         raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}.")
-    rows, _ = _rows(net, tuple(input_shape), "", 0)
+    rows, saved = [], _rows
+    _rows = rows
+    try:
+        output_shape, params = _shapes(net, tuple(input_shape))
+    finally:
+        _rows = saved
+    spec = spec_of(net)
+    if spec is None or not spec.children:
+        rows = [("", 0, layer_name(net), output_shape, param_count(params))]
+    table = [(label, "  " * depth + name, str(_plain(shape)), count) for label, depth, name, shape, count in rows]
     header = ("#", "layer", "output shape", "params")
-    widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(4)]
+    widths = [max(len(str(r[c])) for r in table + [header]) for c in range(4)]
     fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}"
-    total = sum(r[3] for r in rows)
-    lines = [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows]
+    total = sum(r[3] for r in table)
+    lines = [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in table]
     return "\n".join(lines + [f"Total params: {total:,}"])
+
+
+def _plain(shape: Any) -> Any:
+    """A shape, or the shapes of several inputs, as plain tuples for display."""
+    if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], (tuple, list)):
+        return tuple(_plain(s) for s in shape)
+    return tuple(shape)

@@ -77,13 +77,6 @@ def _one_hot_target(logits, target):
                 f"{fn}: integer target must hold one class index per row of logits "
                 f"(logits.shape={tuple(logits.shape)}), shape {tuple(logits.shape[:-1])}, got {tuple(target.shape)}."
             )
-        if _checks.is_concrete(target) and target.size:
-            low, high = int(np.min(target)), int(np.max(target))
-            if low < 0 or high >= classes:
-                raise ValueError(
-                    f"{fn}: integer target must lie in [0, {classes}) for "
-                    f"{classes} classes, got values from {low} to {high}."
-                )
         return jax.nn.one_hot(target, classes, dtype=logits.dtype)
     _checks.floating(fn, "target", target)
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
@@ -95,7 +88,20 @@ def _one_hot_target(logits, target):
     return target
 
 
-@_checks.op('logits', 'target')
+def _labels_in_range(logits, target) -> None:
+    """Integer labels must name a class: checked whenever they are concrete."""
+    fn = "softmax_cross_entropy"
+    if not (_checks.is_array(logits) and _checks.is_array(target) and logits.ndim >= 1) or \
+            not jnp.issubdtype(target.dtype, jnp.integer) or not _checks.is_concrete(target) or not target.size:
+        return
+    low, high = _checks.value_range(target)
+    classes = logits.shape[-1]
+    if low < 0 or high >= classes:
+        raise ValueError(f"{fn}: integer target must lie in [0, {classes}) for {classes} classes, got values "
+                         f"from {low} to {high}.")
+
+
+@_checks.op('logits', 'target', values=_labels_in_range)
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """Mean over positions of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 

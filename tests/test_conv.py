@@ -42,6 +42,31 @@ def test_max_pool2d_matches_lax_and_finite_differences(window, stride, dtype):
     fn.check_vjp(lambda x: fn.max_pool2d(x, window, stride), reference, x)
 
 
+def _avg_reference(window, stride):
+    wh, ww = window if isinstance(window, tuple) else (window, window)
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    return lambda x: lax.reduce_window(x, 0.0, lax.add, (1, wh, ww, 1), (1, sh, sw, 1), "VALID") / (wh * ww)
+
+
+# (3, 2) on 7x8 leaves a row and a column no window covers: their gradient is zero
+@pytest.mark.parametrize("window,stride", [(2, 2), (2, 1), (3, 2), ((2, 3), (1, 2))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_avg_pool2d_matches_lax_and_finite_differences(window, stride, dtype):
+    x = np.random.default_rng(1).standard_normal((2, 7, 8, 3)).astype(dtype)
+    fn.check_vjp(lambda x: fn.avg_pool2d(x, window, stride), _avg_reference(window, stride), x)
+
+
+def test_check_vjp_catches_an_avg_pool_backward_that_does_not_share():
+    def whole(window, stride, residuals, g):  # each pixel gets the window's whole gradient
+        return tuple(k * window[0] * window[1] for k in conv._avg_pool_bwd(window, stride, residuals, g))
+
+    wrong = jax.custom_vjp(conv._avg_pool, nondiff_argnums=(1, 2))
+    wrong.defvjp(conv._avg_pool_fwd, whole)
+    x = np.random.default_rng(2).standard_normal((1, 6, 6, 2))
+    with pytest.raises(AssertionError, match="argument 0 disagree"):
+        fn.check_vjp(lambda x: wrong(x, (2, 2), (2, 2)), _avg_reference(2, 2), x)
+
+
 def test_max_pool_ties_go_to_the_first_maximum():
     x = jnp.ones((1, 2, 2, 1))
     g = jax.grad(lambda x: fn.max_pool2d(x, 2).sum())(x)
@@ -78,6 +103,7 @@ CNNS = {
     "conv-valid-stride": lambda: fn.Conv2D(3, (3, 2), fn.relu, stride=2, padding="VALID"),
     "pool": lambda: fn.MaxPool2D(2),
     "flatten": lambda: fn.Flatten(),
+    "avg-pool": lambda: fn.AvgPool2D(3, 2),
     "book-cnn": lambda: fn.serial(fn.Conv2D(16, 5, fn.tanh, w_init=fn.glorot_normal), fn.Dropout(0.2), fn.MaxPool2D(2),
                                   fn.Flatten(), fn.Dense(10, fn.linear)),
 }
@@ -122,6 +148,9 @@ BAD = [
      'padding must be "SAME" or "VALID"'),
     (lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), stride=0), ValueError, "stride must be >= 1"),
     (lambda: fn.max_pool2d(jnp.ones((1, 2, 2, 1)), 3), ValueError, "a 3x3 window does not fit a 2x2 image"),
+    (lambda: fn.avg_pool2d(jnp.ones((1, 2, 2, 1)), 3), ValueError, "avg_pool2d: a 3x3 window does not fit a 2x2 image"),
+    (lambda: fn.avg_pool2d(jnp.ones((2, 2, 1)), 2), ValueError, "avg_pool2d: x must be 4-D NHWC"),
+    (lambda: fn.AvgPool2D(0), ValueError, "AvgPool2D: window must be >= 1"),
     (lambda: fn.Conv2D(4, 3).init(KEY, (-1, 8, 8)), ValueError, "input_shape must be 4-D NHWC"),
     (lambda: fn.Conv2D(4, 9, padding="VALID").init(KEY, (-1, 8, 8, 1)), ValueError, r"kernel_size \(9, 9\) does not fit"),
     (lambda: fn.Conv2D(4, 9).init(KEY, (-1, 8, 8, 1)), ValueError, "does not fit a 8x8 image"),

@@ -159,3 +159,12 @@ def test_sequence_loss_shapes_are_checked():
         fn.accuracy(jnp.ones((2, 3, 4)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="prediction and target must have the same shape"):
         fn.mean_squared_error(jnp.ones((2, 3, 4)), jnp.ones((2, 3)))
+
+
+def test_concrete_labels_closed_over_inside_jit_are_checked_not_traced():
+    labels = jnp.array([0, 2, 1])  # a concrete jax array, captured by the jitted function
+    loss = jax.jit(lambda logits: fn.softmax_cross_entropy(logits, labels))(jnp.ones((3, 3)))
+    np.testing.assert_allclose(loss, np.log(3), rtol=1e-12)
+    shifted = labels + 1
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        jax.jit(lambda logits: fn.softmax_cross_entropy(logits, shifted))(jnp.ones((3, 3)))

@@ -132,7 +132,7 @@ jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, {tests!r})
 import test_sweep as t
 out = {{}}
-for kind, a in {points!r}:
+for kind, a in {points!r}:  # each point is this process's first fit of its kind
     result = t._fit(t.OPTIMIZERS[kind](a))
     out[f"{{kind}}-{{a}}"] = np.asarray(result.params[0].W)
 np.savez({path!r}, **out)
@@ -140,10 +140,11 @@ np.savez({path!r}, **out)
 
 
 def test_swept_results_equal_fits_run_in_a_fresh_process(tmp_path):
-    points = [("momentum+decay", 1.5), ("adam", 0.5), ("sgd", 1.5)]
-    for make in OPTIMIZERS.values():  # a sweep in this process, after other fits
-        _fit(make(1.0))
-    swept = {f"{kind}-{a}": np.asarray(_fit(OPTIMIZERS[kind](a)).params[0].W) for kind, a in points}
+    points = [("momentum+decay", 1.5), ("adam", 0.5)]
+    swept = {}
+    for kind, a in points:  # here each point runs the program compiled for another point
+        _fit(OPTIMIZERS[kind](1.0))
+        swept[f"{kind}-{a}"] = np.asarray(_fit(OPTIMIZERS[kind](a)).params[0].W)
     path = tmp_path / "fresh.npz"
     code = SCRIPT.format(tests=str(ROOT / "tests"), points=points, path=str(path))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -1,0 +1,102 @@
+"""Embeddings: the ``embedding`` lookup op with a hand-derived backward, and ``Embedding``.
+
+Contract, stated once: ``embedding(ids, W)`` looks up row ``ids[...]`` of ``W: (vocab,
+features)`` for integer ``ids`` of any shape, giving ``ids.shape + (features,)``. Its backward
+scatter-adds the output gradient into the rows of ``W`` that were read, so an id that appears
+several times accumulates every one of its gradients; ``ids`` get no gradient (``float0``).
+
+Out-of-range ids are a ``ValueError`` when the ids are concrete. Under ``jit``/``vmap`` they
+cannot be inspected; they are then clamped to ``[0, vocab - 1]`` (as JAX's gathers clamp),
+forward and backward alike, so an id of ``vocab + 3`` reads and trains the last row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funcnet import _checks, initializers
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
+
+__all__ = ["embedding", "Embedding", "EmbeddingParams"]
+
+
+def _embedding(ids, W):
+    return jnp.take(W, ids, axis=0, mode="clip")
+
+
+def _embedding_fwd(ids, W):
+    return _embedding(ids, W), (ids, W)
+
+
+def _embedding_bwd(residuals, output_grad):
+    ids, W = residuals
+    rows = jnp.clip(ids, 0, W.shape[0] - 1).reshape(-1)
+    param_grad = jnp.zeros(W.shape, output_grad.dtype).at[rows].add(output_grad.reshape(-1, W.shape[1]))
+    return np.zeros(ids.shape, dtype=jax.dtypes.float0), param_grad
+
+
+_embedding_vjp = jax.custom_vjp(_embedding)
+_embedding_vjp.defvjp(_embedding_fwd, _embedding_bwd)
+
+
+def embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
+    """``W[ids]``: rows of ``W: (vocab, features)`` for integer ``ids`` of any shape."""
+    fn = "embedding"
+    _checks.array(fn, "ids", ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{fn}: ids must have an integer dtype (token ids), got {ids.dtype}. Cast them, e.g. "
+                        "ids.astype(jnp.int32).")
+    _checks.floating(fn, "W", W)
+    _checks.rank(fn, "W", W, 2, "(vocab, features)")
+    if W.shape[0] == 0:
+        raise ValueError(f"{fn}: W must have at least one row, got shape {tuple(W.shape)}.")
+    if _checks.is_concrete(ids) and ids.size:
+        low, high = _checks.value_range(ids)
+        if low < 0 or high >= W.shape[0]:
+            raise ValueError(f"{fn}: ids must lie in [0, {W.shape[0]}) for a vocabulary of {W.shape[0]}, got "
+                             f"values from {low} to {high}.")
+    return _embedding_vjp(ids, W)
+
+
+class EmbeddingParams(NamedTuple):
+    """``W: (vocab_size, features)``."""
+
+    W: jax.Array
+
+
+@layer_spec
+class _Embedding(LayerSpec):
+    vocab_size: int
+    features: int
+    w_init: initializers.Initializer
+    dtype: Any
+
+    @property
+    def name(self) -> str:
+        return f"Embedding({self.vocab_size}, {self.features})"
+
+    def init(self, key, input_shape):
+        shape = check_input_shape(self.name, input_shape, None, "(batch, ...) of ids")
+        return (*shape, self.features), EmbeddingParams(self.w_init(key, (self.vocab_size, self.features), self.dtype))
+
+    def apply(self, params, x, *, key=None):
+        del key
+        check_params(self.name, params, EmbeddingParams, "EmbeddingParams(W)")
+        if np.shape(params.W) != (self.vocab_size, self.features):
+            raise ValueError(f"{self.name}: params.W must have shape {(self.vocab_size, self.features)}, got "
+                             f"{np.shape(params.W)} (params from another network?).")
+        return embedding(x, params.W)
+
+
+def Embedding(vocab_size: int, features: int, *, w_init: initializers.Initializer = initializers.standard_normal,
+              dtype: Any = None) -> Layer:
+    """Integer ids ``(batch, ...)`` to vectors ``(batch, ..., features)``; W drawn from N(0, 1) by default."""
+    name = f"Embedding({vocab_size}, {features})"
+    _checks.positive_int(name, "vocab_size", vocab_size)
+    _checks.positive_int(name, "features", features)
+    _checks.callable_(name, "w_init", w_init)
+    return _Embedding(int(vocab_size), int(features), w_init, default_dtype(dtype)).layer()
