@@ -6,7 +6,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -27,8 +28,10 @@ def machine() -> str:
     """One line naming the machine the figures come from."""
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"JAX {jax.__version__} on {device.platform} ({kind})")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"JAX {jax.__version__} on {device.platform} ({kind})"
+    )
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

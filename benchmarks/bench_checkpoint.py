@@ -22,10 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import funcnet as fn
 from _timing import machine, table
 from bench_fit import networks
+
+import funcnet as fn
 
 
 def main() -> None:
@@ -42,8 +42,18 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="funcnet-bench-"))
 
     def run(directory=None):
-        return fn.fit(net, fn.softmax_cross_entropy, fn.momentum(0.01, 0.9), params, (x, y), epochs=3,
-                      batch_size=256, key=key, checkpoint_dir=directory, checkpoint_every=1).params
+        return fn.fit(
+            net,
+            fn.softmax_cross_entropy,
+            fn.momentum(0.01, 0.9),
+            params,
+            (x, y),
+            epochs=3,
+            batch_size=256,
+            key=key,
+            checkpoint_dir=directory,
+            checkpoint_every=1,
+        ).params
 
     variants = {"no checkpoints": lambda i: run(), "checkpoint_every=1": lambda i: run(scratch / f"run-{i}")}
     times = {name: [] for name in variants}
@@ -61,8 +71,12 @@ def main() -> None:
     base = medians["no checkpoints"]
     print(f"Machine: {machine()}\n")
     print(f"Workload B, 3 epochs; a checkpoint file holds {size / 1e6:.1f} MB")
-    print(table(["variant", "s per fit (median)", "x no checkpoints"],
-                [[name, f"{t:.3f}", f"{t / base:.3f}"] for name, t in medians.items()]))
+    print(
+        table(
+            ["variant", "s per fit (median)", "x no checkpoints"],
+            [[name, f"{t:.3f}", f"{t / base:.3f}"] for name, t in medians.items()],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine, median_seconds, table
 from jax import lax
 from sklearn.datasets import load_digits
 
 import funcnet as fn
-from _timing import machine, median_seconds, table
 
 
 def plain_conv(out_channels, kernel):
@@ -46,15 +46,24 @@ def main() -> None:
     y = jnp.asarray(digits.target.astype(np.int32))
     glorot = dict(w_init=fn.glorot_normal, b_init=fn.zeros)
     nets = {
-        "custom_vjp ops": fn.serial(fn.Conv2D(16, 5, fn.tanh, **glorot), fn.Flatten(), fn.Dense(10, fn.linear, **glorot)),
+        "custom_vjp ops": fn.serial(
+            fn.Conv2D(16, 5, fn.tanh, **glorot), fn.Flatten(), fn.Dense(10, fn.linear, **glorot)
+        ),
         "plain lax, autodiff": fn.serial(plain_conv(16, 5), fn.Flatten(), plain_dense(10)),
     }
     key = jax.random.PRNGKey(0)
     _, params = nets["custom_vjp ops"].init(key, (-1, 8, 8, 1))
     optimizer = fn.momentum(0.1, 0.9)
-    runs = {name: (lambda net=net: fn.fit(net, fn.softmax_cross_entropy, optimizer, params, (x, y),
-                                          epochs=args.epochs, batch_size=60, key=key).params)
-            for name, net in nets.items()}
+    runs = {
+        name: (
+            lambda net=net: (
+                fn.fit(
+                    net, fn.softmax_cross_entropy, optimizer, params, (x, y), epochs=args.epochs, batch_size=60, key=key
+                ).params
+            )
+        )
+        for name, net in nets.items()
+    }
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -63,7 +72,11 @@ def main() -> None:
     base = med["plain lax, autodiff"]
     print(f"Machine: {machine()}")
     print("Workload: digits CNN, Conv2D(16, 5x5, tanh) -> Flatten -> Dense(10), batch 60\n")
-    print(table(["version", "s / epoch", "ratio to plain lax"], [[k, f"{v:.4f}", f"{v / base:.3f}"] for k, v in med.items()]))
+    print(
+        table(
+            ["version", "s / epoch", "ratio to plain lax"], [[k, f"{v:.4f}", f"{v / base:.3f}"] for k, v in med.items()]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine, median_seconds, table
 from jax import lax
 
 import funcnet as fn
 from funcnet import train
-from _timing import machine, median_seconds, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import book_reference as book  # noqa: E402
+import book_reference as book
 
 
 def plain_dense(neurons, activation):
@@ -51,7 +51,7 @@ def plain_dense(neurons, activation):
 def networks(sizes, plain=False):
     acts = [jnp.tanh if plain else fn.tanh] * (len(sizes) - 2) + [(lambda x: x) if plain else fn.linear]
     make = plain_dense if plain else (lambda n, a: fn.Dense(n, a, w_init=fn.glorot_normal, b_init=fn.zeros))
-    return fn.serial(*(make(n, a) for n, a in zip(sizes[1:], acts)))
+    return fn.serial(*(make(n, a) for n, a in zip(sizes[1:], acts, strict=True)))
 
 
 def scan_trainer(rows, batch_size, epochs, lr, mom):
@@ -102,15 +102,17 @@ def per_step_loop(net, optimizer, params, x, y, batch_size, epochs, key):
     for e in range(epochs):
         order = np.asarray(train.epoch_order(key, e, x.shape[0])[0])
         for i in range(0, x.shape[0], batch_size):
-            index = order[i:i + batch_size]
+            index = order[i : i + batch_size]
             params, state, _ = step(params, state, x[index], y[index], None)
     return params
 
 
 def numpy_book(params, x, y, batch_size, epochs, lr, mom, hidden_layers):
     acts = [book.Tanh] * hidden_layers + [book.Linear]
-    net = book.NeuralNetwork([book.Dense(np.asarray(p.W), np.asarray(p.B), a()) for p, a in zip(params, acts)],
-                             book.SoftmaxCrossEntropy())
+    net = book.NeuralNetwork(
+        [book.Dense(np.asarray(p.W), np.asarray(p.B), a()) for p, a in zip(params, acts, strict=True)],
+        book.SoftmaxCrossEntropy(),
+    )
     rng = np.random.default_rng(0)
     trainer = book.Trainer(net, book.SGDMomentum(lr, momentum=mom), lambda e: rng.permutation(x.shape[0]))
     trainer.fit(x, np.eye(10, dtype=x.dtype)[y], None, None, epochs=epochs, batch_size=batch_size)
@@ -147,9 +149,21 @@ def workload(x, y, sizes, batch_size, epochs, lr, mom, rounds, numpy_epochs):
     xn, yn = x, y
     x, y = jnp.asarray(x), jnp.asarray(y)
     optimizer = fn.momentum(lr, mom)
-    fit = lambda n, shuffle=True: lambda: fn.fit(n, fn.softmax_cross_entropy, optimizer, params, (x, y),
-                                                 epochs=epochs, batch_size=batch_size, key=key,
-                                                 shuffle=shuffle).params
+    fit = lambda n, shuffle=True: (
+        lambda: (
+            fn.fit(
+                n,
+                fn.softmax_cross_entropy,
+                optimizer,
+                params,
+                (x, y),
+                epochs=epochs,
+                batch_size=batch_size,
+                key=key,
+                shuffle=shuffle,
+            ).params
+        )
+    )
     scan = scan_trainer(x.shape[0], batch_size, epochs, lr, mom)
     perms = jnp.stack([train.epoch_order(key, e, x.shape[0])[0] for e in range(epochs)])
     plain_params = [tuple(p) for p in params]
@@ -159,10 +173,11 @@ def workload(x, y, sizes, batch_size, epochs, lr, mom, rounds, numpy_epochs):
         "pure-JAX scan, permutations given": (lambda: scan(plain_params, x, y, key, perms)[0], epochs),
         "pure-JAX scan, permuting in graph": (lambda: scan(plain_params, x, y, key)[0], epochs),
         "funcnet, plain-jnp layers": (fit(plain), epochs),
-        "per-step jax.jit loop": (lambda: per_step_loop(net, optimizer, params, x, y, batch_size, epochs, key),
-                                  epochs),
-        "NumPy book classes": (lambda: numpy_book(params, xn, yn, batch_size, numpy_epochs, lr, mom, len(sizes) - 2),
-                               numpy_epochs),
+        "per-step jax.jit loop": (lambda: per_step_loop(net, optimizer, params, x, y, batch_size, epochs, key), epochs),
+        "NumPy book classes": (
+            lambda: numpy_book(params, xn, yn, batch_size, numpy_epochs, lr, mom, len(sizes) - 2),
+            numpy_epochs,
+        ),
     }
     per_epoch, compile_s = interleaved(variants, rounds)
     compile_s.pop("NumPy book classes")
@@ -176,8 +191,9 @@ def ensemble(x, y, members, epochs, repeats):
     x, y = jnp.asarray(x), jnp.asarray(y)
 
     def one(key, lr):
-        return fn.fit(net, fn.softmax_cross_entropy, fn.momentum(lr, 0.9), params, (x, y), epochs=epochs,
-                      batch_size=32, key=key).params
+        return fn.fit(
+            net, fn.softmax_cross_entropy, fn.momentum(lr, 0.9), params, (x, y), epochs=epochs, batch_size=32, key=key
+        ).params
 
     keys = jax.random.split(jax.random.PRNGKey(1), members)
     rates = jnp.linspace(0.01, 0.1, members)
@@ -195,16 +211,19 @@ def shuffle_cost(rows, repeats):
 
     out = {}
     for name, perm in (("funcnet epoch_order", permutation), ("jax.random.permutation", jax.random.permutation)):
-        loop = jax.jit(lambda key: lax.fori_loop(
-            0, 200, lambda i, acc: acc + perm(jax.random.fold_in(key, i), rows)[0], 0))
-        out[name] = 1e6 * median_seconds(lambda: loop(jax.random.PRNGKey(0)), repeats=repeats) / 200
+        loop = jax.jit(
+            lambda key, perm=perm: lax.fori_loop(
+                0, 200, lambda i, acc: acc + perm(jax.random.fold_in(key, i), rows)[0], 0
+            )
+        )
+        out[name] = 1e6 * median_seconds(lambda loop=loop: loop(jax.random.PRNGKey(0)), repeats=repeats) / 200
     return out
 
 
 def matmul_peak(n=2048, repeats=7):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
-    return 2 * n ** 3 / median_seconds(lambda: f(a), repeats=repeats) / 1e9
+    return 2 * n**3 / median_seconds(lambda: f(a), repeats=repeats) / 1e9
 
 
 def main() -> None:
@@ -219,40 +238,62 @@ def main() -> None:
     epochs_a, repeats = (2, 1) if args.quick else (20, 21)
     print(f"Machine: {machine()}\n")
     numpy_epochs = 2 if args.quick else 5
-    results = {"A": workload(xa[:1792], ya[:1792], [64, 128, 10], 32, epochs_a, 0.05, 0.9, repeats, numpy_epochs),
-               "A, masked": workload(xa, ya, [64, 128, 10], 32, epochs_a, 0.05, 0.9, repeats, numpy_epochs)}
+    results = {
+        "A": workload(xa[:1792], ya[:1792], [64, 128, 10], 32, epochs_a, 0.05, 0.9, repeats, numpy_epochs),
+        "A, masked": workload(xa, ya, [64, 128, 10], 32, epochs_a, 0.05, 0.9, repeats, numpy_epochs),
+    }
     if not args.skip_b:
         rows_b = 512 if args.quick else 8192
         rng = np.random.default_rng(0)
         xb = rng.standard_normal((rows_b, 512)).astype(np.float32)
         yb = rng.integers(0, 10, rows_b).astype(np.int32)
-        results["B"] = workload(xb, yb, [512, 1024, 1024, 10], 256, 1 if args.quick else 3, 0.01, 0.9,
-                                1 if args.quick else 7, 1)
+        results["B"] = workload(
+            xb, yb, [512, 1024, 1024, 10], 256, 1 if args.quick else 3, 0.01, 0.9, 1 if args.quick else 7, 1
+        )
     for name, (per_epoch, compile_s) in results.items():
         ceiling, fit_time = per_epoch["pure-JAX scan, permutations given"], per_epoch["funcnet fit"]
         print(f"Workload {name}: seconds per epoch (median), ratio to the scan given its permutations")
-        print(table(["version", "ms / epoch", "x scan, permutations given", "compile s"],
-                    [[k, f"{1e3 * v:.3f}", f"{v / ceiling:.3f}", f"{compile_s[k]:.2f}" if k in compile_s else "-"]
-                     for k, v in per_epoch.items()]))
-        print(f"funcnet fit / scan given permutations = {fit_time / ceiling:.3f}; "
-              f"shuffle cost {1e3 * (fit_time - per_epoch['funcnet fit, shuffle=False']):.3f} ms/epoch; "
-              f"custom_vjp / plain-jnp layers = {fit_time / per_epoch['funcnet, plain-jnp layers']:.3f}\n")
+        print(
+            table(
+                ["version", "ms / epoch", "x scan, permutations given", "compile s"],
+                [
+                    [k, f"{1e3 * v:.3f}", f"{v / ceiling:.3f}", f"{compile_s[k]:.2f}" if k in compile_s else "-"]
+                    for k, v in per_epoch.items()
+                ],
+            )
+        )
+        print(
+            f"funcnet fit / scan given permutations = {fit_time / ceiling:.3f}; "
+            f"shuffle cost {1e3 * (fit_time - per_epoch['funcnet fit, shuffle=False']):.3f} ms/epoch; "
+            f"custom_vjp / plain-jnp layers = {fit_time / per_epoch['funcnet, plain-jnp layers']:.3f}\n"
+        )
     if "B" in results:
         steps = 8192 // 256 if not args.quick else 2
         forward = 2 * 256 * (512 * 1024 + 1024 * 1024 + 1024 * 10)
         gflops = 3 * forward * steps / results["B"][0]["funcnet fit"] / 1e9
         peak = matmul_peak(512 if args.quick else 2048)
-        print(f"Workload B: funcnet fit {gflops:.1f} GFLOP/s (3x forward matmul FLOPs); "
-              f"measured f32 matmul peak {peak:.1f} GFLOP/s; fraction {gflops / peak:.2f}\n")
+        print(
+            f"Workload B: funcnet fit {gflops:.1f} GFLOP/s (3x forward matmul FLOPs); "
+            f"measured f32 matmul peak {peak:.1f} GFLOP/s; fraction {gflops / peak:.2f}\n"
+        )
     costs = {rows: shuffle_cost(rows, 1 if args.quick else 7) for rows in (1792, 1797, 8192)}
     print("Shuffle: microseconds per epoch order (median of 200 in one compiled loop)")
-    print(table(["rows", "funcnet epoch_order", "jax.random.permutation"],
-                [[rows, f"{c['funcnet epoch_order']:.1f}", f"{c['jax.random.permutation']:.1f}"]
-                 for rows, c in costs.items()]) + "\n")
+    print(
+        table(
+            ["rows", "funcnet epoch_order", "jax.random.permutation"],
+            [
+                [rows, f"{c['funcnet epoch_order']:.1f}", f"{c['jax.random.permutation']:.1f}"]
+                for rows, c in costs.items()
+            ],
+        )
+        + "\n"
+    )
     members = 4 if args.quick else 32
     t_one, t_many = ensemble(xa, ya, members, epochs_a, 1 if args.quick else 3)
-    print(f"Ensemble: one fit {t_one:.3f} s; vmap of {members} fits {t_many:.3f} s; "
-          f"ratio {t_many / t_one:.1f}x (target <= 8x)")
+    print(
+        f"Ensemble: one fit {t_one:.3f} s; vmap of {members} fits {t_many:.3f} s; "
+        f"ratio {t_many / t_one:.1f}x (target <= 8x)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ Each op's gradient is <op(...), g> for a fixed random g, against the same in pla
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine, median_seconds, table
 
 import funcnet as fn
-from _timing import machine, median_seconds, table
 
 
 def custom_net(params, x, y):
@@ -49,10 +50,18 @@ def op_pairs(rng):
     ids = jnp.asarray(rng.integers(0, 10_000, (256, 64)).astype(np.int32))
     plain_pool = lambda x: lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
     return [
-        ("layer_norm (256, 1024)", lambda x, g, b: fn.layer_norm(x, g, b), plain_layer_norm,
-         (normal(256, 1024), normal(1024), normal(1024))),
-        ("embedding (256, 64) ids, W (10000, 128)", lambda W: fn.embedding(ids, W), lambda W: W[ids],
-         (normal(10_000, 128),)),
+        (
+            "layer_norm (256, 1024)",
+            lambda x, g, b: fn.layer_norm(x, g, b),
+            plain_layer_norm,
+            (normal(256, 1024), normal(1024), normal(1024)),
+        ),
+        (
+            "embedding (256, 64) ids, W (10000, 128)",
+            lambda W: fn.embedding(ids, W),
+            lambda W: W[ids],
+            (normal(10_000, 128),),
+        ),
         ("avg_pool2d (64, 32, 32, 16), 2x2", lambda x: fn.avg_pool2d(x, 2), plain_pool, (normal(64, 32, 32, 16),)),
     ]
 
@@ -67,8 +76,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians over all")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    params = [(rng.standard_normal((512, 1024), np.float32) * 0.04, np.zeros((1, 1024), np.float32)),
-              (rng.standard_normal((1024, 10), np.float32) * 0.04, np.zeros((1, 10), np.float32))]
+    params = [
+        (rng.standard_normal((512, 1024), np.float32) * 0.04, np.zeros((1, 1024), np.float32)),
+        (rng.standard_normal((1024, 10), np.float32) * 0.04, np.zeros((1, 10), np.float32)),
+    ]
     params = jax.device_put(params)
     x = jnp.asarray(rng.standard_normal((256, 512), np.float32))
     y = jnp.asarray(rng.integers(0, 10, 256).astype(np.int32))
@@ -83,18 +94,23 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in times.items()}
     print(f"Machine: {machine()}")
     print("Workload: MLP 512-1024(tanh)-10, batch 256, softmax CE, forward+backward, jitted\n")
-    print(table(["version", "median ms / step", "ratio to autodiff"],
-                [[k, f"{v * 1e3:.3f}", f"{v / med['autodiff']:.3f}"] for k, v in med.items()]))
+    print(
+        table(
+            ["version", "median ms / step", "ratio to autodiff"],
+            [[k, f"{v * 1e3:.3f}", f"{v / med['autodiff']:.3f}"] for k, v in med.items()],
+        )
+    )
     rows = []
     for name, op, plain_op, op_args in op_pairs(rng):
         g = jnp.asarray(rng.standard_normal(jax.eval_shape(op, *op_args).shape).astype(np.float32))
         hand, auto = forward_backward(op, op_args, g), forward_backward(plain_op, op_args, g)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4),
-                               hand(*op_args), auto(*op_args))
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4), hand(*op_args), auto(*op_args)
+        )
         pair = {"hand": [], "auto": []}
         for _ in range(args.rounds):
-            pair["hand"].append(median_seconds(lambda: hand(*op_args), repeats=args.repeats // 3))
-            pair["auto"].append(median_seconds(lambda: auto(*op_args), repeats=args.repeats // 3))
+            for version, f in (("hand", hand), ("auto", auto)):
+                pair[version].append(median_seconds(functools.partial(f, *op_args), repeats=args.repeats // 3))
         hand_s, auto_s = (float(np.median(v)) for v in pair.values())
         rows.append([name, f"{hand_s * 1e3:.3f}", f"{auto_s * 1e3:.3f}", f"{hand_s / auto_s:.3f}"])
     print("\nEach op forward + backward, hand-derived custom_vjp against autodiff of its plain form\n")

@@ -23,13 +23,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine, table
 
 import funcnet as fn
 from funcnet import recurrent
-from _timing import machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import char_lm  # noqa: E402
+import char_lm
 
 
 def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: int) -> tuple[float, float]:
@@ -64,8 +64,18 @@ def char_model_steps_per_second(rows: int, epochs: int) -> float:
     x = jnp.asarray(np.eye(len(chars), dtype=np.float32)[inputs])
     net = char_lm.model(fn.LSTM, len(chars))
     _, params = net.init(jax.random.PRNGKey(0), (-1, char_lm.SEQUENCE, len(chars)))
-    run = lambda: fn.fit(net, fn.softmax_cross_entropy, fn.adam(3e-3, clip_value=2.0), params, (x, targets),
-                         epochs=epochs, batch_size=char_lm.BATCH, key=jax.random.PRNGKey(1)).params
+    run = lambda: (
+        fn.fit(
+            net,
+            fn.softmax_cross_entropy,
+            fn.adam(3e-3, clip_value=2.0),
+            params,
+            (x, targets),
+            epochs=epochs,
+            batch_size=char_lm.BATCH,
+            key=jax.random.PRNGKey(1),
+        ).params
+    )
     jax.block_until_ready(run())  # compile
     start = time.perf_counter()
     jax.block_until_ready(run())

@@ -34,6 +34,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def by_identity(net, optimizer):
+    """The same network and optimizer as closures made anew: equal to nothing but themselves."""
+    import funcnet as fn
+
+    layer = fn.Layer(lambda k, s: net.init(k, s), lambda p, x, *, key=None: net.apply(p, x, key=key))
+    return layer, fn.Optimizer(lambda p: optimizer.init(p), lambda g, s, p: optimizer.update(g, s, p))
+
+
 def sweep(variant: str, rates: list[float], epochs: int) -> list[float]:
     """Seconds per fit (each waited for), in the order of ``rates``."""
     import jax
@@ -52,9 +60,7 @@ def sweep(variant: str, rates: list[float], epochs: int) -> list[float]:
         net = fn.serial(fn.Dense(64, fn.tanh), fn.Dense(10, fn.linear))
         optimizer = fn.sgd(lr)
         if variant == "static by identity":  # new closures: a new static argument every time
-            layers, opt = net, optimizer
-            net = fn.Layer(lambda k, s: layers.init(k, s), lambda p, x, *, key=None: layers.apply(p, x, key=key))
-            optimizer = fn.Optimizer(lambda p: opt.init(p), lambda g, s, p: opt.update(g, s, p))
+            net, optimizer = by_identity(net, optimizer)
         result = fn.fit(net, fn.softmax_cross_entropy, optimizer, params, data, epochs=epochs, key=key)
         jax.block_until_ready(result)
         times.append(time.perf_counter() - start)
@@ -72,10 +78,24 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run(variant: str, rates: list[float], epochs: int, cache: str | None = None) -> list[float]:
-    command = [sys.executable, __file__, "--child", "--variant", variant, "--epochs", str(epochs),
-               "--rates", *map(str, rates)] + (["--cache", cache] if cache else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=True,
-                          env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--variant",
+        variant,
+        "--epochs",
+        str(epochs),
+        "--rates",
+        *map(str, rates),
+    ] + (["--cache", cache] if cache else [])
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")},
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

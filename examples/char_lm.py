@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pydoc_data.topics import topics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from pydoc_data.topics import topics
 
 import funcnet as fn
 
@@ -37,7 +37,7 @@ def corpus() -> str:
 def sequences(ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Non-overlapping windows: inputs ``ids[i:i + length]``, targets one character later."""
     count = (len(ids) - 1) // length
-    return ids[:count * length].reshape(count, length), ids[1:count * length + 1].reshape(count, length)
+    return ids[: count * length].reshape(count, length), ids[1 : count * length + 1].reshape(count, length)
 
 
 def model(cell, vocab: int) -> fn.Layer:
@@ -77,8 +77,10 @@ def main() -> None:
     x = np.eye(vocab, dtype=np.float32)[inputs]  # one-hot, as the book feeds its layers
     train, held_out = (x[:split], targets[:split]), (x[split:], targets[split:])
     epochs = 1 if args.quick else args.epochs
-    print(f"{len(text):,} characters, vocabulary {vocab}; {len(train[0]):,} training and {len(held_out[0]):,} "
-          f"eval sequences of {SEQUENCE}")
+    print(
+        f"{len(text):,} characters, vocabulary {vocab}; {len(train[0]):,} training and {len(held_out[0]):,} "
+        f"eval sequences of {SEQUENCE}"
+    )
 
     key = jax.random.PRNGKey(6)
     curves, results, start = {}, {}, time.perf_counter()
@@ -87,9 +89,21 @@ def main() -> None:
         _, params = net.init(key, (-1, SEQUENCE, vocab))
         # The book: SGD or AdaGrad at 0.01 on a loss summed over batch and time. funcnet's loss
         # is the mean (the same gradient divided by 800), so Adam, scale-free, stands in.
-        result = fn.fit(net, fn.softmax_cross_entropy, fn.adam(3e-3, clip_value=2.0), params, train, held_out,
-                        epochs=epochs, batch_size=BATCH, eval_every=1, patience=2, key=key,
-                        metrics={"accuracy": fn.accuracy}, progress=not args.quick)
+        result = fn.fit(
+            net,
+            fn.softmax_cross_entropy,
+            fn.adam(3e-3, clip_value=2.0),
+            params,
+            train,
+            held_out,
+            epochs=epochs,
+            batch_size=BATCH,
+            eval_every=1,
+            patience=2,
+            key=key,
+            metrics={"accuracy": fn.accuracy},
+            progress=not args.quick,
+        )
         results[cell.__name__] = result
         curves[cell.__name__] = np.asarray(result.history.eval_loss)
 
@@ -97,8 +111,10 @@ def main() -> None:
     print(f"\n{'model':<6} {'eval loss / char':>16} {'accuracy':>9}   (uniform baseline ln({vocab}) = {baseline:.3f})")
     for name, result in results.items():
         best = int(np.nanargmin(np.asarray(result.history.eval_loss)))
-        print(f"{name:<6} {float(result.history.eval_loss[best]):>16.3f} "
-              f"{float(result.history.eval_metrics['accuracy'][best]):>9.1%}")
+        print(
+            f"{name:<6} {float(result.history.eval_loss[best]):>16.3f} "
+            f"{float(result.history.eval_metrics['accuracy'][best]):>9.1%}"
+        )
     seed = np.searchsorted(chars, list("The "))
     for temperature in (0.5, 1.0):
         drawn = sample(results["LSTM"].params, seed, 200, temperature, vocab, jax.random.PRNGKey(7))

@@ -1,6 +1,6 @@
 """Write your own custom_vjp op, prove its backward with check_vjp, and watch a wrong one fail.
 
-    python examples/custom_op.py
+python examples/custom_op.py
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def book_relu(x: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0)
 
 
-book_relu.defvjp(lambda x: (book_relu(x), book_relu(x)),
-                 lambda output, output_grad: (jnp.where(output >= 0, output_grad, 0.0),))
+book_relu.defvjp(
+    lambda x: (book_relu(x), book_relu(x)), lambda output, output_grad: (jnp.where(output >= 0, output_grad, 0.0),)
+)
 
 
 def main() -> None:

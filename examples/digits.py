@@ -29,16 +29,28 @@ def models(epochs: int, batches: int):
     tanh_net = fn.serial(fn.Dense(89, fn.tanh), fn.Dense(10, fn.linear))
     glorot_net = fn.serial(fn.Dense(89, fn.tanh, **glorot), fn.Dense(10, fn.linear, **glorot))
     return [
-        ("sigmoid + MSE", fn.serial(fn.Dense(89, fn.sigmoid), fn.Dense(10, fn.sigmoid)),
-         fn.mean_squared_error, fn.sgd(0.1)),
+        (
+            "sigmoid + MSE",
+            fn.serial(fn.Dense(89, fn.sigmoid), fn.Dense(10, fn.sigmoid)),
+            fn.mean_squared_error,
+            fn.sgd(0.1),
+        ),
         ("softmax cross-entropy", tanh_net, fn.softmax_cross_entropy, fn.sgd(0.1)),
         ("+ momentum", tanh_net, fn.softmax_cross_entropy, fn.momentum(0.1, 0.9)),
         ("+ linear decay", tanh_net, fn.softmax_cross_entropy, fn.momentum(fn.linear_decay(0.15, 0.05, **decay))),
-        ("+ exponential decay", tanh_net, fn.softmax_cross_entropy,
-         fn.momentum(fn.exponential_decay(0.15, 0.05, **decay))),
+        (
+            "+ exponential decay",
+            tanh_net,
+            fn.softmax_cross_entropy,
+            fn.momentum(fn.exponential_decay(0.15, 0.05, **decay)),
+        ),
         ("+ glorot init", glorot_net, fn.softmax_cross_entropy, fn.momentum(fn.exponential_decay(0.15, 0.05, **decay))),
-        ("+ dropout", fn.serial(fn.Dense(89, fn.tanh, **glorot), fn.Dropout(0.2), fn.Dense(10, fn.linear, **glorot)),
-         fn.softmax_cross_entropy, fn.momentum(fn.exponential_decay(0.15, 0.05, **decay))),
+        (
+            "+ dropout",
+            fn.serial(fn.Dense(89, fn.tanh, **glorot), fn.Dropout(0.2), fn.Dense(10, fn.linear, **glorot)),
+            fn.softmax_cross_entropy,
+            fn.momentum(fn.exponential_decay(0.15, 0.05, **decay)),
+        ),
     ]
 
 
@@ -51,8 +63,9 @@ def main() -> None:
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target.astype(np.int32), test_size=0.3,
-                                                        random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target.astype(np.int32), test_size=0.3, random_state=0
+    )
     one_hot = lambda y: np.eye(10, dtype=np.float32)[y]
     batches = -(-len(x_train) // batch_size)
     key = jax.random.PRNGKey(20190901)
@@ -61,9 +74,19 @@ def main() -> None:
         _, params = net.init(key, (-1, 64))
         # MSE compares against one-hot rows; cross-entropy takes the integer labels directly.
         target = (lambda y: one_hot(y)) if loss is fn.mean_squared_error else (lambda y: y)
-        result = fn.fit(net, loss, optimizer, params, (x_train, target(y_train)), (x_test, target(y_test)),
-                        epochs=epochs, batch_size=batch_size, eval_every=10 if not args.quick else 1,
-                        key=key, progress=not args.quick)
+        result = fn.fit(
+            net,
+            loss,
+            optimizer,
+            params,
+            (x_train, target(y_train)),
+            (x_test, target(y_test)),
+            epochs=epochs,
+            batch_size=batch_size,
+            eval_every=10 if not args.quick else 1,
+            key=key,
+            progress=not args.quick,
+        )
         accuracy = float(jnp.mean(jnp.argmax(net.apply(result.params, x_test), axis=1) == y_test))
         rows.append((name, accuracy, int(result.best_epoch)))
         curves[name] = np.asarray(result.history.train_loss)

@@ -18,7 +18,6 @@ from sklearn.model_selection import train_test_split
 
 import funcnet as fn
 
-
 GLOROT = dict(w_init=fn.glorot_normal, b_init=fn.zeros)
 
 
@@ -30,17 +29,29 @@ def images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def book_cnn() -> fn.Layer:
-    return fn.serial(fn.Conv2D(16, 5, fn.tanh, **GLOROT), fn.Dropout(0.2), fn.Flatten(),
-                     fn.Dense(10, fn.linear, **GLOROT))
+    return fn.serial(
+        fn.Conv2D(16, 5, fn.tanh, **GLOROT), fn.Dropout(0.2), fn.Flatten(), fn.Dense(10, fn.linear, **GLOROT)
+    )
 
 
 def train(net: fn.Layer, epochs: int, progress: bool, learning_rate: float = 0.1) -> float:
     """Train on the digits (softmax CE, momentum 0.9, batch 60, best evaluation kept); the test accuracy."""
     x_train, x_test, y_train, y_test = images()
     _, params = net.init(jax.random.PRNGKey(0), (-1, 8, 8, 1))
-    result = fn.fit(net, fn.softmax_cross_entropy, fn.momentum(learning_rate, 0.9), params, (x_train, y_train),
-                    (x_test, y_test), epochs=epochs, batch_size=60, eval_every=1, patience=2,
-                    key=jax.random.PRNGKey(1), progress=progress)
+    result = fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.momentum(learning_rate, 0.9),
+        params,
+        (x_train, y_train),
+        (x_test, y_test),
+        epochs=epochs,
+        batch_size=60,
+        eval_every=1,
+        patience=2,
+        key=jax.random.PRNGKey(1),
+        progress=progress,
+    )
     return float(jnp.mean(jnp.argmax(net.apply(result.params, x_test), axis=1) == y_test))
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-import funcnet as fn
 from digits_cnn import GLOROT, book_cnn, train
+
+import funcnet as fn
 
 
 def resnet(norm: bool) -> fn.Layer:
@@ -23,8 +24,14 @@ def resnet(norm: bool) -> fn.Layer:
         norms = [fn.LayerNorm()] if norm else []
         return fn.residual(*norms, fn.Conv2D(16, 3, fn.relu, **GLOROT), fn.Conv2D(16, 3, fn.linear, **GLOROT))
 
-    return fn.serial(fn.Conv2D(16, 3, fn.relu, **GLOROT), block(), block(), fn.AvgPool2D(2), fn.Flatten(),
-                     fn.Dense(10, fn.linear, **GLOROT))
+    return fn.serial(
+        fn.Conv2D(16, 3, fn.relu, **GLOROT),
+        block(),
+        block(),
+        fn.AvgPool2D(2),
+        fn.Flatten(),
+        fn.Dense(10, fn.linear, **GLOROT),
+    )
 
 
 def main() -> None:
@@ -36,8 +43,10 @@ def main() -> None:
     epochs = 1 if args.quick else args.epochs
     net = resnet(norm=not args.no_norm)
     print(fn.summary(net, (-1, 8, 8, 1)))
-    results = {name: train(layer, epochs, progress=not args.quick, learning_rate=0.03)
-               for name, layer in (("chapter-5 CNN", book_cnn()), ("residual CNN", net))}
+    results = {
+        name: train(layer, epochs, progress=not args.quick, learning_rate=0.03)
+        for name, layer in (("chapter-5 CNN", book_cnn()), ("residual CNN", net))
+    }
     print(f"\ntest accuracy after up to {epochs} epochs each")
     for name, accuracy in results.items():
         print(f"  {name:<14} {accuracy:.2%}")

@@ -1,6 +1,6 @@
 """16 learning rates trained at once: jax.vmap of fit is one compiled program.
 
-    python examples/ensemble.py [--quick] [--plot ensemble.png]
+python examples/ensemble.py [--quick] [--plot ensemble.png]
 """
 
 from __future__ import annotations
@@ -25,14 +25,25 @@ def main() -> None:
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target.astype(np.int32), test_size=0.3,
-                                                        random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target.astype(np.int32), test_size=0.3, random_state=0
+    )
     net = fn.serial(fn.Dense(64, fn.tanh, w_init=fn.glorot_normal), fn.Dense(10, fn.linear, w_init=fn.glorot_normal))
     _, params = net.init(jax.random.PRNGKey(0), (-1, 64))
 
     def train(learning_rate, key):
-        result = fn.fit(net, fn.softmax_cross_entropy, fn.momentum(learning_rate, 0.9), params,
-                        (x_train, y_train), (x_test, y_test), epochs=epochs, eval_every=1, patience=3, key=key)
+        result = fn.fit(
+            net,
+            fn.softmax_cross_entropy,
+            fn.momentum(learning_rate, 0.9),
+            params,
+            (x_train, y_train),
+            (x_test, y_test),
+            epochs=epochs,
+            eval_every=1,
+            patience=3,
+            key=key,
+        )
         accuracy = jnp.mean(jnp.argmax(net.apply(result.params, x_test), axis=1) == y_test)
         return result.history.eval_loss, accuracy
 
@@ -41,7 +52,7 @@ def main() -> None:
     eval_loss, accuracy = jax.jit(jax.vmap(train))(rates, keys)  # one program, all members
     final = np.nanmin(np.asarray(eval_loss), axis=1)
     best = int(np.argmin(final))
-    for lr, loss, acc in zip(np.asarray(rates), final, np.asarray(accuracy)):
+    for lr, loss, acc in zip(np.asarray(rates), final, np.asarray(accuracy), strict=True):
         print(f"lr {lr:8.4f}: best eval loss {loss:.4f}, test accuracy {acc:.2%}")
     import matplotlib
 

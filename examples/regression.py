@@ -39,12 +39,24 @@ def main() -> None:
     print(f"{'model':<24} {'MSE':>8} {'MAE':>8} {'RMSE':>8}  epochs")
     for name, net in nets.items():
         _, params = net.init(key, (-1, x.shape[1]))
-        result = fn.fit(net, fn.mean_squared_error, fn.sgd(0.01), params, (x_train, y_train), (x_test, y_test),
-                        epochs=epochs, batch_size=23, eval_every=eval_every, key=key)
+        result = fn.fit(
+            net,
+            fn.mean_squared_error,
+            fn.sgd(0.01),
+            params,
+            (x_train, y_train),
+            (x_test, y_test),
+            epochs=epochs,
+            batch_size=23,
+            eval_every=eval_every,
+            key=key,
+        )
         error = net.apply(result.params, x_test) - y_test
-        mse = float(jnp.mean(error ** 2))
-        print(f"{name:<24} {mse:8.4f} {float(jnp.mean(jnp.abs(error))):8.4f} {np.sqrt(mse):8.4f}  "
-              f"{int(result.best_epoch)}")
+        mse = float(jnp.mean(error**2))
+        print(
+            f"{name:<24} {mse:8.4f} {float(jnp.mean(jnp.abs(error))):8.4f} {np.sqrt(mse):8.4f}  "
+            f"{int(result.best_epoch)}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class checked_custom_vjp(jax.custom_vjp):
         self.check_values: Any = None
 
     def __call__(self, *args, **kwargs):
-        for name, value in zip(self.argument_names, args):
+        for name, value in zip(self.argument_names, args, strict=False):
             if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:
                 array(self.__name__, name, value)
         if self.check_values is not None:
@@ -55,6 +55,7 @@ class checked_custom_vjp(jax.custom_vjp):
 def op(*names: str, values: Any = None):
     """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors, and
     whose concrete arguments ``values(*args)`` checks before the call."""
+
     def make(fun):
         checked = checked_custom_vjp(fun, *names)
         checked.check_values = values
@@ -92,9 +93,7 @@ def same_dtype(fn: str, names: tuple[str, str], a: Any, b: Any) -> None:
 def rank(fn: str, name: str, value: Any, ndim: int, layout: str) -> None:
     """``value`` must have exactly ``ndim`` dimensions, described by ``layout``."""
     if value.ndim != ndim:
-        raise ValueError(
-            f"{fn}: {name} must be {ndim}-D {layout}, got shape {tuple(value.shape)}."
-        )
+        raise ValueError(f"{fn}: {name} must be {ndim}-D {layout}, got shape {tuple(value.shape)}.")
 
 
 def positive_int(fn: str, name: str, value: Any, minimum: int = 1) -> int:
@@ -125,9 +124,16 @@ def is_concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
-def real_number(fn: str, name: str, value: Any, *, low: float | None = None,
-                high: float | None = None, low_open: bool = False,
-                high_open: bool = False) -> None:
+def real_number(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """A real hyperparameter inside [low, high] (ends open when asked); tracers pass unchecked."""
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_array(value)):
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}.")

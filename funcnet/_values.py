@@ -27,13 +27,13 @@ import numpy as np
 
 from funcnet import _checks
 
-__all__ = ["Method", "Static", "partition", "combine", "number"]
+__all__ = ["Method", "Static", "combine", "number", "partition"]
 
 
 class Method:
     """``owner.<name>`` as a value: equal (and equally hashed) when the owners are equal."""
 
-    __slots__ = ("owner", "name", "__weakref__")
+    __slots__ = ("__weakref__", "name", "owner")
 
     def __init__(self, owner: Any, name: str):
         self.owner, self.name = owner, name
@@ -63,7 +63,8 @@ class Method:
 
 
 jax.tree_util.register_pytree_node(
-    Method, lambda m: ((m.owner,), m.name), lambda name, children: Method(children[0], name))
+    Method, lambda m: ((m.owner,), m.name), lambda name, children: Method(children[0], name)
+)
 
 
 def number(value: Any) -> Any:
@@ -96,4 +97,5 @@ def combine(data: list, static: Static) -> Any:
     """The tree ``partition`` split, with ``data`` (possibly traced) in the numbers' places."""
     numbers_ = iter(data)
     return jax.tree_util.tree_unflatten(
-        static.treedef, [next(numbers_) if leaf is None else leaf for leaf in static.leaves])
+        static.treedef, [next(numbers_) if leaf is None else leaf for leaf in static.leaves]
+    )

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-__all__ = ["save", "load"]
+__all__ = ["load", "save"]
 
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".funcnet-", ".tmp"
 
@@ -33,8 +33,10 @@ def flatten(fn: str, tree: Any) -> tuple[dict[str, np.ndarray], Any]:
     arrays = {}
     for path, leaf in leaves:
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool)):
-            raise TypeError(f"{fn}: every leaf must be an array, got {type(leaf).__name__} at "
-                            f"{jax.tree_util.keystr(path) or '(root)'}.")
+            raise TypeError(
+                f"{fn}: every leaf must be an array, got {type(leaf).__name__} at "
+                f"{jax.tree_util.keystr(path) or '(root)'}."
+            )
         arrays[jax.tree_util.keystr(path) or "(root)"] = np.asarray(leaf)
     return arrays, treedef
 
@@ -78,8 +80,9 @@ def read(fn: str, path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[
         with safe_open(path, framework="np") as file:
             return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
     except (SafetensorError, ValueError, OSError) as error:
-        raise ValueError(f"{fn}: {path!r} is not a readable safetensors checkpoint (truncated or "
-                         f"another format?): {error}") from error
+        raise ValueError(
+            f"{fn}: {path!r} is not a readable safetensors checkpoint (truncated or another format?): {error}"
+        ) from error
 
 
 def unflatten(fn: str, path: str, stored: dict[str, np.ndarray], like: Any) -> Any:
@@ -87,16 +90,18 @@ def unflatten(fn: str, path: str, stored: dict[str, np.ndarray], like: Any) -> A
     expected, treedef = flatten(fn, like)
     for key, want in expected.items():
         if key not in stored:
-            raise ValueError(f"{fn}: {path!r} has no entry {key} that like needs (it has "
-                             f"{sorted(stored)[:5]}...).")
+            raise ValueError(f"{fn}: {path!r} has no entry {key} that like needs (it has {sorted(stored)[:5]}...).")
         got = stored[key]
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(f"{fn}: {key} in {path!r} is {got.dtype}{list(got.shape)}, but like "
-                             f"expects {want.dtype}{list(want.shape)}.")
+            raise ValueError(
+                f"{fn}: {key} in {path!r} is {got.dtype}{list(got.shape)}, but like "
+                f"expects {want.dtype}{list(want.shape)}."
+            )
     extra = sorted(set(stored) - set(expected))
     if extra:
-        raise ValueError(f"{fn}: {path!r} has entries like does not, first {extra[0]} "
-                         "(a checkpoint of another network?).")
+        raise ValueError(
+            f"{fn}: {path!r} has entries like does not, first {extra[0]} (a checkpoint of another network?)."
+        )
     return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(stored[k]) for k in expected])
 
 

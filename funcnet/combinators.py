@@ -28,17 +28,29 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
-from funcnet.layers import (Layer, LayerSpec, _Serial, blame, check_entries, check_input_shape, check_layers,
-                            init_child, layer_spec, split_key)
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    _Serial,
+    blame,
+    check_entries,
+    check_input_shape,
+    check_layers,
+    init_child,
+    layer_spec,
+    split_key,
+)
 
-__all__ = ["residual", "FanOut", "parallel", "FanInSum", "FanInConcat"]
+__all__ = ["FanInConcat", "FanInSum", "FanOut", "parallel", "residual"]
 
 
 def _several(fn: str, input_shape: Any, count: int | None = None) -> tuple[tuple[int, ...], ...]:
     """``input_shape`` must be a tuple of shapes (``count`` of them if given, else at least 2)."""
     if not isinstance(input_shape, (tuple, list)) or not all(isinstance(s, (tuple, list)) for s in input_shape):
-        raise TypeError(f"{fn}: input_shape must be a tuple of shapes, one per input (after FanOut or "
-                        f"parallel), got {input_shape!r}.")
+        raise TypeError(
+            f"{fn}: input_shape must be a tuple of shapes, one per input (after FanOut or "
+            f"parallel), got {input_shape!r}."
+        )
     if count is not None and len(input_shape) != count:
         raise ValueError(f"{fn}: input_shape must hold one shape per layer ({count}), got {len(input_shape)}.")
     if count is None and len(input_shape) < 2:
@@ -66,15 +78,19 @@ class _Residual(_Serial):
     def init(self, key, input_shape):
         output_shape, params = super().init(key, input_shape)
         if tuple(output_shape) != tuple(input_shape):
-            raise ValueError(f"residual: its layers must keep the input's shape for x + f(x), but they turn "
-                             f"{tuple(input_shape)} into {tuple(output_shape)}.")
+            raise ValueError(
+                f"residual: its layers must keep the input's shape for x + f(x), but they turn "
+                f"{tuple(input_shape)} into {tuple(output_shape)}."
+            )
         return output_shape, params
 
     def apply(self, params, x, *, key=None):
         y = super().apply(params, x, key=key)
         if jnp.shape(y) != jnp.shape(x):
-            raise ValueError(f"residual: its layers must keep the input's shape for x + f(x), but they turn "
-                             f"{jnp.shape(x)} into {jnp.shape(y)}.")
+            raise ValueError(
+                f"residual: its layers must keep the input's shape for x + f(x), but they turn "
+                f"{jnp.shape(x)} into {jnp.shape(y)}."
+            )
         return x + y
 
 
@@ -122,16 +138,21 @@ class _Parallel(LayerSpec):
 
     def init(self, key, input_shape):
         shapes = _several("parallel", input_shape, len(self.layers))
-        outputs = [init_child("parallel", i, layer, k, shape)
-                   for i, (layer, k, shape) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)),
-                                                             shapes))]
+        outputs = [
+            init_child("parallel", i, layer, k, shape)
+            for i, (layer, k, shape) in enumerate(
+                zip(self.layers, jax.random.split(key, len(self.layers)), shapes, strict=True)
+            )
+        ]
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)
 
     def apply(self, params, x, *, key=None):
         check_entries("parallel", params, len(self.layers))
         xs = _inputs("parallel", x, len(self.layers))
         outputs = []
-        for i, (layer, p, x_i, k) in enumerate(zip(self.layers, params, xs, split_key(key, len(self.layers)))):
+        for i, (layer, p, x_i, k) in enumerate(
+            zip(self.layers, params, xs, split_key(key, len(self.layers)), strict=True)
+        ):
             with blame("parallel", i, layer):
                 outputs.append(layer.apply(p, x_i, key=k))
         return tuple(outputs)
@@ -179,8 +200,10 @@ class _FanInConcat(LayerSpec):
     def _axis(self, rank: int) -> int:
         axis = self.axis + rank if self.axis < 0 else self.axis
         if not 1 <= axis < rank:
-            raise ValueError(f"{self.name}: axis must name a non-batch axis of {rank}-D inputs, i.e. in "
-                             f"[1, {rank}) or [-{rank - 1}, -1], got {self.axis}.")
+            raise ValueError(
+                f"{self.name}: axis must name a non-batch axis of {rank}-D inputs, i.e. in "
+                f"[1, {rank}) or [-{rank - 1}, -1], got {self.axis}."
+            )
         return axis
 
     def init(self, key, input_shape):
@@ -188,10 +211,10 @@ class _FanInConcat(LayerSpec):
         shapes = _several(self.name, input_shape)
         rank = len(shapes[0])
         axis = self._axis(rank)
-        others = {s[:axis] + s[axis + 1:] for s in shapes}
+        others = {s[:axis] + s[axis + 1 :] for s in shapes}
         if any(len(s) != rank for s in shapes) or len(others) != 1:
             raise ValueError(f"{self.name}: inputs must agree on every axis but {self.axis}, got {shapes}.")
-        return shapes[0][:axis] + (sum(s[axis] for s in shapes),) + shapes[0][axis + 1:], ()
+        return (*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1 :]), ()
 
     def apply(self, params, x, *, key=None):
         del params, key

@@ -22,7 +22,8 @@ convolutions (``lax.conv_general_dilated``) rather than the book's Python loops:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,9 @@ import numpy as np
 from jax import lax
 
 from funcnet import _checks, initializers, ops
-from funcnet.layers import (Layer, LayerSpec, activation_name, check_input_shape, check_params,
-                            default_dtype, layer_spec)
+from funcnet.layers import Layer, LayerSpec, activation_name, check_input_shape, check_params, default_dtype, layer_spec
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "Conv2D", "Conv2DParams", "MaxPool2D", "AvgPool2D", "Flatten"]
+__all__ = ["AvgPool2D", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "avg_pool2d", "conv2d", "max_pool2d"]
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -68,11 +68,15 @@ def _check_conv(x, W, stride, padding) -> None:
     _checks.rank(fn, "W", W, 4, "HWIO (height, width, in_channels, out_channels)")
     _checks.same_dtype(fn, ("x", "W"), x, W)
     if x.shape[3] != W.shape[2]:
-        raise ValueError(f"{fn}: x has {x.shape[3]} channels but W expects {W.shape[2]} "
-                         f"(x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)}).")
+        raise ValueError(
+            f"{fn}: x has {x.shape[3]} channels but W expects {W.shape[2]} "
+            f"(x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)})."
+        )
     if padding == "VALID" and (W.shape[0] > x.shape[1] or W.shape[1] > x.shape[2]):
-        raise ValueError(f"{fn}: a {W.shape[0]}x{W.shape[1]} kernel does not fit a {x.shape[1]}x{x.shape[2]} "
-                         'image with padding="VALID"; use padding="SAME" or a smaller kernel.')
+        raise ValueError(
+            f"{fn}: a {W.shape[0]}x{W.shape[1]} kernel does not fit a {x.shape[1]}x{x.shape[2]} "
+            'image with padding="VALID"; use padding="SAME" or a smaller kernel.'
+        )
 
 
 def _conv2d(x, W, stride, padding):
@@ -98,17 +102,21 @@ def _conv2d_bwd(stride, padding, residuals, output_grad):
     # input_grad: full correlation of the stride-dilated output_grad with the flipped,
     # in/out-swapped kernel; pads chosen so the result has the input's size.
     lhs_pads = []
-    for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads):
+    for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads, strict=True):
         before = k - 1 - low
         lhs_pads.append((before, n + k - 1 - ((o - 1) * s + 1) - before))
     flipped = jnp.flip(W, axis=(0, 1)).transpose(0, 1, 3, 2)
-    input_grad = lax.conv_general_dilated(output_grad, flipped, (1, 1), lhs_pads, lhs_dilation=stride,
-                                          dimension_numbers=_DIMENSIONS)
+    input_grad = lax.conv_general_dilated(
+        output_grad, flipped, (1, 1), lhs_pads, lhs_dilation=stride, dimension_numbers=_DIMENSIONS
+    )
     # param_grad: correlate the input with output_grad over the batch (x's N is contracted,
     # x's C becomes the batch of the result), the stride becoming a dilation of output_grad.
-    rhs_pads = [(low, k + (o - 1) * s - n - low) for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads)]
-    param_grad = lax.conv_general_dilated(x, output_grad, (1, 1), rhs_pads, rhs_dilation=stride,
-                                          dimension_numbers=("CHWN", "IHWO", "HWNC"))
+    rhs_pads = [
+        (low, k + (o - 1) * s - n - low) for n, k, s, o, (low, _) in zip(sizes, kernel, stride, out, pads, strict=True)
+    ]
+    param_grad = lax.conv_general_dilated(
+        x, output_grad, (1, 1), rhs_pads, rhs_dilation=stride, dimension_numbers=("CHWN", "IHWO", "HWNC")
+    )
     return input_grad, param_grad
 
 
@@ -123,7 +131,9 @@ def _check_pool(fn: str, x, window) -> None:
         raise ValueError(f"{fn}: a {window[0]}x{window[1]} window does not fit a {x.shape[1]}x{x.shape[2]} image.")
 
 
-def max_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> jax.Array:
+def max_pool2d(
+    x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None
+) -> jax.Array:
     """Max over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
     fn = "max_pool2d"
     window = _pair(fn, "window", window)
@@ -135,8 +145,13 @@ def max_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tu
 def _windows(x, window, stride):
     """Every window element as a stacked view: (window_h * window_w, N, OH, OW, C)."""
     oh, ow = (x.shape[1] - window[0]) // stride[0] + 1, (x.shape[2] - window[1]) // stride[1] + 1
-    return jnp.stack([x[:, i: i + stride[0] * (oh - 1) + 1: stride[0], j: j + stride[1] * (ow - 1) + 1: stride[1], :]
-                      for i in range(window[0]) for j in range(window[1])])
+    return jnp.stack(
+        [
+            x[:, i : i + stride[0] * (oh - 1) + 1 : stride[0], j : j + stride[1] * (ow - 1) + 1 : stride[1], :]
+            for i in range(window[0])
+            for j in range(window[1])
+        ]
+    )
 
 
 def _max_pool(x, window, stride):
@@ -163,7 +178,9 @@ _max_pool_vjp = jax.custom_vjp(_max_pool, nondiff_argnums=(1, 2))
 _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def avg_pool2d(x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> jax.Array:
+def avg_pool2d(
+    x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None
+) -> jax.Array:
     """Mean over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
     fn = "avg_pool2d"
     window = _pair(fn, "window", window)
@@ -186,8 +203,14 @@ def _avg_pool_bwd(window, stride, residuals, output_grad):
     share = output_grad / jnp.asarray(window[0] * window[1], output_grad.dtype)
     # Dilate by the stride, pad so every window covering a pixel is summed there; pixels past
     # the last window (the VALID remainder) get nothing.
-    pads = [(0, 0, 0)] + [(k - 1, k - 1 + n - ((o - 1) * s + k), s - 1) for n, k, s, o in
-                          zip((height, width), window, stride, output_grad.shape[1:3])] + [(0, 0, 0)]
+    pads = (
+        [(0, 0, 0)]
+        + [
+            (k - 1, k - 1 + n - ((o - 1) * s + k), s - 1)
+            for n, k, s, o in zip((height, width), window, stride, output_grad.shape[1:3], strict=True)
+        ]
+        + [(0, 0, 0)]
+    )
     spread = lax.pad(share, jnp.zeros((), share.dtype), pads)
     return (lax.reduce_window(spread, jnp.zeros((), share.dtype), lax.add, (1, *window, 1), (1, 1, 1, 1), "VALID"),)
 
@@ -227,10 +250,16 @@ class _Conv2D(LayerSpec):
         if kernel[0] > h or kernel[1] > w:  # with SAME it would be mostly padding
             raise ValueError(f"{self.name}: kernel_size {kernel} does not fit a {h}x{w} image.")
         k_w, k_b = jax.random.split(key)
-        shape = (batch, _out_size(h, kernel[0], stride[0], padding), _out_size(w, kernel[1], stride[1], padding),
-                 self.out_channels)
-        return shape, Conv2DParams(self.w_init(k_w, (*kernel, c, self.out_channels), self.dtype),
-                                   self.b_init(k_b, (1, self.out_channels), self.dtype))
+        shape = (
+            batch,
+            _out_size(h, kernel[0], stride[0], padding),
+            _out_size(w, kernel[1], stride[1], padding),
+            self.out_channels,
+        )
+        return shape, Conv2DParams(
+            self.w_init(k_w, (*kernel, c, self.out_channels), self.dtype),
+            self.b_init(k_b, (1, self.out_channels), self.dtype),
+        )
 
     def apply(self, params, x, *, key=None):
         del key
@@ -241,17 +270,32 @@ class _Conv2D(LayerSpec):
         return self.activation(y)
 
 
-def Conv2D(out_channels: int, kernel_size: int | tuple[int, int], activation: Callable = ops.linear, *,
-           stride: int | tuple[int, int] = 1, padding: str = "SAME",
-           w_init: initializers.Initializer = initializers.standard_normal,
-           b_init: initializers.Initializer = initializers.standard_normal, dtype: Any = None) -> Layer:
+def Conv2D(
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    activation: Callable = ops.linear,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: str = "SAME",
+    w_init: initializers.Initializer = initializers.standard_normal,
+    b_init: initializers.Initializer = initializers.standard_normal,
+    dtype: Any = None,
+) -> Layer:
     """``activation(conv2d(x, W) + B)`` on NHWC images. Book: Conv2D."""
     kernel = _pair("Conv2D", "kernel_size", kernel_size)
     name = f"Conv2D({out_channels}, {kernel[0]}x{kernel[1]}, {activation_name(activation)})"
     _checks.positive_int(name, "out_channels", out_channels)
     _checks.callable_(name, "activation", activation)
-    return _Conv2D(int(out_channels), kernel, activation, _pair(name, "stride", stride), _padding(name, padding),
-                   w_init, b_init, default_dtype(dtype)).layer()
+    return _Conv2D(
+        int(out_channels),
+        kernel,
+        activation,
+        _pair(name, "stride", stride),
+        _padding(name, padding),
+        w_init,
+        b_init,
+        default_dtype(dtype),
+    ).layer()
 
 
 def pooled_shape(name: str, input_shape: Any, window: tuple[int, int], stride: tuple[int, int]) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ import numpy as np
 from funcnet import _checks, initializers
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
 
-__all__ = ["embedding", "Embedding", "EmbeddingParams"]
+__all__ = ["Embedding", "EmbeddingParams", "embedding"]
 
 
 def _embedding(ids, W):
@@ -48,8 +48,9 @@ def embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
     fn = "embedding"
     _checks.array(fn, "ids", ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"{fn}: ids must have an integer dtype (token ids), got {ids.dtype}. Cast them, e.g. "
-                        "ids.astype(jnp.int32).")
+        raise TypeError(
+            f"{fn}: ids must have an integer dtype (token ids), got {ids.dtype}. Cast them, e.g. ids.astype(jnp.int32)."
+        )
     _checks.floating(fn, "W", W)
     _checks.rank(fn, "W", W, 2, "(vocab, features)")
     if W.shape[0] == 0:
@@ -57,8 +58,10 @@ def embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
     if _checks.is_concrete(ids) and ids.size:
         low, high = _checks.value_range(ids)
         if low < 0 or high >= W.shape[0]:
-            raise ValueError(f"{fn}: ids must lie in [0, {W.shape[0]}) for a vocabulary of {W.shape[0]}, got "
-                             f"values from {low} to {high}.")
+            raise ValueError(
+                f"{fn}: ids must lie in [0, {W.shape[0]}) for a vocabulary of {W.shape[0]}, got "
+                f"values from {low} to {high}."
+            )
     return _embedding_vjp(ids, W)
 
 
@@ -87,13 +90,20 @@ class _Embedding(LayerSpec):
         del key
         check_params(self.name, params, EmbeddingParams, "EmbeddingParams(W)")
         if np.shape(params.W) != (self.vocab_size, self.features):
-            raise ValueError(f"{self.name}: params.W must have shape {(self.vocab_size, self.features)}, got "
-                             f"{np.shape(params.W)} (params from another network?).")
+            raise ValueError(
+                f"{self.name}: params.W must have shape {(self.vocab_size, self.features)}, got "
+                f"{np.shape(params.W)} (params from another network?)."
+            )
         return embedding(x, params.W)
 
 
-def Embedding(vocab_size: int, features: int, *, w_init: initializers.Initializer = initializers.standard_normal,
-              dtype: Any = None) -> Layer:
+def Embedding(
+    vocab_size: int,
+    features: int,
+    *,
+    w_init: initializers.Initializer = initializers.standard_normal,
+    dtype: Any = None,
+) -> Layer:
     """Integer ids ``(batch, ...)`` to vectors ``(batch, ..., features)``; W drawn from N(0, 1) by default."""
     name = f"Embedding({vocab_size}, {features})"
     _checks.positive_int(name, "vocab_size", vocab_size)

@@ -19,7 +19,8 @@ index, the largest absolute and relative error and the index where it occurs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,12 @@ import numpy as np
 __all__ = ["check_vjp"]
 
 # (rtol, atol) for comparing two backward passes, and for finite differences, by dtype.
-_VJP_TOL = {np.dtype("float16"): (1e-2, 1e-2), np.dtype(jnp.bfloat16): (2e-2, 2e-2),
-            np.dtype("float32"): (1e-4, 1e-6), np.dtype("float64"): (1e-10, 1e-12)}
+_VJP_TOL = {
+    np.dtype("float16"): (1e-2, 1e-2),
+    np.dtype(jnp.bfloat16): (2e-2, 2e-2),
+    np.dtype("float32"): (1e-4, 1e-6),
+    np.dtype("float64"): (1e-10, 1e-12),
+}
 _FD_TOL = {np.dtype("float32"): (2e-2, 2e-3), np.dtype("float64"): (1e-6, 1e-8)}
 
 
@@ -45,9 +50,7 @@ def _tolerance(table, dtype, rtol, atol):
 def _compare(what: str, index: int, actual, expected, rtol: float, atol: float) -> None:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
-        raise AssertionError(
-            f"check_vjp: {what} for argument {index}: shape {actual.shape} != {expected.shape}."
-        )
+        raise AssertionError(f"check_vjp: {what} for argument {index}: shape {actual.shape} != {expected.shape}.")
     error = np.abs(actual - expected)
     atol = atol * max(1.0, float(np.max(np.abs(expected), initial=0.0)))  # relative to the scale
     bad = ~(error <= atol + rtol * np.abs(expected))  # also catches NaN
@@ -64,15 +67,26 @@ def _compare(what: str, index: int, actual, expected, rtol: float, atol: float) 
 
 
 def _dot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x.astype(jnp.float64 if jax.config.jax_enable_x64 else x.dtype),
-                        y.astype(jnp.float64 if jax.config.jax_enable_x64 else y.dtype))
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return sum(
+        jnp.vdot(
+            x.astype(jnp.float64 if jax.config.jax_enable_x64 else x.dtype),
+            y.astype(jnp.float64 if jax.config.jax_enable_x64 else y.dtype),
+        )
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
-def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
-              rtol: float | None = None, atol: float | None = None,
-              fd_rtol: float | None = None, fd_atol: float | None = None,
-              num_cotangents: int = 3, seed: int = 0) -> None:
+def check_vjp(
+    fn: Callable[..., Any],
+    reference: Callable[..., Any],
+    *args: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    fd_rtol: float | None = None,
+    fd_atol: float | None = None,
+    num_cotangents: int = 3,
+    seed: int = 0,
+) -> None:
     """Assert that ``fn``'s backward matches autodiff of ``reference`` and finite differences.
 
     Args:
@@ -90,8 +104,9 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
       AssertionError: naming the oracle, the argument, the largest errors and where.
     """
     if not callable(fn) or not callable(reference):
-        raise TypeError("check_vjp: fn and reference must be callables, got "
-                        f"{type(fn).__name__} and {type(reference).__name__}.")
+        raise TypeError(
+            f"check_vjp: fn and reference must be callables, got {type(fn).__name__} and {type(reference).__name__}."
+        )
     if not args:
         raise ValueError("check_vjp: at least one argument to differentiate is needed, got none.")
     for i, a in enumerate(args):
@@ -101,8 +116,10 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
             raise ValueError(f"check_vjp: argument {i} must be finite to differentiate at, got NaN or Inf.")
     diff_index = [i for i, a in enumerate(args) if _is_float(a)]
     if not diff_index:
-        raise ValueError("check_vjp: no floating argument to differentiate: every argument is "
-                         f"{[str(jnp.result_type(a)) for a in args]}.")
+        raise ValueError(
+            "check_vjp: no floating argument to differentiate: every argument is "
+            f"{[str(jnp.result_type(a)) for a in args]}."
+        )
     dtype = jnp.result_type(*(args[i] for i in diff_index))
     rtol, atol = _tolerance(_VJP_TOL, dtype, rtol, atol)
     fd_rtol, fd_atol = _tolerance(_FD_TOL, dtype, fd_rtol, fd_atol)
@@ -110,9 +127,10 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
     def restrict(f):  # a function of the floating arguments alone
         def g(*floats):
             full = list(args)
-            for i, x in zip(diff_index, floats):
+            for i, x in zip(diff_index, floats, strict=True):
                 full[i] = x
             return f(*full)
+
         return g
 
     primals = [args[i] for i in diff_index]
@@ -124,7 +142,8 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
     rng = np.random.default_rng(seed)
     out_shape = jax.eval_shape(restrict(fn), *primals)
     cotangents = jax.tree_util.tree_map(
-        lambda o: rng.standard_normal((num_cotangents, *o.shape)).astype(o.dtype), out_shape)
+        lambda o: rng.standard_normal((num_cotangents, *o.shape)).astype(o.dtype), out_shape
+    )
     directions = [rng.standard_normal((num_cotangents, *np.shape(p))).astype(fd_dtype) for p in primals]
 
     @jax.jit
@@ -139,25 +158,35 @@ def check_vjp(fn: Callable[..., Any], reference: Callable[..., Any], *args: Any,
             steps = [base_step * (1.0 + jnp.max(jnp.abs(x), initial=0.0)) for x in wide]
             # Central differences: the points x +- h v along each argument's direction, all
             # evaluated by one batched call (one copy of fn in the program, not two per argument).
-            points = [jnp.stack([x + sign * steps[j] * directions[j] if j == pos else x
-                                 for pos in range(len(wide)) for sign in (1.0, -1.0)]) for j, x in enumerate(wide)]
+            points = [
+                jnp.stack(
+                    [
+                        x + sign * steps[j] * directions[j] if j == pos else x
+                        for pos in range(len(wide))
+                        for sign in (1.0, -1.0)
+                    ]
+                )
+                for j, x in enumerate(wide)
+            ]
             values = jax.vmap(restrict(fn))(*points)
             fd = []
             for pos, direction in enumerate(directions):
-                difference = jax.tree_util.tree_map(lambda v: (v[2 * pos] - v[2 * pos + 1]) / (2 * steps[pos]), values)
-                fd.append((_dot(grads[pos], direction), _dot(difference, cotangent),
-                           jnp.sqrt(_dot(direction, direction))))
+                difference = jax.tree_util.tree_map(
+                    lambda v, pos=pos: (v[2 * pos] - v[2 * pos + 1]) / (2 * steps[pos]), values
+                )
+                fd.append(
+                    (_dot(grads[pos], direction), _dot(difference, cotangent), jnp.sqrt(_dot(direction, direction)))
+                )
             return grads, ref_grads, fd
 
         return out, ref_out, jax.vmap(trial)(cotangents, directions)
 
     out, ref_out, (grads, ref_grads, fd) = jax.device_get(oracles(primals, cotangents, directions))
-    for leaf, ref_leaf in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref_out)):
+    for leaf, ref_leaf in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref_out), strict=True):
         _compare("forward outputs", -1, leaf, ref_leaf, rtol, atol)
     for t in range(num_cotangents):
         for pos, i in enumerate(diff_index):
             _compare("vjp of fn and of reference", i, grads[pos][t], ref_grads[pos][t], rtol, atol)
         for pos, i in enumerate(diff_index):
             analytic, numeric, norm = (a[t] for a in fd[pos])
-            _compare("finite differences and vjp", i, analytic, numeric, fd_rtol,
-                     fd_atol * (1.0 + float(norm)))
+            _compare("finite differences and vjp", i, analytic, numeric, fd_rtol, fd_atol * (1.0 + float(norm)))

@@ -9,7 +9,7 @@ field ``height * width``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import numpy as np
 
 from funcnet import _checks
 
-__all__ = ["Initializer", "standard_normal", "normal", "glorot_normal", "zeros"]
+__all__ = ["Initializer", "glorot_normal", "normal", "standard_normal", "zeros"]
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 

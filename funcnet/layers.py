@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ import numpy as np
 from funcnet import _checks, initializers, ops
 from funcnet._values import Method, number
 
-__all__ = ["Layer", "DenseParams", "Dense", "Dropout", "serial", "summary", "param_count", "layer_name"]
+__all__ = ["Dense", "DenseParams", "Dropout", "Layer", "layer_name", "param_count", "serial", "summary"]
 
 Shape = tuple[int, ...]
 Params = Any
@@ -99,8 +100,11 @@ def layer_name(layer: Layer) -> str:
 
 def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
     """``input_shape`` must be ``ndim`` ints (any number if None), positive or the batch's ``-1``."""
-    if not isinstance(input_shape, (tuple, list)) or not input_shape or not all(
-            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in input_shape):
+    if (
+        not isinstance(input_shape, (tuple, list))
+        or not input_shape
+        or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in input_shape)
+    ):
         raise TypeError(f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}.")
     shape = tuple(int(d) for d in input_shape)
     if ndim is not None and len(shape) != ndim:
@@ -140,22 +144,29 @@ class _Dense(LayerSpec):
     def init(self, key, input_shape):
         batch, num_in = check_input_shape(self.name, input_shape, 2, "(batch, num_in)")
         k_w, k_b = jax.random.split(key)
-        return (batch, self.neurons), DenseParams(self.w_init(k_w, (num_in, self.neurons), self.dtype),
-                                                  self.b_init(k_b, (1, self.neurons), self.dtype))
+        return (batch, self.neurons), DenseParams(
+            self.w_init(k_w, (num_in, self.neurons), self.dtype), self.b_init(k_b, (1, self.neurons), self.dtype)
+        )
 
     def apply(self, params, x, *, key=None):
         del key  # deterministic
         check_params(self.name, params, DenseParams, "DenseParams(W, B)")
         if np.shape(params.W)[-1:] != (self.neurons,):
-            raise ValueError(f"{self.name}: params.W must have {self.neurons} output columns, got shape "
-                             f"{np.shape(params.W)} (params from another network?).")
+            raise ValueError(
+                f"{self.name}: params.W must have {self.neurons} output columns, got shape "
+                f"{np.shape(params.W)} (params from another network?)."
+            )
         return self.activation(ops.bias_add(ops.weight_multiply(x, params.W), params.B))
 
 
-def Dense(neurons: int, activation: Callable[[jax.Array], jax.Array] = ops.sigmoid, *,
-          w_init: initializers.Initializer = initializers.standard_normal,
-          b_init: initializers.Initializer = initializers.standard_normal,
-          dtype: Any = None) -> Layer:
+def Dense(
+    neurons: int,
+    activation: Callable[[jax.Array], jax.Array] = ops.sigmoid,
+    *,
+    w_init: initializers.Initializer = initializers.standard_normal,
+    b_init: initializers.Initializer = initializers.standard_normal,
+    dtype: Any = None,
+) -> Layer:
     """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
 
     Args:
@@ -184,8 +195,9 @@ class _Dropout(LayerSpec):
 
     def apply(self, params, x, *, key=None):
         if params != ():
-            raise TypeError(f"{self.name}: params must be (), got {type(params).__name__} "
-                            "(params from another network?).")
+            raise TypeError(
+                f"{self.name}: params must be (), got {type(params).__name__} (params from another network?)."
+            )
         _checks.floating(self.name, "x", x)
         if key is None or (_checks.is_concrete(self.rate) and self.rate == 0):
             return x
@@ -218,14 +230,14 @@ class _Serial(LayerSpec):
 
     def init(self, key, input_shape):
         params = []
-        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
+        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)), strict=True)):
             input_shape, p = init_child(self.label, i, layer, k, input_shape)
             params.append(p)
         return input_shape, tuple(params)
 
     def apply(self, params, x, *, key=None):
         check_entries(self.label, params, len(self.layers))
-        for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)))):
+        for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)), strict=True)):
             with blame(self.label, i, layer):
                 x = layer.apply(p, x, key=k)
         return x
@@ -245,9 +257,13 @@ def check_layers(fn: str, layers: Sequence[Any], minimum: int = 1) -> tuple[Laye
 def check_entries(fn: str, params: Any, count: int) -> None:
     """A combinator's params are a tuple with one entry per layer."""
     if not isinstance(params, tuple) or len(params) != count:
-        got = f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
-        raise TypeError(f"{fn}: params must be a tuple with one entry per layer ({count}), "
-                        f"got {got} (params from another network?).")
+        got = (
+            f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
+        )
+        raise TypeError(
+            f"{fn}: params must be a tuple with one entry per layer ({count}), "
+            f"got {got} (params from another network?)."
+        )
 
 
 def split_key(key: jax.Array | None, count: int) -> list[jax.Array | None]:
@@ -286,7 +302,7 @@ class blame:
         message = str(error)
         nested = _NESTED.match(message)
         if nested:  # from a nested combinator: extend its path, 1 -> 2.1
-            raise kind(f"{self.combinator}: layer {self.index}.{nested.group(2)} {message[nested.end():]}") from error
+            raise kind(f"{self.combinator}: layer {self.index}.{nested.group(2)} {message[nested.end() :]}") from error
         message = message.removeprefix(f"{self.name}: ")  # the layer's own name, said once
         raise kind(f"{self.combinator}: layer {self.index} ({self.name}): {message}") from error
 
@@ -307,8 +323,9 @@ def init_child(combinator: str, index: int, layer: Layer, key: jax.Array, input_
             _path.pop()
     spec = spec_of(layer)
     if _rows is not None and (spec is None or not spec.children):
-        _rows.append((".".join(map(str, [*_path, index])), len(_path), layer_name(layer), output_shape,
-                      param_count(params)))
+        _rows.append(
+            (".".join(map(str, [*_path, index])), len(_path), layer_name(layer), output_shape, param_count(params))
+        )
     return output_shape, params
 
 
@@ -351,11 +368,11 @@ def summary(net: Layer, input_shape: Any) -> str:
         rows = [("", 0, layer_name(net), output_shape, param_count(params))]
     table = [(label, "  " * depth + name, str(_plain(shape)), count) for label, depth, name, shape, count in rows]
     header = ("#", "layer", "output shape", "params")
-    widths = [max(len(str(r[c])) for r in table + [header]) for c in range(4)]
+    widths = [max(len(str(r[c])) for r in [*table, header]) for c in range(4)]
     fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}"
     total = sum(r[3] for r in table)
     lines = [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in table]
-    return "\n".join(lines + [f"Total params: {total:,}"])
+    return "\n".join([*lines, f"Total params: {total:,}"])
 
 
 def _plain(shape: Any) -> Any:

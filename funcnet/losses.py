@@ -34,7 +34,7 @@ def _positions(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
 
 
-@_checks.op('prediction', 'target')
+@_checks.op("prediction", "target")
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """``sum((prediction - target)**2) / positions``: ``/ rows`` for ``(rows, features)``, the book's
     MeanSquaredError; ``/ (batch * time)`` for sequences."""
@@ -82,8 +82,7 @@ def _one_hot_target(logits, target):
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
     if target.shape != logits.shape:
         raise ValueError(
-            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, "
-            f"got {tuple(target.shape)}."
+            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, got {tuple(target.shape)}."
         )
     return target
 
@@ -91,17 +90,22 @@ def _one_hot_target(logits, target):
 def _labels_in_range(logits, target) -> None:
     """Integer labels must name a class: checked whenever they are concrete."""
     fn = "softmax_cross_entropy"
-    if not (_checks.is_array(logits) and _checks.is_array(target) and logits.ndim >= 1) or \
-            not jnp.issubdtype(target.dtype, jnp.integer) or not _checks.is_concrete(target) or not target.size:
+    if (
+        not (_checks.is_array(logits) and _checks.is_array(target) and logits.ndim >= 1)
+        or not jnp.issubdtype(target.dtype, jnp.integer)
+        or not _checks.is_concrete(target)
+        or not target.size
+    ):
         return
     low, high = _checks.value_range(target)
     classes = logits.shape[-1]
     if low < 0 or high >= classes:
-        raise ValueError(f"{fn}: integer target must lie in [0, {classes}) for {classes} classes, got values "
-                         f"from {low} to {high}.")
+        raise ValueError(
+            f"{fn}: integer target must lie in [0, {classes}) for {classes} classes, got values from {low} to {high}."
+        )
 
 
-@_checks.op('logits', 'target', values=_labels_in_range)
+@_checks.op("logits", "target", values=_labels_in_range)
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """Mean over positions of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 

@@ -28,8 +28,9 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
     _checks.floating(fn, "prediction", prediction)
     _checks.array(fn, "target", target)
     if prediction.ndim < 2:
-        raise ValueError(f"{fn}: prediction must be at least 2-D (rows, ..., classes), got shape "
-                         f"{tuple(prediction.shape)}.")
+        raise ValueError(
+            f"{fn}: prediction must be at least 2-D (rows, ..., classes), got shape {tuple(prediction.shape)}."
+        )
     if jnp.issubdtype(target.dtype, jnp.integer):
         expected = prediction.shape[:-1]
         labels = target
@@ -37,8 +38,10 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
         expected = prediction.shape
         labels = jnp.argmax(target, axis=-1)
     if target.shape != expected:
-        raise ValueError(f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
-                         f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}.")
+        raise ValueError(
+            f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
+            f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}."
+        )
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)
     return jnp.mean(hits.astype(prediction.dtype))

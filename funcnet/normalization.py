@@ -24,7 +24,7 @@ from funcnet import _checks
 from funcnet._values import number
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
 
-__all__ = ["layer_norm", "LayerNorm", "LayerNormParams"]
+__all__ = ["LayerNorm", "LayerNormParams", "layer_norm"]
 
 
 def _features(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -83,8 +83,10 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
         raise ValueError(f"{fn}: x must have a non-empty last axis of features, got shape {tuple(x.shape)}.")
     for name, value in (("gamma", gamma), ("beta", beta)):
         if value.shape != (x.shape[-1],):
-            raise ValueError(f"{fn}: {name} must have shape (features,) = ({x.shape[-1]},) for x.shape="
-                             f"{tuple(x.shape)}, got {tuple(value.shape)}.")
+            raise ValueError(
+                f"{fn}: {name} must have shape (features,) = ({x.shape[-1]},) for x.shape="
+                f"{tuple(x.shape)}, got {tuple(value.shape)}."
+            )
     _checks.real_number(fn, "eps", eps, low=0.0, low_open=True)
     if not _checks.is_concrete(eps):
         raise TypeError(f"{fn}: eps must be a concrete number (it is static), got a traced value.")

@@ -24,7 +24,7 @@ from jax import lax
 
 from funcnet import _checks
 
-__all__ = ["weight_multiply", "bias_add", "sigmoid", "tanh", "relu", "linear", "dropout"]
+__all__ = ["bias_add", "dropout", "linear", "relu", "sigmoid", "tanh", "weight_multiply"]
 
 
 def _check_pair(fn: str, x, other, other_name: str) -> None:
@@ -37,7 +37,7 @@ def _check_pair(fn: str, x, other, other_name: str) -> None:
 # --- ParamOperations ---------------------------------------------------------------------
 
 
-@_checks.op('x', 'W')
+@_checks.op("x", "W")
 def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
     """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply."""
     _check_pair("weight_multiply", x, W, "W")
@@ -62,14 +62,13 @@ def _weight_multiply_bwd(residuals, output_grad):
 weight_multiply.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
 
 
-@_checks.op('x', 'B')
+@_checks.op("x", "B")
 def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
     """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd."""
     _check_pair("bias_add", x, B, "B")
     if B.shape != (1, x.shape[1]):
         raise ValueError(
-            f"bias_add: B must have shape (1, {x.shape[1]}) to match x.shape={tuple(x.shape)}, "
-            f"got {tuple(B.shape)}."
+            f"bias_add: B must have shape (1, {x.shape[1]}) to match x.shape={tuple(x.shape)}, got {tuple(B.shape)}."
         )
     return x + B
 
@@ -88,7 +87,7 @@ bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 # --- Activations (any shape) ---------------------------------------------------------------
 
 
-@_checks.op('x')
+@_checks.op("x")
 def sigmoid(x: jax.Array) -> jax.Array:
     """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
     _checks.floating("sigmoid", "x", x)
@@ -107,7 +106,7 @@ def _sigmoid_bwd(y, output_grad):
 sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
-@_checks.op('x')
+@_checks.op("x")
 def tanh(x: jax.Array) -> jax.Array:
     """Hyperbolic tangent. Book: Tanh."""
     _checks.floating("tanh", "x", x)
@@ -126,7 +125,7 @@ def _tanh_bwd(y, output_grad):
 tanh.defvjp(_tanh_fwd, _tanh_bwd)
 
 
-@_checks.op('x')
+@_checks.op("x")
 def relu(x: jax.Array) -> jax.Array:
     """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
     _checks.floating("relu", "x", x)
@@ -146,7 +145,7 @@ def _relu_bwd(positive, output_grad):
 relu.defvjp(_relu_fwd, _relu_bwd)
 
 
-@_checks.op('x')
+@_checks.op("x")
 def linear(x: jax.Array) -> jax.Array:
     """The identity, for output layers. Book: Linear."""
     _checks.floating("linear", "x", x)
@@ -167,7 +166,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 # --- Dropout -------------------------------------------------------------------------------
 
 
-@_checks.op('x', 'mask')
+@_checks.op("x", "mask")
 def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``x * mask`` where ``mask`` is 0 for dropped units and ``1 / (1 - rate)`` for kept ones.
 
@@ -179,9 +178,7 @@ def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     _checks.floating("dropout", "mask", mask)
     _checks.same_dtype("dropout", ("x", "mask"), x, mask)
     if mask.shape != x.shape:
-        raise ValueError(
-            f"dropout: mask must have the shape of x, {tuple(x.shape)}, got {tuple(mask.shape)}."
-        )
+        raise ValueError(f"dropout: mask must have the shape of x, {tuple(x.shape)}, got {tuple(mask.shape)}.")
     return x * mask
 
 

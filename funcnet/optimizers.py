@@ -25,7 +25,8 @@ Contract, stated once:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,24 @@ from funcnet import _checks
 from funcnet._values import Method, number
 
 __all__ = [
-    "Optimizer", "Schedule", "sgd", "momentum", "adagrad", "adam", "constant", "linear_decay",
-    "exponential_decay", "SgdState", "MomentumState", "AdagradState", "AdamState",
+    "AdagradState",
+    "AdamState",
+    "MomentumState",
+    "Optimizer",
+    "Schedule",
+    "SgdState",
+    "adagrad",
+    "adam",
+    "constant",
+    "exponential_decay",
+    "linear_decay",
+    "momentum",
+    "sgd",
 ]
 
 Params = Any
 Schedule = Callable[[jax.Array], jax.Array]
-LearningRate = Union[float, jax.Array, Schedule]
+LearningRate = float | jax.Array | Schedule
 
 
 class Optimizer(NamedTuple):
@@ -78,14 +90,19 @@ def _hyperparameters(cls: type) -> type:
     marked ``metadata={"static": True}``."""
     cls = dataclasses.dataclass(frozen=True, kw_only=True, repr=False)(cls)
     fields = dataclasses.fields(cls)
-    jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in fields if not f.metadata.get("static")],
-                                     meta_fields=[f.name for f in fields if f.metadata.get("static")])
+    jax.tree_util.register_dataclass(
+        cls,
+        data_fields=[f.name for f in fields if not f.metadata.get("static")],
+        meta_fields=[f.name for f in fields if f.metadata.get("static")],
+    )
     return cls
 
 
 def _call(label: str, spec: Any) -> str:
     """``label(field=value, ...)``, leaving out the fields that are off (``None``)."""
-    args = (f"{f.name}={getattr(spec, f.name)!r}" for f in dataclasses.fields(spec) if getattr(spec, f.name) is not None)
+    args = (
+        f"{f.name}={getattr(spec, f.name)!r}" for f in dataclasses.fields(spec) if getattr(spec, f.name) is not None
+    )
     return f"{label}({', '.join(args)})"
 
 
@@ -133,8 +150,10 @@ class _Decay:
         return self.initial + (self.final - self.initial) * done
 
     def __repr__(self) -> str:
-        return (f"{'exponential' if self.exponential else 'linear'}_decay({self.initial!r}, {self.final!r}, "
-                f"{self.steps!r}, every={self.every!r})")
+        return (
+            f"{'exponential' if self.exponential else 'linear'}_decay({self.initial!r}, {self.final!r}, "
+            f"{self.steps!r}, every={self.every!r})"
+        )
 
 
 def constant(value: float) -> Schedule:
@@ -145,8 +164,9 @@ def constant(value: float) -> Schedule:
 
 def _decay(fn: str, initial, final, steps, every, exponential: bool) -> Schedule:
     _check_schedule(fn, initial, final, steps, every)
-    return _Decay(initial=number(initial), final=number(final), steps=int(steps), every=int(every),
-                  exponential=exponential)
+    return _Decay(
+        initial=number(initial), final=number(final), steps=int(steps), every=int(every), exponential=exponential
+    )
 
 
 def linear_decay(initial: float, final: float, steps: int, *, every: int = 1) -> Schedule:
@@ -177,11 +197,17 @@ def _check_trees(fn: str, grads, params) -> None:
     g_def, p_def = jax.tree_util.tree_structure(grads), jax.tree_util.tree_structure(params)
     if g_def != p_def:
         raise TypeError(f"{fn}: grads must have the structure of params, got {g_def} for {p_def}.")
-    for path_g, g, p in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads),
-                            jax.tree_util.tree_leaves(params)):
+    for path_g, g, p in zip(
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree_util.tree_leaves(grads),
+        jax.tree_util.tree_leaves(params),
+        strict=True,
+    ):
         if jnp.shape(g) != jnp.shape(p):
-            raise ValueError(f"{fn}: grads{jax.tree_util.keystr(path_g[0])} must have shape "
-                             f"{jnp.shape(p)} like its param, got {jnp.shape(g)}.")
+            raise ValueError(
+                f"{fn}: grads{jax.tree_util.keystr(path_g[0])} must have shape "
+                f"{jnp.shape(p)} like its param, got {jnp.shape(g)}."
+            )
 
 
 def _tree_map(f, *trees):
@@ -246,9 +272,12 @@ def _common(fn: str, learning_rate, weight_decay, clip_norm, clip_value) -> dict
         if value is not None:
             _checks.real_number(fn, name, value, low=0.0, low_open=True)
     weight_decay = number(weight_decay)
-    return dict(learning_rate=_learning_rate(fn, learning_rate),
-                weight_decay=None if _checks.is_concrete(weight_decay) and weight_decay == 0 else weight_decay,
-                clip_norm=number(clip_norm), clip_value=number(clip_value))
+    return dict(
+        learning_rate=_learning_rate(fn, learning_rate),
+        weight_decay=None if _checks.is_concrete(weight_decay) and weight_decay == 0 else weight_decay,
+        clip_norm=number(clip_norm),
+        clip_value=number(clip_value),
+    )
 
 
 def _zeros_like(params):
@@ -309,37 +338,70 @@ class _Adam(_Base):
         mu = _tree_map(lambda m, g: _as(b1, m) * m + _as(1 - b1, g) * g, state.mu, grads)
         nu = _tree_map(lambda v, g: _as(b2, v) * v + _as(1 - b2, g) * g * g, state.nu, grads)
         c1, c2 = 1 - b1.astype(t.dtype) ** t, 1 - b2.astype(t.dtype) ** t
-        updates = _tree_map(lambda m, v: _as(lr, m) * (m / _as(c1, m)) / (jnp.sqrt(v / _as(c2, v)) + _as(self.eps, v)),
-                            mu, nu)
+        updates = _tree_map(
+            lambda m, v: _as(lr, m) * (m / _as(c1, m)) / (jnp.sqrt(v / _as(c2, v)) + _as(self.eps, v)), mu, nu
+        )
         return updates, (mu, nu)
 
 
-def sgd(learning_rate: LearningRate, *, weight_decay: float = 0.0, clip_norm: float | None = None,
-        clip_value: float | None = None) -> Optimizer:
+def sgd(
+    learning_rate: LearningRate,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+) -> Optimizer:
     """``p = p - lr * g``. Book: SGD."""
     return _Sgd(**_common("sgd", learning_rate, weight_decay, clip_norm, clip_value)).optimizer()
 
 
-def momentum(learning_rate: LearningRate, momentum: float = 0.9, *, weight_decay: float = 0.0,
-             clip_norm: float | None = None, clip_value: float | None = None) -> Optimizer:
+def momentum(
+    learning_rate: LearningRate,
+    momentum: float = 0.9,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+) -> Optimizer:
     """``v = momentum * v + lr * g; p = p - v`` (the book's form). Book: SGDMomentum."""
     _checks.real_number("momentum", "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    return _Momentum(momentum=number(momentum),
-                     **_common("momentum", learning_rate, weight_decay, clip_norm, clip_value)).optimizer()
+    return _Momentum(
+        momentum=number(momentum), **_common("momentum", learning_rate, weight_decay, clip_norm, clip_value)
+    ).optimizer()
 
 
-def adagrad(learning_rate: LearningRate, eps: float = 1e-7, *, weight_decay: float = 0.0,
-            clip_norm: float | None = None, clip_value: float | None = None) -> Optimizer:
+def adagrad(
+    learning_rate: LearningRate,
+    eps: float = 1e-7,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+) -> Optimizer:
     """``s = s + eps + g**2; p = p - lr / sqrt(s) * g`` (the book's AdaGrad)."""
     _checks.real_number("adagrad", "eps", eps, low=0.0, low_open=True)
-    return _Adagrad(eps=number(eps), **_common("adagrad", learning_rate, weight_decay, clip_norm, clip_value)).optimizer()
+    return _Adagrad(
+        eps=number(eps), **_common("adagrad", learning_rate, weight_decay, clip_norm, clip_value)
+    ).optimizer()
 
 
-def adam(learning_rate: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-         weight_decay: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None) -> Optimizer:
+def adam(
+    learning_rate: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+) -> Optimizer:
     """Adam (Kingma & Ba, 2015) with bias correction."""
     _checks.real_number("adam", "b1", b1, low=0.0, high=1.0, high_open=True)
     _checks.real_number("adam", "b2", b2, low=0.0, high=1.0, high_open=True)
     _checks.real_number("adam", "eps", eps, low=0.0, low_open=True)
-    return _Adam(b1=number(b1), b2=number(b2), eps=number(eps),
-                 **_common("adam", learning_rate, weight_decay, clip_norm, clip_value)).optimizer()
+    return _Adam(
+        b1=number(b1),
+        b2=number(b2),
+        eps=number(eps),
+        **_common("adam", learning_rate, weight_decay, clip_norm, clip_value),
+    ).optimizer()

@@ -34,7 +34,8 @@ The cells (``σ`` the logistic sigmoid):
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,7 @@ from jax import lax
 from funcnet import _checks, initializers
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_name, layer_spec
 
-__all__ = ["RNNParams", "LSTMParams", "GRUParams", "rnn", "lstm", "gru", "RNN", "LSTM", "GRU",
-           "TimeDistributed"]
+__all__ = ["GRU", "LSTM", "RNN", "GRUParams", "LSTMParams", "RNNParams", "TimeDistributed", "gru", "lstm", "rnn"]
 
 
 class RNNParams(NamedTuple):
@@ -112,8 +112,10 @@ def _check(fn: str, x: Any, params: Any, kind: type, states: dict[str, Any]) -> 
     for name, value in params._asdict().items():
         want = _param_shape(kind, name, inputs, hidden)
         if value.shape != want:
-            raise ValueError(f"{fn}: params.{name} must have shape {want} for x with {inputs} features and "
-                             f"{hidden} hidden units, got {tuple(value.shape)}.")
+            raise ValueError(
+                f"{fn}: params.{name} must have shape {want} for x with {inputs} features and "
+                f"{hidden} hidden units, got {tuple(value.shape)}."
+            )
     for name, state in states.items():
         if state is None:
             continue
@@ -148,8 +150,7 @@ def _input_part(x: jax.Array, W_x: jax.Array, B: jax.Array) -> jax.Array:
 
 def _weight_grads(x: jax.Array, h_prev: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The book's per-step ``Z.T @ d_int``, summed over time, for ``Z = [x, h_prev]``; and the bias's."""
-    return (jnp.einsum("btv,tbg->vg", x, d), jnp.einsum("tbh,tbg->hg", h_prev, d),
-            jnp.sum(d, axis=(0, 1))[None])
+    return (jnp.einsum("btv,tbg->vg", x, d), jnp.einsum("tbh,tbg->hg", h_prev, d), jnp.sum(d, axis=(0, 1))[None])
 
 
 def _split(a: jax.Array, parts: int) -> list[jax.Array]:
@@ -222,8 +223,10 @@ def rnn(x: jax.Array, params: RNNParams, h0: jax.Array | None = None, *, return_
 
 def _lstm_weights(params: LSTMParams) -> tuple[jax.Array, jax.Array]:
     """The four gates side by side, (f, i, c, o): ``W: (V + H, 4H)``, ``B: (1, 4H)``."""
-    return (jnp.concatenate([params.W_f, params.W_i, params.W_c, params.W_o], axis=1),
-            jnp.concatenate([params.B_f, params.B_i, params.B_c, params.B_o], axis=1))
+    return (
+        jnp.concatenate([params.W_f, params.W_i, params.W_c, params.W_o], axis=1),
+        jnp.concatenate([params.B_f, params.B_i, params.B_c, params.B_o], axis=1),
+    )
 
 
 def _lstm_forward(x, params, h0, c0):
@@ -287,8 +290,14 @@ _lstm_vjp = jax.custom_vjp(_lstm)
 _lstm_vjp.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-def lstm(x: jax.Array, params: LSTMParams, h0: jax.Array | None = None, c0: jax.Array | None = None, *,
-         return_state: bool = False) -> Any:
+def lstm(
+    x: jax.Array,
+    params: LSTMParams,
+    h0: jax.Array | None = None,
+    c0: jax.Array | None = None,
+    *,
+    return_state: bool = False,
+) -> Any:
     """Every hidden state of the LSTM (module docstring): ``(batch, time, H)``. Book: LSTMLayer's cells.
 
     Args:
@@ -308,9 +317,11 @@ def lstm(x: jax.Array, params: LSTMParams, h0: jax.Array | None = None, c0: jax.
 
 def _gru_weights(params: GRUParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Input weights side by side (r, u, h̄) ``(V, 3H)``, biases ``(1, 3H)``, recurrent (r, u) ``(H, 2H)``."""
-    return (jnp.concatenate([params.W_xr, params.W_xu, params.W_xh], axis=1),
-            jnp.concatenate([params.B_r, params.B_u, params.B_h], axis=1),
-            jnp.concatenate([params.W_hr, params.W_hu], axis=1))
+    return (
+        jnp.concatenate([params.W_xr, params.W_xu, params.W_xh], axis=1),
+        jnp.concatenate([params.B_r, params.B_u, params.B_h], axis=1),
+        jnp.concatenate([params.W_hr, params.W_hu], axis=1),
+    )
 
 
 def _gru_forward(x, params, h0):
@@ -318,8 +329,8 @@ def _gru_forward(x, params, h0):
     hidden = h0.shape[-1]
 
     def step(h, xw):
-        r, u = _split(_sigmoid(xw[:, :2 * hidden] + h @ W_ru), 2)
-        h_bar = jnp.tanh(xw[:, 2 * hidden:] + (r * h) @ params.W_hh)
+        r, u = _split(_sigmoid(xw[:, : 2 * hidden] + h @ W_ru), 2)
+        h_bar = jnp.tanh(xw[:, 2 * hidden :] + (r * h) @ params.W_hh)
         h = u * h + (1 - u) * h_bar
         return h, (h, r, u, h_bar)
 
@@ -351,8 +362,9 @@ def _gru_bwd(residuals, output_grad):
         d_ru = jnp.concatenate([dr_int, du_int], axis=-1)
         return dh * u + d_reset * r + d_ru @ W_ru.T, (d_ru, dh_bar_int)
 
-    dh0, (d_ru, dh_bar_int) = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), h_prev,
-                                                                   r, u, h_bar), reverse=True)
+    dh0, (d_ru, dh_bar_int) = lax.scan(
+        step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), h_prev, r, u, h_bar), reverse=True
+    )
     d = jnp.concatenate([d_ru, dh_bar_int], axis=-1)
     dW_x = _split(jnp.einsum("btv,tbg->vg", x, d), 3)
     dW_ru = _split(jnp.einsum("tbh,tbg->hg", h_prev, d_ru), 2)
@@ -382,8 +394,11 @@ def gru(x: jax.Array, params: GRUParams, h0: jax.Array | None = None, *, return_
 
 # --- Layers --------------------------------------------------------------------------------
 
-_CELLS: dict[str, tuple[Callable[..., Any], type]] = {"RNN": (rnn, RNNParams), "LSTM": (lstm, LSTMParams),
-                                                      "GRU": (gru, GRUParams)}
+_CELLS: dict[str, tuple[Callable[..., Any], type]] = {
+    "RNN": (rnn, RNNParams),
+    "LSTM": (lstm, LSTMParams),
+    "GRU": (gru, GRUParams),
+}
 
 
 @layer_spec
@@ -402,9 +417,14 @@ class _Recurrent(LayerSpec):
         batch, time, inputs = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
         _, kind = _CELLS[self.cell]
         keys = iter(jax.random.split(key, len(kind._fields)))
-        params = kind(*(self.w_init(next(keys), _param_shape(kind, name, inputs, self.hidden), self.dtype)
-                        if name.startswith("W") else self.b_init(next(keys), (1, self.hidden), self.dtype)
-                        for name in kind._fields))
+        params = kind(
+            *(
+                self.w_init(next(keys), _param_shape(kind, name, inputs, self.hidden), self.dtype)
+                if name.startswith("W")
+                else self.b_init(next(keys), (1, self.hidden), self.dtype)
+                for name in kind._fields
+            )
+        )
         return (batch, time, self.hidden), params
 
     def apply(self, params, x, *, key=None):
@@ -421,8 +441,13 @@ def _recurrent(cell: str, hidden: int, w_init, b_init, dtype) -> Layer:
     return _Recurrent(cell, int(hidden), w_init, b_init, default_dtype(dtype)).layer()
 
 
-def RNN(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
-        b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+def RNN(
+    hidden: int,
+    *,
+    w_init: initializers.Initializer = initializers.glorot_normal,
+    b_init: initializers.Initializer = initializers.zeros,
+    dtype: Any = None,
+) -> Layer:
     """``rnn`` over ``(batch, time, V)`` sequences from zero states: ``(batch, time, hidden)``. Book: RNNLayer.
 
     Defaults: ``glorot_normal`` weights and zero biases (the book draws all of them from
@@ -432,8 +457,13 @@ def RNN(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_n
     return _recurrent("RNN", hidden, w_init, b_init, dtype)
 
 
-def LSTM(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
-         b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+def LSTM(
+    hidden: int,
+    *,
+    w_init: initializers.Initializer = initializers.glorot_normal,
+    b_init: initializers.Initializer = initializers.zeros,
+    dtype: Any = None,
+) -> Layer:
     """``lstm`` over ``(batch, time, V)`` sequences from zero states. Book: LSTMLayer.
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all, i.e.
@@ -442,8 +472,13 @@ def LSTM(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_
     return _recurrent("LSTM", hidden, w_init, b_init, dtype)
 
 
-def GRU(hidden: int, *, w_init: initializers.Initializer = initializers.glorot_normal,
-        b_init: initializers.Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+def GRU(
+    hidden: int,
+    *,
+    w_init: initializers.Initializer = initializers.glorot_normal,
+    b_init: initializers.Initializer = initializers.zeros,
+    dtype: Any = None,
+) -> Layer:
     """``gru`` (corrected) over ``(batch, time, V)`` sequences from zero states. Book: GRULayer.
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all).
@@ -471,8 +506,9 @@ class _TimeDistributed(LayerSpec):
     def apply(self, params, x, *, key=None):
         _checks.array(self.name, "x", x)
         if x.ndim < 3:
-            raise ValueError(f"{self.name}: x must be at least 3-D (batch, time, features...), got shape "
-                             f"{tuple(x.shape)}.")
+            raise ValueError(
+                f"{self.name}: x must be at least 3-D (batch, time, features...), got shape {tuple(x.shape)}."
+            )
         y = self.inner.apply(params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key)
         return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
 

@@ -38,13 +38,29 @@ def run(checkpoint_dir=None):
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
     net = fn.serial(fn.Dense(12, fn.tanh), fn.Dropout(0.2), fn.Dense(2, fn.linear))
     _, params = net.init(jax.random.PRNGKey(0), (-1, 5))
-    return fn.fit(net, fn.softmax_cross_entropy, fn.adam(0.01), params, (x[:70], y[:70]), (x[70:], y[70:]),
-                  epochs=EPOCHS, batch_size=16, eval_every=2, patience=50, key=jax.random.PRNGKey(1),
-                  metrics={"accuracy": fn.accuracy}, progress=True, checkpoint_dir=checkpoint_dir)
+    return fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.adam(0.01),
+        params,
+        (x[:70], y[:70]),
+        (x[70:], y[70:]),
+        epochs=EPOCHS,
+        batch_size=16,
+        eval_every=2,
+        patience=50,
+        key=jax.random.PRNGKey(1),
+        metrics={"accuracy": fn.accuracy},
+        progress=True,
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 if __name__ == "__main__":
     result = run(sys.argv[2] if len(sys.argv) > 2 else None)
     leaves = jax.tree_util.tree_leaves_with_path(result)
-    np.savez(sys.argv[1], trained=np.array(len(trained)),
-             **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
+    np.savez(
+        sys.argv[1],
+        trained=np.array(len(trained)),
+        **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
+    )

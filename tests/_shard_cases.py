@@ -25,8 +25,20 @@ def close(a, b):
 
 
 def run(**kw):
-    return fn.fit(NET, fn.mean_squared_error, fn.momentum(0.05), PARAMS, (X, Y), (X[:20], Y[:20]), epochs=12,
-                  batch_size=8, eval_every=2, patience=1, key=KEY, **kw)
+    return fn.fit(
+        NET,
+        fn.mean_squared_error,
+        fn.momentum(0.05),
+        PARAMS,
+        (X, Y),
+        (X[:20], Y[:20]),
+        epochs=12,
+        batch_size=8,
+        eval_every=2,
+        patience=1,
+        key=KEY,
+        **kw,
+    )
 
 
 def test_four_devices_are_there():
@@ -77,7 +89,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"batch_size \(6\) must divide by the 4 devices of mesh axis 'data'"):
         fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, batch_size=6, key=KEY, mesh=mesh(4))
     with pytest.raises(ValueError, match="data_axis 'batch' is not an axis of the mesh"):
-        fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, key=KEY, mesh=mesh(2),
-               data_axis="batch")
-    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        fn.fit(
+            NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, key=KEY, mesh=mesh(2), data_axis="batch"
+        )
+    with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh"):
         fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, key=KEY, mesh=jax.devices())

@@ -167,7 +167,7 @@ class Optimizer:
         if self.first:
             self.velocities = [np.zeros_like(p) for p in self.net.params()]
             self.first = False
-        for i, (param, grad) in enumerate(zip(self.net.params(), self.net.param_grads())):
+        for i, (param, grad) in enumerate(zip(self.net.params(), self.net.param_grads(), strict=True)):
             self._update_rule(param, grad, i)
 
 
@@ -204,7 +204,7 @@ class Trainer:
             perm = self.order(e)
             x, y = x_train[perm], y_train[perm]
             for i in range(0, x.shape[0], batch_size):
-                self.net.train_batch(x[i:i + batch_size], y[i:i + batch_size])
+                self.net.train_batch(x[i : i + batch_size], y[i : i + batch_size])
                 self.optim.step()
             if x_test is not None and (e + 1) % eval_every == 0:
                 loss = self.net.loss.forward(self.net.forward(x_test), y_test)

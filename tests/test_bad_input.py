@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy as np
 import jax
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,11 +49,56 @@ BAD_ARRAYS = {
     "None": None,
     "string": "x",
 }
-BAD_NUMBERS = {"zero": 0, "negative": -3, "negative float": -0.5, "nan": float("nan"), "inf": float("inf"),
-               "huge": 10 ** 4, "float for int": 2.5, "bool": True, "string": "3", "None": None, "array": np.ones(2)}
-BAD_TREES = {"tuple": (1, 2), "short": PARAMS[:1], "mixed dtypes": (fn.DenseParams(PARAMS[0].W.astype(np.float32),
-                                                                                  PARAMS[0].B), PARAMS[1]),
-             "list of arrays": [np.ones((3, 4))], "None": None, "dict": {"W": np.ones((3, 4))}}
+BAD_NUMBERS = {
+    "zero": 0,
+    "negative": -3,
+    "negative float": -0.5,
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "huge": 10**4,
+    "float for int": 2.5,
+    "bool": True,
+    "string": "3",
+    "None": None,
+    "array": np.ones(2),
+}
+BAD_TREES = {
+    "tuple": (1, 2),
+    "short": PARAMS[:1],
+    "mixed dtypes": (fn.DenseParams(PARAMS[0].W.astype(np.float32), PARAMS[0].B), PARAMS[1]),
+    "list of arrays": [np.ones((3, 4))],
+    "None": None,
+    "dict": {"W": np.ones((3, 4))},
+}
+
+
+def _fit_call(
+    train_x=X,
+    train_y=Y,
+    eval_x=X,
+    eval_y=Y,
+    params=PARAMS,
+    epochs=2,
+    batch_size=4,
+    eval_every=1,
+    patience=0,
+    min_delta=0.0,
+):
+    return fn.fit(
+        NET,
+        fn.mean_squared_error,
+        fn.sgd(0.1),
+        params,
+        (train_x, train_y),
+        (eval_x, eval_y),
+        epochs=epochs,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        patience=patience,
+        min_delta=min_delta,
+        key=KEY,
+    )
+
 
 # function name -> (call with keyword overrides, {argument: name of the bad-value pool})
 CALLS = {
@@ -64,60 +109,118 @@ CALLS = {
     "relu": (lambda x=X: fn.relu(x), {"x": "arrays"}),
     "linear": (lambda x=X: fn.linear(x), {"x": "arrays"}),
     "dropout": (lambda x=X, mask=np.ones((12, 3)): fn.dropout(x, mask), {"x": "arrays", "mask": "arrays"}),
-    "mean_squared_error": (lambda prediction=Y, target=Y: fn.mean_squared_error(prediction, target),
-                           {"prediction": "arrays", "target": "arrays"}),
-    "softmax_cross_entropy": (lambda logits=Y, target=LABELS: fn.softmax_cross_entropy(logits, target),
-                              {"logits": "arrays", "target": "arrays"}),
-    "conv2d": (lambda x=np.ones((2, 5, 5, 3)), W=np.ones((3, 3, 3, 2)), stride=1, padding="SAME":
-               fn.conv2d(x, W, stride=stride, padding=padding),
-               {"x": "arrays", "W": "arrays", "stride": "numbers", "padding": "numbers"}),
-    "max_pool2d": (lambda x=np.ones((2, 4, 4, 3)), window=2, stride=None: fn.max_pool2d(x, window, stride),
-                   {"x": "arrays", "window": "numbers", "stride": "numbers"}),
-    "Dense": (lambda neurons=4, input_shape=(-1, 3): fn.Dense(neurons).init(KEY, input_shape),
-              {"neurons": "numbers", "input_shape": "trees"}),
+    "mean_squared_error": (
+        lambda prediction=Y, target=Y: fn.mean_squared_error(prediction, target),
+        {"prediction": "arrays", "target": "arrays"},
+    ),
+    "softmax_cross_entropy": (
+        lambda logits=Y, target=LABELS: fn.softmax_cross_entropy(logits, target),
+        {"logits": "arrays", "target": "arrays"},
+    ),
+    "conv2d": (
+        lambda x=np.ones((2, 5, 5, 3)), W=np.ones((3, 3, 3, 2)), stride=1, padding="SAME": fn.conv2d(
+            x, W, stride=stride, padding=padding
+        ),
+        {"x": "arrays", "W": "arrays", "stride": "numbers", "padding": "numbers"},
+    ),
+    "max_pool2d": (
+        lambda x=np.ones((2, 4, 4, 3)), window=2, stride=None: fn.max_pool2d(x, window, stride),
+        {"x": "arrays", "window": "numbers", "stride": "numbers"},
+    ),
+    "Dense": (
+        lambda neurons=4, input_shape=(-1, 3): fn.Dense(neurons).init(KEY, input_shape),
+        {"neurons": "numbers", "input_shape": "trees"},
+    ),
     "Dense.apply": (lambda params=PARAMS[0], x=X: fn.Dense(4).apply(params, x), {"params": "trees", "x": "arrays"}),
     "Dropout": (lambda rate=0.5, x=X: fn.Dropout(rate).apply((), x, key=KEY), {"rate": "numbers", "x": "arrays"}),
-    "Conv2D": (lambda out_channels=2, kernel_size=3, input_shape=(-1, 5, 5, 1):
-               fn.Conv2D(out_channels, kernel_size).init(KEY, input_shape),
-               {"out_channels": "numbers", "kernel_size": "numbers", "input_shape": "trees"}),
+    "Conv2D": (
+        lambda out_channels=2, kernel_size=3, input_shape=(-1, 5, 5, 1): fn.Conv2D(out_channels, kernel_size).init(
+            KEY, input_shape
+        ),
+        {"out_channels": "numbers", "kernel_size": "numbers", "input_shape": "trees"},
+    ),
     "serial.apply": (lambda params=PARAMS, x=X: NET.apply(params, x), {"params": "trees", "x": "arrays"}),
     "summary": (lambda input_shape=(-1, 3): fn.summary(NET, input_shape), {"input_shape": "trees"}),
     "param_count": (lambda params=PARAMS: fn.param_count(params), {"params": "trees"}),
-    "sgd": (lambda learning_rate=0.1, weight_decay=0.0, clip_norm=None:
-            fn.sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm),
-            {"learning_rate": "numbers", "weight_decay": "numbers", "clip_norm": "numbers"}),
-    "momentum": (lambda learning_rate=0.1, momentum=0.9: fn.momentum(learning_rate, momentum),
-                 {"learning_rate": "numbers", "momentum": "numbers"}),
-    "adagrad": (lambda learning_rate=0.1, eps=1e-7: fn.adagrad(learning_rate, eps), {"learning_rate": "numbers", "eps": "numbers"}),
-    "adam": (lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8: fn.adam(learning_rate, b1, b2, eps),
-             {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers"}),
-    "linear_decay": (lambda initial=0.1, final=0.01, steps=10: fn.linear_decay(initial, final, steps),
-                     {"initial": "numbers", "final": "numbers", "steps": "numbers"}),
-    "exponential_decay": (lambda initial=0.1, final=0.01, steps=10: fn.exponential_decay(initial, final, steps),
-                          {"initial": "numbers", "final": "numbers", "steps": "numbers"}),
-    "optimizer.update": (lambda grads=PARAMS: fn.sgd(0.1).update(grads, fn.sgd(0.1).init(PARAMS), PARAMS),
-                         {"grads": "trees"}),
-    "train_step": (lambda x=X, y=Y: fn.train_step(NET, fn.mean_squared_error, fn.sgd(0.1))(
-        PARAMS, fn.sgd(0.1).init(PARAMS), x, y, None), {"x": "arrays", "y": "arrays"}),
-    "fit": (lambda train_x=X, train_y=Y, eval_x=X, eval_y=Y, params=PARAMS, epochs=2, batch_size=4, eval_every=1,
-            patience=0, min_delta=0.0: fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), params, (train_x, train_y),
-                                              (eval_x, eval_y), epochs=epochs, batch_size=batch_size,
-                                              eval_every=eval_every, patience=patience, min_delta=min_delta, key=KEY),
-            {"train_x": "arrays", "train_y": "arrays", "eval_x": "arrays", "eval_y": "arrays", "params": "trees",
-             "epochs": "numbers", "batch_size": "numbers", "eval_every": "numbers", "patience": "numbers",
-             "min_delta": "numbers"}),
+    "sgd": (
+        lambda learning_rate=0.1, weight_decay=0.0, clip_norm=None: fn.sgd(
+            learning_rate, weight_decay=weight_decay, clip_norm=clip_norm
+        ),
+        {"learning_rate": "numbers", "weight_decay": "numbers", "clip_norm": "numbers"},
+    ),
+    "momentum": (
+        lambda learning_rate=0.1, momentum=0.9: fn.momentum(learning_rate, momentum),
+        {"learning_rate": "numbers", "momentum": "numbers"},
+    ),
+    "adagrad": (
+        lambda learning_rate=0.1, eps=1e-7: fn.adagrad(learning_rate, eps),
+        {"learning_rate": "numbers", "eps": "numbers"},
+    ),
+    "adam": (
+        lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8: fn.adam(learning_rate, b1, b2, eps),
+        {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers"},
+    ),
+    "linear_decay": (
+        lambda initial=0.1, final=0.01, steps=10: fn.linear_decay(initial, final, steps),
+        {"initial": "numbers", "final": "numbers", "steps": "numbers"},
+    ),
+    "exponential_decay": (
+        lambda initial=0.1, final=0.01, steps=10: fn.exponential_decay(initial, final, steps),
+        {"initial": "numbers", "final": "numbers", "steps": "numbers"},
+    ),
+    "optimizer.update": (
+        lambda grads=PARAMS: fn.sgd(0.1).update(grads, fn.sgd(0.1).init(PARAMS), PARAMS),
+        {"grads": "trees"},
+    ),
+    "train_step": (
+        lambda x=X, y=Y: fn.train_step(NET, fn.mean_squared_error, fn.sgd(0.1))(
+            PARAMS, fn.sgd(0.1).init(PARAMS), x, y, None
+        ),
+        {"x": "arrays", "y": "arrays"},
+    ),
+    "fit": (
+        _fit_call,
+        {
+            "train_x": "arrays",
+            "train_y": "arrays",
+            "eval_x": "arrays",
+            "eval_y": "arrays",
+            "params": "trees",
+            "epochs": "numbers",
+            "batch_size": "numbers",
+            "eval_every": "numbers",
+            "patience": "numbers",
+            "min_delta": "numbers",
+        },
+    ),
     "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),
     "load": (lambda like=PARAMS: fn.load(_saved(), like), {"like": "trees"}),
     "check_vjp": (lambda x=X: fn.check_vjp(fn.sigmoid, jax.nn.sigmoid, x), {"x": "arrays"}),
 }
-POOLS = {"arrays": BAD_ARRAYS, "numbers": BAD_NUMBERS, "trees": {**BAD_TREES, **{f"array {k}": v for k, v in BAD_ARRAYS.items()}}}
+POOLS = {
+    "arrays": BAD_ARRAYS,
+    "numbers": BAD_NUMBERS,
+    "trees": {**BAD_TREES, **{f"array {k}": v for k, v in BAD_ARRAYS.items()}},
+}
 # The words a message may use for each argument: its name or its role where the error is
 # found (train_step's y is the loss's target; a params tree's bad leaf is its W or B).
-NAMES = {"train_x": ("train_data",), "train_y": ("train_data",), "eval_x": ("eval_data",),
-         "eval_y": ("eval_data",), "tree": ("leaf",), "like": ("like", "leaf"), "y": ("y", "target"),
-         "params": ("params", "W", "B"), "x": ("x", "argument 0", "no floating argument")}
-CASES = [(function, argument, kind) for function, (_, arguments) in CALLS.items()
-         for argument, pool in arguments.items() for kind in POOLS[pool]]
+NAMES = {
+    "train_x": ("train_data",),
+    "train_y": ("train_data",),
+    "eval_x": ("eval_data",),
+    "eval_y": ("eval_data",),
+    "tree": ("leaf",),
+    "like": ("like", "leaf"),
+    "y": ("y", "target"),
+    "params": ("params", "W", "B"),
+    "x": ("x", "argument 0", "no floating argument"),
+}
+CASES = [
+    (function, argument, kind)
+    for function, (_, arguments) in CALLS.items()
+    for argument, pool in arguments.items()
+    for kind in POOLS[pool]
+]
 
 
 def _saved():
@@ -142,29 +245,59 @@ def test_malformed_argument_works_or_is_named(case, jit):
     value = POOLS[arguments[argument]][kind]
     before = _snapshot(value)
     names = NAMES.get(argument, (argument,))
-    run = (lambda: jax.jit(lambda: call(**{argument: value}))()) if jit and function in JITTABLE else \
-        (lambda: call(**{argument: value}))
+    run = (
+        (lambda: jax.jit(lambda: call(**{argument: value}))())
+        if jit and function in JITTABLE
+        else (lambda: call(**{argument: value}))
+    )
     try:
         run()
     except (ValueError, TypeError) as error:
         message = str(error)
-        assert any(n in message for n in names), f"{function}({argument}={kind}): message names none of {names}: {message}"
+        assert any(n in message for n in names), (
+            f"{function}({argument}={kind}): message names none of {names}: {message}"
+        )
         assert type(error).__module__ == "builtins"
     # the user's value is untouched
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b) if isinstance(a, np.ndarray) else None,
-                           value, before)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(a, b) if isinstance(a, np.ndarray) else None, value, before
+    )
 
 
 # functions that trace under an outer jit (fit, save, load and check_vjp run on the host)
-JITTABLE = {"weight_multiply", "bias_add", "sigmoid", "tanh", "relu", "linear", "dropout", "mean_squared_error",
-            "softmax_cross_entropy", "conv2d", "max_pool2d", "Dense.apply", "serial.apply", "train_step"}
+JITTABLE = {
+    "weight_multiply",
+    "bias_add",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "linear",
+    "dropout",
+    "mean_squared_error",
+    "softmax_cross_entropy",
+    "conv2d",
+    "max_pool2d",
+    "Dense.apply",
+    "serial.apply",
+    "train_step",
+}
 
 
 def test_fit_never_returns_nan_params_when_a_finite_best_existed():
     net = fn.serial(fn.Dense(8, fn.relu), fn.Dense(2, fn.linear))  # unbounded: it can blow up
     params = net.init(KEY, (-1, 3))[1]
-    result = fn.fit(net, fn.mean_squared_error, fn.sgd(50.0), params, (X, 1e3 * Y), (X, Y), epochs=20,
-                    batch_size=4, eval_every=1, key=KEY)
+    result = fn.fit(
+        net,
+        fn.mean_squared_error,
+        fn.sgd(50.0),
+        params,
+        (X, 1e3 * Y),
+        (X, Y),
+        epochs=20,
+        batch_size=4,
+        eval_every=1,
+        key=KEY,
+    )
     assert bool(result.diverged)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(result.params))
 

@@ -1,6 +1,5 @@
 """save/load: exact round trips, atomic writes, clear errors, and resuming fit from a checkpoint."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,7 @@ def test_round_trip_keeps_structure_dtypes_and_values(tmp_path):
     fn.save(tmp_path / "ckpt.safetensors", tree)
     loaded = fn.load(tmp_path / "ckpt.safetensors", tree)
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(tree)
-    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(tree)):
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(tree), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
 
@@ -62,7 +61,7 @@ def test_mismatches_and_corrupt_files_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\[0\].W .* but like expects float32"):
         fn.load(path, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
     with pytest.raises(ValueError, match=r"has no entry \[2\].W"):
-        fn.load(path, params + (fn.DenseParams(jnp.ones((2, 2)), jnp.ones((1, 2))),))
+        fn.load(path, (*params, fn.DenseParams(jnp.ones((2, 2)), jnp.ones((1, 2)))))
     with pytest.raises(ValueError, match=r"has entries like does not, first \[1\].B"):
         fn.load(path, (params[0],))
     data = path.read_bytes()
@@ -91,5 +90,6 @@ def test_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     restored = fn.load(tmp_path / "ckpt.safetensors", like)
     resumed = run(restored["params"], epochs=8, start_epoch=3, opt_state=restored["opt_state"])
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), resumed.params, whole.params)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), resumed.opt_state,
-                           whole.opt_state)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), resumed.opt_state, whole.opt_state
+    )

@@ -12,12 +12,14 @@ KEY = jax.random.PRNGKey(0)
 
 def _net():
     """Dense -> residual(Dense, LayerNorm, Dense) -> FanOut(2) -> parallel(Dense, Dense) -> FanInConcat -> Dense."""
-    return fn.serial(fn.Dense(6, fn.tanh),
-                     fn.residual(fn.Dense(6, fn.relu), fn.LayerNorm(), fn.Dense(6, fn.linear)),
-                     fn.FanOut(2),
-                     fn.parallel(fn.Dense(3, fn.tanh), fn.Dense(4, fn.sigmoid)),
-                     fn.FanInConcat(),
-                     fn.Dense(2, fn.linear))
+    return fn.serial(
+        fn.Dense(6, fn.tanh),
+        fn.residual(fn.Dense(6, fn.relu), fn.LayerNorm(), fn.Dense(6, fn.linear)),
+        fn.FanOut(2),
+        fn.parallel(fn.Dense(3, fn.tanh), fn.Dense(4, fn.sigmoid)),
+        fn.FanInConcat(),
+        fn.Dense(2, fn.linear),
+    )
 
 
 def _plain(params, x):
@@ -38,8 +40,11 @@ def test_a_branching_network_equals_plain_jnp_forward_and_gradient():
     x = np.random.default_rng(0).standard_normal((7, 5))
     np.testing.assert_allclose(net.apply(params, x), _plain(params, x), rtol=1e-12, atol=1e-13)
     loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p, x)))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
-                           jax.grad(loss(net.apply))(params), jax.grad(loss(_plain))(params))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+        jax.grad(loss(net.apply))(params),
+        jax.grad(loss(_plain))(params),
+    )
 
 
 LAYERS = {  # name -> (layer, input shape)
@@ -48,8 +53,10 @@ LAYERS = {  # name -> (layer, input shape)
     "parallel": (lambda: fn.parallel(fn.Dense(2), fn.Dropout(0.5), fn.Conv2D(3, 2)), ((-1, 4), (-1, 5), (-1, 4, 4, 1))),
     "fan-in-sum": (lambda: fn.FanInSum(), ((-1, 3), (-1, 3), (-1, 3))),
     "fan-in-concat": (lambda: fn.FanInConcat(1), ((-1, 2, 3), (-1, 4, 3))),
-    "inception": (lambda: fn.serial(fn.FanOut(2), fn.parallel(fn.Conv2D(2, 3), fn.AvgPool2D(1)), fn.FanInConcat()),
-                  (-1, 6, 6, 3)),
+    "inception": (
+        lambda: fn.serial(fn.FanOut(2), fn.parallel(fn.Conv2D(2, 3), fn.AvgPool2D(1)), fn.FanInConcat()),
+        (-1, 6, 6, 3),
+    ),
 }
 
 
@@ -71,27 +78,40 @@ def test_shape_agreement(name, key):
     abstract = jax.eval_shape(lambda p, x: layer.apply(p, x, key=key), params, x)
     shapes = lambda t: jax.tree_util.tree_map(jnp.shape, t)
     assert shapes(y) == shapes(abstract)
-    assert jax.tree_util.tree_leaves(shapes(y), is_leaf=lambda s: isinstance(s, tuple) and
-                                     all(isinstance(d, int) for d in s)) == \
-        jax.tree_util.tree_leaves(_concrete(output_shape), is_leaf=lambda s: isinstance(s, tuple) and
-                                  all(isinstance(d, int) for d in s))
+    assert jax.tree_util.tree_leaves(
+        shapes(y), is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(d, int) for d in s)
+    ) == jax.tree_util.tree_leaves(
+        _concrete(output_shape), is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(d, int) for d in s)
+    )
     assert make() == layer and hash(make()) == hash(layer)
 
 
 def test_summary_shows_branches_by_path():
     text = fn.summary(_net(), (-1, 5))
-    for row in ["1.0    Dense(6, relu)", "1.1    LayerNorm(eps=1e-05)", "2    FanOut(2)", "3.0    Dense(3, tanh)",
-                "3.1    Dense(4, sigmoid)", "4    FanInConcat(-1)", "((-1, 6), (-1, 6))", "(-1, 7)"]:
+    for row in [
+        "1.0    Dense(6, relu)",
+        "1.1    LayerNorm(eps=1e-05)",
+        "2    FanOut(2)",
+        "3.0    Dense(3, tanh)",
+        "3.1    Dense(4, sigmoid)",
+        "4    FanInConcat(-1)",
+        "((-1, 6), (-1, 6))",
+        "(-1, 7)",
+    ]:
         assert row in text, row
     assert f"Total params: {36 + 42 + 12 + 42 + 21 + 28 + 16:,}" in text
 
 
 def test_an_error_inside_a_branch_names_its_path():
     net = _net()
-    _, params = net.init(KEY, (-1, 5))
-    other = fn.serial(fn.Dense(6, fn.tanh), fn.residual(fn.Dense(6, fn.relu), fn.LayerNorm(), fn.Dense(6, fn.linear)),
-                      fn.FanOut(2), fn.parallel(fn.Dense(3, fn.tanh), fn.Dense(5, fn.sigmoid)), fn.FanInConcat(),
-                      fn.Dense(2, fn.linear))
+    other = fn.serial(
+        fn.Dense(6, fn.tanh),
+        fn.residual(fn.Dense(6, fn.relu), fn.LayerNorm(), fn.Dense(6, fn.linear)),
+        fn.FanOut(2),
+        fn.parallel(fn.Dense(3, fn.tanh), fn.Dense(5, fn.sigmoid)),
+        fn.FanInConcat(),
+        fn.Dense(2, fn.linear),
+    )
     _, other_params = other.init(KEY, (-1, 5))
     with pytest.raises(ValueError, match=r"serial: layer 3.1 \(Dense\(4, sigmoid\)\): params.W must have 4 output"):
         net.apply(other_params, jnp.ones((2, 5)))
@@ -106,19 +126,32 @@ def test_each_branch_draws_its_own_dropout_mask():
 
 
 BAD = [
-    (lambda: fn.FanInSum().init(KEY, ((-1, 3),)), ValueError, "FanInSum\\(\\): a fan-in needs at least 2 inputs, got 1"),
+    (
+        lambda: fn.FanInSum().init(KEY, ((-1, 3),)),
+        ValueError,
+        "FanInSum\\(\\): a fan-in needs at least 2 inputs, got 1",
+    ),
     (lambda: fn.FanInSum().apply((), (jnp.ones((2, 3)),)), ValueError, "a fan-in needs at least 2 inputs, got 1"),
     (lambda: fn.FanInSum().init(KEY, ((-1, 3), (-1, 4))), ValueError, "every input must have the same shape"),
     (lambda: fn.FanInConcat().init(KEY, ((-1, 3), (-1, 4, 2))), ValueError, "inputs must agree on every axis but -1"),
     (lambda: fn.FanInConcat(0).init(KEY, ((-1, 3), (-1, 3))), ValueError, "axis must name a non-batch axis"),
     (lambda: fn.FanInConcat(1.0), TypeError, "FanInConcat: axis must be an int"),
-    (lambda: fn.parallel(fn.Dense(2), fn.Dense(3)).init(KEY, ((-1, 4), (-1, 4), (-1, 4))), ValueError,
-     r"parallel: input_shape must hold one shape per layer \(2\), got 3"),
-    (lambda: fn.parallel(fn.Dense(2), fn.Dense(3)).init(KEY, (-1, 4)), TypeError,
-     "parallel: input_shape must be a tuple of shapes"),
+    (
+        lambda: fn.parallel(fn.Dense(2), fn.Dense(3)).init(KEY, ((-1, 4), (-1, 4), (-1, 4))),
+        ValueError,
+        r"parallel: input_shape must hold one shape per layer \(2\), got 3",
+    ),
+    (
+        lambda: fn.parallel(fn.Dense(2), fn.Dense(3)).init(KEY, (-1, 4)),
+        TypeError,
+        "parallel: input_shape must be a tuple of shapes",
+    ),
     (lambda: fn.parallel(fn.Dense(2)).apply(((),), jnp.ones((2, 3))), TypeError, "parallel: x must be a tuple"),
-    (lambda: fn.residual(fn.Dense(3)).init(KEY, (-1, 4)), ValueError,
-     r"residual: its layers must keep the input's shape for x \+ f\(x\), but they turn \(-1, 4\) into \(-1, 3\)"),
+    (
+        lambda: fn.residual(fn.Dense(3)).init(KEY, (-1, 4)),
+        ValueError,
+        r"residual: its layers must keep the input's shape for x \+ f\(x\), but they turn \(-1, 4\) into \(-1, 3\)",
+    ),
     (lambda: fn.residual(), ValueError, "residual: at least one layer is needed"),
     (lambda: fn.parallel(fn.Dense(2), "dense"), TypeError, "parallel: layer 1 must be a Layer"),
     (lambda: fn.FanOut(0), ValueError, "FanOut: count must be >= 1"),

@@ -1,6 +1,5 @@
 """conv2d and max_pool2d against lax under autodiff and finite differences; conv layers."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +11,12 @@ from funcnet import conv
 
 KEY = jax.random.PRNGKey(0)
 GRID = [  # (height, width, kernel, stride, padding, in_channels, out_channels)
-    (8, 8, 3, 1, "SAME", 1, 4), (8, 7, 3, 2, "SAME", 3, 2), (9, 9, 4, 2, "VALID", 2, 3),
-    (7, 8, 2, 3, "VALID", 1, 1), (5, 5, 5, 1, "SAME", 2, 5), (6, 6, 1, 1, "VALID", 4, 2),
+    (8, 8, 3, 1, "SAME", 1, 4),
+    (8, 7, 3, 2, "SAME", 3, 2),
+    (9, 9, 4, 2, "VALID", 2, 3),
+    (7, 8, 2, 3, "VALID", 1, 1),
+    (5, 5, 5, 1, "SAME", 2, 5),
+    (6, 6, 1, 1, "VALID", 4, 2),
     (10, 6, (3, 2), (2, 1), "SAME", 3, 3),
 ]
 
@@ -74,13 +77,17 @@ def test_max_pool_ties_go_to_the_first_maximum():
 
 
 def test_check_vjp_catches_a_conv_backward_without_the_flip():
-    x, W = np.random.default_rng(2).standard_normal((1, 6, 6, 2)), np.random.default_rng(3).standard_normal((3, 3, 2, 2))
+    x, W = (
+        np.random.default_rng(2).standard_normal((1, 6, 6, 2)),
+        np.random.default_rng(3).standard_normal((3, 3, 2, 2)),
+    )
 
     def bwd(stride, padding, residuals, g):
-        x, W = residuals
+        _, W = residuals
         right = conv._conv2d_bwd(stride, padding, residuals, g)
-        unflipped = lax.conv_general_dilated(g, W.transpose(0, 1, 3, 2), (1, 1), [(1, 1), (1, 1)],
-                                             dimension_numbers=conv._DIMENSIONS)
+        unflipped = lax.conv_general_dilated(
+            g, W.transpose(0, 1, 3, 2), (1, 1), [(1, 1), (1, 1)], dimension_numbers=conv._DIMENSIONS
+        )
         return unflipped, right[1]
 
     wrong = jax.custom_vjp(conv._conv2d, nondiff_argnums=(2, 3))
@@ -90,7 +97,10 @@ def test_check_vjp_catches_a_conv_backward_without_the_flip():
 
 
 def test_conv_second_order_and_vmap():
-    x, W = np.random.default_rng(4).standard_normal((2, 5, 5, 2)), np.random.default_rng(5).standard_normal((3, 3, 2, 2))
+    x, W = (
+        np.random.default_rng(4).standard_normal((2, 5, 5, 2)),
+        np.random.default_rng(5).standard_normal((3, 3, 2, 2)),
+    )
     f = lambda W: jnp.sum(jnp.sin(fn.conv2d(x, W, stride=2)))
     f_ref = lambda W: jnp.sum(jnp.sin(_conv_reference(2, "SAME")(x, W)))
     np.testing.assert_allclose(jax.jacrev(jax.grad(f))(W), jax.hessian(f_ref)(W), rtol=1e-9, atol=1e-12)
@@ -104,8 +114,13 @@ CNNS = {
     "pool": lambda: fn.MaxPool2D(2),
     "flatten": lambda: fn.Flatten(),
     "avg-pool": lambda: fn.AvgPool2D(3, 2),
-    "book-cnn": lambda: fn.serial(fn.Conv2D(16, 5, fn.tanh, w_init=fn.glorot_normal), fn.Dropout(0.2), fn.MaxPool2D(2),
-                                  fn.Flatten(), fn.Dense(10, fn.linear)),
+    "book-cnn": lambda: fn.serial(
+        fn.Conv2D(16, 5, fn.tanh, w_init=fn.glorot_normal),
+        fn.Dropout(0.2),
+        fn.MaxPool2D(2),
+        fn.Flatten(),
+        fn.Dense(10, fn.linear),
+    ),
 }
 
 
@@ -117,7 +132,7 @@ def test_conv_layers_shape_agreement(name, input_shape):
     x = jnp.ones(tuple(4 if d == -1 else d for d in input_shape))
     for key in (None, KEY):
         y = layer.apply(params, x, key=key)
-        abstract = jax.eval_shape(lambda p, x: layer.apply(p, x, key=key), params, x)
+        abstract = jax.eval_shape(lambda p, x, key=key: layer.apply(p, x, key=key), params, x)
         assert y.shape == abstract.shape == tuple(4 if d == -1 else d for d in output_shape)
     assert "Total params" in fn.summary(layer, input_shape)
 
@@ -134,25 +149,39 @@ def test_conv_layer_gradient_matches_plain_lax():
         return jnp.sum((h @ dense.W + dense.B) ** 2)
 
     ours = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), ours,
-                           jax.grad(plain)(params, x))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), ours, jax.grad(plain)(params, x)
+    )
 
 
 BAD = [
     (lambda: fn.conv2d(jnp.ones((8, 8, 1)), jnp.ones((3, 3, 1, 2))), ValueError, "x must be 4-D NHWC"),
-    (lambda: fn.conv2d(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 1, 2))), ValueError,
-     r"conv2d: x has 2 channels but W expects 1"),
-    (lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 5, 1, 2)), padding="VALID"), ValueError,
-     "a 5x5 kernel does not fit a 4x4 image"),
-    (lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), padding="same"), ValueError,
-     'padding must be "SAME" or "VALID"'),
+    (
+        lambda: fn.conv2d(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 1, 2))),
+        ValueError,
+        r"conv2d: x has 2 channels but W expects 1",
+    ),
+    (
+        lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 5, 1, 2)), padding="VALID"),
+        ValueError,
+        "a 5x5 kernel does not fit a 4x4 image",
+    ),
+    (
+        lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), padding="same"),
+        ValueError,
+        'padding must be "SAME" or "VALID"',
+    ),
     (lambda: fn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), stride=0), ValueError, "stride must be >= 1"),
     (lambda: fn.max_pool2d(jnp.ones((1, 2, 2, 1)), 3), ValueError, "a 3x3 window does not fit a 2x2 image"),
     (lambda: fn.avg_pool2d(jnp.ones((1, 2, 2, 1)), 3), ValueError, "avg_pool2d: a 3x3 window does not fit a 2x2 image"),
     (lambda: fn.avg_pool2d(jnp.ones((2, 2, 1)), 2), ValueError, "avg_pool2d: x must be 4-D NHWC"),
     (lambda: fn.AvgPool2D(0), ValueError, "AvgPool2D: window must be >= 1"),
     (lambda: fn.Conv2D(4, 3).init(KEY, (-1, 8, 8)), ValueError, "input_shape must be 4-D NHWC"),
-    (lambda: fn.Conv2D(4, 9, padding="VALID").init(KEY, (-1, 8, 8, 1)), ValueError, r"kernel_size \(9, 9\) does not fit"),
+    (
+        lambda: fn.Conv2D(4, 9, padding="VALID").init(KEY, (-1, 8, 8, 1)),
+        ValueError,
+        r"kernel_size \(9, 9\) does not fit",
+    ),
     (lambda: fn.Conv2D(4, 9).init(KEY, (-1, 8, 8, 1)), ValueError, "does not fit a 8x8 image"),
     (lambda: fn.Conv2D(0, 3), ValueError, "out_channels must be >= 1"),
 ]

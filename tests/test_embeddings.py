@@ -45,8 +45,11 @@ def test_check_vjp_catches_a_backward_that_overwrites_instead_of_adding():
 
 def test_out_of_range_ids_are_an_error_when_concrete_and_clamped_under_jit():
     W = jnp.arange(8.0).reshape(4, 2)
-    with pytest.raises(ValueError, match=r"embedding: ids must lie in \[0, 4\) for a vocabulary of 4, got values "
-                                         r"from -1 to 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"embedding: ids must lie in \[0, 4\) for a vocabulary of 4, got values "
+        r"from -1 to 2",
+    ):
         fn.embedding(jnp.array([0, 2, -1]), W)
     concrete = jnp.array([0, 3])  # closed over inside jit: still concrete, so still checked
     np.testing.assert_array_equal(jax.jit(lambda W: fn.embedding(concrete, W))(W), W[concrete])
@@ -69,8 +72,16 @@ def test_embedding_layer_trains_on_integer_ids_with_fit():
     tokens = rng.integers(0, 10, (40, 5)).astype(np.int32)
     net = fn.serial(fn.Embedding(10, 4), fn.Flatten(), fn.Dense(2, fn.linear))
     _, params = net.init(KEY, (-1, 5))
-    result = fn.fit(net, fn.softmax_cross_entropy, fn.sgd(0.5), params, (tokens, (tokens[:, 0] > 4).astype(np.int32)),
-                    epochs=20, batch_size=8, key=KEY)
+    result = fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.sgd(0.5),
+        params,
+        (tokens, (tokens[:, 0] > 4).astype(np.int32)),
+        epochs=20,
+        batch_size=8,
+        key=KEY,
+    )
     assert float(result.history.train_loss[-1]) < 0.5 * float(result.history.train_loss[0])
 
 

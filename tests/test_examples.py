@@ -26,8 +26,9 @@ def test_long_run_resumes_on_a_second_invocation(tmp_path):
     """The second invocation finds the first one's checkpoints and returns the same result."""
     args = [sys.executable, str(ROOT / "examples" / "long_run.py"), "--quick"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    first, second = (subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-                     for _ in range(2))
+    first, second = (
+        subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300) for _ in range(2)
+    )
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "starting afresh" in first.stdout and "resuming" in second.stdout
     result = lambda out: out.strip().splitlines()[-1].split("; ")[-1]

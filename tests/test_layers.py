@@ -1,16 +1,20 @@
 """Layers: shape agreement, whole-network gradients against plain jnp, keys, dropout, errors."""
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import funcnet as fn
 
 KEY = jax.random.PRNGKey(0)
-ACTIVATIONS = {"sigmoid": (fn.sigmoid, jax.nn.sigmoid), "tanh": (fn.tanh, jnp.tanh),
-               "relu": (fn.relu, jax.nn.relu), "linear": (fn.linear, lambda x: x)}
+ACTIVATIONS = {
+    "sigmoid": (fn.sigmoid, jax.nn.sigmoid),
+    "tanh": (fn.tanh, jnp.tanh),
+    "relu": (fn.relu, jax.nn.relu),
+    "linear": (fn.linear, lambda x: x),
+}
 
 
 def _check_shape_agreement(layer, input_shape, key=None):
@@ -65,8 +69,11 @@ def test_network_gradient_equals_plain_jnp_and_finite_differences(activation, lo
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), ours, plain)
     # finite differences along random directions in the whole parameter tree
     flat, unravel = ravel_pytree(params)
-    fn.check_vjp(lambda f: loss_fn(net.apply(unravel(f), x), y),
-                 lambda f: plain_loss(_plain_net([(q.W, q.B) for q in unravel(f)], x, plain_act), y), flat)
+    fn.check_vjp(
+        lambda f: loss_fn(net.apply(unravel(f), x), y),
+        lambda f: plain_loss(_plain_net([(q.W, q.B) for q in unravel(f)], x, plain_act), y),
+        flat,
+    )
 
 
 def test_same_key_same_params_different_keys_differ():
@@ -130,7 +137,11 @@ def test_user_defined_layer_composes():
 
 
 BAD = [
-    (lambda: fn.Dense(3).init(KEY, (5,)), ValueError, r"Dense\(3, sigmoid\): input_shape must be 2-D \(batch, num_in\), got \(5,\)"),
+    (
+        lambda: fn.Dense(3).init(KEY, (5,)),
+        ValueError,
+        r"Dense\(3, sigmoid\): input_shape must be 2-D \(batch, num_in\), got \(5,\)",
+    ),
     (lambda: fn.Dense(0), ValueError, "neurons must be >= 1, got 0"),
     (lambda: fn.Dense(-2), ValueError, "neurons must be >= 1, got -2"),
     (lambda: fn.Dense(2.5), TypeError, "neurons must be an int"),
@@ -152,11 +163,15 @@ def test_bad_construction_gets_a_clear_error(call, error, message):
 def test_apply_errors_name_the_layer_inside_serial():
     net = fn.serial(fn.Dense(4), fn.serial(fn.Dense(3), fn.Dense(2)))
     _, params = net.init(KEY, (-1, 5))
-    with pytest.raises(ValueError, match=r"serial: layer 0 \(Dense\(4, sigmoid\)\): weight_multiply: x has 6 features but W expects 5"):
+    with pytest.raises(
+        ValueError, match=r"serial: layer 0 \(Dense\(4, sigmoid\)\): weight_multiply: x has 6 features but W expects 5"
+    ):
         jax.jit(net.apply)(params, jnp.ones((2, 6)))
     other = fn.serial(fn.Dense(4), fn.serial(fn.Dense(3), fn.Dense(7)))
     _, other_params = other.init(KEY, (-1, 5))
-    with pytest.raises(ValueError, match=r"serial: layer 1.1 \(Dense\(2, sigmoid\)\): params.W must have 2 output columns"):
+    with pytest.raises(
+        ValueError, match=r"serial: layer 1.1 \(Dense\(2, sigmoid\)\): params.W must have 2 output columns"
+    ):
         net.apply(other_params, jnp.ones((2, 5)))
     with pytest.raises(TypeError, match="params must be a tuple with one entry per layer"):
         net.apply(params[:1], jnp.ones((2, 5)))

@@ -11,11 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_sweep import compilations
 
 import funcnet as fn
 from funcnet import checkpoint
 from funcnet.train import checkpointing
-from test_sweep import compilations
 
 HERE = Path(__file__).resolve().parent
 KEY = jax.random.PRNGKey(1)
@@ -35,8 +35,16 @@ PARAMS = _net().init(jax.random.PRNGKey(0), (-1, 5))[1]
 def _fit(checkpoint_dir=None, net=None, params=PARAMS, optimizer=None, **kw):
     args = dict(epochs=9, batch_size=16, eval_every=2, patience=50, key=KEY, metrics={"accuracy": fn.accuracy})
     args.update(kw)
-    return fn.fit(net or _net(), fn.softmax_cross_entropy, optimizer or fn.adam(0.01), params, TRAIN, EVAL,
-                  checkpoint_dir=checkpoint_dir, **args)
+    return fn.fit(
+        net or _net(),
+        fn.softmax_cross_entropy,
+        optimizer or fn.adam(0.01),
+        params,
+        TRAIN,
+        EVAL,
+        checkpoint_dir=checkpoint_dir,
+        **args,
+    )
 
 
 def _equal(a, b):
@@ -159,8 +167,11 @@ OTHER_RUNS = {
 @pytest.mark.parametrize("what", OTHER_RUNS)
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, what):
     _fit(tmp_path, epochs=9, checkpoint_every=3)
-    with pytest.raises(ValueError, match=rf"holds a checkpoint of another run \(checkpoint-000009.safetensors\): "
-                                         rf".*{what}.* there, .* here"):
+    with pytest.raises(
+        ValueError,
+        match=rf"holds a checkpoint of another run \(checkpoint-000009.safetensors\): "
+        rf".*{what}.* there, .* here",
+    ):
         _fit(tmp_path, **OTHER_RUNS[what])
 
 
@@ -170,10 +181,13 @@ def test_another_loss_or_data_shape_is_refused(tmp_path):
     one_hot = np.eye(3)[Y]
     run = lambda y, loss: fn.fit(net, loss, fn.sgd(0.1), params, (X, y), epochs=2, key=KEY, checkpoint_dir=tmp_path)
     run(one_hot, fn.mean_squared_error)
-    with pytest.raises(ValueError, match="loss: .*mean_squared_error there, .*softmax_cross_entropy here"):
+    with pytest.raises(ValueError, match=r"loss: .*mean_squared_error there, .*softmax_cross_entropy here"):
         run(one_hot, fn.softmax_cross_entropy)
-    with pytest.raises(ValueError, match=r"train data: float64\[100, 5\] / float64\[100, 3\] there, "
-                                         r"float64\[100, 5\] / int32\[100\] here"):
+    with pytest.raises(
+        ValueError,
+        match=r"train data: float64\[100, 5\] / float64\[100, 3\] there, "
+        r"float64\[100, 5\] / int32\[100\] here",
+    ):
         run(Y, fn.softmax_cross_entropy)
 
 
@@ -186,10 +200,16 @@ def test_leftover_temporary_files_are_removed_and_never_read(tmp_path):
 def test_writes_follow_the_posix_recipe(tmp_path, monkeypatch):
     calls = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: calls.append(("fsync", os.path.isdir(
-        os.readlink(f"/proc/self/fd/{fd}")))) or real_fsync(fd))
-    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: calls.append(("rename", Path(a).name.startswith(
-        ".funcnet-"))) or real_replace(a, b))
+    monkeypatch.setattr(
+        checkpoint.os,
+        "fsync",
+        lambda fd: calls.append(("fsync", os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        checkpoint.os,
+        "replace",
+        lambda a, b: calls.append(("rename", Path(a).name.startswith(".funcnet-"))) or real_replace(a, b),
+    )
     fn.save(tmp_path / "p.safetensors", PARAMS)
     # the temporary file is synced, renamed into place, then the directory is synced
     assert calls == [("fsync", False), ("rename", True), ("fsync", True)]
@@ -221,8 +241,9 @@ def test_evaluation_in_batches_equals_one_pass():
     for size in (7, 10):  # a remainder of 2, none
         batched = _fit(epochs=6, eval_batch_size=size)
         np.testing.assert_allclose(batched.history.eval_loss, whole.history.eval_loss, rtol=1e-12)
-        np.testing.assert_allclose(batched.history.eval_metrics["accuracy"],
-                                   whole.history.eval_metrics["accuracy"], rtol=1e-12)
+        np.testing.assert_allclose(
+            batched.history.eval_metrics["accuracy"], whole.history.eval_metrics["accuracy"], rtol=1e-12
+        )
         _equal(batched.params, whole.params)
 
 
@@ -254,7 +275,15 @@ def test_a_file_where_the_directory_should_be_is_rejected(tmp_path):
 
 def test_metrics_need_eval_data_and_checkpoints_need_concrete_values(tmp_path):
     with pytest.raises(ValueError, match=r"metrics \['accuracy'\] are computed on eval_data"):
-        fn.fit(_net(), fn.softmax_cross_entropy, fn.sgd(0.1), PARAMS, TRAIN, epochs=2, key=KEY,
-               metrics={"accuracy": fn.accuracy})
+        fn.fit(
+            _net(),
+            fn.softmax_cross_entropy,
+            fn.sgd(0.1),
+            PARAMS,
+            TRAIN,
+            epochs=2,
+            key=KEY,
+            metrics={"accuracy": fn.accuracy},
+        )
     with pytest.raises(ValueError, match="checkpoint_dir needs concrete values"):
         jax.jit(lambda lr: _fit(tmp_path, optimizer=fn.sgd(lr)).params)(0.1)

@@ -37,8 +37,12 @@ def test_losses_match_reference_and_finite_differences(dtype, batch, features):
     fn.check_vjp(fn.softmax_cross_entropy, ce_reference, logits, one_hot)
     # Integer labels: the same value and logits gradient, a float0 cotangent for the labels.
     np.testing.assert_allclose(fn.softmax_cross_entropy(logits, labels), ce_reference(logits, one_hot), rtol=1e-6)
-    fn.check_vjp(fn.softmax_cross_entropy, lambda l, t: ce_reference(l, jax.nn.one_hot(t, features, dtype=l.dtype)),
-                 logits, labels)
+    fn.check_vjp(
+        fn.softmax_cross_entropy,
+        lambda logits, t: ce_reference(logits, jax.nn.one_hot(t, features, dtype=logits.dtype)),
+        logits,
+        labels,
+    )
 
 
 def test_integer_labels_get_a_float0_cotangent():
@@ -83,14 +87,19 @@ def test_mse_target_gets_the_negated_gradient():
 
 
 def test_losses_under_jit_vmap_and_second_order():
-    logits, labels, one_hot = _data(6, 4, np.float64)
-    for loss, target, ref in [(fn.softmax_cross_entropy, one_hot, ce_reference),
-                              (fn.mean_squared_error, one_hot, mse_reference)]:
+    logits, _, one_hot = _data(6, 4, np.float64)
+    for loss, target, ref in [
+        (fn.softmax_cross_entropy, one_hot, ce_reference),
+        (fn.mean_squared_error, one_hot, mse_reference),
+    ]:
         np.testing.assert_allclose(jax.jit(jax.grad(loss))(logits, target), jax.grad(ref)(logits, target), rtol=1e-12)
         batched = jax.vmap(jax.grad(loss))(logits[:, None], target[:, None])
-        np.testing.assert_allclose(batched[:, 0], jax.vmap(jax.grad(ref))(logits[:, None], target[:, None])[:, 0], rtol=1e-12)
-        np.testing.assert_allclose(jax.jacrev(jax.grad(loss))(logits, target),
-                                   jax.hessian(ref)(logits, target), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(
+            batched[:, 0], jax.vmap(jax.grad(ref))(logits[:, None], target[:, None])[:, 0], rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            jax.jacrev(jax.grad(loss))(logits, target), jax.hessian(ref)(logits, target), rtol=1e-9, atol=1e-14
+        )
 
 
 def test_check_vjp_catches_a_wrong_loss_gradient():
@@ -100,22 +109,40 @@ def test_check_vjp_catches_a_wrong_loss_gradient():
     def wrong_mse(p, t):
         return mse_reference(p, t)
 
-    wrong_mse.defvjp(lambda p, t: (mse_reference(p, t), p - t),
-                     lambda d, g: (g * 2 * d, -g * 2 * d))  # forgot to divide by rows
+    wrong_mse.defvjp(
+        lambda p, t: (mse_reference(p, t), p - t), lambda d, g: (g * 2 * d, -g * 2 * d)
+    )  # forgot to divide by rows
     with pytest.raises(AssertionError, match="argument 0 disagree"):
         fn.check_vjp(wrong_mse, mse_reference, logits, one_hot)
 
 
 BAD = [
-    (lambda: fn.mean_squared_error(jnp.ones((4, 1)), jnp.ones((4,))), ValueError,
-     r"mean_squared_error: prediction and target must have the same shape.*\(4, 1\).*\(4,\)"),
-    (lambda: fn.mean_squared_error(jnp.ones((4, 1)), jnp.ones((4, 1), jnp.int32)), TypeError,
-     "target must have a floating dtype, got int32"),
-    (lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.ones((4, 2))), ValueError,
-     r"one-hot target must have the shape of logits, \(4, 3\), got \(4, 2\)"),
-    (lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros((4, 1), jnp.int32)), ValueError,
-     r"integer target must hold one class index per row of logits \(logits.shape=\(4, 3\)\), shape \(4,\), got \(4, 1\)"),
-    (lambda: fn.softmax_cross_entropy(jnp.ones(3), jnp.zeros((1,), jnp.int32)), ValueError, "logits must be at least 2-D"),
+    (
+        lambda: fn.mean_squared_error(jnp.ones((4, 1)), jnp.ones((4,))),
+        ValueError,
+        r"mean_squared_error: prediction and target must have the same shape.*\(4, 1\).*\(4,\)",
+    ),
+    (
+        lambda: fn.mean_squared_error(jnp.ones((4, 1)), jnp.ones((4, 1), jnp.int32)),
+        TypeError,
+        "target must have a floating dtype, got int32",
+    ),
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.ones((4, 2))),
+        ValueError,
+        r"one-hot target must have the shape of logits, \(4, 3\), got \(4, 2\)",
+    ),
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros((4, 1), jnp.int32)),
+        ValueError,
+        r"integer target must hold one class index per row of logits \(logits.shape=\(4, 3\)\), "
+        r"shape \(4,\), got \(4, 1\)",
+    ),
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones(3), jnp.zeros((1,), jnp.int32)),
+        ValueError,
+        "logits must be at least 2-D",
+    ),
 ]
 
 
@@ -139,12 +166,17 @@ def test_sequence_losses_average_over_every_position(dtype):
     labels = rng.integers(0, 5, (3, 4)).astype(np.int32)
     one_hot = np.eye(5, dtype=dtype)[labels]
     flat = lambda a: a.reshape(12, *a.shape[2:])
-    np.testing.assert_allclose(fn.softmax_cross_entropy(logits, labels),
-                               fn.softmax_cross_entropy(flat(logits), flat(labels)), rtol=1e-6)
-    sequence_ce = lambda l, t: -jnp.sum(t * jax.nn.log_softmax(l, axis=-1)) / 12
+    np.testing.assert_allclose(
+        fn.softmax_cross_entropy(logits, labels), fn.softmax_cross_entropy(flat(logits), flat(labels)), rtol=1e-6
+    )
+    sequence_ce = lambda logits, t: -jnp.sum(t * jax.nn.log_softmax(logits, axis=-1)) / 12
     fn.check_vjp(fn.softmax_cross_entropy, sequence_ce, logits, one_hot)
-    fn.check_vjp(fn.softmax_cross_entropy, lambda l, t: sequence_ce(l, jax.nn.one_hot(t, 5, dtype=l.dtype)),
-                 logits, labels)
+    fn.check_vjp(
+        fn.softmax_cross_entropy,
+        lambda logits, t: sequence_ce(logits, jax.nn.one_hot(t, 5, dtype=logits.dtype)),
+        logits,
+        labels,
+    )
     target = rng.standard_normal((3, 4, 5)).astype(dtype)
     fn.check_vjp(fn.mean_squared_error, lambda p, t: jnp.sum((p - t) ** 2) / 12, logits, target)
     np.testing.assert_allclose(fn.accuracy(logits, labels), np.mean(logits.argmax(-1) == labels), rtol=1e-6)
@@ -152,8 +184,11 @@ def test_sequence_losses_average_over_every_position(dtype):
 
 
 def test_sequence_loss_shapes_are_checked():
-    with pytest.raises(ValueError, match=r"integer target must hold one class index per row of logits "
-                                         r"\(logits.shape=\(2, 3, 4\)\), shape \(2, 3\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"integer target must hold one class index per row of logits "
+        r"\(logits.shape=\(2, 3, 4\)\), shape \(2, 3\), got \(2, 4\)",
+    ):
         fn.softmax_cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"accuracy: target must have shape \(2, 3\) \(integer labels\)"):
         fn.accuracy(jnp.ones((2, 3, 4)), jnp.zeros((2,), jnp.int32))

@@ -20,8 +20,9 @@ def reference(x, gamma, beta, eps=1e-5):
 
 def _args(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    return (3 * rng.standard_normal(shape) + 1).astype(dtype), *(rng.standard_normal(shape[-1:]).astype(dtype)
-                                                                   for _ in range(2))
+    return (3 * rng.standard_normal(shape) + 1).astype(dtype), *(
+        rng.standard_normal(shape[-1:]).astype(dtype) for _ in range(2)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -58,19 +59,32 @@ def test_layer_norm_layer_shapes_values_and_second_order():
     assert fn.LayerNorm(1e-6) == fn.LayerNorm(1e-6) != fn.LayerNorm()
     x, g, b = _args((3, 4), np.float64)
     scalar = lambda f: lambda x: jnp.sum(jnp.sin(f(x, g, b)))
-    np.testing.assert_allclose(jax.jacrev(jax.grad(scalar(fn.layer_norm)))(x), jax.hessian(scalar(reference))(x),
-                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        jax.jacrev(jax.grad(scalar(fn.layer_norm)))(x), jax.hessian(scalar(reference))(x), rtol=1e-8, atol=1e-10
+    )
 
 
 BAD = [
-    (lambda: fn.layer_norm(jnp.ones((2, 4)), jnp.ones(3), jnp.zeros(4)), ValueError,
-     r"layer_norm: gamma must have shape \(features,\) = \(4,\) for x.shape=\(2, 4\), got \(3,\)"),
-    (lambda: fn.layer_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=0.0), ValueError,
-     "layer_norm: eps must be > 0.0"),
-    (lambda: fn.layer_norm(jnp.ones((2, 4), jnp.int32), jnp.ones(4), jnp.zeros(4)), TypeError,
-     "layer_norm: x must have a floating dtype"),
-    (lambda: fn.layer_norm(jnp.ones((2, 4), jnp.float32), jnp.ones(4), jnp.zeros(4)), TypeError,
-     "layer_norm: x and gamma must share a dtype"),
+    (
+        lambda: fn.layer_norm(jnp.ones((2, 4)), jnp.ones(3), jnp.zeros(4)),
+        ValueError,
+        r"layer_norm: gamma must have shape \(features,\) = \(4,\) for x.shape=\(2, 4\), got \(3,\)",
+    ),
+    (
+        lambda: fn.layer_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=0.0),
+        ValueError,
+        "layer_norm: eps must be > 0.0",
+    ),
+    (
+        lambda: fn.layer_norm(jnp.ones((2, 4), jnp.int32), jnp.ones(4), jnp.zeros(4)),
+        TypeError,
+        "layer_norm: x must have a floating dtype",
+    ),
+    (
+        lambda: fn.layer_norm(jnp.ones((2, 4), jnp.float32), jnp.ones(4), jnp.zeros(4)),
+        TypeError,
+        "layer_norm: x and gamma must share a dtype",
+    ),
     (lambda: fn.LayerNorm().init(KEY, (5,)), ValueError, r"LayerNorm\(eps=1e-05\): input_shape must be at least 2-D"),
     (lambda: fn.LayerNorm(-1.0), ValueError, "LayerNorm: eps must be > 0.0"),
 ]

@@ -23,17 +23,24 @@ def _away_from_zero(seed, shape, dtype):
 
 # name -> (op, plain jnp reference, args(batch, features, dtype))
 OPS = {
-    "weight_multiply": (fn.weight_multiply, lambda x, W: x @ W,
-                        lambda b, f, d: (_normal(0, (b, f), d), _normal(1, (f, 3), d))),
-    "bias_add": (fn.bias_add, lambda x, B: x + B,
-                 lambda b, f, d: (_normal(0, (b, f), d), _normal(1, (1, f), d))),
+    "weight_multiply": (
+        fn.weight_multiply,
+        lambda x, W: x @ W,
+        lambda b, f, d: (_normal(0, (b, f), d), _normal(1, (f, 3), d)),
+    ),
+    "bias_add": (fn.bias_add, lambda x, B: x + B, lambda b, f, d: (_normal(0, (b, f), d), _normal(1, (1, f), d))),
     "sigmoid": (fn.sigmoid, lambda x: 1 / (1 + jnp.exp(-x)), lambda b, f, d: (_normal(0, (b, f), d),)),
     "tanh": (fn.tanh, jnp.tanh, lambda b, f, d: (_normal(0, (b, f), d),)),
     "relu": (fn.relu, lambda x: jnp.maximum(x, 0), lambda b, f, d: (_away_from_zero(0, (b, f), d),)),
     "linear": (fn.linear, lambda x: x, lambda b, f, d: (_normal(0, (b, f), d),)),
-    "dropout": (fn.dropout, lambda x, m: x * m,
-                lambda b, f, d: (_normal(0, (b, f), d),
-                                 np.where(np.random.default_rng(1).random((b, f)) < 0.7, 1 / 0.7, 0.0).astype(d))),
+    "dropout": (
+        fn.dropout,
+        lambda x, m: x * m,
+        lambda b, f, d: (
+            _normal(0, (b, f), d),
+            np.where(np.random.default_rng(1).random((b, f)) < 0.7, 1 / 0.7, 0.0).astype(d),
+        ),
+    ),
 }
 
 
@@ -64,10 +71,9 @@ def test_op_under_jit_vmap_scan_and_second_order(name):
 
     # inside lax.scan: the gradient of a running sum over three steps
     def scanned(f):
-        return lambda a0: jax.lax.scan(lambda c, _: (c + jnp.sum(f(a0, *args[1:]) ** 2), None),
-                                       0.0, None, length=3)[0]
-    np.testing.assert_allclose(jax.grad(scanned(op))(args[0]), jax.grad(scanned(reference))(args[0]),
-                               rtol=1e-10)
+        return lambda a0: jax.lax.scan(lambda c, _: (c + jnp.sum(f(a0, *args[1:]) ** 2), None), 0.0, None, length=3)[0]
+
+    np.testing.assert_allclose(jax.grad(scanned(op))(args[0]), jax.grad(scanned(reference))(args[0]), rtol=1e-10)
     # second order: reverse-over-reverse through the hand-written backward
     h = jax.jacrev(jax.grad(lambda a0: scalar(a0, *args[1:])))(args[0])
     h_ref = jax.jacrev(jax.grad(lambda a0: scalar_ref(a0, *args[1:])))(args[0])
@@ -90,12 +96,14 @@ def test_relu_gradient_at_zero_is_zero():
 
 def _book_relu():
     """The book's ReLU backward: the mask is taken on the clipped output (always >= 0)."""
+
     @jax.custom_vjp
     def book_relu(x):
         return jnp.maximum(x, 0)
 
-    book_relu.defvjp(lambda x: (book_relu(x), book_relu(x)),
-                     lambda output, output_grad: (jnp.where(output >= 0, output_grad, 0.0),))
+    book_relu.defvjp(
+        lambda x: (book_relu(x), book_relu(x)), lambda output, output_grad: (jnp.where(output >= 0, output_grad, 0.0),)
+    )
     return book_relu
 
 
@@ -137,16 +145,24 @@ def test_check_vjp_finite_differences_catch_a_wrong_reference_too():
 
 
 BAD = [
-    (lambda: fn.weight_multiply(jnp.ones((4, 3)), jnp.ones((5, 2))), ValueError,
-     r"weight_multiply: x has 3 features but W expects 5 \(x.shape=\(4, 3\), W.shape=\(5, 2\)\)."),
+    (
+        lambda: fn.weight_multiply(jnp.ones((4, 3)), jnp.ones((5, 2))),
+        ValueError,
+        r"weight_multiply: x has 3 features but W expects 5 \(x.shape=\(4, 3\), W.shape=\(5, 2\)\).",
+    ),
     (lambda: fn.weight_multiply(jnp.ones(3), jnp.ones((3, 2))), ValueError, "x must be 2-D"),
-    (lambda: fn.weight_multiply(jnp.ones((4, 3), jnp.int32), jnp.ones((3, 2))), TypeError,
-     "x must have a floating dtype, got int32"),
-    (lambda: fn.weight_multiply(jnp.ones((4, 3), jnp.float32), jnp.ones((3, 2))), TypeError,
-     "x and W must share a dtype, got float32 and float64"),
+    (
+        lambda: fn.weight_multiply(jnp.ones((4, 3), jnp.int32), jnp.ones((3, 2))),
+        TypeError,
+        "x must have a floating dtype, got int32",
+    ),
+    (
+        lambda: fn.weight_multiply(jnp.ones((4, 3), jnp.float32), jnp.ones((3, 2))),
+        TypeError,
+        "x and W must share a dtype, got float32 and float64",
+    ),
     (lambda: fn.weight_multiply([[1.0, 2.0]], jnp.ones((2, 2))), TypeError, "x must be an array"),
-    (lambda: fn.bias_add(jnp.ones((4, 3)), jnp.ones((3,))), ValueError,
-     r"bias_add: B must have shape \(1, 3\)"),
+    (lambda: fn.bias_add(jnp.ones((4, 3)), jnp.ones((3,))), ValueError, r"bias_add: B must have shape \(1, 3\)"),
     (lambda: fn.bias_add(jnp.ones((4, 3)), jnp.ones((1, 2))), ValueError, r"got \(1, 2\)"),
     (lambda: fn.sigmoid(jnp.arange(3)), TypeError, "sigmoid: x must have a floating dtype"),
     (lambda: fn.dropout(jnp.ones((2, 3)), jnp.ones((3, 2))), ValueError, "dropout: mask must have the shape"),

@@ -32,7 +32,7 @@ def test_the_books_adagrad():
     params, sums = PARAMS, jax.tree_util.tree_map(np.zeros_like, PARAMS)
     for _ in range(3):
         params_new, state = optimizer.update(GRADS, state, params)
-        sums = jax.tree_util.tree_map(lambda s, g: s + 1e-7 + g ** 2, sums, GRADS)
+        sums = jax.tree_util.tree_map(lambda s, g: s + 1e-7 + g**2, sums, GRADS)
         params = jax.tree_util.tree_map(lambda p, s, g: p - 0.01 / np.sqrt(s) * g, params, sums, GRADS)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), params_new, params)
 
@@ -48,5 +48,5 @@ def test_normal_initializer_is_a_value():
     w = fn.normal(0.01)(key, (300, 300), jnp.float64)
     np.testing.assert_allclose(np.std(w), 0.01, rtol=0.02)
     assert fn.normal(0.01) == fn.normal(0.01) and fn.normal(0.01) != fn.normal(0.02)
-    with pytest.raises(ValueError, match="normal: stddev must be > 0.0"):
+    with pytest.raises(ValueError, match=r"normal: stddev must be > 0\.0"):
         fn.normal(0.0)

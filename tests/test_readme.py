@@ -17,8 +17,14 @@ BASH = re.findall(r"```bash\n(.*?)```", README, re.S)
 @pytest.mark.parametrize("index", range(len(PYTHON)))
 def test_python_block_runs(index, tmp_path):
     """Run in a fresh interpreter, as a user pasting it would (default JAX settings)."""
-    done = subprocess.run([sys.executable, "-c", PYTHON[index]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", PYTHON[index]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, f"README block {index}:\n{PYTHON[index]}\n{done.stderr}"
 
 

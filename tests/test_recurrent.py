@@ -15,9 +15,11 @@ KEY = jax.random.PRNGKey(0)
 
 def _time_major(f):
     """Run ``f(state, x_t) -> (state, h_t)`` over (batch, time, V) and return (batch, time, H), state."""
+
     def run(x, state):
         state, hs = lax.scan(f, state, jnp.swapaxes(x, 0, 1))
         return jnp.swapaxes(hs, 0, 1), state
+
     return run
 
 
@@ -25,6 +27,7 @@ def rnn_reference(x, W, B, h0):
     def step(h, x_t):
         h = jnp.tanh(jnp.concatenate([x_t, h], axis=-1) @ W + B)
         return h, h
+
     return _time_major(step)(x, h0)[0]
 
 
@@ -36,6 +39,7 @@ def lstm_reference(x, W_f, B_f, W_i, B_i, W_c, B_c, W_o, B_o, h0, c0):
         c = f * c + i * jnp.tanh(z @ W_c + B_c)
         h = o * jnp.tanh(c)
         return (h, c), h
+
     hs, (_, c) = _time_major(step)(x, (h0, c0))
     return hs, c
 
@@ -49,6 +53,7 @@ def gru_reference(x, W_xr, W_hr, B_r, W_xu, W_hu, B_u, W_xh, W_hh, B_h, h0, *, b
         h_bar = jnp.tanh(x_t @ W_xh + (r * h) @ W_hh + B_h)
         h = u * h + (1 - u) * h_bar
         return h, h
+
     return _time_major(step)(x, h0)[0]
 
 
@@ -59,15 +64,27 @@ def _lstm(x, *args):
 
 
 OPS = {
-    "rnn": (lambda x, W, B, *h0: fn.rnn(x, fn.RNNParams(W, B), *h0), rnn_reference, 1,
-            lambda v, h: [(v + h, h), (1, h)]),
+    "rnn": (
+        lambda x, W, B, *h0: fn.rnn(x, fn.RNNParams(W, B), *h0),
+        rnn_reference,
+        1,
+        lambda v, h: [(v + h, h), (1, h)],
+    ),
     "lstm": (_lstm, lstm_reference, 2, lambda v, h: [(v + h, h), (1, h)] * 4),
-    "gru": (lambda x, *a: fn.gru(x, fn.GRUParams(*a[:9]), *a[9:]), gru_reference, 1,
-            lambda v, h: [(v, h), (h, h), (1, h)] * 3),
+    "gru": (
+        lambda x, *a: fn.gru(x, fn.GRUParams(*a[:9]), *a[9:]),
+        gru_reference,
+        1,
+        lambda v, h: [(v, h), (h, h), (1, h)] * 3,
+    ),
 }
 # (batch, time, V, H, initial states given); `pytest -m slow` adds two more
-SHAPES = [(1, 1, 3, 4, True), (3, 5, 2, 3, False), pytest.param(2, 1, 4, 2, False, marks=pytest.mark.slow),
-          pytest.param(1, 6, 2, 3, True, marks=pytest.mark.slow)]
+SHAPES = [
+    (1, 1, 3, 4, True),
+    (3, 5, 2, 3, False),
+    pytest.param(2, 1, 4, 2, False, marks=pytest.mark.slow),
+    pytest.param(1, 6, 2, 3, True, marks=pytest.mark.slow),
+]
 
 
 def _args(name, batch, time, inputs, hidden, dtype, seed=0):
@@ -94,6 +111,7 @@ def test_bptt_matches_the_scan_reference_and_finite_differences(name, dtype, bat
 def _book_gru():
     """The book's GRUNode as published, in funcnet's terms (no output projection: the op's
     output gradient is the book's ``X_out_grad @ W_v.T``, the carried one its ``H_out_grad``)."""
+
     def forward(x, W_xr, W_hr, B_r, W_xu, W_hu, B_u, W_xh, W_hh, B_h, h0):
         return gru_reference(x, W_xr, W_hr, B_r, W_xu, W_hu, B_u, W_xh, W_hh, B_h, h0, book_update_gate=True)
 
@@ -114,16 +132,30 @@ def _book_gru():
             dh_out = g + H_out_grad  # computed ...
             del dh_out  # ... and not used: the book's backward uses H_out_grad below
             du = h_in * H_out_grad - h_bar * H_out_grad
-            dh_bar_int = (1 - u) * H_out_grad * (1 - h_bar ** 2)
+            dh_bar_int = (1 - u) * H_out_grad * (1 - h_bar**2)
             dh_reset = dh_bar_int @ W_hh.T
             dr_int = dh_reset * h_in * r * (1 - r)
             du_int = du * u * (1 - u)
             dx = dh_bar_int @ W_xh.T + du_int @ W_xu.T + dr_int @ W_xr.T
             dh_in = dh_reset * r + du_int @ W_hu.T + dr_int @ W_hr.T  # no u * dh_out
-            acc = [a + d for a, d in zip(acc, [x_t.T @ dr_int, h_in.T @ dr_int, dr_int.sum(0, keepdims=True),
-                                               x_t.T @ du_int, h_in.T @ du_int, du_int.sum(0, keepdims=True),
-                                               x_t.T @ dh_bar_int, (r * h_in).T @ dh_bar_int,
-                                               dh_bar_int.sum(0, keepdims=True)])]
+            acc = [
+                a + d
+                for a, d in zip(
+                    acc,
+                    [
+                        x_t.T @ dr_int,
+                        h_in.T @ dr_int,
+                        dr_int.sum(0, keepdims=True),
+                        x_t.T @ du_int,
+                        h_in.T @ du_int,
+                        du_int.sum(0, keepdims=True),
+                        x_t.T @ dh_bar_int,
+                        (r * h_in).T @ dh_bar_int,
+                        dh_bar_int.sum(0, keepdims=True),
+                    ],
+                    strict=True,
+                )
+            ]
             return (dh_in, acc), dx
 
         hs = forward(*args)
@@ -159,12 +191,18 @@ def test_jit_vmap_and_reverse_over_reverse(name):
     args = (x, *params, *states)
     argnums = tuple(range(len(args)))
     grads = jax.jit(jax.grad(scalar(op), argnums))(*args)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
-                           grads, jax.jit(jax.grad(scalar(reference), argnums))(*args))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+        grads,
+        jax.jit(jax.grad(scalar(reference), argnums))(*args),
+    )
     stacked = [jnp.stack([a, 0.5 * a]) for a in args]
     batched = jax.jit(jax.vmap(jax.grad(scalar(op), argnums)))(*stacked)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a[1], b, rtol=1e-10, atol=1e-13), batched,
-                           jax.jit(jax.grad(scalar(reference), argnums))(*(0.5 * a for a in args)))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a[1], b, rtol=1e-10, atol=1e-13),
+        batched,
+        jax.jit(jax.grad(scalar(reference), argnums))(*(0.5 * a for a in args)),
+    )
     hessian = jax.jit(jax.jacrev(jax.grad(lambda x: scalar(op)(x, *args[1:]))))(x)
     expected = jax.jit(jax.hessian(lambda x: scalar(reference)(x, *args[1:])))(x)
     np.testing.assert_allclose(hessian, expected, rtol=1e-9, atol=1e-12)
@@ -173,7 +211,7 @@ def test_jit_vmap_and_reverse_over_reverse(name):
 def _bad(name, **override):
     x, params, states = _args(name, 2, 3, 4, 5, np.float64)
     kind = {"rnn": fn.RNNParams, "lstm": fn.LSTMParams, "gru": fn.GRUParams}[name]
-    call = dict(x=x, params=kind(*params), **dict(zip(("h0", "c0"), states)))
+    call = dict(x=x, params=kind(*params), **dict(zip(("h0", "c0"), states, strict=False)))
     call.update(override)
     x, params = call.pop("x"), call.pop("params")
     return getattr(fn, name)(x, params, **call)
@@ -183,7 +221,11 @@ BAD = [
     (dict(x=np.ones((2, 4))), ValueError, r"x must be 3-D \(batch, time, features\), got shape \(2, 4\)"),
     (dict(x=np.ones((2, 3, 5))), ValueError, r"params\.\w+ must have shape .* for x with 5 features and 5 hidden"),
     (dict(x=np.ones((2, 3, 4), np.int32)), TypeError, "x must have a floating dtype, got int32"),
-    (dict(x=np.ones((2, 3, 4), np.float32)), TypeError, r"x and params\.\w+ must share a dtype, got float32 and float64"),
+    (
+        dict(x=np.ones((2, 3, 4), np.float32)),
+        TypeError,
+        r"x and params\.\w+ must share a dtype, got float32 and float64",
+    ),
     (dict(x=np.ones((2, 0, 4))), ValueError, "x must have at least one row and one time step"),
     (dict(h0=np.ones((3, 5))), ValueError, r"h0 must have shape \(batch, H\) = \(2, 5\), got \(3, 5\)"),
     (dict(h0=[[0.0] * 5] * 2), TypeError, "h0 must be an array"),
@@ -281,7 +323,7 @@ def test_fit_trains_on_sequences_with_a_masked_last_batch_like_a_loop_over_train
     for e in range(2):
         order = epoch_order(KEY, e, 23)[0]
         for b in range(3):  # 8, 8 and a last batch of 7
-            index = order[b * 8:(b + 1) * 8]
+            index = order[b * 8 : (b + 1) * 8]
             p, state, _ = step(p, state, x[index], y[index], None)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), result.params, p)
 
@@ -289,11 +331,11 @@ def test_fit_trains_on_sequences_with_a_masked_last_batch_like_a_loop_over_train
 @pytest.mark.parametrize("name", OPS)
 def test_check_vjp_catches_a_perturbed_backward(name):
     """Each op's check must fail when its backward is wrong by a little."""
-    op, reference, _, _ = OPS[name]
+    _, reference, _, _ = OPS[name]
     core, fwd, bwd = (getattr(recurrent, f"_{name}{part}") for part in ("", "_fwd", "_bwd"))
     wrong = jax.custom_vjp(core)
     wrong.defvjp(fwd, lambda r, g: jax.tree_util.tree_map(lambda c: 1.001 * c, bwd(r, g)))
     x, params, states = _args(name, 2, 3, 2, 3, np.float64)
     kind = {"rnn": fn.RNNParams, "lstm": fn.LSTMParams, "gru": fn.GRUParams}[name]
     with pytest.raises(AssertionError, match="disagree"):
-        fn.check_vjp(lambda x, *a: wrong(x, kind(*a[:len(params)]), *a[len(params):]), reference, x, *params, *states)
+        fn.check_vjp(lambda x, *a: wrong(x, kind(*a[: len(params)]), *a[len(params) :]), reference, x, *params, *states)

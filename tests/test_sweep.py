@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import funcnet as fn
 
@@ -47,8 +46,11 @@ def compilations():
 
 
 def _net(width=16):
-    return fn.serial(fn.Dense(width, fn.tanh, w_init=fn.glorot_normal, b_init=fn.zeros), fn.Dropout(0.1),
-                     fn.Dense(3, fn.linear, w_init=fn.glorot_normal, b_init=fn.zeros))
+    return fn.serial(
+        fn.Dense(width, fn.tanh, w_init=fn.glorot_normal, b_init=fn.zeros),
+        fn.Dropout(0.1),
+        fn.Dense(3, fn.linear, w_init=fn.glorot_normal, b_init=fn.zeros),
+    )
 
 
 # Fresh optimizers of each kind, built from numbers: each kind is swept over other numbers.
@@ -66,9 +68,21 @@ POINTS = (1.0, 0.5, 1.5)
 def _fit(optimizer, width=16, **kw):
     net = _net(width)
     _, params = net.init(KEY, (-1, 6))
-    return fn.fit(net, fn.softmax_cross_entropy, optimizer, params, (X, LABELS), (X[:30], LABELS[:30]),
-                  epochs=4, batch_size=16, eval_every=2, patience=3, key=KEY,
-                  metrics={"accuracy": fn.accuracy}, **kw)
+    return fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        optimizer,
+        params,
+        (X, LABELS),
+        (X[:30], LABELS[:30]),
+        epochs=4,
+        batch_size=16,
+        eval_every=2,
+        patience=3,
+        key=KEY,
+        metrics={"accuracy": fn.accuracy},
+        **kw,
+    )
 
 
 def test_equal_constructor_calls_give_equal_values():
@@ -147,8 +161,13 @@ def test_swept_results_equal_fits_run_in_a_fresh_process(tmp_path):
         swept[f"{kind}-{a}"] = np.asarray(_fit(OPTIMIZERS[kind](a)).params[0].W)
     path = tmp_path / "fresh.npz"
     code = SCRIPT.format(tests=str(ROOT / "tests"), points=points, path=str(path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = np.load(path)
     for name, value in swept.items():
@@ -160,7 +179,7 @@ def test_hyperparameters_traced_under_vmap_still_train_an_ensemble():
     many = jax.jit(jax.vmap(lambda lr: _fit(fn.momentum(lr, 0.9)).params))(rates)
     for i, lr in enumerate([0.05, 0.1, 0.2]):
         single = _fit(fn.momentum(lr, 0.9)).params
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-10), many, single)
+        jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-10), many, single)
 
 
 def test_a_building_block_made_from_a_traced_number_compares_by_identity():

@@ -1,11 +1,11 @@
 """fit and train_step against the book's NumPy trainer, a Python loop, and their own promises."""
 
+import book_reference as book
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import book_reference as book
 import funcnet as fn
 from funcnet import train
 
@@ -24,12 +24,13 @@ def _mlp(hidden=5, out=1, activation=fn.sigmoid):
 
 
 def _book_net(params, loss, activations=(book.Sigmoid, book.Linear)):
-    return book.NeuralNetwork([book.Dense(np.asarray(p.W), np.asarray(p.B), act())
-                               for p, act in zip(params, activations)], loss)
+    return book.NeuralNetwork(
+        [book.Dense(np.asarray(p.W), np.asarray(p.B), act()) for p, act in zip(params, activations, strict=True)], loss
+    )
 
 
 def _assert_params_close(ours, book_net, rtol=1e-10):
-    for p, layer in zip(ours, book_net.layers):
+    for p, layer in zip(ours, book_net.layers, strict=True):
         np.testing.assert_allclose(p.W, layer.params[0], rtol=rtol, atol=1e-12)
         np.testing.assert_allclose(p.B, layer.params[1], rtol=rtol, atol=1e-12)
 
@@ -43,8 +44,7 @@ def test_fit_equals_the_books_trainer_with_sgd(batch_size):
     x, y = _regression()
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    result = fn.fit(net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=7,
-                    batch_size=batch_size, key=KEY)
+    result = fn.fit(net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=7, batch_size=batch_size, key=KEY)
     reference = book.Trainer(_book_net(params, book.MeanSquaredError()), book.SGD(0.05), _order(KEY, 50))
     reference.fit(x, y, None, None, epochs=7, batch_size=batch_size)
     _assert_params_close(result.params, reference.net)
@@ -58,10 +58,21 @@ def test_fit_equals_the_books_trainer_with_momentum_decay_and_cross_entropy():
     _, params = net.init(KEY, (-1, 6))
     epochs, batches = 6, 3  # 45 rows in batches of 16: 16, 16, 13
     schedule = fn.linear_decay(0.1, 0.01, epochs - 1, every=batches)
-    result = fn.fit(net, fn.softmax_cross_entropy, fn.momentum(schedule, 0.9), params, (x, labels),
-                    epochs=epochs, batch_size=16, key=KEY)
-    reference = book.Trainer(_book_net(params, book.SoftmaxCrossEntropy(), (book.Tanh, book.Linear)),
-                             book.SGDMomentum(0.1, final_lr=0.01, decay_type="linear", momentum=0.9), _order(KEY, 45))
+    result = fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.momentum(schedule, 0.9),
+        params,
+        (x, labels),
+        epochs=epochs,
+        batch_size=16,
+        key=KEY,
+    )
+    reference = book.Trainer(
+        _book_net(params, book.SoftmaxCrossEntropy(), (book.Tanh, book.Linear)),
+        book.SGDMomentum(0.1, final_lr=0.01, decay_type="linear", momentum=0.9),
+        _order(KEY, 45),
+    )
     reference.fit(x, np.eye(3)[labels], None, None, epochs=epochs, batch_size=16)
     _assert_params_close(result.params, reference.net)
 
@@ -72,16 +83,27 @@ def test_early_stop_restores_the_best_model_like_the_book():
     eval_y = -eval_y  # learning the training targets makes the eval loss rise
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    result = fn.fit(net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), (eval_x, eval_y),
-                    epochs=30, batch_size=8, eval_every=1, key=KEY)
+    result = fn.fit(
+        net,
+        fn.mean_squared_error,
+        fn.sgd(0.05),
+        params,
+        (x, y),
+        (eval_x, eval_y),
+        epochs=30,
+        batch_size=8,
+        eval_every=1,
+        key=KEY,
+    )
     reference = book.Trainer(_book_net(params, book.MeanSquaredError()), book.SGD(0.05), _order(KEY, 50))
     reference.fit(x, y, eval_x, eval_y, epochs=30, eval_every=1, batch_size=8)
     assert int(result.stopped_epoch) == reference.stopped_epoch < 30
     assert int(result.best_epoch) == reference.stopped_epoch - 1
     _assert_params_close(result.params, reference.net)
     # best_epoch reproduces params: the same key, that many epochs, no eval data
-    again = fn.fit(net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=int(result.best_epoch),
-                   batch_size=8, key=KEY)
+    again = fn.fit(
+        net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=int(result.best_epoch), batch_size=8, key=KEY
+    )
     jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, result.params)
 
 
@@ -96,7 +118,7 @@ def test_fit_equals_a_python_loop_over_train_step():
     for e in range(3):
         order, dropout_key = train.epoch_order(KEY, e, 48)
         for b in range(4):
-            index = order[b * 12:(b + 1) * 12]
+            index = order[b * 12 : (b + 1) * 12]
             p, state, _ = step(p, state, x[index], y[index], jax.random.fold_in(dropout_key, b))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), result.params, p)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), result.opt_state, state)
@@ -107,8 +129,20 @@ def _eval_run(patience=0, min_delta=0.0, epochs=40):
     eval_x, eval_y = _regression(30, seed=5)
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    return fn.fit(net, fn.mean_squared_error, fn.sgd(0.3), params, (x, y), (eval_x, -eval_y), epochs=epochs,
-                  batch_size=10, eval_every=2, patience=patience, min_delta=min_delta, key=KEY)
+    return fn.fit(
+        net,
+        fn.mean_squared_error,
+        fn.sgd(0.3),
+        params,
+        (x, y),
+        (eval_x, -eval_y),
+        epochs=epochs,
+        batch_size=10,
+        eval_every=2,
+        patience=patience,
+        min_delta=min_delta,
+        key=KEY,
+    )
 
 
 def test_patience_and_min_delta():
@@ -120,7 +154,7 @@ def test_patience_and_min_delta():
         assert int(r.best_epoch) == int(r.history.eval_epoch[best])
     # patience 0 stops at the first evaluation that does not improve; patience 2 at the third in a row
     assert int(patient.stopped_epoch) == int(strict.stopped_epoch) + 4
-    assert np.isnan(np.asarray(strict.history.train_loss)[int(strict.stopped_epoch):]).all()
+    assert np.isnan(np.asarray(strict.history.train_loss)[int(strict.stopped_epoch) :]).all()
     # a huge min_delta: only the first evaluation counts as an improvement
     picky = _eval_run(patience=0, min_delta=1e6)
     assert int(picky.best_epoch) == 2 and int(picky.stopped_epoch) == 4
@@ -130,12 +164,23 @@ def test_prefix_property_and_resume():
     x, y = _regression()
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    run = lambda **kw: fn.fit(net, fn.mean_squared_error, fn.momentum(0.05), params, (x, y), batch_size=8,
-                              key=KEY, **kw)
+    run = lambda **kw: fn.fit(
+        net, fn.mean_squared_error, fn.momentum(0.05), params, (x, y), batch_size=8, key=KEY, **kw
+    )
     long, short = run(epochs=12), run(epochs=5)
     np.testing.assert_array_equal(long.history.train_loss[:5], short.history.train_loss)
-    resumed = fn.fit(net, fn.mean_squared_error, fn.momentum(0.05), short.params, (x, y), batch_size=8, key=KEY,
-                     epochs=12, start_epoch=5, opt_state=short.opt_state)
+    resumed = fn.fit(
+        net,
+        fn.mean_squared_error,
+        fn.momentum(0.05),
+        short.params,
+        (x, y),
+        batch_size=8,
+        key=KEY,
+        epochs=12,
+        start_epoch=5,
+        opt_state=short.opt_state,
+    )
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), resumed.params, long.params)
     np.testing.assert_allclose(resumed.history.train_loss, long.history.train_loss[5:], rtol=1e-12)
 
@@ -148,8 +193,7 @@ def test_fit_compiles_once_for_new_data_of_the_same_shapes():
     fn.fit(net, fn.mean_squared_error, optimizer, params, (x, y), epochs=2, batch_size=8, key=KEY)
     size = train.program.segment._cache_size()
     x2, y2 = _regression(seed=3)
-    fn.fit(net, fn.mean_squared_error, optimizer, params, (x2, y2), epochs=2, batch_size=8,
-           key=jax.random.PRNGKey(9))
+    fn.fit(net, fn.mean_squared_error, optimizer, params, (x2, y2), epochs=2, batch_size=8, key=jax.random.PRNGKey(9))
     assert train.program.segment._cache_size() == size
 
 
@@ -161,14 +205,34 @@ def test_vmap_over_keys_and_learning_rates_equals_separate_fits():
     rates = jnp.array([0.01, 0.03, 0.1, 0.3])
 
     def one(key, lr):
-        return fn.fit(net, fn.mean_squared_error, fn.sgd(lr), params, (x, y), (x[:20], y[:20]),
-                      epochs=6, eval_every=2, batch_size=8, key=key)
+        return fn.fit(
+            net,
+            fn.mean_squared_error,
+            fn.sgd(lr),
+            params,
+            (x, y),
+            (x[:20], y[:20]),
+            epochs=6,
+            eval_every=2,
+            batch_size=8,
+            key=key,
+        )
 
     ensemble = jax.jit(jax.vmap(one))(keys, rates)
     for i in range(4):
-        single = fn.fit(net, fn.mean_squared_error, fn.sgd(float(rates[i])), params, (x, y), (x[:20], y[:20]),
-                        epochs=6, eval_every=2, batch_size=8, key=keys[i])
-        member = jax.tree_util.tree_map(lambda a: a[i], ensemble)
+        single = fn.fit(
+            net,
+            fn.mean_squared_error,
+            fn.sgd(float(rates[i])),
+            params,
+            (x, y),
+            (x[:20], y[:20]),
+            epochs=6,
+            eval_every=2,
+            batch_size=8,
+            key=keys[i],
+        )
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], ensemble)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), member, single)
 
 
@@ -188,8 +252,9 @@ def test_drop_last_uses_only_full_batches():
     x, y = _regression()
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    result = fn.fit(net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=1, batch_size=8,
-                    drop_last=True, key=KEY)
+    result = fn.fit(
+        net, fn.mean_squared_error, fn.sgd(0.05), params, (x, y), epochs=1, batch_size=8, drop_last=True, key=KEY
+    )
     order = _order(KEY, 50)(0)[:48]
     reference = book.Trainer(_book_net(params, book.MeanSquaredError()), book.SGD(0.05), lambda e: order)
     reference.fit(x, y, None, None, epochs=1, batch_size=8)
@@ -208,8 +273,9 @@ def _bad_fit(**override):
     x, y = _regression()
     net = _mlp()
     _, params = net.init(KEY, (-1, 4))
-    args = dict(net=net, loss=fn.mean_squared_error, optimizer=fn.sgd(0.1), params=params, train_data=(x, y),
-                epochs=2, key=KEY)
+    args = dict(
+        net=net, loss=fn.mean_squared_error, optimizer=fn.sgd(0.1), params=params, train_data=(x, y), epochs=2, key=KEY
+    )
     args.update(override)
     return fn.fit(**args)
 
@@ -217,8 +283,16 @@ def _bad_fit(**override):
 X, Y = _regression()
 BAD = [
     (dict(train_data=(X, Y[:-1])), ValueError, "fit: train_data x has 50 rows but y has 49"),
-    (dict(train_data=(X[:, :3], Y)), ValueError, "fit: train_data does not fit the network and loss: .*x has 3 features but W expects 4"),
-    (dict(train_data=(X.astype(np.int32), Y)), TypeError, "train_data does not fit the network.*x must have a floating dtype"),
+    (
+        dict(train_data=(X[:, :3], Y)),
+        ValueError,
+        "fit: train_data does not fit the network and loss: .*x has 3 features but W expects 4",
+    ),
+    (
+        dict(train_data=(X.astype(np.int32), Y)),
+        TypeError,
+        "train_data does not fit the network.*x must have a floating dtype",
+    ),
     (dict(train_data=(X.astype(bool), Y)), TypeError, "train_data x must have a floating or integer dtype"),
     (dict(train_data=(np.where(np.arange(50)[:, None] == 7, np.nan, X), Y)), ValueError, r"x must be finite.*row 7"),
     (dict(train_data=(X, Y[:, 0])), ValueError, "prediction and target must have the same shape"),
@@ -249,11 +323,13 @@ def test_bad_input_is_rejected_before_compiling(override, error, message):
 
 
 def test_bad_optimizer_hyperparameters():
-    for call, message in [(lambda: fn.sgd(0.0), "learning_rate must be > 0.0"),
-                          (lambda: fn.sgd(float("nan")), "learning_rate must be finite"),
-                          (lambda: fn.momentum(0.1, 1.5), "momentum must be >= 0.0 and < 1.0"),
-                          (lambda: fn.adam(b2=1.0), "b2 must be"),
-                          (lambda: fn.sgd(0.1, clip_norm=0.0), "clip_norm must be > 0.0"),
-                          (lambda: fn.linear_decay(0.1, 0.01, 0), "steps must be >= 1")]:
+    for call, message in [
+        (lambda: fn.sgd(0.0), "learning_rate must be > 0.0"),
+        (lambda: fn.sgd(float("nan")), "learning_rate must be finite"),
+        (lambda: fn.momentum(0.1, 1.5), "momentum must be >= 0.0 and < 1.0"),
+        (lambda: fn.adam(b2=1.0), "b2 must be"),
+        (lambda: fn.sgd(0.1, clip_norm=0.0), "clip_norm must be > 0.0"),
+        (lambda: fn.linear_decay(0.1, 0.01, 0), "steps must be >= 1"),
+    ]:
         with pytest.raises(ValueError, match=message):
             call()

@@ -14,4 +14,4 @@ from funcnet.train.fitting import fit
 from funcnet.train.program import FitResult, History, train_step
 from funcnet.train.shuffle import epoch_order
 
-__all__ = ["fit", "train_step", "FitResult", "History", "epoch_order"]
+__all__ = ["FitResult", "History", "epoch_order", "fit", "train_step"]

@@ -38,7 +38,7 @@ import numpy as np
 from funcnet import checkpoint
 from funcnet._values import Method
 
-__all__ = ["prepare", "fingerprint", "describe", "restore", "store"]
+__all__ = ["describe", "fingerprint", "prepare", "restore", "store"]
 
 FORMAT = "funcnet.fit/1"
 KEEP = 2
@@ -62,8 +62,12 @@ def describe(value: Any) -> str:
     """A description of a building block that is the same in every process (no addresses)."""
     if isinstance(value, Method):
         return describe(value.owner)
-    if isinstance(value, tuple) and value and all(isinstance(v, Method) for v in value) and \
-            len({id(v.owner) for v in value}) == 1:  # a Layer or Optimizer of one spec
+    if (
+        isinstance(value, tuple)
+        and value
+        and all(isinstance(v, Method) for v in value)
+        and len({id(v.owner) for v in value}) == 1
+    ):  # a Layer or Optimizer of one spec
         return describe(value[0])
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = ", ".join(f"{f.name}={describe(getattr(value, f.name))}" for f in dataclasses.fields(value))
@@ -90,22 +94,38 @@ def _digest(tree: Any) -> str:
 
 
 def _shapes(tree: Any) -> str:
-    return ", ".join(f"{jax.tree_util.keystr(p)}: {np.dtype(leaf.dtype)}{list(np.shape(leaf))}"
-                     for p, leaf in jax.tree_util.tree_leaves_with_path(tree))
+    return ", ".join(
+        f"{jax.tree_util.keystr(p)}: {np.dtype(leaf.dtype)}{list(np.shape(leaf))}"
+        for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    )
 
 
-def fingerprint(*, net: Any, loss: Any, optimizer: Any, metrics: dict[str, Any], params: Any, opt_state: Any,
-                train_data: tuple[Any, Any], eval_data: tuple[Any, Any] | None, key: jax.Array,
-                **arguments: Any) -> dict[str, str]:
+def fingerprint(
+    *,
+    net: Any,
+    loss: Any,
+    optimizer: Any,
+    metrics: dict[str, Any],
+    params: Any,
+    opt_state: Any,
+    train_data: tuple[Any, Any],
+    eval_data: tuple[Any, Any] | None,
+    key: jax.Array,
+    **arguments: Any,
+) -> dict[str, str]:
     """What identifies a run: two calls with equal fingerprints compute the same training."""
     key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = lambda pair: "none" if pair is None else " / ".join(
-        f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair)
+    data = lambda pair: "none" if pair is None else " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair)
     described = {
-        "network": describe(net), "loss": describe(loss), "optimizer": describe(optimizer),
-        "metrics": describe(metrics), "params": _shapes(params), "initial params": _digest(params),
+        "network": describe(net),
+        "loss": describe(loss),
+        "optimizer": describe(optimizer),
+        "metrics": describe(metrics),
+        "params": _shapes(params),
+        "initial params": _digest(params),
         "initial opt_state": "fresh" if opt_state is None else _digest(opt_state),
-        "train data": data(train_data), "eval data": data(eval_data),
+        "train data": data(train_data),
+        "eval data": data(eval_data),
         "key": str(np.asarray(key_data).tolist()),
         **{name: repr(value) for name, value in arguments.items()},
     }
@@ -139,8 +159,11 @@ def store(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
 
 def _differences(stored: dict[str, str], run: dict[str, str]) -> str:
     keys = sorted(set(stored) | set(run))
-    return "; ".join(f"{k}: {stored.get(k, '(absent)')} there, {run.get(k, '(absent)')} here"
-                     for k in keys if stored.get(k) != run.get(k))
+    return "; ".join(
+        f"{k}: {stored.get(k, '(absent)')} there, {run.get(k, '(absent)')} here"
+        for k in keys
+        if stored.get(k) != run.get(k)
+    )
 
 
 def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
@@ -150,20 +173,29 @@ def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
         try:
             arrays, metadata = checkpoint.read("fit", path)
             if metadata.get("format") != FORMAT or metadata.get("crc32") != _crc(arrays):
-                raise ValueError(f"fit: {str(path)!r} is torn or not a funcnet fit checkpoint (its CRC-32 or "
-                                 "format does not match).")
+                raise ValueError(
+                    f"fit: {str(path)!r} is torn or not a funcnet fit checkpoint (its CRC-32 or format does not match)."
+                )
             stored = json.loads(metadata["run"])
         except (ValueError, KeyError) as error:
             if i + 1 < len(found):
-                warnings.warn(f"fit: skipping the unreadable checkpoint {str(path)!r} ({error}); resuming from "
-                              f"{str(found[i + 1][1])!r}.", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"fit: skipping the unreadable checkpoint {str(path)!r} ({error}); resuming from "
+                    f"{str(found[i + 1][1])!r}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 continue
-            raise ValueError(f"fit: no readable checkpoint in {str(directory)!r}: the newest, "
-                             f"{str(found[0][1])!r}, cannot be read ({error}). Delete the directory to start "
-                             "afresh.") from error
+            raise ValueError(
+                f"fit: no readable checkpoint in {str(directory)!r}: the newest, "
+                f"{str(found[0][1])!r}, cannot be read ({error}). Delete the directory to start "
+                "afresh."
+            ) from error
         if stored != run:
-            raise ValueError(f"fit: checkpoint_dir {str(directory)!r} holds a checkpoint of another run "
-                             f"({path.name}): {_differences(stored, run)}. Use another directory, or delete "
-                             "this one to start afresh.")
+            raise ValueError(
+                f"fit: checkpoint_dir {str(directory)!r} holds a checkpoint of another run "
+                f"({path.name}): {_differences(stored, run)}. Use another directory, or delete "
+                "this one to start afresh."
+            )
         return checkpoint.unflatten("fit", str(path), arrays, like)
     return None

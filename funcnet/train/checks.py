@@ -20,8 +20,15 @@ from funcnet._values import combine, partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 
-__all__ = ["check_parts", "check_data", "check_fits_network", "check_key", "check_params", "check_metrics",
-           "check_flags"]
+__all__ = [
+    "check_data",
+    "check_fits_network",
+    "check_flags",
+    "check_key",
+    "check_metrics",
+    "check_params",
+    "check_parts",
+]
 
 
 def check_parts(fn: str, net: Any, loss: Any, optimizer: Any) -> None:
@@ -30,8 +37,10 @@ def check_parts(fn: str, net: Any, loss: Any, optimizer: Any) -> None:
     if not callable(loss):
         raise TypeError(f"{fn}: loss must be a callable (prediction, target) -> scalar, got {type(loss).__name__}.")
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"{fn}: optimizer must be an Optimizer(init, update), e.g. funcnet.sgd(0.01), "
-                        f"got {type(optimizer).__name__}.")
+        raise TypeError(
+            f"{fn}: optimizer must be an Optimizer(init, update), e.g. funcnet.sgd(0.01), "
+            f"got {type(optimizer).__name__}."
+        )
 
 
 def check_data(name: str, data: Any) -> tuple[Any, Any]:
@@ -43,13 +52,16 @@ def check_data(name: str, data: Any) -> tuple[Any, Any]:
     for part, array in ((f"{name} x", x), (f"{name} y", y)):
         _checks.array(fn, part, array)
         if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
-            raise TypeError(f"{fn}: {part} must have a floating or integer dtype (integers: labels or token "
-                            f"ids), got {array.dtype}.")
+            raise TypeError(
+                f"{fn}: {part} must have a floating or integer dtype (integers: labels or token "
+                f"ids), got {array.dtype}."
+            )
     if x.ndim < 2 and not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{fn}: {name} x must be at least 2-D (rows, features...), got shape {tuple(x.shape)}.")
     if x.ndim < 1 or y.ndim < 1:
-        raise ValueError(f"{fn}: {name} x and y must have a row axis, got shapes {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}.")
+        raise ValueError(
+            f"{fn}: {name} x and y must have a row axis, got shapes {tuple(x.shape)} and {tuple(y.shape)}."
+        )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{fn}: {name} x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
     if x.shape[0] == 0:
@@ -59,8 +71,9 @@ def check_data(name: str, data: Any) -> tuple[Any, Any]:
             continue  # traced data (fit under vmap of the data) cannot be inspected here
         with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
             if not bool(_all_finite(array)):
-                raise ValueError(f"{fn}: {part} must be finite, got NaN or Inf values "
-                                 f"(first at row {int(_first_bad_row(array))}).")
+                raise ValueError(
+                    f"{fn}: {part} must be finite, got NaN or Inf values (first at row {int(_first_bad_row(array))})."
+                )
     return x, y
 
 
@@ -74,8 +87,9 @@ def _first_bad_row(a):
     return jnp.argmax(~jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1))
 
 
-def check_fits_network(name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any,
-                       batch: int) -> jax.ShapeDtypeStruct:
+def check_fits_network(
+    name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any, batch: int
+) -> jax.ShapeDtypeStruct:
     """Trace (not compile) the network, loss and metrics on one batch's shapes; re-raise clearly.
 
     Returns the loss's shape and dtype. The answer depends on shapes and on the building blocks
@@ -108,14 +122,17 @@ def _trace_network(name, net, loss, metrics, params, x, y):
         raise type(error)(f"fit: {name} does not fit the network and loss: {error}") from error
     for what, out in (("loss", value), *((f"metric {n!r}", v) for n, v in values.items())):
         if getattr(out, "shape", None) != ():
-            raise ValueError(f"fit: the {what} must return a scalar (a mean over rows), got "
-                             f"{getattr(out, 'shape', type(out).__name__)}.")
+            raise ValueError(
+                f"fit: the {what} must return a scalar (a mean over rows), got "
+                f"{getattr(out, 'shape', type(out).__name__)}."
+            )
     return value
 
 
 def check_key(key: Any) -> None:
-    if not isinstance(key, jax.Array) or not (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                               or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
+    if not isinstance(key, jax.Array) or not (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
+    ):
         raise TypeError(f"fit: key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}.")
 
 
@@ -130,15 +147,20 @@ def check_metrics(metrics: Any, monitor: Any, mode: Any, has_eval: bool) -> dict
     """``metrics`` maps names to callables; ``monitor`` is ``"loss"`` or one of them; ``mode`` min or max."""
     metrics = {} if metrics is None else metrics
     if not isinstance(metrics, dict):
-        raise TypeError(f"fit: metrics must be a dict from name to (prediction, target) -> scalar, got "
-                        f"{type(metrics).__name__}.")
+        raise TypeError(
+            f"fit: metrics must be a dict from name to (prediction, target) -> scalar, got {type(metrics).__name__}."
+        )
     for name, metric in metrics.items():
         if not isinstance(name, str) or name == "loss":
-            raise ValueError(f"fit: metrics names must be strings other than 'loss' (the eval loss is always "
-                             f"recorded), got {name!r}.")
+            raise ValueError(
+                f"fit: metrics names must be strings other than 'loss' (the eval loss is always "
+                f"recorded), got {name!r}."
+            )
         if not callable(metric):
-            raise TypeError(f"fit: metrics[{name!r}] must be a callable (prediction, target) -> scalar, got "
-                            f"{type(metric).__name__}.")
+            raise TypeError(
+                f"fit: metrics[{name!r}] must be a callable (prediction, target) -> scalar, got "
+                f"{type(metric).__name__}."
+            )
     if metrics and not has_eval:
         raise ValueError(f"fit: metrics {sorted(metrics)} are computed on eval_data, which was not given.")
     if not isinstance(monitor, str) or (monitor != "loss" and monitor not in metrics):

@@ -11,7 +11,8 @@ bit, and a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,8 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.train import checkpointing, checks
+from funcnet.train.program import Config, FitResult, batch_sharding, check_divisible, fresh_state, result, segment
 from funcnet.train.progress import bar
-from funcnet.train.program import (Config, FitResult, batch_sharding, check_divisible, fresh_state, result,
-                                   segment)
 
 __all__ = ["fit"]
 
@@ -33,14 +33,34 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 Metric = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
-        train_data: tuple[jax.Array, jax.Array], eval_data: tuple[jax.Array, jax.Array] | None = None, *,
-        epochs: int, batch_size: int = 32, eval_every: int = 10, patience: int = 0,
-        min_delta: float = 0.0, key: jax.Array, shuffle: bool = True, drop_last: bool = False,
-        progress: bool = False, opt_state: Any = None, start_epoch: int = 0,
-        metrics: dict[str, Metric] | None = None, monitor: str = "loss", mode: str = "min",
-        eval_batch_size: int = 10_000, checkpoint_dir: Any = None, checkpoint_every: int = 1,
-        mesh: Mesh | None = None, data_axis: str = "data") -> FitResult:
+def fit(
+    net: Layer,
+    loss: Loss,
+    optimizer: Optimizer,
+    params: Params,
+    train_data: tuple[jax.Array, jax.Array],
+    eval_data: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    eval_every: int = 10,
+    patience: int = 0,
+    min_delta: float = 0.0,
+    key: jax.Array,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    progress: bool = False,
+    opt_state: Any = None,
+    start_epoch: int = 0,
+    metrics: dict[str, Metric] | None = None,
+    monitor: str = "loss",
+    mode: str = "min",
+    eval_batch_size: int = 10_000,
+    checkpoint_dir: Any = None,
+    checkpoint_every: int = 1,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
     Args:
@@ -100,42 +120,68 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
     value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
     if eval_data is not None:
         eval_x, eval_y = checks.check_data("eval_data", eval_data)
-        checks.check_fits_network("eval_data", net, loss, metrics, params, eval_x, eval_y,
-                                  min(eval_x.shape[0], eval_batch_size))
+        checks.check_fits_network(
+            "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
+        )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
-            raise ValueError(f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
-                             f"{start_epoch + 1}..{epochs}; lower it or drop eval_data.")
+            raise ValueError(
+                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
+                f"{start_epoch + 1}..{epochs}; lower it or drop eval_data."
+            )
     else:
         eval_x = eval_y = None
     if opt_state is not None:
         expected = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
         if jax.tree_util.tree_structure(opt_state) != expected:
-            raise TypeError(f"fit: opt_state does not belong to this optimizer and params: expected "
-                            f"{expected}, got {jax.tree_util.tree_structure(opt_state)}.")
+            raise TypeError(
+                f"fit: opt_state does not belong to this optimizer and params: expected "
+                f"{expected}, got {jax.tree_util.tree_structure(opt_state)}."
+            )
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
     directory = None
     if checkpoint_dir is not None:
-        traced = [a for a in jax.tree_util.tree_leaves((params, opt_state, x, y, eval_x, eval_y, key, min_delta,
-                                                         partition(optimizer)[0])) if not _checks.is_concrete(a)]
+        traced = [
+            a
+            for a in jax.tree_util.tree_leaves(
+                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0])
+            )
+            if not _checks.is_concrete(a)
+        ]
         if traced:
             raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
         directory = checkpointing.prepare(checkpoint_dir)
 
     masked = rows % batch_size != 0 and not drop_last
-    config = Config(rows, batch_size, math.ceil(rows / batch_size) if masked else rows // batch_size, epochs,
-                    eval_every, patience, bool(shuffle), masked, 0 if eval_x is None else eval_x.shape[0],
-                    eval_batch_size, tuple(metrics), monitor, mode == "max", jnp.dtype(value.dtype).name,
-                    bool(progress), mesh, data_axis)
+    config = Config(
+        rows,
+        batch_size,
+        math.ceil(rows / batch_size) if masked else rows // batch_size,
+        epochs,
+        eval_every,
+        patience,
+        bool(shuffle),
+        masked,
+        0 if eval_x is None else eval_x.shape[0],
+        eval_batch_size,
+        tuple(metrics),
+        monitor,
+        mode == "max",
+        jnp.dtype(value.dtype).name,
+        bool(progress),
+        mesh,
+        data_axis,
+    )
     hyper, static = partition((net, loss, optimizer, metrics))
     # Device arrays once, so segments move no data; the user's arrays are not touched.
     x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
     if mesh is not None:
         params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
-    run = lambda state, stop: segment(state, hyper, x, y, eval_x, eval_y, key, min_delta, stop,
-                                      static=static, config=config)
+    run = lambda state, stop: segment(
+        state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
+    )
     if directory is None:
         with bar(config.progress, epochs, start_epoch):
             state = run(state, epochs)
@@ -144,11 +190,27 @@ def fit(net: Layer, loss: Loss, optimizer: Optimizer, params: Params,
                 jax.effects_barrier()
         return result(state, start_epoch, config=config)
     run_id = checkpointing.fingerprint(
-        net=net, loss=loss, optimizer=optimizer, metrics=metrics, params=params, opt_state=opt_state,
-        train_data=(x, y), eval_data=None if eval_x is None else (eval_x, eval_y), key=key, epochs=epochs,
-        start_epoch=start_epoch, batch_size=batch_size, eval_every=eval_every, patience=patience,
-        min_delta=float(min_delta), shuffle=bool(shuffle), drop_last=bool(drop_last), monitor=monitor, mode=mode,
-        eval_batch_size=eval_batch_size)
+        net=net,
+        loss=loss,
+        optimizer=optimizer,
+        metrics=metrics,
+        params=params,
+        opt_state=opt_state,
+        train_data=(x, y),
+        eval_data=None if eval_x is None else (eval_x, eval_y),
+        key=key,
+        epochs=epochs,
+        start_epoch=start_epoch,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        patience=patience,
+        min_delta=float(min_delta),
+        shuffle=bool(shuffle),
+        drop_last=bool(drop_last),
+        monitor=monitor,
+        mode=mode,
+        eval_batch_size=eval_batch_size,
+    )
     restored = checkpointing.restore(directory, state, run_id)
     if restored is not None:
         state = restored if mesh is None else jax.device_put(restored, NamedSharding(mesh, PartitionSpec()))

@@ -27,7 +27,8 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,18 @@ from funcnet._values import Static, combine
 from funcnet.train import progress
 from funcnet.train.shuffle import epoch_order
 
-__all__ = ["History", "FitResult", "Config", "TrainState", "fresh_state", "segment", "result", "train_step",
-           "batch_sharding", "check_divisible"]
+__all__ = [
+    "Config",
+    "FitResult",
+    "History",
+    "TrainState",
+    "batch_sharding",
+    "check_divisible",
+    "fresh_state",
+    "result",
+    "segment",
+    "train_step",
+]
 
 Params = Any
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -59,12 +70,12 @@ class History(NamedTuple):
 class FitResult(NamedTuple):
     """What ``fit`` returns (a pytree, so ``vmap``-ed fits return stacked results)."""
 
-    params: Params        # with eval data: the best evaluation's; without: the final (last finite) ones
-    opt_state: Any        # the optimizer state that goes with ``params``'s training run
+    params: Params  # with eval data: the best evaluation's; without: the final (last finite) ones
+    opt_state: Any  # the optimizer state that goes with ``params``'s training run
     history: History
-    best_epoch: jax.Array     # epochs trained when ``params`` was taken
+    best_epoch: jax.Array  # epochs trained when ``params`` was taken
     stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
-    diverged: jax.Array       # a training or eval loss was not finite
+    diverged: jax.Array  # a training or eval loss was not finite
 
 
 class Config(NamedTuple):
@@ -78,12 +89,12 @@ class Config(NamedTuple):
     patience: int
     shuffle: bool
     masked: bool
-    eval_rows: int            # 0 without eval data
+    eval_rows: int  # 0 without eval data
     eval_batch_size: int
     metrics: tuple[str, ...]
     monitor: str
     maximize: bool
-    dtype: str                # of the losses and metrics
+    dtype: str  # of the losses and metrics
     progress: bool
     mesh: Mesh | None
     data_axis: str
@@ -98,17 +109,17 @@ class TrainState(NamedTuple):
 
     params: Params
     opt_state: Any
-    best_params: Params       # with eval data: the best evaluation's (else None: ``params`` is it)
+    best_params: Params  # with eval data: the best evaluation's (else None: ``params`` is it)
     best_opt_state: Any
-    best: jax.Array           # the best monitored value so far
+    best: jax.Array  # the best monitored value so far
     best_epoch: jax.Array
-    bad_evals: jax.Array      # evaluations in a row without improvement
+    bad_evals: jax.Array  # evaluations in a row without improvement
     stopped: jax.Array
     stopped_epoch: jax.Array
     diverged: jax.Array
-    epoch: jax.Array          # the next epoch to train
-    train_loss: jax.Array     # (epochs,)
-    eval_loss: jax.Array      # (evaluations,)
+    epoch: jax.Array  # the next epoch to train
+    train_loss: jax.Array  # (epochs,)
+    eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
 
 
@@ -119,8 +130,7 @@ def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], 
     if not isinstance(mesh, Mesh):
         raise TypeError(f"{fn}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     if data_axis not in mesh.axis_names:
-        raise ValueError(f"{fn}: data_axis {data_axis!r} is not an axis of the mesh, whose axes are "
-                         f"{mesh.axis_names}.")
+        raise ValueError(f"{fn}: data_axis {data_axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}.")
     sharding = NamedSharding(mesh, PartitionSpec(data_axis))
     return lambda a: lax.with_sharding_constraint(a, sharding)
 
@@ -128,8 +138,10 @@ def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], 
 def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -> None:
     devices = mesh.shape[data_axis]
     if size % devices:
-        raise ValueError(f"{fn}: {what} ({size}) must divide by the {devices} devices of mesh axis "
-                         f"{data_axis!r}; choose a multiple of {devices}.")
+        raise ValueError(
+            f"{fn}: {what} ({size}) must divide by the {devices} devices of mesh axis "
+            f"{data_axis!r}; choose a multiple of {devices}."
+        )
 
 
 def _batch_loss(net, loss: Loss, masked: bool):
@@ -186,10 +198,21 @@ def _fresh_state(params, opt_state, start_epoch, hyper, *, static: Static, confi
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
     return TrainState(
-        params, opt_state, params if has_eval else None, opt_state if has_eval else None,
-        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype), int_(start_epoch), int_(0), jnp.asarray(False),
-        int_(c.epochs), jnp.asarray(False), int_(start_epoch), _nan((c.epochs,), dtype),
-        _nan((c.evaluations,), dtype), {name: _nan((c.evaluations,), dtype) for name in c.metrics})
+        params,
+        opt_state,
+        params if has_eval else None,
+        opt_state if has_eval else None,
+        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
+        int_(start_epoch),
+        int_(0),
+        jnp.asarray(False),
+        int_(c.epochs),
+        jnp.asarray(False),
+        int_(start_epoch),
+        _nan((c.epochs,), dtype),
+        _nan((c.evaluations,), dtype),
+        {name: _nan((c.evaluations,), dtype) for name in c.metrics},
+    )
 
 
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
@@ -216,13 +239,14 @@ def _evaluate(net, loss, metrics, params, eval_x, eval_y, config: Config) -> dic
     zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
     total, _ = lax.scan(add, zero, (batched(eval_x), batched(eval_y)))
     if rest:
-        last = means(eval_x[full * size:], eval_y[full * size:])
+        last = means(eval_x[full * size :], eval_y[full * size :])
         total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
     return jax.tree_util.tree_map(lambda t: t / rows, total)
 
 
-def _segment(state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, stop, *, static: Static,
-             config: Config) -> TrainState:
+def _segment(
+    state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, stop, *, static: Static, config: Config
+) -> TrainState:
     c = config
     net, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
@@ -243,10 +267,13 @@ def _segment(state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, sto
             params, opt_state = carry
             index, b = batch
             mask = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
-            value, grads = value_and_grad(params, shard(x[index]), shard(y[index]), mask,
-                                          jax.random.fold_in(dropout_key, b))
+            value, grads = value_and_grad(
+                params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b)
+            )
             params, opt_state = optimizer.update(grads, opt_state, params)
-            return (params, opt_state), value.astype(dtype) * (jnp.sum(mask).astype(dtype) if c.masked else c.batch_size)
+            return (params, opt_state), value.astype(dtype) * (
+                jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
+            )
 
         (params, opt_state), sums = lax.scan(step, (s.params, s.opt_state), (batches, jnp.arange(c.batches)))
         train_loss = jnp.sum(sums) / used_rows
@@ -256,10 +283,16 @@ def _segment(state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, sto
         if not has_eval:
             values = {"loss": _nan((), dtype)}
             keep = finite  # a diverged epoch's params are dropped: the result is the last finite
-            new = s._replace(params=_select(keep, params, s.params), opt_state=_select(keep, opt_state, s.opt_state),
-                             best_epoch=jnp.where(keep, e + 1, s.best_epoch), stopped=~finite,
-                             stopped_epoch=jnp.where(finite, s.stopped_epoch, e + 1), diverged=~finite,
-                             epoch=e + 1, train_loss=history)
+            new = s._replace(
+                params=_select(keep, params, s.params),
+                opt_state=_select(keep, opt_state, s.opt_state),
+                best_epoch=jnp.where(keep, e + 1, s.best_epoch),
+                stopped=~finite,
+                stopped_epoch=jnp.where(finite, s.stopped_epoch, e + 1),
+                diverged=~finite,
+                epoch=e + 1,
+                train_loss=history,
+            )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
             values = lax.cond(is_eval, lambda p: _evaluate(net, loss, metrics, p, eval_x, eval_y, c), nans, params)
@@ -271,12 +304,22 @@ def _segment(state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, sto
             stop_now = diverged | (bad_evals > c.patience)
             j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
             record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
-            new = TrainState(params, opt_state, _select(improved, params, s.best_params),
-                             _select(improved, opt_state, s.best_opt_state), jnp.where(improved, watched, s.best),
-                             jnp.where(improved, e + 1, s.best_epoch), bad_evals, stop_now,
-                             jnp.where(stop_now, e + 1, s.stopped_epoch), diverged, e + 1, history,
-                             record(s.eval_loss, values["loss"]),
-                             {name: record(s.eval_metrics[name], values[name]) for name in c.metrics})
+            new = TrainState(
+                params,
+                opt_state,
+                _select(improved, params, s.best_params),
+                _select(improved, opt_state, s.best_opt_state),
+                jnp.where(improved, watched, s.best),
+                jnp.where(improved, e + 1, s.best_epoch),
+                bad_evals,
+                stop_now,
+                jnp.where(stop_now, e + 1, s.stopped_epoch),
+                diverged,
+                e + 1,
+                history,
+                record(s.eval_loss, values["loss"]),
+                {name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+            )
         if c.progress:
             jax.debug.callback(progress.tick, e, train_loss, values)
         return new
@@ -290,9 +333,12 @@ segment = jax.jit(_segment, static_argnames=("static", "config"))
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
     c = config
     first = start_epoch // c.eval_every  # the evaluations scheduled before start_epoch are not this run's
-    history = History(state.train_loss[start_epoch:], state.eval_loss[first:],
-                      jnp.arange(first + 1, c.evaluations + 1, dtype=jnp.int32) * c.eval_every,
-                      {name: values[first:] for name, values in state.eval_metrics.items()})
+    history = History(
+        state.train_loss[start_epoch:],
+        state.eval_loss[first:],
+        jnp.arange(first + 1, c.evaluations + 1, dtype=jnp.int32) * c.eval_every,
+        {name: values[first:] for name, values in state.eval_metrics.items()},
+    )
     if c.eval_rows > 0:
         params, opt_state = state.best_params, state.best_opt_state
     else:

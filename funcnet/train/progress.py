@@ -8,7 +8,8 @@ change from one call to the next.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,8 @@ def tick(epoch: Any, train_loss: Any, values: dict[str, Any]) -> None:
     parts = [f"train {float(train_loss):.4g}"]
     if not np.isnan(values["loss"]):
         parts += [f"eval {float(values['loss']):.4g}"] + [
-            f"{name} {float(value):.4g}" for name, value in values.items() if name != "loss"]
+            f"{name} {float(value):.4g}" for name, value in values.items() if name != "loss"
+        ]
     text = " ".join(parts)
     if hasattr(_bar, "set_postfix_str"):
         _bar.set_postfix_str(text, refresh=False)
@@ -42,6 +44,7 @@ def bar(show: bool, total: int, initial: int) -> Iterator[None]:
         return
     try:
         from tqdm.auto import tqdm
+
         _bar = tqdm(total=total, initial=initial, unit="epoch", desc="fit")
     except ImportError:  # tqdm is optional: fall back to one line per epoch
         _bar = object()

@@ -47,7 +47,7 @@ def permutation(key: jax.Array, rows: int) -> jax.Array:
     """A pseudo-random permutation of ``range(rows)`` (int32), keyed by ``key``."""
     bits = max(_MIN_BITS, (rows + 1).bit_length())
     round_keys = jax.random.bits(key, (_ROUNDS,), jnp.uint32)
-    x = jnp.arange(2 ** bits, dtype=jnp.uint32)
+    x = jnp.arange(2**bits, dtype=jnp.uint32)
     left, right = bits // 2, bits - bits // 2  # x = L << right | R
     for r in range(_ROUNDS):
         high, low = x >> right, x & jnp.uint32((1 << right) - 1)
@@ -57,8 +57,7 @@ def permutation(key: jax.Array, rows: int) -> jax.Array:
     return x[kept].astype(jnp.int32)
 
 
-def epoch_order(key: jax.Array, epoch: int | jax.Array, rows: int,
-                shuffle: bool = True) -> tuple[jax.Array, jax.Array]:
+def epoch_order(key: jax.Array, epoch: int | jax.Array, rows: int, shuffle: bool = True) -> tuple[jax.Array, jax.Array]:
     """Epoch ``epoch``'s row order and dropout key: a function of ``(key, epoch)`` alone.
 
     Public so that an outside loop (or the book's NumPy trainer in the tests) can replay
