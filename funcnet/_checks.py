@@ -8,6 +8,7 @@ form: ``"{function}: {argument} {expected}, got {actual}."``.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,7 +31,7 @@ def array(fn: str, name: str, value: Any) -> Any:
     return value
 
 
-class checked_custom_vjp(jax.custom_vjp):
+class checked_custom_vjp(jax.custom_vjp[Any]):
     """A ``jax.custom_vjp`` whose arguments must be arrays, named in the error if not.
 
     Without it a string argument fails inside JAX's flattening with a message that always
@@ -38,25 +39,25 @@ class checked_custom_vjp(jax.custom_vjp):
     the call: inside, under ``jit``, every argument is traced, even a concrete array.
     """
 
-    def __init__(self, fun, *names: str):
+    def __init__(self, fun: Callable[..., Any], *names: str):
         super().__init__(fun)
         self.argument_names = names
         self.check_values: Any = None
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         for name, value in zip(self.argument_names, args, strict=False):
             if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:
-                array(self.__name__, name, value)
+                array(getattr(self, "__name__", "op"), name, value)
         if self.check_values is not None:
             self.check_values(*args)
         return super().__call__(*args, **kwargs)
 
 
-def op(*names: str, values: Any = None):
+def op(*names: str, values: Callable[..., None] | None = None) -> Callable[[Callable[..., Any]], checked_custom_vjp]:
     """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors, and
     whose concrete arguments ``values(*args)`` checks before the call."""
 
-    def make(fun):
+    def make(fun: Callable[..., Any]) -> checked_custom_vjp:
         checked = checked_custom_vjp(fun, *names)
         checked.check_values = values
         return checked

@@ -20,14 +20,24 @@ Contract, stated once:
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
 
 from funcnet import _checks
 
-__all__ = ["Method", "Static", "combine", "number", "partition"]
+if TYPE_CHECKING:  # a type checker reads the decorated classes as dataclasses (PEP 681)
+    from typing_extensions import dataclass_transform
+else:
+
+    def dataclass_transform(**kwargs: Any) -> Any:
+        return lambda decorator: decorator
+
+
+T = TypeVar("T")
+
+__all__ = ["Method", "Static", "combine", "dataclass_transform", "number", "partition"]
 
 
 class Method:
@@ -83,17 +93,17 @@ class Static(NamedTuple):
     marks a number's place). Hashable, so it can select a compiled program."""
 
     treedef: Any
-    leaves: tuple
+    leaves: tuple[Any, ...]
 
 
-def partition(tree: Any) -> tuple[list, Static]:
+def partition(tree: Any) -> tuple[list[Any], Static]:
     """Split ``tree`` into its number leaves and the hashable rest."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     data = [leaf for leaf in leaves if _is_data(leaf)]
     return data, Static(treedef, tuple(None if _is_data(leaf) else leaf for leaf in leaves))
 
 
-def combine(data: list, static: Static) -> Any:
+def combine(data: list[Any], static: Static) -> Any:
     """The tree ``partition`` split, with ``data`` (possibly traced) in the numbers' places."""
     numbers_ = iter(data)
     return jax.tree_util.tree_unflatten(

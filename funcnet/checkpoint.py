@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 __all__ = ["load", "save"]
+
+T = TypeVar("T")
 
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".funcnet-", ".tmp"
 
@@ -41,7 +43,7 @@ def flatten(fn: str, tree: Any) -> tuple[dict[str, np.ndarray], Any]:
     return arrays, treedef
 
 
-def write(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write ``arrays`` to ``path`` as safetensors, durably and atomically (module docstring)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -71,7 +73,7 @@ def sync_directory(directory: str) -> None:
         os.close(handle)
 
 
-def read(fn: str, path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read(fn: str, path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every array in the safetensors file ``path`` and its metadata; a ``ValueError`` if unreadable."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -105,14 +107,15 @@ def unflatten(fn: str, path: str, stored: dict[str, np.ndarray], like: Any) -> A
     return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(stored[k]) for k in expected])
 
 
-def save(path: str | os.PathLike, tree: Any) -> None:
+def save(path: str | os.PathLike[str], tree: Any) -> None:
     """Write ``tree``'s arrays to ``path`` (safetensors), durably and atomically."""
     arrays, _ = flatten("save", tree)
     write(path, arrays)
 
 
-def load(path: str | os.PathLike, like: Any) -> Any:
+def load(path: str | os.PathLike[str], like: T) -> T:
     """Read ``path`` into a tree with ``like``'s structure, shapes and dtypes (checked)."""
     flatten("load", like)  # like's leaves are checked before the file is read
     stored, _ = read("load", path)
-    return unflatten("load", os.fspath(path), stored, like)
+    restored: T = unflatten("load", os.fspath(path), stored, like)
+    return restored

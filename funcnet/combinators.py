@@ -75,7 +75,7 @@ def _inputs(fn: str, xs: Any, count: int | None = None) -> tuple[jax.Array, ...]
 class _Residual(_Serial):
     label: ClassVar[str] = "residual"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         output_shape, params = super().init(key, input_shape)
         if tuple(output_shape) != tuple(input_shape):
             raise ValueError(
@@ -84,7 +84,7 @@ class _Residual(_Serial):
             )
         return output_shape, params
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         y = super().apply(params, x, key=key)
         if jnp.shape(y) != jnp.shape(x):
             raise ValueError(
@@ -107,12 +107,12 @@ class _FanOut(LayerSpec):
     def name(self) -> str:
         return f"FanOut({self.count})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         shape = check_input_shape(self.name, input_shape, None, "(batch, ...)")
         return (shape,) * self.count, ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         _checks.array(self.name, "x", x)
         return (x,) * self.count
@@ -136,7 +136,7 @@ class _Parallel(LayerSpec):
     def children(self) -> tuple[Layer, ...]:
         return self.layers
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shapes = _several("parallel", input_shape, len(self.layers))
         outputs = [
             init_child("parallel", i, layer, k, shape)
@@ -146,7 +146,7 @@ class _Parallel(LayerSpec):
         ]
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         check_entries("parallel", params, len(self.layers))
         xs = _inputs("parallel", x, len(self.layers))
         outputs = []
@@ -169,14 +169,14 @@ class _FanInSum(LayerSpec):
     def name(self) -> str:
         return "FanInSum()"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         shapes = _several(self.name, input_shape)
         if len(set(shapes)) != 1:
             raise ValueError(f"{self.name}: every input must have the same shape, got {shapes}.")
         return shapes[0], ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         xs = _inputs(self.name, x)
         if len({jnp.shape(a) for a in xs}) != 1:
@@ -206,7 +206,7 @@ class _FanInConcat(LayerSpec):
             )
         return axis
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         shapes = _several(self.name, input_shape)
         rank = len(shapes[0])
@@ -216,7 +216,7 @@ class _FanInConcat(LayerSpec):
             raise ValueError(f"{self.name}: inputs must agree on every axis but {self.axis}, got {shapes}.")
         return (*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1 :]), ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         xs = _inputs(self.name, x)
         return jnp.concatenate(xs, axis=self._axis(jnp.ndim(xs[0])))

@@ -35,23 +35,26 @@ from funcnet.layers import Layer, LayerSpec, activation_name, check_input_shape,
 
 __all__ = ["AvgPool2D", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "avg_pool2d", "conv2d", "max_pool2d"]
 
+Array = jax.Array
+Pair = tuple[int, int]
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def _pair(fn: str, name: str, value) -> tuple[int, int]:
+def _pair(fn: str, name: str, value: Any) -> tuple[int, int]:
     values = value if isinstance(value, (tuple, list)) else (value, value)
     if len(values) != 2:
         raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}.")
     return tuple(_checks.positive_int(fn, name, v) for v in values)  # type: ignore[return-value]
 
 
-def _padding(fn: str, padding) -> str:
+def _padding(fn: str, padding: Any) -> str:
     if not isinstance(padding, str) or padding not in ("SAME", "VALID"):
         raise ValueError(f'{fn}: padding must be "SAME" or "VALID", got {padding!r}.')
     return padding
 
 
-def _pads(size, kernel, stride, padding):
+def _pads(size: Any, kernel: Any, stride: Any, padding: str) -> Any:
     """Explicit (low, high) pads per spatial dim, as XLA computes them for SAME/VALID."""
     return lax.padtype_to_pads(size, kernel, stride, padding)
 
@@ -60,7 +63,7 @@ def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
     return -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
 
 
-def _check_conv(x, W, stride, padding) -> None:
+def _check_conv(x: Any, W: Any, stride: Pair, padding: str) -> None:
     fn = "conv2d"
     _checks.floating(fn, "x", x)
     _checks.floating(fn, "W", W)
@@ -79,7 +82,7 @@ def _check_conv(x, W, stride, padding) -> None:
         )
 
 
-def _conv2d(x, W, stride, padding):
+def _conv2d(x: Array, W: Array, stride: Pair, padding: str) -> Array:
     return lax.conv_general_dilated(x, W, stride, padding, dimension_numbers=_DIMENSIONS)
 
 
@@ -91,11 +94,11 @@ def conv2d(x: jax.Array, W: jax.Array, *, stride: int | tuple[int, int] = 1, pad
     return _conv2d_vjp(x, W, stride, padding)
 
 
-def _conv2d_fwd(x, W, stride, padding):
+def _conv2d_fwd(x: Array, W: Array, stride: Pair, padding: str) -> tuple[Array, tuple[Array, Array]]:
     return _conv2d(x, W, stride, padding), (x, W)
 
 
-def _conv2d_bwd(stride, padding, residuals, output_grad):
+def _conv2d_bwd(stride: Pair, padding: str, residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
     x, W = residuals
     sizes, kernel, out = x.shape[1:3], W.shape[:2], output_grad.shape[1:3]
     pads = _pads(sizes, kernel, stride, padding)
@@ -124,7 +127,7 @@ _conv2d_vjp = jax.custom_vjp(_conv2d, nondiff_argnums=(2, 3))
 _conv2d_vjp.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _check_pool(fn: str, x, window) -> None:
+def _check_pool(fn: str, x: Any, window: Pair) -> None:
     _checks.floating(fn, "x", x)
     _checks.rank(fn, "x", x, 4, "NHWC (batch, height, width, channels)")
     if window[0] > x.shape[1] or window[1] > x.shape[2]:
@@ -142,7 +145,7 @@ def max_pool2d(
     return _max_pool_vjp(x, window, stride)
 
 
-def _windows(x, window, stride):
+def _windows(x: Array, window: Pair, stride: Pair) -> Array:
     """Every window element as a stacked view: (window_h * window_w, N, OH, OW, C)."""
     oh, ow = (x.shape[1] - window[0]) // stride[0] + 1, (x.shape[2] - window[1]) // stride[1] + 1
     return jnp.stack(
@@ -154,16 +157,19 @@ def _windows(x, window, stride):
     )
 
 
-def _max_pool(x, window, stride):
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *stride, 1), "VALID")
+def _max_pool(x: Array, window: Pair, stride: Pair) -> Array:
+    maxima: Array = lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *stride, 1), "VALID")
+    return maxima
 
 
-def _max_pool_fwd(x, window, stride):
+def _max_pool_fwd(x: Array, window: Pair, stride: Pair) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
     winner = jnp.argmax(_windows(x, window, stride), axis=0)  # first maximum wins a tie
     return _max_pool(x, window, stride), (winner, x.shape)
 
 
-def _max_pool_bwd(window, stride, residuals, output_grad):
+def _max_pool_bwd(
+    window: Pair, stride: Pair, residuals: tuple[Array, tuple[int, ...]], output_grad: Array
+) -> tuple[Array]:
     winner, shape = residuals
     n, oh, ow, c = output_grad.shape
     rows = (jnp.arange(oh) * stride[0])[None, :, None, None] + winner // window[1]
@@ -189,16 +195,16 @@ def avg_pool2d(
     return _avg_pool_vjp(x, window, stride)
 
 
-def _avg_pool(x, window, stride):
-    total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, (1, *window, 1), (1, *stride, 1), "VALID")
+def _avg_pool(x: Array, window: Pair, stride: Pair) -> Array:
+    total: Array = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, (1, *window, 1), (1, *stride, 1), "VALID")
     return total / jnp.asarray(window[0] * window[1], x.dtype)
 
 
-def _avg_pool_fwd(x, window, stride):
+def _avg_pool_fwd(x: Array, window: Pair, stride: Pair) -> tuple[Array, Array]:
     return _avg_pool(x, window, stride), jnp.zeros((*x.shape[1:3], 0), x.dtype)  # the image size, no data
 
 
-def _avg_pool_bwd(window, stride, residuals, output_grad):
+def _avg_pool_bwd(window: Pair, stride: Pair, residuals: Array, output_grad: Array) -> tuple[Array]:
     height, width, _ = residuals.shape
     share = output_grad / jnp.asarray(window[0] * window[1], output_grad.dtype)
     # Dilate by the stride, pad so every window covering a pixel is summed there; pixels past
@@ -233,7 +239,7 @@ class Conv2DParams(NamedTuple):
 class _Conv2D(LayerSpec):
     out_channels: int
     kernel: tuple[int, int]
-    activation: Callable
+    activation: Callable[[Array], Array]
     stride: tuple[int, int]
     padding: str
     w_init: initializers.Initializer
@@ -244,7 +250,7 @@ class _Conv2D(LayerSpec):
     def name(self) -> str:
         return f"Conv2D({self.out_channels}, {self.kernel[0]}x{self.kernel[1]}, {activation_name(self.activation)})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         kernel, stride, padding = self.kernel, self.stride, self.padding
         batch, h, w, c = check_input_shape(self.name, input_shape, 4, "NHWC (batch, height, width, channels)")
         if kernel[0] > h or kernel[1] > w:  # with SAME it would be mostly padding
@@ -261,7 +267,7 @@ class _Conv2D(LayerSpec):
             self.b_init(k_b, (1, self.out_channels), self.dtype),
         )
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key
         check_params(self.name, params, Conv2DParams, "Conv2DParams(W, B)")
         y = conv2d(x, params.W, stride=self.stride, padding=self.padding)
@@ -273,7 +279,7 @@ class _Conv2D(LayerSpec):
 def Conv2D(
     out_channels: int,
     kernel_size: int | tuple[int, int],
-    activation: Callable = ops.linear,
+    activation: Callable[[Array], Array] = ops.linear,
     *,
     stride: int | tuple[int, int] = 1,
     padding: str = "SAME",
@@ -315,11 +321,11 @@ class _MaxPool2D(LayerSpec):
     def name(self) -> str:
         return f"MaxPool2D({self.window[0]}x{self.window[1]}, stride {self.stride[0]}x{self.stride[1]})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         return pooled_shape(self.name, input_shape, self.window, self.stride), ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         return max_pool2d(x, self.window, self.stride)
 
@@ -336,7 +342,7 @@ class _AvgPool2D(_MaxPool2D):
     def name(self) -> str:
         return f"AvgPool2D({self.window[0]}x{self.window[1]}, stride {self.stride[0]}x{self.stride[1]})"
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         return avg_pool2d(x, self.window, self.stride)
 
@@ -353,12 +359,12 @@ class _Flatten(LayerSpec):
     def name(self) -> str:
         return "Flatten()"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         shape = check_input_shape("Flatten", input_shape, None, "(batch, ...)")
         return (shape[0], int(np.prod(shape[1:]))), ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del params, key
         _checks.array("Flatten", "x", x)
         return x.reshape(x.shape[0], -1)

@@ -24,15 +24,15 @@ from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, de
 __all__ = ["Embedding", "EmbeddingParams", "embedding"]
 
 
-def _embedding(ids, W):
+def _embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
     return jnp.take(W, ids, axis=0, mode="clip")
 
 
-def _embedding_fwd(ids, W):
+def _embedding_fwd(ids: jax.Array, W: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return _embedding(ids, W), (ids, W)
 
 
-def _embedding_bwd(residuals, output_grad):
+def _embedding_bwd(residuals: tuple[jax.Array, jax.Array], output_grad: jax.Array) -> tuple[Any, jax.Array]:
     ids, W = residuals
     rows = jnp.clip(ids, 0, W.shape[0] - 1).reshape(-1)
     param_grad = jnp.zeros(W.shape, output_grad.dtype).at[rows].add(output_grad.reshape(-1, W.shape[1]))
@@ -82,11 +82,11 @@ class _Embedding(LayerSpec):
     def name(self) -> str:
         return f"Embedding({self.vocab_size}, {self.features})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, ...) of ids")
         return (*shape, self.features), EmbeddingParams(self.w_init(key, (self.vocab_size, self.features), self.dtype))
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key
         check_params(self.name, params, EmbeddingParams, "EmbeddingParams(W)")
         if np.shape(params.W) != (self.vocab_size, self.features):

@@ -29,25 +29,27 @@ import numpy as np
 __all__ = ["check_vjp"]
 
 # (rtol, atol) for comparing two backward passes, and for finite differences, by dtype.
-_VJP_TOL = {
+_VJP_TOL: dict[Any, tuple[float, float]] = {
     np.dtype("float16"): (1e-2, 1e-2),
     np.dtype(jnp.bfloat16): (2e-2, 2e-2),
     np.dtype("float32"): (1e-4, 1e-6),
     np.dtype("float64"): (1e-10, 1e-12),
 }
-_FD_TOL = {np.dtype("float32"): (2e-2, 2e-3), np.dtype("float64"): (1e-6, 1e-8)}
+_FD_TOL: dict[Any, tuple[float, float]] = {np.dtype("float32"): (2e-2, 2e-3), np.dtype("float64"): (1e-6, 1e-8)}
 
 
 def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def _tolerance(table, dtype, rtol, atol):
+def _tolerance(
+    table: dict[Any, tuple[float, float]], dtype: Any, rtol: float | None, atol: float | None
+) -> tuple[float, float]:
     default = table.get(np.dtype(dtype), table[np.dtype("float32")])
     return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
 
 
-def _compare(what: str, index: int, actual, expected, rtol: float, atol: float) -> None:
+def _compare(what: str, index: int, actual: Any, expected: Any, rtol: float, atol: float) -> None:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         raise AssertionError(f"check_vjp: {what} for argument {index}: shape {actual.shape} != {expected.shape}.")
@@ -66,14 +68,16 @@ def _compare(what: str, index: int, actual, expected, rtol: float, atol: float) 
         )
 
 
-def _dot(a, b) -> jax.Array:
-    return sum(
-        jnp.vdot(
-            x.astype(jnp.float64 if jax.config.jax_enable_x64 else x.dtype),
-            y.astype(jnp.float64 if jax.config.jax_enable_x64 else y.dtype),
-        )
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    )
+def _x64() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def _dot(a: Any, b: Any) -> jax.Array:
+    total = jnp.zeros((), jnp.float64 if _x64() else jnp.float32)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        wide = jnp.float64 if _x64() else x.dtype
+        total = total + jnp.vdot(x.astype(wide), y.astype(wide)).astype(total.dtype)
+    return total
 
 
 def check_vjp(
@@ -124,8 +128,8 @@ def check_vjp(
     rtol, atol = _tolerance(_VJP_TOL, dtype, rtol, atol)
     fd_rtol, fd_atol = _tolerance(_FD_TOL, dtype, fd_rtol, fd_atol)
 
-    def restrict(f):  # a function of the floating arguments alone
-        def g(*floats):
+    def restrict(f: Callable[..., Any]) -> Callable[..., Any]:  # a function of the floating arguments alone
+        def g(*floats: Any) -> Any:
             full = list(args)
             for i, x in zip(diff_index, floats, strict=True):
                 full[i] = x
@@ -134,7 +138,7 @@ def check_vjp(
         return g
 
     primals = [args[i] for i in diff_index]
-    fd_dtype = jnp.float64 if jax.config.jax_enable_x64 else dtype
+    fd_dtype = jnp.float64 if _x64() else dtype
     base_step = 1e-6 if fd_dtype == jnp.float64 else 1e-2
 
     # Random cotangents and directions come from NumPy: threefry inside the program would
@@ -147,13 +151,13 @@ def check_vjp(
     directions = [rng.standard_normal((num_cotangents, *np.shape(p))).astype(fd_dtype) for p in primals]
 
     @jax.jit
-    def oracles(primals, cotangents, directions):
+    def oracles(primals: list[Any], cotangents: Any, directions: list[Any]) -> Any:
         """Everything the three oracles need, in one compiled program (trials under vmap)."""
         out, fn_vjp = jax.vjp(restrict(fn), *primals)
         ref_out, ref_vjp = jax.vjp(restrict(reference), *primals)
         wide = [p.astype(fd_dtype) for p in primals]
 
-        def trial(cotangent, directions):
+        def trial(cotangent: Any, directions: list[Any]) -> Any:
             grads, ref_grads = fn_vjp(cotangent), ref_vjp(cotangent)
             steps = [base_step * (1.0 + jnp.max(jnp.abs(x), initial=0.0)) for x in wide]
             # Central differences: the points x +- h v along each argument's direction, all

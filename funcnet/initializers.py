@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def _fans(shape: Sequence[int]) -> tuple[int, int]:
     return shape[-2] * receptive, shape[-1] * receptive
 
 
-def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def standard_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """N(0, 1): the book's default for W and B."""
     return jax.random.normal(key, tuple(shape), dtype)
 
@@ -38,7 +39,7 @@ def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> 
 class _Normal:
     stddev: float
 
-    def __call__(self, key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    def __call__(self, key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         return jax.random.normal(key, tuple(shape), dtype) * jnp.asarray(self.stddev, dtype)
 
     def __repr__(self) -> str:
@@ -54,13 +55,13 @@ def normal(stddev: float) -> Initializer:
     return _Normal(float(stddev))
 
 
-def glorot_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def glorot_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """N(0, 2 / (fan_in + fan_out)): the book's chapter-4 "glorot" initialization."""
     fan_in, fan_out = _fans(shape)
     return jax.random.normal(key, tuple(shape), dtype) * jnp.sqrt(jnp.asarray(2.0 / (fan_in + fan_out), dtype))
 
 
-def zeros(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """All zeros (a common choice for B)."""
     del key
     return jnp.zeros(tuple(shape), dtype)

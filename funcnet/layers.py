@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks, initializers, ops
-from funcnet._values import Method, number
+from funcnet._values import Method, T, dataclass_transform, number
 
 __all__ = ["Dense", "DenseParams", "Dropout", "Layer", "layer_name", "param_count", "serial", "summary"]
 
@@ -81,7 +81,8 @@ class LayerSpec:
         return self.name
 
 
-def layer_spec(cls: type) -> type:
+@dataclass_transform(frozen_default=True)
+def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
 
@@ -114,7 +115,7 @@ def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) 
     return shape
 
 
-def activation_name(activation: Callable) -> str:
+def activation_name(activation: Callable[..., Any]) -> str:
     return getattr(activation, "__name__", type(activation).__name__)
 
 
@@ -141,14 +142,14 @@ class _Dense(LayerSpec):
     def name(self) -> str:
         return f"Dense({self.neurons}, {activation_name(self.activation)})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         batch, num_in = check_input_shape(self.name, input_shape, 2, "(batch, num_in)")
         k_w, k_b = jax.random.split(key)
         return (batch, self.neurons), DenseParams(
             self.w_init(k_w, (num_in, self.neurons), self.dtype), self.b_init(k_b, (1, self.neurons), self.dtype)
         )
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key  # deterministic
         check_params(self.name, params, DenseParams, "DenseParams(W, B)")
         if np.shape(params.W)[-1:] != (self.neurons,):
@@ -189,11 +190,11 @@ class _Dropout(LayerSpec):
     def name(self) -> str:
         return f"Dropout({self.rate})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         return check_input_shape(self.name, input_shape, None, "(batch, ...)"), ()
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         if params != ():
             raise TypeError(
                 f"{self.name}: params must be (), got {type(params).__name__} (params from another network?)."
@@ -228,14 +229,14 @@ class _Serial(LayerSpec):
     def children(self) -> tuple[Layer, ...]:
         return self.layers
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         params = []
         for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)), strict=True)):
             input_shape, p = init_child(self.label, i, layer, k, input_shape)
             params.append(p)
         return input_shape, tuple(params)
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         check_entries(self.label, params, len(self.layers))
         for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)), strict=True)):
             with blame(self.label, i, layer):
@@ -293,12 +294,12 @@ class blame:
     def __init__(self, combinator: str, index: int, layer: Layer):
         self.combinator, self.index, self.name = combinator, index, layer_name(layer)
 
-    def __enter__(self):
+    def __enter__(self) -> blame:
         return self
 
-    def __exit__(self, kind, error, traceback):
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
         if kind not in (ValueError, TypeError):
-            return False
+            return
         message = str(error)
         nested = _NESTED.match(message)
         if nested:  # from a nested combinator: extend its path, 1 -> 2.1
@@ -338,7 +339,7 @@ def _shapes(layer: Layer, input_shape: Any) -> tuple[Any, Params]:
     """``init``'s output shape and abstract params, without computing anything."""
     result = {}
 
-    def run(key):
+    def run(key: jax.Array) -> Params:
         result["shape"], params = layer.init(key, input_shape)
         return params
 
@@ -357,7 +358,8 @@ def summary(net: Layer, input_shape: Any) -> str:
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
     if not isinstance(input_shape, (tuple, list)):
         raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}.")
-    rows, saved = [], _rows
+    rows: list[tuple[str, int, str, Any, int]] = []
+    saved = _rows
     _rows = rows
     try:
         output_shape, params = _shapes(net, tuple(input_shape))

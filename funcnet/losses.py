@@ -20,11 +20,15 @@ and that the book's forward does not match its own backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks
+
+Array = jax.Array
 
 __all__ = ["mean_squared_error", "softmax_cross_entropy"]
 
@@ -54,11 +58,11 @@ def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.sum(diff * diff) / _positions(prediction.shape)
 
 
-def _mse_fwd(prediction, target):
+def _mse_fwd(prediction: Array, target: Array) -> tuple[Array, Array]:
     return mean_squared_error(prediction, target), prediction - target
 
 
-def _mse_bwd(diff, output_grad):
+def _mse_bwd(diff: Array, output_grad: Array) -> tuple[Array, Array]:
     input_grad = output_grad * 2 * diff / _positions(diff.shape)
     return input_grad, -input_grad
 
@@ -66,7 +70,7 @@ def _mse_bwd(diff, output_grad):
 mean_squared_error.defvjp(_mse_fwd, _mse_bwd)
 
 
-def _one_hot_target(logits, target):
+def _one_hot_target(logits: Array, target: Array) -> Array:
     """Check ``target`` against ``logits`` and return it as float one-hot rows."""
     fn = "softmax_cross_entropy"
     _checks.array(fn, "target", target)
@@ -77,7 +81,8 @@ def _one_hot_target(logits, target):
                 f"{fn}: integer target must hold one class index per row of logits "
                 f"(logits.shape={tuple(logits.shape)}), shape {tuple(logits.shape[:-1])}, got {tuple(target.shape)}."
             )
-        return jax.nn.one_hot(target, classes, dtype=logits.dtype)
+        one_hot: Array = jax.nn.one_hot(target, classes, dtype=logits.dtype)
+        return one_hot
     _checks.floating(fn, "target", target)
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
     if target.shape != logits.shape:
@@ -87,21 +92,20 @@ def _one_hot_target(logits, target):
     return target
 
 
-def _labels_in_range(logits, target) -> None:
-    """Integer labels must name a class: checked whenever they are concrete."""
+def _labels_in_range(logits: Any, target: Any) -> None:
+    """Integer labels must name a class: checked whenever they are concrete. Malformed logits are
+    left to the shape checks inside, which name them."""
     fn = "softmax_cross_entropy"
-    if (
-        not (_checks.is_array(logits) and _checks.is_array(target) and logits.ndim >= 1)
-        or not jnp.issubdtype(target.dtype, jnp.integer)
-        or not _checks.is_concrete(target)
-        or not target.size
-    ):
+    if not (_checks.is_array(logits) and _checks.is_array(target)) or logits.ndim < 2 or logits.size == 0:
+        return
+    if not jnp.issubdtype(target.dtype, jnp.integer) or not _checks.is_concrete(target) or not target.size:
         return
     low, high = _checks.value_range(target)
     classes = logits.shape[-1]
     if low < 0 or high >= classes:
         raise ValueError(
-            f"{fn}: integer target must lie in [0, {classes}) for {classes} classes, got values from {low} to {high}."
+            f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of logits, got values "
+            f"from {low} to {high}."
         )
 
 
@@ -124,7 +128,7 @@ def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     return -jnp.sum(one_hot * log_probs) / _positions(logits.shape)
 
 
-def _check_logits(logits) -> None:
+def _check_logits(logits: Any) -> None:
     fn = "softmax_cross_entropy"
     _checks.floating(fn, "logits", logits)
     if logits.ndim < 2:
@@ -133,7 +137,7 @@ def _check_logits(logits) -> None:
         raise ValueError(f"{fn}: logits must have at least one row and one class, got shape {tuple(logits.shape)}.")
 
 
-def _ce_fwd(logits, target):
+def _ce_fwd(logits: Array, target: Array) -> tuple[Array, tuple[Array, Array, Array]]:
     _check_logits(logits)
     one_hot = _one_hot_target(logits, target)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -141,12 +145,12 @@ def _ce_fwd(logits, target):
     return loss, (log_probs, one_hot, target)
 
 
-def _ce_bwd(residuals, output_grad):
+def _ce_bwd(residuals: tuple[Array, Array, Array], output_grad: Array) -> tuple[Array, Any]:
     log_probs, one_hot, target = residuals
     scale = output_grad / _positions(log_probs.shape)
     input_grad = scale * (jnp.exp(log_probs) - one_hot)
     if jnp.issubdtype(target.dtype, jnp.integer):
-        target_grad = np.zeros(target.shape, dtype=jax.dtypes.float0)
+        target_grad: Any = np.zeros(target.shape, dtype=jax.dtypes.float0)
     else:
         target_grad = -scale * log_probs
     return input_grad, target_grad

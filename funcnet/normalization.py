@@ -36,24 +36,28 @@ def _leading(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
-def _normalise(x, eps):
+def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     mean = jnp.mean(x, axis=-1, keepdims=True)
     centred = x - mean
     inverse = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + jnp.asarray(eps, x.dtype))
     return centred * inverse, inverse
 
 
-def _layer_norm(x, gamma, beta, eps):
+def _layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
     x_hat, _ = _normalise(x, eps)
     return x_hat * _features(x, gamma) + _features(x, beta)
 
 
-def _layer_norm_fwd(x, gamma, beta, eps):
+def _layer_norm_fwd(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     x_hat, inverse = _normalise(x, eps)
     return x_hat * _features(x, gamma) + _features(x, beta), (x_hat, inverse, gamma)
 
 
-def _layer_norm_bwd(eps, residuals, output_grad):
+def _layer_norm_bwd(
+    eps: float, residuals: tuple[jax.Array, jax.Array, jax.Array], output_grad: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     del eps
     x_hat, inverse, gamma = residuals
     d_hat = output_grad * _features(x_hat, gamma)
@@ -109,14 +113,14 @@ class _LayerNorm(LayerSpec):
     def name(self) -> str:
         return f"LayerNorm(eps={self.eps})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
         shape = check_input_shape(self.name, input_shape, None, "(batch, ..., features)")
         if len(shape) < 2:
             raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., features), got {shape}.")
         return shape, LayerNormParams(jnp.ones(shape[-1:], self.dtype), jnp.zeros(shape[-1:], self.dtype))
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key
         check_params(self.name, params, LayerNormParams, "LayerNormParams(gamma, beta)")
         return layer_norm(x, params.gamma, params.beta, eps=self.eps)

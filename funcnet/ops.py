@@ -18,16 +18,20 @@ Contract, stated once for every op here:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from funcnet import _checks
 
+Array = jax.Array
+
 __all__ = ["bias_add", "dropout", "linear", "relu", "sigmoid", "tanh", "weight_multiply"]
 
 
-def _check_pair(fn: str, x, other, other_name: str) -> None:
+def _check_pair(fn: str, x: Any, other: Any, other_name: str) -> None:
     _checks.floating(fn, "x", x)
     _checks.floating(fn, other_name, other)
     _checks.rank(fn, "x", x, 2, "(batch, features)")
@@ -50,11 +54,11 @@ def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
     return x @ W
 
 
-def _weight_multiply_fwd(x, W):
+def _weight_multiply_fwd(x: Array, W: Array) -> tuple[Array, tuple[Array, Array]]:
     return weight_multiply(x, W), (x, W)
 
 
-def _weight_multiply_bwd(residuals, output_grad):
+def _weight_multiply_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
     x, W = residuals
     return output_grad @ W.T, x.T @ output_grad  # input_grad, param_grad
 
@@ -73,11 +77,11 @@ def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
     return x + B
 
 
-def _bias_add_fwd(x, B):
+def _bias_add_fwd(x: Array, B: Array) -> tuple[Array, None]:
     return bias_add(x, B), None
 
 
-def _bias_add_bwd(_, output_grad):
+def _bias_add_bwd(_: None, output_grad: Array) -> tuple[Array, Array]:
     return output_grad, jnp.sum(output_grad, axis=0, keepdims=True)  # input_grad, param_grad
 
 
@@ -94,12 +98,12 @@ def sigmoid(x: jax.Array) -> jax.Array:
     return lax.logistic(x)
 
 
-def _sigmoid_fwd(x):
+def _sigmoid_fwd(x: Array) -> tuple[Array, Array]:
     y = sigmoid(x)
     return y, y  # the book's backward needs only the output
 
 
-def _sigmoid_bwd(y, output_grad):
+def _sigmoid_bwd(y: Array, output_grad: Array) -> tuple[Array]:
     return (output_grad * y * (1 - y),)
 
 
@@ -113,12 +117,12 @@ def tanh(x: jax.Array) -> jax.Array:
     return jnp.tanh(x)
 
 
-def _tanh_fwd(x):
+def _tanh_fwd(x: Array) -> tuple[Array, Array]:
     y = tanh(x)
     return y, y
 
 
-def _tanh_bwd(y, output_grad):
+def _tanh_bwd(y: Array, output_grad: Array) -> tuple[Array]:
     return (output_grad * (1 - y * y),)
 
 
@@ -132,13 +136,13 @@ def relu(x: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0)
 
 
-def _relu_fwd(x):
+def _relu_fwd(x: Array) -> tuple[Array, Array]:
     # The mask is taken on the *input*. The book takes it on the clipped output
     # (output >= 0), which is always true: that backward passes every gradient through.
     return relu(x), x > 0
 
 
-def _relu_bwd(positive, output_grad):
+def _relu_bwd(positive: Array, output_grad: Array) -> tuple[Array]:
     return (jnp.where(positive, output_grad, 0),)
 
 
@@ -152,11 +156,11 @@ def linear(x: jax.Array) -> jax.Array:
     return x
 
 
-def _linear_fwd(x):
+def _linear_fwd(x: Array) -> tuple[Array, None]:
     return linear(x), None
 
 
-def _linear_bwd(_, output_grad):
+def _linear_bwd(_: None, output_grad: Array) -> tuple[Array]:
     return (output_grad,)
 
 
@@ -182,11 +186,11 @@ def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     return x * mask
 
 
-def _dropout_fwd(x, mask):
+def _dropout_fwd(x: Array, mask: Array) -> tuple[Array, tuple[Array, Array]]:
     return dropout(x, mask), (x, mask)
 
 
-def _dropout_bwd(residuals, output_grad):
+def _dropout_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
     x, mask = residuals
     return output_grad * mask, output_grad * x
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
-from funcnet._values import Method, number
+from funcnet._values import Method, T, dataclass_transform, number
 
 __all__ = [
     "AdagradState",
@@ -85,11 +85,12 @@ class AdamState(NamedTuple):
 # --- Values: every optimizer and schedule is a frozen dataclass whose fields are pytree data ---
 
 
-def _hyperparameters(cls: type) -> type:
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def _hyperparameters(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen, keyword-only dataclass whose fields are pytree data, except those
     marked ``metadata={"static": True}``."""
     cls = dataclasses.dataclass(frozen=True, kw_only=True, repr=False)(cls)
-    fields = dataclasses.fields(cls)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # a dataclass since the line above
     jax.tree_util.register_dataclass(
         cls,
         data_fields=[f.name for f in fields if not f.metadata.get("static")],
@@ -109,14 +110,14 @@ def _call(label: str, spec: Any) -> str:
 # --- Schedules (book: Optimizer(final_lr=..., decay_type=...)) ------------------------------
 
 
-def _check_schedule(fn: str, initial, final, steps: int, every: int) -> None:
+def _check_schedule(fn: str, initial: Any, final: Any, steps: int, every: int) -> None:
     _checks.real_number(fn, "initial", initial, low=0.0, low_open=True)
     _checks.real_number(fn, "final", final, low=0.0, low_open=True)
     _checks.positive_int(fn, "steps", steps)
     _checks.positive_int(fn, "every", every)
 
 
-def _progress(step, steps, every) -> jax.Array:
+def _progress(step: jax.Array | int, steps: Any, every: Any) -> jax.Array:
     """Fraction of the transitions done, in the default float dtype (int32 / int is float32)."""
     float_ = jnp.result_type(float)
     done = jnp.minimum(jnp.asarray(step) // every, steps)
@@ -146,8 +147,8 @@ class _Decay:
     def __call__(self, step: jax.Array) -> jax.Array:
         done = _progress(step, self.steps, self.every)
         if self.exponential:
-            return self.initial * (self.final / self.initial) ** done
-        return self.initial + (self.final - self.initial) * done
+            return jnp.asarray(self.initial * (self.final / self.initial) ** done)
+        return jnp.asarray(self.initial + (self.final - self.initial) * done)
 
     def __repr__(self) -> str:
         return (
@@ -162,7 +163,7 @@ def constant(value: float) -> Schedule:
     return _Constant(value=number(value))
 
 
-def _decay(fn: str, initial, final, steps, every, exponential: bool) -> Schedule:
+def _decay(fn: str, initial: Any, final: Any, steps: Any, every: Any, exponential: bool) -> Schedule:
     _check_schedule(fn, initial, final, steps, every)
     return _Decay(
         initial=number(initial), final=number(final), steps=int(steps), every=int(every), exponential=exponential
@@ -187,14 +188,16 @@ def _learning_rate(fn: str, learning_rate: LearningRate) -> LearningRate:
     if callable(learning_rate):
         return learning_rate
     _checks.real_number(fn, "learning_rate", learning_rate, low=0.0, low_open=True)
-    return number(learning_rate)
+    rate: float | jax.Array = number(learning_rate)
+    return rate
 
 
 # --- The shared gradient preprocessing and update -------------------------------------------
 
 
-def _check_trees(fn: str, grads, params) -> None:
-    g_def, p_def = jax.tree_util.tree_structure(grads), jax.tree_util.tree_structure(params)
+def _check_trees(fn: str, grads: Params, params: Params) -> None:
+    g_def: Any = jax.tree_util.tree_structure(grads)
+    p_def: Any = jax.tree_util.tree_structure(params)
     if g_def != p_def:
         raise TypeError(f"{fn}: grads must have the structure of params, got {g_def} for {p_def}.")
     for path_g, g, p in zip(
@@ -210,11 +213,11 @@ def _check_trees(fn: str, grads, params) -> None:
             )
 
 
-def _tree_map(f, *trees):
+def _tree_map(f: Callable[..., Any], *trees: Any) -> Any:
     return jax.tree_util.tree_map(f, *trees)
 
 
-def _as(value, like: jax.Array) -> jax.Array:
+def _as(value: Any, like: jax.Array) -> jax.Array:
     """A hyperparameter in ``like``'s dtype (a Python or traced number never promotes a param)."""
     return jnp.asarray(value).astype(like.dtype)
 
@@ -231,12 +234,12 @@ class _Base:
     clip_norm: Any = None
     clip_value: Any = None
 
-    def state(self, params: Params) -> tuple:
+    def state(self, params: Params) -> tuple[Any, ...]:
         """The extra state trees after ``step`` (none by default)."""
         del params
         return ()
 
-    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple]:
+    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         """``(updates, new extra state trees)``; the update is ``params - updates``."""
         raise NotImplementedError
 
@@ -265,7 +268,7 @@ class _Base:
         return _call(self.label, self)
 
 
-def _common(fn: str, learning_rate, weight_decay, clip_norm, clip_value) -> dict[str, Any]:
+def _common(fn: str, learning_rate: LearningRate, weight_decay: Any, clip_norm: Any, clip_value: Any) -> dict[str, Any]:
     """Check the arguments every optimizer takes; zero decay and absent clipping are ``None`` (static)."""
     _checks.real_number(fn, "weight_decay", weight_decay, low=0.0)
     for name, value in (("clip_norm", clip_norm), ("clip_value", clip_value)):
@@ -280,7 +283,7 @@ def _common(fn: str, learning_rate, weight_decay, clip_norm, clip_value) -> dict
     )
 
 
-def _zeros_like(params):
+def _zeros_like(params: Params) -> Params:
     return _tree_map(jnp.zeros_like, params)
 
 
@@ -288,7 +291,7 @@ def _zeros_like(params):
 class _Sgd(_Base):
     label = "sgd"
 
-    def rule(self, grads, state, lr):
+    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         del state
         return _tree_map(lambda g: _as(lr, g) * g, grads), ()
 
@@ -299,10 +302,10 @@ class _Momentum(_Base):
     state_type = MomentumState
     momentum: Any
 
-    def state(self, params):
+    def state(self, params: Params) -> tuple[Any, ...]:
         return (_zeros_like(params),)
 
-    def rule(self, grads, state, lr):
+    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         velocity = _tree_map(lambda v, g: _as(self.momentum, v) * v + _as(lr, g) * g, state.velocity, grads)
         return velocity, (velocity,)
 
@@ -313,10 +316,10 @@ class _Adagrad(_Base):
     state_type = AdagradState
     eps: Any
 
-    def state(self, params):
+    def state(self, params: Params) -> tuple[Any, ...]:
         return (_zeros_like(params),)
 
-    def rule(self, grads, state, lr):
+    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         sum_square = _tree_map(lambda s, g: s + _as(self.eps, s) + g * g, state.sum_square, grads)
         return _tree_map(lambda s, g: _as(lr, g) / jnp.sqrt(s) * g, sum_square, grads), (sum_square,)
 
@@ -329,10 +332,10 @@ class _Adam(_Base):
     b2: Any
     eps: Any
 
-    def state(self, params):
+    def state(self, params: Params) -> tuple[Any, ...]:
         return _zeros_like(params), _zeros_like(params)
 
-    def rule(self, grads, state, lr):
+    def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         b1, b2 = jnp.asarray(self.b1), jnp.asarray(self.b2)
         t = (state.step + 1).astype(jnp.result_type(float))
         mu = _tree_map(lambda m, g: _as(b1, m) * m + _as(1 - b1, g) * g, state.mu, grads)

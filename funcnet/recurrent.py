@@ -35,7 +35,7 @@ The cells (``σ`` the logistic sigmoid):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ from jax import lax
 
 from funcnet import _checks, initializers
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_name, layer_spec
+
+Array = jax.Array
 
 __all__ = ["GRU", "LSTM", "RNN", "GRUParams", "LSTMParams", "RNNParams", "TimeDistributed", "gru", "lstm", "rnn"]
 
@@ -95,7 +97,7 @@ class GRUParams(NamedTuple):
 # --- Shared pieces ------------------------------------------------------------------------
 
 
-def _check(fn: str, x: Any, params: Any, kind: type, states: dict[str, Any]) -> tuple[int, int]:
+def _check(fn: str, x: Any, params: Any, kind: Any, states: dict[str, Any]) -> tuple[int, int]:
     """Check x, params and the initial states; return ``(V, H)``."""
     _checks.floating(fn, "x", x)
     _checks.rank(fn, "x", x, 3, "(batch, time, features)")
@@ -126,7 +128,7 @@ def _check(fn: str, x: Any, params: Any, kind: type, states: dict[str, Any]) -> 
     return inputs, hidden
 
 
-def _param_shape(kind: type, name: str, inputs: int, hidden: int) -> tuple[int, int]:
+def _param_shape(kind: Any, name: str, inputs: int, hidden: int) -> tuple[int, int]:
     if name.startswith("B"):
         return (1, hidden)
     if kind is GRUParams:
@@ -164,11 +166,11 @@ def _sigmoid(z: jax.Array) -> jax.Array:
 # --- RNN (book: RNNNode) ---------------------------------------------------------------------
 
 
-def _rnn_forward(x, params, h0):
+def _rnn_forward(x: Array, params: RNNParams, h0: Array) -> Array:
     inputs = x.shape[-1]
     W_h = params.W[inputs:]
 
-    def step(h, xw):
+    def step(h: Array, xw: Array) -> tuple[Array, Array]:
         h = jnp.tanh(xw + h @ W_h)
         return h, h
 
@@ -176,21 +178,22 @@ def _rnn_forward(x, params, h0):
     return hs  # time-major
 
 
-def _rnn(x, params, h0):
+def _rnn(x: Array, params: RNNParams, h0: Array) -> Array:
     return jnp.swapaxes(_rnn_forward(x, params, h0), 0, 1)
 
 
-def _rnn_fwd(x, params, h0):
+def _rnn_fwd(x: Array, params: RNNParams, h0: Array) -> tuple[Array, Any]:
     hs = _rnn_forward(x, params, h0)
     return jnp.swapaxes(hs, 0, 1), (x, params, h0, hs)
 
 
-def _rnn_bwd(residuals, output_grad):
+def _rnn_bwd(residuals: Any, output_grad: Array) -> tuple[Array, RNNParams, Array]:
     x, params, h0, hs = residuals
     inputs = x.shape[-1]
     W_x, W_h = params.W[:inputs], params.W[inputs:]
 
-    def step(dh_next, t):  # RNNNode.backward: dH_int = dh * dtanh(H_int)
+    # RNNNode.backward: dH_int = dh * dtanh(H_int)
+    def step(dh_next: Array, t: tuple[Array, Array]) -> tuple[Array, Array]:
         g, h = t
         d = (g + dh_next) * (1 - h * h)
         return d @ W_h.T, d
@@ -204,7 +207,15 @@ _rnn_vjp = jax.custom_vjp(_rnn)
 _rnn_vjp.defvjp(_rnn_fwd, _rnn_bwd)
 
 
-def rnn(x: jax.Array, params: RNNParams, h0: jax.Array | None = None, *, return_state: bool = False) -> Any:
+@overload
+def rnn(x: Array, params: RNNParams, h0: Array | None = None, *, return_state: Literal[False] = False) -> Array: ...
+@overload
+def rnn(
+    x: Array, params: RNNParams, h0: Array | None = None, *, return_state: Literal[True]
+) -> tuple[Array, Array]: ...
+def rnn(
+    x: Array, params: RNNParams, h0: Array | None = None, *, return_state: bool = False
+) -> Array | tuple[Array, Array]:
     """Every hidden state of ``h = tanh([x, h] @ W + B)``: ``(batch, time, H)``. Book: RNNLayer's cells.
 
     Args:
@@ -229,12 +240,12 @@ def _lstm_weights(params: LSTMParams) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def _lstm_forward(x, params, h0, c0):
+def _lstm_forward(x: Array, params: LSTMParams, h0: Array, c0: Array) -> tuple[Array, ...]:
     inputs = x.shape[-1]
     W, B = _lstm_weights(params)
     W_h = W[inputs:]
 
-    def step(state, xw):
+    def step(state: tuple[Array, Array], xw: Array) -> tuple[tuple[Array, Array], tuple[Array, ...]]:
         h, c = state
         z_f, z_i, z_c, z_o = _split(xw + h @ W_h, 4)
         f, i, c_bar, o = _sigmoid(z_f), _sigmoid(z_i), jnp.tanh(z_c), _sigmoid(z_o)
@@ -246,25 +257,26 @@ def _lstm_forward(x, params, h0, c0):
     return saved  # time-major: hs, cs and the gates
 
 
-def _lstm(x, params, h0, c0):
+def _lstm(x: Array, params: LSTMParams, h0: Array, c0: Array) -> tuple[Array, Array]:
     hs, cs = _lstm_forward(x, params, h0, c0)[:2]
     return jnp.swapaxes(hs, 0, 1), cs[-1]
 
 
-def _lstm_fwd(x, params, h0, c0):
+def _lstm_fwd(x: Array, params: LSTMParams, h0: Array, c0: Array) -> tuple[tuple[Array, Array], Any]:
     saved = _lstm_forward(x, params, h0, c0)
     hs, cs = saved[:2]
     return (jnp.swapaxes(hs, 0, 1), cs[-1]), (x, params, h0, c0, saved)
 
 
-def _lstm_bwd(residuals, output_grads):
+def _lstm_bwd(residuals: Any, output_grads: tuple[Array, Array]) -> tuple[Array, LSTMParams, Array, Array]:
     x, params, h0, c0, (hs, cs, f, i, c_bar, o) = residuals
     output_grad, c_last_grad = output_grads
     inputs = x.shape[-1]
     W, _ = _lstm_weights(params)
     W_x, W_h = W[:inputs], W[inputs:]
 
-    def step(carry, t):  # LSTMNode.backward, gate by gate
+    # LSTMNode.backward, gate by gate
+    def step(carry: tuple[Array, Array], t: tuple[Array, ...]) -> tuple[tuple[Array, Array], Array]:
         dh_next, dc_next = carry
         g, c, c_prev, f, i, c_bar, o = t
         tanh_c = jnp.tanh(c)
@@ -290,14 +302,27 @@ _lstm_vjp = jax.custom_vjp(_lstm)
 _lstm_vjp.defvjp(_lstm_fwd, _lstm_bwd)
 
 
+@overload
 def lstm(
-    x: jax.Array,
+    x: Array,
     params: LSTMParams,
-    h0: jax.Array | None = None,
-    c0: jax.Array | None = None,
+    h0: Array | None = None,
+    c0: Array | None = None,
+    *,
+    return_state: Literal[False] = False,
+) -> Array: ...
+@overload
+def lstm(
+    x: Array, params: LSTMParams, h0: Array | None = None, c0: Array | None = None, *, return_state: Literal[True]
+) -> tuple[Array, tuple[Array, Array]]: ...
+def lstm(
+    x: Array,
+    params: LSTMParams,
+    h0: Array | None = None,
+    c0: Array | None = None,
     *,
     return_state: bool = False,
-) -> Any:
+) -> Array | tuple[Array, tuple[Array, Array]]:
     """Every hidden state of the LSTM (module docstring): ``(batch, time, H)``. Book: LSTMLayer's cells.
 
     Args:
@@ -324,11 +349,11 @@ def _gru_weights(params: GRUParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     )
 
 
-def _gru_forward(x, params, h0):
+def _gru_forward(x: Array, params: GRUParams, h0: Array) -> tuple[Array, ...]:
     W_x, B, W_ru = _gru_weights(params)
     hidden = h0.shape[-1]
 
-    def step(h, xw):
+    def step(h: Array, xw: Array) -> tuple[Array, tuple[Array, ...]]:
         r, u = _split(_sigmoid(xw[:, : 2 * hidden] + h @ W_ru), 2)
         h_bar = jnp.tanh(xw[:, 2 * hidden :] + (r * h) @ params.W_hh)
         h = u * h + (1 - u) * h_bar
@@ -338,21 +363,22 @@ def _gru_forward(x, params, h0):
     return saved  # time-major: hs and the gates
 
 
-def _gru(x, params, h0):
+def _gru(x: Array, params: GRUParams, h0: Array) -> Array:
     return jnp.swapaxes(_gru_forward(x, params, h0)[0], 0, 1)
 
 
-def _gru_fwd(x, params, h0):
+def _gru_fwd(x: Array, params: GRUParams, h0: Array) -> tuple[Array, Any]:
     saved = _gru_forward(x, params, h0)
     return jnp.swapaxes(saved[0], 0, 1), (x, params, h0, saved)
 
 
-def _gru_bwd(residuals, output_grad):
+def _gru_bwd(residuals: Any, output_grad: Array) -> tuple[Array, GRUParams, Array]:
     x, params, h0, (hs, r, u, h_bar) = residuals
     W_x, _, W_ru = _gru_weights(params)
     h_prev = _previous(h0, hs)
 
-    def step(dh_next, t):  # GRUNode.backward, corrected: dh is the output's and the next step's
+    # GRUNode.backward, corrected: dh is the output's and the next step's
+    def step(dh_next: Array, t: tuple[Array, ...]) -> tuple[Array, tuple[Array, Array]]:
         g, h, r, u, h_bar = t
         dh = g + dh_next
         du_int = dh * (h - h_bar) * u * (1 - u)
@@ -378,7 +404,15 @@ _gru_vjp = jax.custom_vjp(_gru)
 _gru_vjp.defvjp(_gru_fwd, _gru_bwd)
 
 
-def gru(x: jax.Array, params: GRUParams, h0: jax.Array | None = None, *, return_state: bool = False) -> Any:
+@overload
+def gru(x: Array, params: GRUParams, h0: Array | None = None, *, return_state: Literal[False] = False) -> Array: ...
+@overload
+def gru(
+    x: Array, params: GRUParams, h0: Array | None = None, *, return_state: Literal[True]
+) -> tuple[Array, Array]: ...
+def gru(
+    x: Array, params: GRUParams, h0: Array | None = None, *, return_state: bool = False
+) -> Array | tuple[Array, Array]:
     """Every hidden state of the (corrected) GRU (module docstring): ``(batch, time, H)``. Book: GRULayer's cells.
 
     Args:
@@ -394,7 +428,7 @@ def gru(x: jax.Array, params: GRUParams, h0: jax.Array | None = None, *, return_
 
 # --- Layers --------------------------------------------------------------------------------
 
-_CELLS: dict[str, tuple[Callable[..., Any], type]] = {
+_CELLS: dict[str, tuple[Callable[..., Any], Any]] = {
     "RNN": (rnn, RNNParams),
     "LSTM": (lstm, LSTMParams),
     "GRU": (gru, GRUParams),
@@ -413,7 +447,7 @@ class _Recurrent(LayerSpec):
     def name(self) -> str:
         return f"{self.cell}({self.hidden})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         batch, time, inputs = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
         _, kind = _CELLS[self.cell]
         keys = iter(jax.random.split(key, len(kind._fields)))
@@ -427,14 +461,16 @@ class _Recurrent(LayerSpec):
         )
         return (batch, time, self.hidden), params
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key  # deterministic
         op, kind = _CELLS[self.cell]
         check_params(self.name, params, kind, f"{kind.__name__}(...)")
         return op(x, params)
 
 
-def _recurrent(cell: str, hidden: int, w_init, b_init, dtype) -> Layer:
+def _recurrent(
+    cell: str, hidden: int, w_init: initializers.Initializer, b_init: initializers.Initializer, dtype: Any
+) -> Layer:
     _checks.positive_int(f"{cell}({hidden})", "hidden", hidden)
     for name, init in (("w_init", w_init), ("b_init", b_init)):
         _checks.callable_(f"{cell}({hidden})", name, init)
@@ -494,7 +530,7 @@ class _TimeDistributed(LayerSpec):
     def name(self) -> str:
         return f"TimeDistributed({layer_name(self.inner)})"
 
-    def init(self, key, input_shape):
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, time, features...)")
         if len(shape) < 3:
             raise ValueError(f"{self.name}: input_shape must be at least 3-D (batch, time, features...), got {shape}.")
@@ -503,7 +539,7 @@ class _TimeDistributed(LayerSpec):
         output_shape, params = self.inner.init(key, (rows, *shape[2:]))
         return (batch, time, *output_shape[1:]), params
 
-    def apply(self, params, x, *, key=None):
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         _checks.array(self.name, "x", x)
         if x.ndim < 3:
             raise ValueError(

@@ -26,8 +26,15 @@ def _conv_reference(stride, padding):
     return lambda x, W: lax.conv_general_dilated(x, W, stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("h,w,k,s,padding,cin,cout", GRID)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# CI checks each configuration in one precision, alternating; `pytest -m slow` adds the other.
+@pytest.mark.parametrize(
+    "h,w,k,s,padding,cin,cout,dtype",
+    [
+        pytest.param(*config, dtype, marks=() if (index + (dtype == np.float64)) % 2 else pytest.mark.slow)
+        for index, config in enumerate(GRID)
+        for dtype in (np.float32, np.float64)
+    ],
+)
 def test_conv2d_matches_lax_and_finite_differences(h, w, k, s, padding, cin, cout, dtype):
     rng = np.random.default_rng(0)
     kh, kw = k if isinstance(k, tuple) else (k, k)

@@ -154,7 +154,7 @@ def test_bad_input_gets_a_clear_error(call, error, message, jit):
 
 
 def test_out_of_range_labels_are_caught_when_concrete():
-    with pytest.raises(ValueError, match=r"must lie in \[0, 3\) for 3 classes, got values from -1 to 2"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\) for the 3 classes of logits, got values from -1 to 2"):
         fn.softmax_cross_entropy(jnp.ones((3, 3)), jnp.array([0, 2, -1]))
 
 

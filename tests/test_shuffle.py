@@ -18,7 +18,7 @@ from funcnet.train.shuffle import epoch_order, permutation
 KEY = jax.random.PRNGKey(0)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 31, 32, 33, 100, 1797, 2048, 2049])
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 100, 1797, 2048, 2049])
 def test_every_order_is_a_permutation(rows):
     orders = jax.jit(jax.vmap(lambda e: epoch_order(KEY, e, rows)[0]))(jnp.arange(3))
     assert orders.dtype == jnp.int32 and orders.shape == (3, rows)

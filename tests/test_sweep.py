@@ -1,4 +1,5 @@
 """Compiled once per architecture: value-equal building blocks, hyperparameters as data.
+(vmap over traced learning rates: tests/test_train.py.)
 
 Compilations are counted as JAX reports them (``jax_log_compiles``: one "Compiling" record
 per XLA compilation), so any program at all compiled during a sweep is caught, not just fit's.
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import funcnet as fn
@@ -172,14 +172,6 @@ def test_swept_results_equal_fits_run_in_a_fresh_process(tmp_path):
     fresh = np.load(path)
     for name, value in swept.items():
         np.testing.assert_array_equal(value, fresh[name])
-
-
-def test_hyperparameters_traced_under_vmap_still_train_an_ensemble():
-    rates = jnp.array([0.05, 0.1, 0.2])
-    many = jax.jit(jax.vmap(lambda lr: _fit(fn.momentum(lr, 0.9)).params))(rates)
-    for i, lr in enumerate([0.05, 0.1, 0.2]):
-        single = _fit(fn.momentum(lr, 0.9)).params
-        jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-10), many, single)
 
 
 def test_a_building_block_made_from_a_traced_number_compares_by_identity():

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from funcnet import checkpoint
@@ -114,7 +115,7 @@ def fingerprint(
     **arguments: Any,
 ) -> dict[str, str]:
     """What identifies a run: two calls with equal fingerprints compute the same training."""
-    key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     data = lambda pair: "none" if pair is None else " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair)
     described = {
         "network": describe(net),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks
-from funcnet._values import combine, partition
+from funcnet._values import Static, combine, partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 
@@ -69,22 +69,26 @@ def check_data(name: str, data: Any) -> tuple[Any, Any]:
     for part, array in ((f"{name} x", x), (f"{name} y", y)):
         if not (jnp.issubdtype(array.dtype, jnp.floating) and _checks.is_concrete(array)):
             continue  # traced data (fit under vmap of the data) cannot be inspected here
-        with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
-            if not bool(_all_finite(array)):
-                raise ValueError(
-                    f"{fn}: {part} must be finite, got NaN or Inf values (first at row {int(_first_bad_row(array))})."
-                )
+        bad = _first_bad_row(array)
+        if bad is not None:
+            raise ValueError(f"{fn}: {part} must be finite, got NaN or Inf values (first at row {bad}).")
     return x, y
 
 
-@jax.jit
-def _all_finite(a):
-    return jnp.all(jnp.isfinite(a))
+def _first_bad_row(array: Any) -> int | None:
+    """The first row holding a NaN or Inf, or None. Host (NumPy) data is checked on the host, which
+    compiles nothing; device data by a small compiled reduction, where it lives."""
+    if isinstance(array, np.ndarray):
+        rows = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    else:
+        with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
+            rows = np.asarray(_finite_rows(array))
+    return None if rows.all() else int(np.argmin(rows))
 
 
 @jax.jit
-def _first_bad_row(a):
-    return jnp.argmax(~jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1))
+def _finite_rows(a: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
 
 
 def check_fits_network(
@@ -106,13 +110,17 @@ def check_fits_network(
 
 
 @functools.lru_cache(maxsize=256)
-def _remembered(name, static, treedef, leaves, x, y):
+def _remembered(
+    name: str, static: Static, treedef: Any, leaves: tuple[Any, ...], x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct
+) -> jax.ShapeDtypeStruct:
     net, loss, metrics = combine([], static)
     return _trace_network(name, net, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
 
 
-def _trace_network(name, net, loss, metrics, params, x, y):
-    def run(p, xb, yb):
+def _trace_network(
+    name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any
+) -> jax.ShapeDtypeStruct:
+    def run(p: Any, xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         prediction = net.apply(p, xb)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}
 
@@ -126,12 +134,13 @@ def _trace_network(name, net, loss, metrics, params, x, y):
                 f"fit: the {what} must return a scalar (a mean over rows), got "
                 f"{getattr(out, 'shape', type(out).__name__)}."
             )
-    return value
+    shape_dtype: jax.ShapeDtypeStruct = value
+    return shape_dtype
 
 
 def check_key(key: Any) -> None:
     if not isinstance(key, jax.Array) or not (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
     ):
         raise TypeError(f"fit: key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}.")
 

@@ -23,7 +23,16 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.train import checkpointing, checks
-from funcnet.train.program import Config, FitResult, batch_sharding, check_divisible, fresh_state, result, segment
+from funcnet.train.program import (
+    Config,
+    FitResult,
+    TrainState,
+    batch_sharding,
+    check_divisible,
+    fresh_state,
+    result,
+    segment,
+)
 from funcnet.train.progress import bar
 
 __all__ = ["fit"]
@@ -131,7 +140,7 @@ def fit(
     else:
         eval_x = eval_y = None
     if opt_state is not None:
-        expected = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
+        expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
         if jax.tree_util.tree_structure(opt_state) != expected:
             raise TypeError(
                 f"fit: opt_state does not belong to this optimizer and params: expected "
@@ -188,7 +197,7 @@ def fit(
             if config.progress:
                 jax.block_until_ready(state)
                 jax.effects_barrier()
-        return result(state, start_epoch, config=config)
+        return _finish(state, start_epoch, config)
     run_id = checkpointing.fingerprint(
         net=net,
         loss=loss,
@@ -220,4 +229,10 @@ def fit(
             checkpointing.store(directory, jax.device_get(state), int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
-    return result(state, start_epoch, config=config)
+    return _finish(state, start_epoch, config)
+
+
+def _finish(state: TrainState, start_epoch: int, config: Config) -> FitResult:
+    """The ``FitResult`` of a state (the jitted ``result``, typed)."""
+    finished: FitResult = result(state, start_epoch, config=config)
+    return finished

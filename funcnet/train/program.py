@@ -144,10 +144,10 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
         )
 
 
-def _batch_loss(net, loss: Loss, masked: bool):
+def _batch_loss(net: Any, loss: Loss, masked: bool) -> Callable[..., jax.Array]:
     """``(params, x, y, mask, key) -> loss``; with ``masked``, a mean over the real rows only."""
 
-    def batch_loss(params, x, y, mask, key):
+    def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None) -> jax.Array:
         prediction = net.apply(params, x, key=key)
         if not masked:
             return loss(prediction, y)
@@ -157,7 +157,9 @@ def _batch_loss(net, loss: Loss, masked: bool):
     return batch_loss
 
 
-def train_step(net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None, data_axis: str = "data"):
+def train_step(
+    net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None, data_axis: str = "data"
+) -> Callable[[Params, Any, jax.Array, jax.Array, jax.Array | None], tuple[Params, Any, jax.Array]]:
     """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
 
@@ -171,8 +173,10 @@ def train_step(net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None
     batch_loss = _batch_loss(net, loss, masked=False)
     shard = batch_sharding("train_step", mesh, data_axis)
 
-    def step(params, opt_state, x, y, key):
-        if shard is not None:
+    def step(
+        params: Params, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None
+    ) -> tuple[Params, Any, jax.Array]:
+        if shard is not None and mesh is not None:
             check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
             x, y = shard(x), shard(y)
         value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
@@ -182,15 +186,17 @@ def train_step(net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None
     return step
 
 
-def _nan(shape, dtype):
+def _nan(shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return jnp.full(shape, jnp.nan, dtype)
 
 
-def _select(flag, a, b):
+def _select(flag: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree_util.tree_map(lambda u, v: jnp.where(flag, u, v), a, b)
 
 
-def _fresh_state(params, opt_state, start_epoch, hyper, *, static: Static, config: Config) -> TrainState:
+def _fresh_state(
+    params: Params, opt_state: Any, start_epoch: Any, hyper: list[Any], *, static: Static, config: Config
+) -> TrainState:
     """The state before ``start_epoch``; ``opt_state=None`` is the optimizer's initial state."""
     c, dtype = config, jnp.dtype(config.dtype)
     if opt_state is None:
@@ -218,11 +224,13 @@ def _fresh_state(params, opt_state, start_epoch, hyper, *, static: Static, confi
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
 
 
-def _evaluate(net, loss, metrics, params, eval_x, eval_y, config: Config) -> dict[str, jax.Array]:
+def _evaluate(
+    net: Any, loss: Loss, metrics: dict[str, Loss], params: Params, eval_x: Any, eval_y: Any, config: Config
+) -> dict[str, jax.Array]:
     """The eval loss and metrics (means over rows), in batches of ``eval_batch_size`` rows."""
     dtype = jnp.dtype(config.dtype)
 
-    def means(x, y):
+    def means(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         prediction = net.apply(params, x)
         values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
         return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
@@ -233,7 +241,7 @@ def _evaluate(net, loss, metrics, params, eval_x, eval_y, config: Config) -> dic
     full, rest = divmod(rows, size)
     batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
 
-    def add(total, batch):
+    def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
         return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means(*batch)), None
 
     zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
@@ -241,11 +249,23 @@ def _evaluate(net, loss, metrics, params, eval_x, eval_y, config: Config) -> dic
     if rest:
         last = means(eval_x[full * size :], eval_y[full * size :])
         total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
-    return jax.tree_util.tree_map(lambda t: t / rows, total)
+    averages: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / rows, total)
+    return averages
 
 
 def _segment(
-    state: TrainState, hyper, x, y, eval_x, eval_y, key, min_delta, stop, *, static: Static, config: Config
+    state: TrainState,
+    hyper: list[Any],
+    x: jax.Array,
+    y: jax.Array,
+    eval_x: jax.Array | None,
+    eval_y: jax.Array | None,
+    key: jax.Array,
+    min_delta: Any,
+    stop: Any,
+    *,
+    static: Static,
+    config: Config,
 ) -> TrainState:
     c = config
     net, loss, optimizer, metrics = combine(hyper, static)
@@ -263,10 +283,10 @@ def _segment(
             order = jnp.concatenate([order, order[: padded - c.rows]])
         batches = order[:padded].reshape(c.batches, c.batch_size)
 
-        def step(carry, batch):
+        def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
             params, opt_state = carry
             index, b = batch
-            mask = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
+            mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
             value, grads = value_and_grad(
                 params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b)
             )
