@@ -5,7 +5,9 @@ Contract, stated once:
 * funcnet's layers, optimizers and schedules are frozen dataclasses of their constructor's
   arguments (a *spec*); ``Layer.init``/``Layer.apply`` and ``Optimizer.init``/``update`` are
   ``Method(spec, name)`` objects, which call ``spec.<name>`` and compare and hash by the spec's
-  value. So equal constructor calls give equal, equally hashed building blocks.
+  value. So equal constructor calls give equal, equally hashed building blocks. A spec may
+  narrow that value per method (``method_key``): a layer's ``apply`` does not depend on its
+  initializers, so two layers that differ only in those have equal ``apply``s.
 * A spec whose fields are pytree *data* (optimizers, schedules: their numbers) is registered as
   a pytree; ``Method`` is a pytree node over its spec. A layer spec is not registered: it is a
   single leaf, all of it static (its numbers decide shapes).
@@ -51,9 +53,14 @@ class Method:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.owner, self.name)(*args, **kwargs)
 
+    def _key(self) -> Any:
+        """What the method depends on: its owner, or the part of it the owner's ``method_key`` names."""
+        method_key = getattr(self.owner, "method_key", None)
+        return self.owner if method_key is None else method_key(self.name)
+
     def _hashable(self) -> bool:
         try:
-            hash(self.owner)
+            hash(self._key())
         except TypeError:  # a traced number inside
             return False
         return True
@@ -63,18 +70,28 @@ class Method:
             return NotImplemented
         if self.owner is other.owner:
             return True
-        return self._hashable() and other._hashable() and bool(self.owner == other.owner)
+        return self._hashable() and other._hashable() and bool(self._key() == other._key())
 
     def __hash__(self) -> int:
-        return hash((self.name, self.owner if self._hashable() else id(self.owner)))
+        return hash((self.name, self._key() if self._hashable() else id(self.owner)))
 
     def __repr__(self) -> str:
         return f"{self.owner!r}.{self.name}"
 
 
-jax.tree_util.register_pytree_node(
-    Method, lambda m: ((m.owner,), m.name), lambda name, children: Method(children[0], name)
-)
+def _flatten(method: Method) -> tuple[tuple[Any, ...], Any]:
+    """An owner that narrows its key (a layer) is all static: the method is its own aux data,
+    compared by that key. Any other owner (an optimizer) is a child, its numbers leaves."""
+    if getattr(method.owner, "method_key", None) is not None:
+        return (), method
+    return (method.owner,), method.name
+
+
+def _unflatten(aux: Any, children: tuple[Any, ...]) -> Method:
+    return aux if isinstance(aux, Method) else Method(children[0], aux)
+
+
+jax.tree_util.register_pytree_node(Method, _flatten, _unflatten)
 
 
 def number(value: Any) -> Any:

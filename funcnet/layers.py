@@ -74,6 +74,23 @@ class LayerSpec:
     def apply(self, params: Params, x: Any, *, key: jax.Array | None = None) -> Any:
         raise NotImplementedError
 
+    # Fields only ``init`` reads: ``apply`` compares equal without them (``method_key``).
+    init_only: ClassVar[tuple[str, ...]] = ("w_init", "b_init", "dtype")
+
+    def method_key(self, name: str) -> Any:
+        """What ``Method(self, name)`` compares by: the whole spec for ``init``; for ``apply``,
+        the spec without its init-only fields and with its layers' ``apply``s in their place."""
+        if name != "apply":
+            return self
+
+        def view(value: Any) -> Any:
+            if isinstance(value, Layer):
+                return value.apply
+            return tuple(map(view, value)) if isinstance(value, tuple) else value
+
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]  # every spec is a dataclass
+        return (type(self), tuple(view(getattr(self, f.name)) for f in fields if f.name not in self.init_only))
+
     def layer(self) -> Layer:
         return Layer(Method(self, "init"), Method(self, "apply"))
 

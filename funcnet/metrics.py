@@ -31,17 +31,16 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
         raise ValueError(
             f"{fn}: prediction must be at least 2-D (rows, ..., classes), got shape {tuple(prediction.shape)}."
         )
-    if jnp.issubdtype(target.dtype, jnp.integer):
-        expected = prediction.shape[:-1]
-        labels = target
-    else:
-        expected = prediction.shape
-        labels = jnp.argmax(target, axis=-1)
+    integer = jnp.issubdtype(target.dtype, jnp.integer)
+    expected = prediction.shape[:-1] if integer else prediction.shape
     if target.shape != expected:
         raise ValueError(
             f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
             f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}."
         )
+    if prediction.size == 0:
+        raise ValueError(f"{fn}: prediction must not be empty, got shape {tuple(prediction.shape)}.")
+    labels = target if integer else jnp.argmax(target, axis=-1)
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)
     return jnp.mean(hits.astype(prediction.dtype))

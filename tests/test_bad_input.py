@@ -72,6 +72,12 @@ BAD_TREES = {
 }
 
 
+SEQUENCES = rng.standard_normal((12, 4, 3))
+RECURRENT = {cell: getattr(fn, cell)(2).init(KEY, (-1, 4, 3))[1] for cell in ("RNN", "LSTM", "GRU")}
+BRANCHES = fn.serial(fn.FanOut(2), fn.parallel(fn.Dense(2), fn.Dense(3)), fn.FanInConcat())
+BRANCH_PARAMS = BRANCHES.init(KEY, (-1, 3))[1]
+
+
 def _fit_call(
     train_x=X,
     train_y=Y,
@@ -83,6 +89,8 @@ def _fit_call(
     eval_every=1,
     patience=0,
     min_delta=0.0,
+    eval_batch_size=5,
+    checkpoint_every=1,
 ):
     return fn.fit(
         NET,
@@ -96,6 +104,8 @@ def _fit_call(
         eval_every=eval_every,
         patience=patience,
         min_delta=min_delta,
+        eval_batch_size=eval_batch_size,
+        checkpoint_every=checkpoint_every,
         key=KEY,
     )
 
@@ -191,11 +201,43 @@ CALLS = {
             "eval_every": "numbers",
             "patience": "numbers",
             "min_delta": "numbers",
+            "eval_batch_size": "numbers",
+            "checkpoint_every": "numbers",
         },
     ),
     "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),
     "load": (lambda like=PARAMS: fn.load(_saved(), like), {"like": "trees"}),
     "check_vjp": (lambda x=X: fn.check_vjp(fn.sigmoid, jax.nn.sigmoid, x), {"x": "arrays"}),
+    "rnn": (lambda x=SEQUENCES, h0=None: fn.rnn(x, RECURRENT["RNN"], h0), {"x": "arrays", "h0": "arrays"}),
+    "lstm": (lambda x=SEQUENCES, c0=None: fn.lstm(x, RECURRENT["LSTM"], None, c0), {"x": "arrays", "c0": "arrays"}),
+    "gru": (lambda x=SEQUENCES, params=RECURRENT["GRU"]: fn.gru(x, params), {"x": "arrays", "params": "trees"}),
+    "LSTM": (
+        lambda hidden=3, input_shape=(-1, 4, 3): fn.LSTM(hidden).init(KEY, input_shape),
+        {"hidden": "numbers", "input_shape": "trees"},
+    ),
+    "layer_norm": (
+        lambda x=X, gamma=np.ones(3), beta=np.zeros(3): fn.layer_norm(x, gamma, beta),
+        {"x": "arrays", "gamma": "arrays", "beta": "arrays"},
+    ),
+    "LayerNorm": (
+        lambda eps=1e-5, input_shape=(-1, 3): fn.LayerNorm(eps).init(KEY, input_shape),
+        {"eps": "numbers", "input_shape": "trees"},
+    ),
+    "embedding": (lambda ids=LABELS, W=np.ones((2, 3)): fn.embedding(ids, W), {"ids": "arrays", "W": "arrays"}),
+    "Embedding": (
+        lambda vocab_size=4, features=2: fn.Embedding(vocab_size, features),
+        {"vocab_size": "numbers", "features": "numbers"},
+    ),
+    "avg_pool2d": (
+        lambda x=np.ones((2, 4, 4, 3)), window=2, stride=None: fn.avg_pool2d(x, window, stride),
+        {"x": "arrays", "window": "numbers", "stride": "numbers"},
+    ),
+    "accuracy": (
+        lambda prediction=Y, target=LABELS: fn.accuracy(prediction, target),
+        {"prediction": "arrays", "target": "arrays"},
+    ),
+    "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
+    "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -280,6 +322,14 @@ JITTABLE = {
     "Dense.apply",
     "serial.apply",
     "train_step",
+    "rnn",
+    "lstm",
+    "gru",
+    "layer_norm",
+    "embedding",
+    "avg_pool2d",
+    "accuracy",
+    "combinators.apply",
 }
 
 

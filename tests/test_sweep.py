@@ -182,3 +182,30 @@ def test_a_building_block_made_from_a_traced_number_compares_by_identity():
         return value
 
     jax.jit(check)(0.2)
+
+
+def test_networks_that_differ_only_in_their_initializers_share_programs():
+    glorot = fn.serial(
+        fn.Dense(16, fn.tanh, w_init=fn.glorot_normal),
+        fn.Dropout(0.1),
+        fn.Dense(3, fn.linear, w_init=fn.normal(0.1), b_init=fn.zeros),
+    )
+    assert glorot != _net() and glorot.apply == _net().apply  # init differs, apply does not
+    _fit(fn.sgd(0.1))
+    _, params = glorot.init(KEY, (-1, 6))
+    with compilations() as compiled:
+        fn.fit(
+            glorot,
+            fn.softmax_cross_entropy,
+            fn.sgd(0.1),
+            params,
+            (X, LABELS),
+            (X[:30], LABELS[:30]),
+            epochs=4,
+            batch_size=16,
+            eval_every=2,
+            patience=3,
+            key=KEY,
+            metrics={"accuracy": fn.accuracy},
+        )
+    assert compiled == []

@@ -9,6 +9,7 @@ data set's name.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -103,9 +104,9 @@ def check_fits_network(
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     try:
-        hash(static := partition((net, loss, metrics))[1])
+        hash(static := partition((net.apply, loss, metrics))[1])
     except TypeError:  # a building block holding a traced number: trace every time
-        return _trace_network(name, net, loss, metrics, abstract, spec(x), spec(y))
+        return _trace_network(name, net.apply, loss, metrics, abstract, spec(x), spec(y))
     return _remembered(name, static, treedef, tuple(leaves), spec(x), spec(y))
 
 
@@ -113,15 +114,15 @@ def check_fits_network(
 def _remembered(
     name: str, static: Static, treedef: Any, leaves: tuple[Any, ...], x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct
 ) -> jax.ShapeDtypeStruct:
-    net, loss, metrics = combine([], static)
-    return _trace_network(name, net, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
+    apply, loss, metrics = combine([], static)
+    return _trace_network(name, apply, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
 
 
 def _trace_network(
-    name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any
+    name: str, apply: Callable[..., Any], loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any
 ) -> jax.ShapeDtypeStruct:
     def run(p: Any, xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        prediction = net.apply(p, xb)
+        prediction = apply(p, xb)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}
 
     try:

@@ -182,7 +182,7 @@ def fit(
         mesh,
         data_axis,
     )
-    hyper, static = partition((net, loss, optimizer, metrics))
+    hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
     x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
     if mesh is not None:

@@ -6,7 +6,8 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
   best evaluation's params and optimizer state, the early-stopping bookkeeping, the next
   epoch, and the history so far. ``fresh_state`` makes it, ``segment`` advances it, ``result``
   turns it into a ``FitResult``; each is one jitted program selected by the ``Static`` part of
-  the network, loss, optimizer and metrics (``funcnet._values``) and by ``Config``.
+  the network's ``apply``, the loss, the optimizer and the metrics (``funcnet._values``) and by
+  ``Config``. Only ``apply`` enters: networks that differ in their initializers share programs.
 * ``segment(state, ..., stop)`` trains epochs ``state.epoch`` to ``stop - 1`` in a
   ``lax.while_loop`` that also ends when training has stopped; ``stop`` is traced, so one
   compiled program serves a whole run, every checkpointed segment, and the shorter last one.
@@ -144,11 +145,11 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
         )
 
 
-def _batch_loss(net: Any, loss: Loss, masked: bool) -> Callable[..., jax.Array]:
+def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., jax.Array]:
     """``(params, x, y, mask, key) -> loss``; with ``masked``, a mean over the real rows only."""
 
     def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None) -> jax.Array:
-        prediction = net.apply(params, x, key=key)
+        prediction = apply(params, x, key=key)
         if not masked:
             return loss(prediction, y)
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
@@ -170,7 +171,7 @@ def train_step(
     from funcnet.train.checks import check_parts  # checks imports this module
 
     check_parts("train_step", net, loss, optimizer)
-    batch_loss = _batch_loss(net, loss, masked=False)
+    batch_loss = _batch_loss(net.apply, loss, masked=False)
     shard = batch_sharding("train_step", mesh, data_axis)
 
     def step(
@@ -225,13 +226,19 @@ fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
 
 
 def _evaluate(
-    net: Any, loss: Loss, metrics: dict[str, Loss], params: Params, eval_x: Any, eval_y: Any, config: Config
+    apply: Callable[..., Any],
+    loss: Loss,
+    metrics: dict[str, Loss],
+    params: Params,
+    eval_x: Any,
+    eval_y: Any,
+    config: Config,
 ) -> dict[str, jax.Array]:
     """The eval loss and metrics (means over rows), in batches of ``eval_batch_size`` rows."""
     dtype = jnp.dtype(config.dtype)
 
     def means(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        prediction = net.apply(params, x)
+        prediction = apply(params, x)
         values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
         return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
 
@@ -268,9 +275,9 @@ def _segment(
     config: Config,
 ) -> TrainState:
     c = config
-    net, loss, optimizer, metrics = combine(hyper, static)
+    apply, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
-    value_and_grad = jax.value_and_grad(_batch_loss(net, loss, c.masked))
+    value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     padded = c.batches * c.batch_size
     used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
@@ -315,7 +322,7 @@ def _segment(
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
-            values = lax.cond(is_eval, lambda p: _evaluate(net, loss, metrics, p, eval_x, eval_y, c), nans, params)
+            values = lax.cond(is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, params)
             diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
             watched = values[c.monitor]
             better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
