@@ -1,0 +1,100 @@
+"""PyTorch as an independent oracle, where it is installed (it is not a test dependency: these
+tests skip without it). They check the weight mappings the recurrent params' docstrings state,
+and the newer ops' forward and backward against torch's own.
+
+    pip install torch && pytest tests/test_torch_oracle.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcnet as fn
+
+torch = pytest.importorskip("torch")
+rng = np.random.default_rng(0)
+
+
+def _close(ours, theirs):
+    np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _run(module, x, g):
+    xt = torch.tensor(x, requires_grad=True)
+    out, _ = module(xt)
+    (out * torch.tensor(g)).sum().backward()
+    return out, xt
+
+
+def test_rnn_matches_torch_through_the_documented_mapping():
+    x, g = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 5, 6))
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(4, 6, batch_first=True).double()
+    out, xt = _run(rnn, x, g)
+    W = np.concatenate([rnn.weight_ih_l0.detach().numpy().T, rnn.weight_hh_l0.detach().numpy().T])
+    params = fn.RNNParams(jnp.asarray(W), jnp.asarray((rnn.bias_ih_l0 + rnn.bias_hh_l0).detach().numpy()[None]))
+    ours, vjp = jax.vjp(lambda x, p: fn.rnn(x, p), jnp.asarray(x), params)
+    dx, dp = vjp(jnp.asarray(g))
+    _close(ours, out)
+    _close(dx, xt.grad)
+    _close(dp.W, torch.cat([rnn.weight_ih_l0.grad.T, rnn.weight_hh_l0.grad.T]))
+    _close(dp.B[0], rnn.bias_ih_l0.grad)
+
+
+def test_lstm_matches_torch_through_the_documented_mapping():
+    x, g = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 5, 6))
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(4, 6, batch_first=True).double()
+    out, xt = _run(lstm, x, g)
+    ih, hh = lstm.weight_ih_l0.detach().numpy().T, lstm.weight_hh_l0.detach().numpy().T
+    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().numpy()
+    gate = lambda k: slice(6 * k, 6 * (k + 1))  # torch's order: i, f, g, o
+    W = lambda k: jnp.asarray(np.concatenate([ih[:, gate(k)], hh[:, gate(k)]]))
+    B = lambda k: jnp.asarray(b[gate(k)][None])
+    params = fn.LSTMParams(W(1), B(1), W(0), B(0), W(2), B(2), W(3), B(3))
+    ours, vjp = jax.vjp(lambda x, p: fn.lstm(x, p), jnp.asarray(x), params)
+    dx, dp = vjp(jnp.asarray(g))
+    _close(ours, out)
+    _close(dx, xt.grad)
+    grad_ih, grad_hh = lstm.weight_ih_l0.grad.T, lstm.weight_hh_l0.grad.T
+    for name, k in (("W_i", 0), ("W_f", 1), ("W_c", 2), ("W_o", 3)):
+        _close(getattr(dp, name), torch.cat([grad_ih[:, gate(k)], grad_hh[:, gate(k)]]))
+
+
+def test_layer_norm_embedding_avg_pool_and_sequence_cross_entropy_match_torch():
+    x, gamma, beta = rng.standard_normal((3, 4, 6)), rng.standard_normal(6), rng.standard_normal(6)
+    tensors = [torch.tensor(a, requires_grad=True) for a in (x, gamma, beta)]
+    out = torch.nn.functional.layer_norm(tensors[0], (6,), tensors[1], tensors[2], 1e-5)
+    g = rng.standard_normal(out.shape)
+    (out * torch.tensor(g)).sum().backward()
+    ours, vjp = jax.vjp(fn.layer_norm, *map(jnp.asarray, (x, gamma, beta)))
+    _close(ours, out)
+    for mine, theirs in zip(vjp(jnp.asarray(g)), tensors, strict=True):
+        _close(mine, theirs.grad)
+
+    ids, W = rng.integers(0, 5, (4, 3)), rng.standard_normal((5, 2))
+    Wt = torch.tensor(W, requires_grad=True)
+    out = torch.nn.functional.embedding(torch.tensor(ids), Wt)
+    g = rng.standard_normal(out.shape)
+    (out * torch.tensor(g)).sum().backward()
+    ours, vjp = jax.vjp(lambda W: fn.embedding(jnp.asarray(ids, jnp.int32), W), jnp.asarray(W))
+    _close(ours, out)
+    _close(vjp(jnp.asarray(g))[0], Wt.grad)
+
+    images = rng.standard_normal((2, 7, 8, 3))
+    xt = torch.tensor(images.transpose(0, 3, 1, 2), requires_grad=True)  # torch is NCHW
+    out = torch.nn.functional.avg_pool2d(xt, 3, 2)
+    g = rng.standard_normal(out.shape)
+    (out * torch.tensor(g)).sum().backward()
+    ours, vjp = jax.vjp(lambda x: fn.avg_pool2d(x, 3, 2), jnp.asarray(images))
+    _close(ours.transpose(0, 3, 1, 2), out)
+    _close(vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))[0].transpose(0, 3, 1, 2), xt.grad)
+
+    logits, labels = rng.standard_normal((3, 4, 5)), rng.integers(0, 5, (3, 4))
+    lt = torch.tensor(logits, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(lt.permute(0, 2, 1), torch.tensor(labels))  # mean over positions
+    loss.backward()
+    value, grad = jax.value_and_grad(fn.softmax_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
+    _close(value, loss)
+    _close(grad, lt.grad)
