@@ -16,6 +16,7 @@ loss curves of RNN vs LSTM vs GRU.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from pydoc_data.topics import topics
@@ -44,8 +45,10 @@ def model(cell, vocab: int) -> fn.Layer:
     return fn.serial(cell(HIDDEN), fn.TimeDistributed(fn.Dense(vocab, fn.linear)))
 
 
-def sample(params, seed: np.ndarray, length: int, temperature: float, vocab: int, key: jax.Array) -> np.ndarray:
-    """``length`` characters from the trained LSTM model, carrying its state one step at a time."""
+@functools.partial(jax.jit, static_argnames=("length", "vocab"))
+def sample(params, seed: jax.Array, length: int, temperature: float, vocab: int, key: jax.Array) -> jax.Array:
+    """``length`` characters from the trained LSTM model, carrying its state one step at a time
+    (one compiled program: the temperature is traced, so both samples share it)."""
     lstm_params, dense_params = params
     dense = fn.Dense(vocab, fn.linear)
     one_hot = lambda i: jax.nn.one_hot(jnp.asarray(i).reshape(1, -1), vocab, dtype=jnp.float32)
@@ -58,8 +61,8 @@ def sample(params, seed: np.ndarray, length: int, temperature: float, vocab: int
         char = jax.random.categorical(key, logits[0] / temperature)
         return (h, c, char), char
 
-    _, chars = lax.scan(step, (h, c, jnp.asarray(seed[-1])), jax.random.split(key, length))
-    return np.asarray(chars)
+    _, chars = lax.scan(step, (h, c, seed[-1]), jax.random.split(key, length))
+    return chars
 
 
 def main() -> None:
@@ -117,7 +120,9 @@ def main() -> None:
         )
     seed = np.searchsorted(chars, list("The "))
     for temperature in (0.5, 1.0):
-        drawn = sample(results["LSTM"].params, seed, 200, temperature, vocab, jax.random.PRNGKey(7))
+        drawn = np.asarray(
+            sample(results["LSTM"].params, jnp.asarray(seed), 200, temperature, vocab, jax.random.PRNGKey(7))
+        )
         print(f"\nLSTM sample at temperature {temperature}:\nThe " + "".join(chars[i] for i in drawn))
 
     import matplotlib

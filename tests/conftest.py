@@ -2,11 +2,19 @@
 
 As in Equinox's test suite, strict dtype promotion and rank promotion="raise" make any
 silent broadcast or float32/float64 mix inside funcnet fail loudly here.
+
+The tests compile with XLA's backend optimisations off (``--xla_backend_optimization_level=0``),
+which cuts the suite's compile time by a third: they check what the programs compute, which
+XLA's optimisations preserve. Examples run by tests inherit it; the README's blocks run as a
+user pastes them, and the benchmarks as users run fits, fully optimised.
+``FUNCNET_TEST_OPTIMIZED=1 pytest`` runs every test fully optimised too.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("FUNCNET_TEST_OPTIMIZED"):  # before JAX starts; subprocesses inherit it
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax
 from hypothesis import settings
