@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet._values import Static, combine
 from funcnet.train import progress
+from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
 
 __all__ = [
@@ -168,8 +169,6 @@ def train_step(
     inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along ``data_axis``
     (see ``fit``).
     """
-    from funcnet.train.checks import check_parts  # checks imports this module
-
     check_parts("train_step", net, loss, optimizer)
     batch_loss = _batch_loss(net.apply, loss, masked=False)
     shard = batch_sharding("train_step", mesh, data_axis)
@@ -201,7 +200,8 @@ def _fresh_state(
     """The state before ``start_epoch``; ``opt_state=None`` is the optimizer's initial state."""
     c, dtype = config, jnp.dtype(config.dtype)
     if opt_state is None:
-        opt_state = combine(hyper, static)[2].init(params)
+        _, _, optimizer, _ = combine(hyper, static)
+        opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
     return TrainState(
