@@ -416,6 +416,11 @@ class _MultiHeadAttention(LayerSpec):
         _checks.floating(self.name, "x", x)
         _checks.rank(self.name, "x", x, 3, "(batch, time, features)")
         batch, time, features = x.shape
+        if np.ndim(params.W_q) != 2 or np.shape(params.W_q)[0] != features:
+            raise ValueError(
+                f"{self.name}: x has {features} features but params.W_q expects shape (features, heads * head_dim), "
+                f"got x.shape={tuple(x.shape)}, W_q.shape={np.shape(params.W_q)} (params from another network?)."
+            )
         inner = np.shape(params.W_q)[-1]
         head_dim = self._head_dim(features)
         if inner != self.num_heads * head_dim:
