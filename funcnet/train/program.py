@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from funcnet import _checks
 from funcnet._values import Static, combine
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
@@ -96,7 +97,7 @@ class Config(NamedTuple):
     metrics: tuple[str, ...]
     monitor: str
     maximize: bool
-    dtype: str  # of the losses and metrics
+    dtype: str  # of the loss and metric totals and the history: the loss's, at least float32
     progress: bool
     mesh: Mesh | None
     data_axis: str
@@ -154,7 +155,8 @@ def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable
         if not masked:
             return loss(prediction, y)
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
-        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask).astype(per_row.dtype)
+        wide = per_row.astype(_checks.wide(per_row.dtype))  # a float16 sum of row losses overflows
+        return (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
 
     return batch_loss
 
@@ -204,21 +206,24 @@ def _fresh_state(
         opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays
+    # (a jitted function hands an input it returns unchanged back as the same buffer).
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     return TrainState(
-        params,
-        opt_state,
-        params if has_eval else None,
-        opt_state if has_eval else None,
-        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
-        int_(start_epoch),
-        int_(0),
-        jnp.asarray(False),
-        int_(c.epochs),
-        jnp.asarray(False),
-        int_(start_epoch),
-        _nan((c.epochs,), dtype),
-        _nan((c.evaluations,), dtype),
-        {name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        params=copy(params),
+        opt_state=copy(opt_state),
+        best_params=copy(params) if has_eval else None,
+        best_opt_state=copy(opt_state) if has_eval else None,
+        best=jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
+        best_epoch=int_(start_epoch),
+        bad_evals=int_(0),
+        stopped=jnp.asarray(False),
+        stopped_epoch=int_(c.epochs),
+        diverged=jnp.asarray(False),
+        epoch=int_(start_epoch),
+        train_loss=_nan((c.epochs,), dtype),
+        eval_loss=_nan((c.evaluations,), dtype),
+        eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
     )
 
 
@@ -332,20 +337,20 @@ def _segment(
             j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
             record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
             new = TrainState(
-                params,
-                opt_state,
-                _select(improved, params, s.best_params),
-                _select(improved, opt_state, s.best_opt_state),
-                jnp.where(improved, watched, s.best),
-                jnp.where(improved, e + 1, s.best_epoch),
-                bad_evals,
-                stop_now,
-                jnp.where(stop_now, e + 1, s.stopped_epoch),
-                diverged,
-                e + 1,
-                history,
-                record(s.eval_loss, values["loss"]),
-                {name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                params=params,
+                opt_state=opt_state,
+                best_params=_select(improved, params, s.best_params),
+                best_opt_state=_select(improved, opt_state, s.best_opt_state),
+                best=jnp.where(improved, watched, s.best),
+                best_epoch=jnp.where(improved, e + 1, s.best_epoch),
+                bad_evals=bad_evals,
+                stopped=stop_now,
+                stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
+                diverged=diverged,
+                epoch=e + 1,
+                train_loss=history,
+                eval_loss=record(s.eval_loss, values["loss"]),
+                eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
             )
         if c.progress:
             jax.debug.callback(progress.tick, e, train_loss, values)
@@ -354,7 +359,9 @@ def _segment(
     return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
 
 
-segment = jax.jit(_segment, static_argnames=("static", "config"))
+# The state a segment replaces is donated: its buffers hold the new state, so the program's peak
+# memory holds one training state, not two (``benchmarks/bench_memory.py``).
+segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
