@@ -238,6 +238,18 @@ CALLS = {
     ),
     "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
     "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
+    "mixed_precision": (
+        lambda layer=NET, compute_dtype=np.dtype("float16"): fn.mixed_precision(layer, compute_dtype).init(
+            KEY, (-1, 3)
+        ),
+        {"layer": "numbers", "compute_dtype": "numbers"},
+    ),
+    "DynamicLossScale": (
+        lambda initial=2.0**15, period=2000, factor=2.0, min_scale=1.0: fn.DynamicLossScale(
+            initial, period, factor, min_scale
+        ),
+        {"initial": "numbers", "period": "numbers", "factor": "numbers", "min_scale": "numbers"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,

@@ -161,3 +161,113 @@ def test_low_precision_check_vjp_still_catches_a_wrong_backward(dtype):
     args = (args[0] + 2, *args[1:])  # a mean far from 0, so forgetting its gradient matters
     with pytest.raises(AssertionError, match="disagree"):
         fn.check_vjp(lambda x, g, b: wrong(x, g, b, 1e-5), _wide_reference(_layer_norm_reference), *args)
+
+
+# --- Mixed precision and loss scaling ---------------------------------------------------------
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.data / 16).astype(np.float32), digits.target.astype(np.int32)
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+def _digits_net():
+    init = dict(w_init=fn.glorot_normal, b_init=fn.zeros, dtype=jnp.float32)
+    return fn.serial(fn.Dense(64, fn.tanh, **init), fn.Dense(10, fn.linear, **init))
+
+
+def _digits_accuracy(net, loss, optimizer, epochs, **kw):
+    train, test = _digits()
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 64))
+    out = fn.fit(
+        net,
+        loss,
+        optimizer,
+        params,
+        train,
+        test,
+        epochs=epochs,
+        eval_every=epochs,
+        batch_size=32,
+        key=jax.random.PRNGKey(1),
+        metrics={"accuracy": fn.accuracy},
+        **kw,
+    )
+    assert not bool(out.diverged)
+    return float(out.history.eval_metrics["accuracy"][-1]), out
+
+
+def test_mixed_precision_is_a_value_with_float32_master_params_and_outputs():
+    net = _digits_net()
+    assert fn.mixed_precision(net, jnp.bfloat16) == fn.mixed_precision(_digits_net(), "bfloat16")
+    assert fn.mixed_precision(net, jnp.bfloat16) != fn.mixed_precision(net, jnp.float16)
+    layer = fn.mixed_precision(fn.serial(fn.Dense(4, dtype=jnp.float16), fn.Dense(2, fn.linear)), jnp.bfloat16)
+    shape, params = layer.init(KEY, (-1, 3))
+    assert shape == (-1, 2) and {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
+    x = jnp.ones((5, 3), jnp.float32)
+    y = layer.apply(params, x)
+    assert y.dtype == jnp.float32 and y.shape == jax.eval_shape(layer.apply, params, x).shape == (5, 2)
+    inner = fn.serial(fn.Dense(4), fn.Dense(2, fn.linear))
+    low = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    np.testing.assert_array_equal(y, inner.apply(low, x.astype(jnp.bfloat16)).astype(jnp.float32))
+    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x)))(params)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(grads)} == {jnp.dtype("float32")}
+    assert "Total params: 26" in fn.summary(layer, (-1, 3))
+    with pytest.raises(ValueError, match="mixed_precision: compute_dtype must be bfloat16 or float16, got"):
+        fn.mixed_precision(net, jnp.float32)
+    with pytest.raises(TypeError, match="mixed_precision: layer must be a Layer"):
+        fn.mixed_precision("net", jnp.bfloat16)
+
+
+def test_a_bfloat16_network_on_the_digits_is_within_one_point_of_float32():
+    full, _ = _digits_accuracy(_digits_net(), fn.softmax_cross_entropy, fn.momentum(0.05, 0.9), 10)
+    half, out = _digits_accuracy(
+        fn.mixed_precision(_digits_net(), jnp.bfloat16), fn.softmax_cross_entropy, fn.momentum(0.05, 0.9), 10
+    )
+    assert full > 0.85 and abs(full - half) <= 0.01, (full, half)
+    assert out.params[0].W.dtype == jnp.float32
+
+
+def weighted_cross_entropy(prediction, target):
+    """A loss a million times smaller (an auxiliary loss, or a mean over many positions): its
+    gradients, ~1e-9, are below float16's smallest number (6e-8)."""
+    return 1e-6 * fn.softmax_cross_entropy(prediction, target)
+
+
+@pytest.mark.slow  # three fits of the digits
+def test_float16_fails_without_loss_scaling_and_trains_with_it():
+    optimizer = fn.momentum(0.05e6, 0.9)  # the learning rate scaled up by the million
+    full, _ = _digits_accuracy(_digits_net(), weighted_cross_entropy, optimizer, 10)
+    half = fn.mixed_precision(_digits_net(), jnp.float16)
+    unscaled, _ = _digits_accuracy(half, weighted_cross_entropy, optimizer, 10)
+    scaled, _ = _digits_accuracy(half, weighted_cross_entropy, optimizer, 10, loss_scale=fn.DynamicLossScale())
+    assert full > 0.85 and unscaled < 0.6 and abs(scaled - full) <= 0.01, (full, unscaled, scaled)
+
+
+def test_dynamic_loss_scale_skips_and_halves_on_a_non_finite_gradient_and_grows_after_its_period():
+    scaling = fn.DynamicLossScale(initial=8.0, period=3)
+    state = scaling.init()
+    grads, finite = scaling.unscale(state, {"w": jnp.asarray([8.0, 16.0], jnp.float16)})
+    np.testing.assert_array_equal(grads["w"], [1.0, 2.0])
+    assert grads["w"].dtype == jnp.float16 and bool(finite)
+    assert not bool(scaling.unscale(state, {"w": jnp.asarray([jnp.inf, 1.0], jnp.float16)})[1])
+    states = [state]
+    for ok in [True, True, True, False, False, True]:
+        states.append(scaling.adjust(states[-1], jnp.asarray(ok)))
+    assert [float(s.scale) for s in states] == [8, 8, 8, 16, 8, 4, 4]
+    assert [int(s.counter) for s in states] == [0, 1, 2, 0, 0, 0, 1]
+    floor = fn.DynamicLossScale(initial=2.0, min_scale=1.0)
+    assert float(floor.adjust(floor.adjust(floor.init(), jnp.asarray(False)), jnp.asarray(False)).scale) == 1.0
+
+
+def test_fit_skips_the_steps_a_too_large_scale_overflows_and_trains_on():
+    """A scale of 2**40 overflows float16 gradients: those steps are skipped and the scale halved
+    until it fits, and the run trains (never reported diverged)."""
+    half = fn.mixed_precision(_digits_net(), jnp.float16)
+    accuracy, _ = _digits_accuracy(
+        half, fn.softmax_cross_entropy, fn.momentum(0.05, 0.9), 5, loss_scale=fn.DynamicLossScale(initial=2.0**40)
+    )
+    assert accuracy > 0.85

@@ -22,6 +22,7 @@ from funcnet import _checks
 from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
+from funcnet.precision import DynamicLossScale
 from funcnet.train import checkpointing, checks
 from funcnet.train.program import (
     Config,
@@ -70,6 +71,7 @@ def fit(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     run_name: str | None = None,
+    loss_scale: DynamicLossScale | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -105,6 +107,10 @@ def fit(
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
         that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet/precision.py``):
+        the loss is scaled before the backward, the gradients unscaled after, a step with a
+        non-finite gradient skipped and the scale halved, and the scale doubled after
+        ``period`` finite steps. Not needed for bfloat16 or float32.
       run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
         cannot compare by value (a lambda, closure or partial as loss, metric, activation or
         initializer): without one such a run's checkpoints are never resumed. Two calls with
@@ -123,6 +129,8 @@ def fit(
     if start_epoch >= epochs:
         raise ValueError(f"fit: start_epoch must be < epochs ({epochs}), got {start_epoch}.")
     _checks.real_number("fit", "min_delta", min_delta, low=0.0)
+    if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
+        raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
     if run_name is not None and not isinstance(run_name, str):
         raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
     checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress)
@@ -188,6 +196,7 @@ def fit(
         progress=bool(progress),
         mesh=mesh,
         data_axis=data_axis,
+        loss_scale=loss_scale,
     )
     hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
@@ -228,6 +237,7 @@ def fit(
         monitor=monitor,
         mode=mode,
         eval_batch_size=eval_batch_size,
+        loss_scale=loss_scale,
     )
     restored = checkpointing.restore(directory, state, run_id)
     if restored is not None:

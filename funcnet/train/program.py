@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
 from funcnet._values import Static, combine
+from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
@@ -101,6 +102,7 @@ class Config(NamedTuple):
     progress: bool
     mesh: Mesh | None
     data_axis: str
+    loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
 
     @property
     def evaluations(self) -> int:
@@ -124,6 +126,7 @@ class TrainState(NamedTuple):
     train_loss: jax.Array  # (epochs,)
     eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
+    loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
 
 
 def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
@@ -224,6 +227,7 @@ def _fresh_state(
         train_loss=_nan((c.epochs,), dtype),
         eval_loss=_nan((c.evaluations,), dtype),
         eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
     )
 
 
@@ -282,7 +286,18 @@ def _segment(
     c = config
     apply, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
-    value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
+    batch_loss = _batch_loss(apply, loss, c.masked)
+    value_and_grad = jax.value_and_grad(batch_loss)
+
+    def scaled_loss(*args: Any) -> tuple[jax.Array, jax.Array]:
+        value = batch_loss(*args[:-1])
+        scale = args[-1]
+        return value * scale.astype(value.dtype), value
+
+    def scaled_value_and_grad(*args: Any) -> tuple[jax.Array, Any]:
+        (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return value, grads
+
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     padded = c.batches * c.batch_size
     used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
@@ -295,19 +310,27 @@ def _segment(
             order = jnp.concatenate([order, order[: padded - c.rows]])
         batches = order[:padded].reshape(c.batches, c.batch_size)
 
-        def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
-            params, opt_state = carry
+        def step(carry: tuple[Params, Any, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
+            params, opt_state, scaling = carry
             index, b = batch
             mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
-            value, grads = value_and_grad(
-                params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b)
-            )
-            params, opt_state = optimizer.update(grads, opt_state, params)
-            return (params, opt_state), value.astype(dtype) * (
+            args = (params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b))
+            if c.loss_scale is None:
+                value, grads = value_and_grad(*args)
+                params, opt_state = optimizer.update(grads, opt_state, params)
+            else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
+                value, grads = scaled_value_and_grad(*args, scaling.scale)
+                grads, finite = c.loss_scale.unscale(scaling, grads)
+                stepped = optimizer.update(grads, opt_state, params)
+                params, opt_state = _select(finite, stepped, (params, opt_state))
+                scaling = c.loss_scale.adjust(scaling, finite)
+            return (params, opt_state, scaling), value.astype(dtype) * (
                 jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
             )
 
-        (params, opt_state), sums = lax.scan(step, (s.params, s.opt_state), (batches, jnp.arange(c.batches)))
+        (params, opt_state, scaling), sums = lax.scan(
+            step, (s.params, s.opt_state, s.loss_scale), (batches, jnp.arange(c.batches))
+        )
         train_loss = jnp.sum(sums) / used_rows
         finite = jnp.isfinite(train_loss)
         history = s.train_loss.at[e].set(train_loss)
@@ -324,6 +347,7 @@ def _segment(
                 diverged=~finite,
                 epoch=e + 1,
                 train_loss=history,
+                loss_scale=scaling,
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
@@ -351,6 +375,7 @@ def _segment(
                 train_loss=history,
                 eval_loss=record(s.eval_loss, values["loss"]),
                 eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                loss_scale=scaling,
             )
         if c.progress:
             jax.debug.callback(progress.tick, e, train_loss, values)
