@@ -16,6 +16,7 @@ from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
 from funcnet.ops import bias_add, dropout, gelu, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
+from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
 from funcnet.train import FitResult, History, fit, train_step
 
@@ -32,6 +33,7 @@ __all__ = [
     "Dense",
     "DenseParams",
     "Dropout",
+    "DynamicLossScale",
     "Embedding",
     "EmbeddingParams",
     "FanInConcat",
@@ -45,6 +47,7 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LayerNormParams",
+    "LossScaleState",
     "MaxPool2D",
     "MultiHeadAttention",
     "Optimizer",
@@ -75,6 +78,7 @@ __all__ = [
     "lstm",
     "max_pool2d",
     "mean_squared_error",
+    "mixed_precision",
     "momentum",
     "normal",
     "parallel",

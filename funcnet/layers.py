@@ -54,6 +54,18 @@ class DenseParams(NamedTuple):
     B: jax.Array
 
 
+INIT_ONLY = "funcnet.init_only"
+
+
+def init_only() -> Any:
+    """A spec field that only ``init`` reads (an initializer, the params' dtype), declared
+    ``w_init: Initializer = init_only()``: two layers that differ only in such fields share their
+    ``apply`` and its compiled programs. A field without it is part of ``apply``'s value, which is
+    always safe (at worst one more compilation); marking a field ``apply`` reads is a bug: ``fit``
+    would run one layer's program for another."""
+    return dataclasses.field(metadata={INIT_ONLY: True})
+
+
 class LayerSpec:
     """Base of funcnet's own layers: subclasses are frozen dataclasses of the constructor's
     arguments with ``init`` and ``apply`` methods, so equal calls give equal layers."""
@@ -74,12 +86,9 @@ class LayerSpec:
     def apply(self, params: Params, x: Any, *, key: jax.Array | None = None) -> Any:
         raise NotImplementedError
 
-    # Fields only ``init`` reads: ``apply`` compares equal without them (``method_key``).
-    init_only: ClassVar[tuple[str, ...]] = ("w_init", "b_init", "dtype")
-
     def method_key(self, name: str) -> Any:
         """What ``Method(self, name)`` compares by: the whole spec for ``init``; for ``apply``,
-        the spec without its init-only fields and with its layers' ``apply``s in their place."""
+        the spec without its ``init_only()`` fields and with its layers' ``apply``s in their place."""
         if name != "apply":
             return self
 
@@ -89,7 +98,7 @@ class LayerSpec:
             return tuple(map(view, value)) if isinstance(value, tuple) else value
 
         fields = dataclasses.fields(self)  # type: ignore[arg-type]  # every spec is a dataclass
-        return (type(self), tuple(view(getattr(self, f.name)) for f in fields if f.name not in self.init_only))
+        return (type(self), tuple(view(getattr(self, f.name)) for f in fields if not f.metadata.get(INIT_ONLY)))
 
     def layer(self) -> Layer:
         return Layer(Method(self, "init"), Method(self, "apply"))
@@ -151,9 +160,9 @@ def check_params(name: str, params: Any, kind: type, form: str) -> None:
 class _Dense(LayerSpec):
     neurons: int
     activation: Callable[[jax.Array], jax.Array]
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: np.dtype
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    dtype: np.dtype = init_only()
 
     @property
     def name(self) -> str:
@@ -325,26 +334,10 @@ class blame:
         raise kind(f"{self.combinator}: layer {self.index} ({self.name}): {message}") from error
 
 
-# The path of the child being initialised (outermost first), and summary's rows when it records.
-_path: list[int] = []
-_rows: list[tuple[str, int, str, Any, int]] | None = None
-
-
 def init_child(combinator: str, index: int, layer: Layer, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
-    """``layer.init`` for a combinator's child ``index``: errors name its path, and while
-    ``summary`` records, a layer without children adds its row."""
+    """``layer.init`` for a combinator's child ``index``, with errors naming its path."""
     with blame(combinator, index, layer):
-        _path.append(index)
-        try:
-            output_shape, params = layer.init(key, input_shape)
-        finally:
-            _path.pop()
-    spec = spec_of(layer)
-    if _rows is not None and (spec is None or not spec.children):
-        _rows.append(
-            (".".join(map(str, [*_path, index])), len(_path), layer_name(layer), output_shape, param_count(params))
-        )
-    return output_shape, params
+        return layer.init(key, input_shape)
 
 
 def param_count(params: Params) -> int:
@@ -364,27 +357,58 @@ def _shapes(layer: Layer, input_shape: Any) -> tuple[Any, Params]:
     return result["shape"], params
 
 
+Row = tuple[str, int, str, Any, int]
+
+
+class _Recorded:
+    """A leaf layer's ``init`` that adds its row to ``rows`` (summary's own list) when called."""
+
+    def __init__(self, layer: Layer, label: str, depth: int, rows: list[Row]):
+        self.layer, self.label, self.depth, self.rows = layer, label, depth, rows
+        self.__name__ = layer_name(layer)  # what ``blame`` names it by
+
+    def __call__(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        output_shape, params = self.layer.init(key, input_shape)
+        self.rows.append((self.label, self.depth, self.__name__, output_shape, param_count(params)))
+        return output_shape, params
+
+
+def _recording(layer: Layer, path: tuple[int, ...], rows: list[Row]) -> Layer:
+    """``layer`` with every leaf layer below it recording its row: the layer tree is walked through
+    each spec's ``children`` and rebuilt with recording leaves, so the rows belong to this call."""
+    spec = spec_of(layer)
+    if spec is None or not spec.children:
+        return Layer(_Recorded(layer, ".".join(map(str, path)), max(len(path) - 1, 0), rows), layer.apply)
+    children = spec.children
+    replacements = iter([_recording(child, (*path, i), rows) for i, child in enumerate(children)])
+    found = 0
+
+    def swap(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, Layer):
+            found += 1
+            return next(replacements)
+        return tuple(map(swap, value)) if isinstance(value, tuple) else value
+
+    fields = {f.name: swap(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}  # type: ignore[arg-type]
+    if found != len(children):  # children not held as fields in order: one row for the whole
+        return Layer(_Recorded(layer, ".".join(map(str, path)), max(len(path) - 1, 0), rows), layer.apply)
+    return dataclasses.replace(spec, **fields).layer()  # type: ignore[type-var]  # every spec is a dataclass
+
+
 def summary(net: Layer, input_shape: Any) -> str:
     """A text table of each layer's path, name, output shape and parameter count, with the total.
 
     Combinators are not rows themselves: their layers are, numbered by path (``2.1`` is layer 1
-    of the combinator at position 2), branches included.
+    of the combinator at position 2), branches included. The total is ``param_count`` of the
+    network's params.
     """
-    global _rows
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
     if not isinstance(input_shape, (tuple, list)):
         raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}.")
-    rows: list[tuple[str, int, str, Any, int]] = []
-    saved = _rows
-    _rows = rows
-    try:
-        output_shape, params = _shapes(net, tuple(input_shape))
-    finally:
-        _rows = saved
-    spec = spec_of(net)
-    if spec is None or not spec.children:
-        rows = [("", 0, layer_name(net), output_shape, param_count(params))]
+    rows: list[Row] = []
+    _shapes(_recording(net, (), rows), tuple(input_shape))
     table = [(label, "  " * depth + name, str(_plain(shape)), count) for label, depth, name, shape, count in rows]
     header = ("#", "layer", "output shape", "params")
     widths = [max(len(str(r[c])) for r in [*table, header]) for c in range(4)]

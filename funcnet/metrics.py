@@ -43,4 +43,5 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
     labels = target if integer else jnp.argmax(target, axis=-1)
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)
-    return jnp.mean(hits.astype(prediction.dtype))
+    # The mean is taken in at least float32 (float16 counts stop at 2048) and cast back.
+    return jnp.mean(hits.astype(_checks.wide(prediction.dtype))).astype(prediction.dtype)

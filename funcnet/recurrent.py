@@ -42,7 +42,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from funcnet import _checks, initializers
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_name, layer_spec
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    check_input_shape,
+    check_params,
+    default_dtype,
+    init_only,
+    layer_name,
+    layer_spec,
+    spec_of,
+)
 
 Array = jax.Array
 
@@ -439,9 +449,9 @@ _CELLS: dict[str, tuple[Callable[..., Any], Any]] = {
 class _Recurrent(LayerSpec):
     cell: str
     hidden: int
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: Any
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:
@@ -529,6 +539,13 @@ class _TimeDistributed(LayerSpec):
     @property
     def name(self) -> str:
         return f"TimeDistributed({layer_name(self.inner)})"
+
+    @property
+    def children(self) -> tuple[Layer, ...]:
+        """The inner layer when it is a combinator (``summary`` lists its layers); a leaf inner
+        layer makes this one row, ``TimeDistributed(Dense(62, linear))``."""
+        spec = spec_of(self.inner)
+        return (self.inner,) if spec is not None and spec.children else ()
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, time, features...)")

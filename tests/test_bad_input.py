@@ -268,6 +268,18 @@ CALLS = {
         {"max_length": "numbers", "input_shape": "trees"},
     ),
     "gelu": (lambda x=X: fn.gelu(x), {"x": "arrays"}),
+    "mixed_precision": (
+        lambda layer=NET, compute_dtype=np.dtype("float16"): fn.mixed_precision(layer, compute_dtype).init(
+            KEY, (-1, 3)
+        ),
+        {"layer": "numbers", "compute_dtype": "numbers"},
+    ),
+    "DynamicLossScale": (
+        lambda initial=2.0**15, period=2000, factor=2.0, min_scale=1.0: fn.DynamicLossScale(
+            initial, period, factor, min_scale
+        ),
+        {"initial": "numbers", "period": "numbers", "factor": "numbers", "min_scale": "numbers"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,

@@ -11,9 +11,15 @@ Contract, stated once:
 * Each file's metadata holds the run's *fingerprint* (``fingerprint``): the network, loss,
   optimizer with its hyperparameters, metrics, monitor and mode, the params' shapes and a
   digest of their initial values (and of a given ``opt_state``), the data's shapes and dtypes,
+  a digest of the data's values (computed in the pass that checks them for NaN, ``checks.py``),
   the key, and every argument of ``fit`` that changes the result. A directory holding another
-  run's checkpoint is refused with a ``ValueError`` listing what differs. The data's values
-  are not compared, only its shapes and dtypes.
+  run's checkpoint is refused with a ``ValueError`` listing what differs.
+* A building block is described by value: a funcnet spec by its fields, a function by the
+  module-level name it is importable as. One whose equality cannot be established (a lambda, a
+  closure, a ``partial``, an object without value equality) cannot be matched to another
+  process's: without ``run_name`` the fingerprint then holds a token of this call alone, so its
+  checkpoints are never resumed (``fit`` warns). ``fit(..., run_name="...")`` names the run
+  instead: the caller vouches that equal names mean equal building blocks.
 * Each file's metadata also holds a CRC-32 of its arrays. ``restore`` reads the newest
   checkpoint; a torn or unreadable one is skipped with a warning for the one before it; if
   none is readable it raises a ``ValueError`` naming the newest file. Temporary files left by a
@@ -23,10 +29,14 @@ Contract, stated once:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
+import sys
+import types
+import uuid
 import warnings
 import zlib
 from pathlib import Path
@@ -59,30 +69,54 @@ def prepare(directory: Any) -> Path:
     return path
 
 
-def describe(value: Any) -> str:
-    """A description of a building block that is the same in every process (no addresses)."""
+def _importable(value: Any) -> bool:
+    """True when ``value`` is what its ``__module__`` and ``__qualname__`` name (so another process
+    importing that name gets the same function); never for lambdas, closures or partials."""
+    if isinstance(value, (functools.partial, jax.tree_util.Partial)):
+        return False
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if module is None or name is None:
+        name = getattr(value, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
+        return False
+    found: Any = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is value
+
+
+def describe(value: Any, unprovable: list[str] | None = None) -> str:
+    """A description of a building block that is the same in every process (no addresses).
+
+    What cannot be described by value (``_importable``) is added to ``unprovable``."""
     if isinstance(value, Method):
-        return describe(value.owner)
+        return describe(value.owner, unprovable)
     if (
         isinstance(value, tuple)
         and value
         and all(isinstance(v, Method) for v in value)
         and len({id(v.owner) for v in value}) == 1
     ):  # a Layer or Optimizer of one spec
-        return describe(value[0])
+        return describe(value[0], unprovable)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = ", ".join(f"{f.name}={describe(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        fields = ", ".join(
+            f"{f.name}={describe(getattr(value, f.name), unprovable)}" for f in dataclasses.fields(value)
+        )
         return f"{type(value).__name__}({fields})"
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__}({', '.join(describe(v) for v in value)})"
+        return f"{type(value).__name__}({', '.join(describe(v, unprovable) for v in value)})"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k!r}: {describe(v, unprovable)}" for k, v in value.items()) + "}"
     if value is None or isinstance(value, (bool, int, float, str, np.dtype)):
         return repr(value)
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         return f"array({np.asarray(value).tolist()!r}, {np.asarray(value).dtype})"
     name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or type(value).__qualname__
-    return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    described = f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    if unprovable is not None and not (isinstance(value, type) or _importable(value)):
+        kind = type(value).__name__ if not isinstance(value, types.FunctionType) else "function"
+        unprovable.append(f"{described} (a {kind})")
+    return described
 
 
 def _digest(tree: Any) -> str:
@@ -101,6 +135,9 @@ def _shapes(tree: Any) -> str:
     )
 
 
+UNPROVABLE = "building blocks without value equality"
+
+
 def fingerprint(
     *,
     net: Any,
@@ -111,25 +148,43 @@ def fingerprint(
     opt_state: Any,
     train_data: tuple[Any, Any],
     eval_data: tuple[Any, Any] | None,
+    data_digests: tuple[str | None, str | None],
     key: jax.Array,
+    run_name: str | None,
     **arguments: Any,
 ) -> dict[str, str]:
     """What identifies a run: two calls with equal fingerprints compute the same training."""
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = lambda pair: "none" if pair is None else " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair)
+
+    def data(pair: tuple[Any, Any] | None, digest: str | None) -> str:
+        if pair is None:
+            return "none"
+        return " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair) + f", values {digest}"
+
+    unprovable: list[str] = []
     described = {
-        "network": describe(net),
-        "loss": describe(loss),
-        "optimizer": describe(optimizer),
-        "metrics": describe(metrics),
+        "network": describe(net, unprovable),
+        "loss": describe(loss, unprovable),
+        "optimizer": describe(optimizer, unprovable),
+        "metrics": describe(metrics, unprovable),
         "params": _shapes(params),
         "initial params": _digest(params),
         "initial opt_state": "fresh" if opt_state is None else _digest(opt_state),
-        "train data": data(train_data),
-        "eval data": data(eval_data),
+        "train data": data(train_data, data_digests[0]),
+        "eval data": data(eval_data, data_digests[1]),
         "key": str(np.asarray(key_data).tolist()),
         **{name: repr(value) for name, value in arguments.items()},
     }
+    if run_name is not None:
+        described["run name"] = repr(run_name)
+    elif unprovable:
+        warnings.warn(
+            f"fit: {', '.join(unprovable)} cannot be shown equal to another run's, so this run's "
+            "checkpoints will never be resumed; pass run_name='...' to fit to name the run.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        described[UNPROVABLE] = f"{', '.join(unprovable)}; this call only ({uuid.uuid4().hex})"
     return described
 
 
@@ -193,10 +248,16 @@ def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
                 "afresh."
             ) from error
         if stored != run:
+            hint = (
+                " A lambda, closure, partial or object without value equality cannot be matched to "
+                "another run's: name the run with fit(..., run_name='...') (from its first call on)."
+                if UNPROVABLE in stored or UNPROVABLE in run
+                else ""
+            )
             raise ValueError(
                 f"fit: checkpoint_dir {str(directory)!r} holds a checkpoint of another run "
                 f"({path.name}): {_differences(stored, run)}. Use another directory, or delete "
-                "this one to start afresh."
+                f"this one to start afresh.{hint}"
             )
         return checkpoint.unflatten("fit", str(path), arrays, like)
     return None

@@ -22,6 +22,7 @@ from funcnet import _checks
 from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
+from funcnet.precision import DynamicLossScale
 from funcnet.train import checkpointing, checks
 from funcnet.train.program import (
     Config,
@@ -69,6 +70,8 @@ def fit(
     checkpoint_every: int = 1,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    run_name: str | None = None,
+    loss_scale: DynamicLossScale | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -104,6 +107,14 @@ def fit(
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
         that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet/precision.py``):
+        the loss is scaled before the backward, the gradients unscaled after, a step with a
+        non-finite gradient skipped and the scale halved, and the scale doubled after
+        ``period`` finite steps. Not needed for bfloat16 or float32.
+      run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
+        cannot compare by value (a lambda, closure or partial as loss, metric, activation or
+        initializer): without one such a run's checkpoints are never resumed. Two calls with
+        the same ``run_name`` must pass building blocks that compute the same thing.
     Returns:
       A ``FitResult``.
     """
@@ -118,17 +129,21 @@ def fit(
     if start_epoch >= epochs:
         raise ValueError(f"fit: start_epoch must be < epochs ({epochs}), got {start_epoch}.")
     _checks.real_number("fit", "min_delta", min_delta, low=0.0)
+    if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
+        raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
+    if run_name is not None and not isinstance(run_name, str):
+        raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
     checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress)
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    x, y = checks.check_data("train_data", train_data)
+    x, y, train_digest = checks.check_data("train_data", train_data)
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
     value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
     if eval_data is not None:
-        eval_x, eval_y = checks.check_data("eval_data", eval_data)
+        eval_x, eval_y, eval_digest = checks.check_data("eval_data", eval_data)
         checks.check_fits_network(
             "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
         )
@@ -138,7 +153,7 @@ def fit(
                 f"{start_epoch + 1}..{epochs}; lower it or drop eval_data."
             )
     else:
-        eval_x = eval_y = None
+        eval_x = eval_y = eval_digest = None
     if opt_state is not None:
         expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
         if jax.tree_util.tree_structure(opt_state) != expected:
@@ -164,23 +179,24 @@ def fit(
 
     masked = rows % batch_size != 0 and not drop_last
     config = Config(
-        rows,
-        batch_size,
-        math.ceil(rows / batch_size) if masked else rows // batch_size,
-        epochs,
-        eval_every,
-        patience,
-        bool(shuffle),
-        masked,
-        0 if eval_x is None else eval_x.shape[0],
-        eval_batch_size,
-        tuple(metrics),
-        monitor,
-        mode == "max",
-        jnp.dtype(value.dtype).name,
-        bool(progress),
-        mesh,
-        data_axis,
+        rows=rows,
+        batch_size=batch_size,
+        batches=math.ceil(rows / batch_size) if masked else rows // batch_size,
+        epochs=epochs,
+        eval_every=eval_every,
+        patience=patience,
+        shuffle=bool(shuffle),
+        masked=masked,
+        eval_rows=0 if eval_x is None else eval_x.shape[0],
+        eval_batch_size=eval_batch_size,
+        metrics=tuple(metrics),
+        monitor=monitor,
+        maximize=mode == "max",
+        dtype=_checks.wide(value.dtype).name,  # totals of float16 losses overflow float16
+        progress=bool(progress),
+        mesh=mesh,
+        data_axis=data_axis,
+        loss_scale=loss_scale,
     )
     hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
@@ -207,7 +223,9 @@ def fit(
         opt_state=opt_state,
         train_data=(x, y),
         eval_data=None if eval_x is None else (eval_x, eval_y),
+        data_digests=(train_digest, eval_digest),
         key=key,
+        run_name=run_name,
         epochs=epochs,
         start_epoch=start_epoch,
         batch_size=batch_size,
@@ -219,6 +237,7 @@ def fit(
         monitor=monitor,
         mode=mode,
         eval_batch_size=eval_batch_size,
+        loss_scale=loss_scale,
     )
     restored = checkpointing.restore(directory, state, run_id)
     if restored is not None:

@@ -36,7 +36,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from funcnet import _checks
 from funcnet._values import Static, combine
+from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
@@ -96,10 +98,11 @@ class Config(NamedTuple):
     metrics: tuple[str, ...]
     monitor: str
     maximize: bool
-    dtype: str  # of the losses and metrics
+    dtype: str  # of the loss and metric totals and the history: the loss's, at least float32
     progress: bool
     mesh: Mesh | None
     data_axis: str
+    loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
 
     @property
     def evaluations(self) -> int:
@@ -123,6 +126,7 @@ class TrainState(NamedTuple):
     train_loss: jax.Array  # (epochs,)
     eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
+    loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
 
 
 def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
@@ -154,7 +158,8 @@ def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable
         if not masked:
             return loss(prediction, y)
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
-        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask).astype(per_row.dtype)
+        wide = per_row.astype(_checks.wide(per_row.dtype))  # a float16 sum of row losses overflows
+        return (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
 
     return batch_loss
 
@@ -204,21 +209,25 @@ def _fresh_state(
         opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays
+    # (a jitted function hands an input it returns unchanged back as the same buffer).
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     return TrainState(
-        params,
-        opt_state,
-        params if has_eval else None,
-        opt_state if has_eval else None,
-        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
-        int_(start_epoch),
-        int_(0),
-        jnp.asarray(False),
-        int_(c.epochs),
-        jnp.asarray(False),
-        int_(start_epoch),
-        _nan((c.epochs,), dtype),
-        _nan((c.evaluations,), dtype),
-        {name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        params=copy(params),
+        opt_state=copy(opt_state),
+        best_params=copy(params) if has_eval else None,
+        best_opt_state=copy(opt_state) if has_eval else None,
+        best=jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
+        best_epoch=int_(start_epoch),
+        bad_evals=int_(0),
+        stopped=jnp.asarray(False),
+        stopped_epoch=int_(c.epochs),
+        diverged=jnp.asarray(False),
+        epoch=int_(start_epoch),
+        train_loss=_nan((c.epochs,), dtype),
+        eval_loss=_nan((c.evaluations,), dtype),
+        eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
     )
 
 
@@ -277,7 +286,18 @@ def _segment(
     c = config
     apply, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
-    value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
+    batch_loss = _batch_loss(apply, loss, c.masked)
+    value_and_grad = jax.value_and_grad(batch_loss)
+
+    def scaled_loss(*args: Any) -> tuple[jax.Array, jax.Array]:
+        value = batch_loss(*args[:-1])
+        scale = args[-1]
+        return value * scale.astype(value.dtype), value
+
+    def scaled_value_and_grad(*args: Any) -> tuple[jax.Array, Any]:
+        (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return value, grads
+
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     padded = c.batches * c.batch_size
     used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
@@ -290,19 +310,27 @@ def _segment(
             order = jnp.concatenate([order, order[: padded - c.rows]])
         batches = order[:padded].reshape(c.batches, c.batch_size)
 
-        def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
-            params, opt_state = carry
+        def step(carry: tuple[Params, Any, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
+            params, opt_state, scaling = carry
             index, b = batch
             mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
-            value, grads = value_and_grad(
-                params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b)
-            )
-            params, opt_state = optimizer.update(grads, opt_state, params)
-            return (params, opt_state), value.astype(dtype) * (
+            args = (params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b))
+            if c.loss_scale is None:
+                value, grads = value_and_grad(*args)
+                params, opt_state = optimizer.update(grads, opt_state, params)
+            else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
+                value, grads = scaled_value_and_grad(*args, scaling.scale)
+                grads, finite = c.loss_scale.unscale(scaling, grads)
+                stepped = optimizer.update(grads, opt_state, params)
+                params, opt_state = _select(finite, stepped, (params, opt_state))
+                scaling = c.loss_scale.adjust(scaling, finite)
+            return (params, opt_state, scaling), value.astype(dtype) * (
                 jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
             )
 
-        (params, opt_state), sums = lax.scan(step, (s.params, s.opt_state), (batches, jnp.arange(c.batches)))
+        (params, opt_state, scaling), sums = lax.scan(
+            step, (s.params, s.opt_state, s.loss_scale), (batches, jnp.arange(c.batches))
+        )
         train_loss = jnp.sum(sums) / used_rows
         finite = jnp.isfinite(train_loss)
         history = s.train_loss.at[e].set(train_loss)
@@ -319,6 +347,7 @@ def _segment(
                 diverged=~finite,
                 epoch=e + 1,
                 train_loss=history,
+                loss_scale=scaling,
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
@@ -332,20 +361,21 @@ def _segment(
             j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
             record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
             new = TrainState(
-                params,
-                opt_state,
-                _select(improved, params, s.best_params),
-                _select(improved, opt_state, s.best_opt_state),
-                jnp.where(improved, watched, s.best),
-                jnp.where(improved, e + 1, s.best_epoch),
-                bad_evals,
-                stop_now,
-                jnp.where(stop_now, e + 1, s.stopped_epoch),
-                diverged,
-                e + 1,
-                history,
-                record(s.eval_loss, values["loss"]),
-                {name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                params=params,
+                opt_state=opt_state,
+                best_params=_select(improved, params, s.best_params),
+                best_opt_state=_select(improved, opt_state, s.best_opt_state),
+                best=jnp.where(improved, watched, s.best),
+                best_epoch=jnp.where(improved, e + 1, s.best_epoch),
+                bad_evals=bad_evals,
+                stopped=stop_now,
+                stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
+                diverged=diverged,
+                epoch=e + 1,
+                train_loss=history,
+                eval_loss=record(s.eval_loss, values["loss"]),
+                eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                loss_scale=scaling,
             )
         if c.progress:
             jax.debug.callback(progress.tick, e, train_loss, values)
@@ -354,7 +384,9 @@ def _segment(
     return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
 
 
-segment = jax.jit(_segment, static_argnames=("static", "config"))
+# The state a segment replaces is donated: its buffers hold the new state, so the program's peak
+# memory holds one training state, not two (``benchmarks/bench_memory.py``).
+segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
