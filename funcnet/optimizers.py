@@ -723,7 +723,7 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
     if not callable(labels):
         pairs = jax.tree_util.tree_leaves_with_path(labels)
         for path, name in pairs:
-            if name not in optimizers:
+            if not isinstance(name, str) or name not in optimizers:
                 raise ValueError(
                     f"{fn}: labels{jax.tree_util.keystr(path)} must name a group of optimizers "
                     f"{sorted(optimizers)}, got {name!r}."
