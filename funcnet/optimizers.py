@@ -4,21 +4,29 @@ Contract, stated once:
 
 * ``Optimizer(init, update)`` is a ``NamedTuple`` of two pure functions:
   ``init(params) -> state`` and ``update(grads, state, params) -> (new_params, new_state)``.
-  Every state is a ``NamedTuple`` pytree whose ``step`` counts the updates made.
+  Every state is a ``NamedTuple`` pytree whose ``step`` counts the calls to ``update``.
 * A learning rate is a number, a scalar array (traced is fine, so it can be ``vmap``-ed),
   or a schedule ``step -> lr`` evaluated at the update count.
 * Every optimizer takes ``weight_decay`` (L2: ``grad + weight_decay * param``, the book's
-  regularized SGD), ``clip_value`` (clip each gradient entry to ``[-clip_value, clip_value]``,
-  the book's chapter-6 clipping) and ``clip_norm`` (scale the gradient tree down to at most
-  this global norm), applied in the order clip_value, clip_norm, weight decay.
+  regularized SGD; ``adamw``'s is decoupled: ``lr * weight_decay * param`` joins the update),
+  ``clip_value`` (clip each gradient entry to ``[-clip_value, clip_value]``, the book's
+  chapter-6 clipping) and ``clip_norm`` (scale the gradient tree down to at most this global
+  norm), applied in the order clip_value, clip_norm, weight decay.
+* Precision: an optimizer computes in ``promote_types(param dtype, float32)``: the gradient
+  is cast up first, the clip norm, the state (momentum, Adam's moments, AdaGrad's sum, the
+  accumulated gradients) and its constants (``eps``, ``b1``, ...) live there, and only the new
+  params are cast back (one rounding). float16 and bfloat16 params therefore get float32 state.
+* Wrappers take optimizers: ``accumulate`` (the mean gradient of ``steps`` calls, applied every
+  ``steps``-th call) and ``multi_optimizer`` (parameter groups, ``None`` freezing one).
 * Optimizers and schedules are values: equal calls give equal, equally hashed objects, and
   their numbers are pytree data. ``fit`` hands the numbers to its compiled program as traced
   arguments, so a sweep over learning rates, momenta, Adam's ``b1``/``b2``/``eps``,
-  ``weight_decay``, ``clip_norm``, ``clip_value`` or a schedule's ``initial``, ``final``,
-  ``steps`` and ``every`` compiles once. Static (a change compiles a new program): the
-  optimizer's kind, whether ``weight_decay`` is zero, whether ``clip_norm``/``clip_value`` are
-  set, the schedule's kind (constant, linear, exponential, or a function of your own, which
-  compiles once per function object).
+  ``weight_decay``, ``clip_norm``, ``clip_value``, a schedule's ``initial``, ``peak``,
+  ``final``, ``steps``, ``warmup_steps``, ``decay_steps`` and ``every``, or ``accumulate``'s
+  ``steps`` compiles once. Static (a change compiles a new program): the optimizer's kind,
+  whether ``weight_decay`` is zero, whether ``clip_norm``/``clip_value`` are set, the
+  schedule's kind (constant, linear, exponential, cosine, warmup-cosine, or a function of
+  your own, which compiles once per function object), ``multi_optimizer``'s groups and labels.
 * Nothing is mutated; unused arguments are ``del``-ed.
 """
 
