@@ -15,7 +15,21 @@ from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
 from funcnet.ops import bias_add, dropout, gelu, linear, relu, sigmoid, tanh, weight_multiply
-from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
+from funcnet.optimizers import (
+    Optimizer,
+    accumulate,
+    adagrad,
+    adam,
+    adamw,
+    constant,
+    cosine_decay,
+    exponential_decay,
+    linear_decay,
+    momentum,
+    multi_optimizer,
+    sgd,
+    warmup_cosine_decay,
+)
 from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
 from funcnet.train import FitResult, History, fit, train_step
@@ -55,15 +69,18 @@ __all__ = [
     "PositionalEmbeddingParams",
     "RNNParams",
     "TimeDistributed",
+    "accumulate",
     "accuracy",
     "adagrad",
     "adam",
+    "adamw",
     "avg_pool2d",
     "bias_add",
     "check_vjp",
     "constant",
     "conv2d",
     "dot_product_attention",
+    "cosine_decay",
     "dropout",
     "embedding",
     "exponential_decay",
@@ -80,6 +97,7 @@ __all__ = [
     "mean_squared_error",
     "mixed_precision",
     "momentum",
+    "multi_optimizer",
     "normal",
     "parallel",
     "param_count",
@@ -95,6 +113,7 @@ __all__ = [
     "summary",
     "tanh",
     "train_step",
+    "warmup_cosine_decay",
     "weight_multiply",
     "zeros",
 ]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from funcnet import _checks
+from funcnet import _checks, optimizers
 from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
@@ -72,6 +72,8 @@ def fit(
     data_axis: str = "data",
     run_name: str | None = None,
     loss_scale: DynamicLossScale | None = None,
+    ema_decay: float | None = None,
+    eval_ema: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -115,6 +117,14 @@ def fit(
         cannot compare by value (a lambda, closure or partial as loss, metric, activation or
         initializer): without one such a run's checkpoints are never resumed. Two calls with
         the same ``run_name`` must pass building blocks that compute the same thing.
+      ema_decay: keep the params' exponential moving average, ``ema = ema_decay * ema +
+        (1 - ema_decay) * params`` after every optimizer step, from the initial params (in at
+        least float32), and return it as ``FitResult.ema_params`` (the average that goes with
+        ``params``: at the best evaluation with ``eval_data``). A checkpoint holds it and a
+        resumed run continues it exactly; resuming by hand (``opt_state``) starts it afresh
+        from ``params``. The number is traced: a sweep over it compiles once.
+      eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
+        loss, the metrics, early stopping and the best evaluation kept all watch it.
     Returns:
       A ``FitResult``.
     """
@@ -133,7 +143,11 @@ def fit(
         raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
     if run_name is not None and not isinstance(run_name, str):
         raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
-    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress)
+    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress, eval_ema=eval_ema)
+    if ema_decay is not None:
+        _checks.real_number("fit", "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
+    elif eval_ema:
+        raise ValueError("fit: eval_ema=True evaluates the params' moving average, which needs ema_decay (e.g. 0.999).")
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
@@ -169,7 +183,7 @@ def fit(
         traced = [
             a
             for a in jax.tree_util.tree_leaves(
-                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0])
+                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0], ema_decay)
             )
             if not _checks.is_concrete(a)
         ]
@@ -198,7 +212,13 @@ def fit(
         data_axis=data_axis,
         loss_scale=loss_scale,
     )
-    hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
+    program_optimizer = optimizer
+    if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
+        config = config._replace(eval_ema=bool(eval_ema))
+        program_optimizer = optimizers.with_ema(optimizer, ema_decay)
+        if opt_state is not None:
+            opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(params))
+    hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
     x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
     if mesh is not None:
@@ -238,6 +258,7 @@ def fit(
         mode=mode,
         eval_batch_size=eval_batch_size,
         loss_scale=loss_scale,
+        **({} if ema_decay is None else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema)}),
     )
     restored = checkpointing.restore(directory, state, run_id)
     if restored is not None:

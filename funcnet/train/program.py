@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from funcnet import _checks
 from funcnet._values import Static, combine
 from funcnet.precision import DynamicLossScale, LossScaleState
+from funcnet.optimizers import EmaState, ema_params
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
@@ -80,6 +81,7 @@ class FitResult(NamedTuple):
     best_epoch: jax.Array  # epochs trained when ``params`` was taken
     stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
     diverged: jax.Array  # a training or eval loss was not finite
+    ema_params: Params = None  # with ``fit(..., ema_decay=d)``: the params' moving average that goes with ``params``
 
 
 class Config(NamedTuple):
@@ -103,6 +105,7 @@ class Config(NamedTuple):
     mesh: Mesh | None
     data_axis: str
     loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
+    eval_ema: bool = False  # evaluate (and early-stop on) the params' moving average
 
     @property
     def evaluations(self) -> int:
@@ -351,7 +354,10 @@ def _segment(
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
-            values = lax.cond(is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, params)
+            watched_params = ema_params(opt_state, params) if c.eval_ema else params
+            values = lax.cond(
+                is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, watched_params
+            )
             diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
             watched = values[c.monitor]
             better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
@@ -402,7 +408,10 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         params, opt_state = state.best_params, state.best_opt_state
     else:
         params, opt_state = state.params, state.opt_state
-    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged)
+    averaged = None
+    if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
+        opt_state, averaged = opt_state.inner, ema_params(opt_state, params)
+    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged, averaged)
 
 
 result = jax.jit(_result, static_argnames=("start_epoch", "config"))
