@@ -38,8 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
 from funcnet._values import Static, combine
-from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.optimizers import EmaState, ema_params
+from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
