@@ -87,3 +87,105 @@ def test_accuracy_refuses_out_of_range_labels():
         fn.accuracy(logits, labels + 3)
     with pytest.raises(ValueError, match=r"from -1 to 1"):
         fn.accuracy(logits, labels - 1)
+
+
+# 2. FitResult explains itself and carries the values a user otherwise digs out of the history.
+
+
+def test_help_of_fit_result_documents_every_field():
+    import pydoc
+
+    for kind in (fn.FitResult, fn.History):
+        text = pydoc.render_doc(kind, renderer=pydoc.plaintext)
+        assert "Alias for field number" not in text  # NamedTuple's placeholder, which says nothing
+        for field in kind._fields:
+            doc = getattr(kind, field).__doc__
+            assert len(doc) > 20 and doc in text, field
+
+
+def test_fit_result_has_the_best_evaluation_and_the_last_finite_train_loss():
+    x, y = _classes(rows=90)
+    net = _classifier()
+    _, params = net.init(KEY, (-1, 4))
+    result = fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.sgd(3.0),
+        params,
+        (x[:60], y[:60]),
+        (x[60:], y[60:]),
+        epochs=40,
+        eval_every=2,
+        batch_size=10,
+        key=KEY,
+        metrics={"accuracy": fn.accuracy},
+    )
+    stopped = int(result.stopped_epoch)
+    assert stopped < 40  # the history is NaN-padded after the stop
+    assert np.isnan(result.history.train_loss[-1])
+    assert float(result.last_train_loss) == float(result.history.train_loss[stopped - 1])
+    at_best = np.flatnonzero(np.asarray(result.history.eval_epoch) == int(result.best_epoch))[0]
+    assert float(result.best_eval["loss"]) == float(result.history.eval_loss[at_best])
+    assert float(result.best_eval["accuracy"]) == float(result.history.eval_metrics["accuracy"][at_best])
+    assert float(result.best_eval["loss"]) == float(np.nanmin(result.history.eval_loss))
+
+
+def test_fit_result_without_eval_data_or_after_divergence():
+    x, y = _classes()
+    net = _classifier()
+    _, params = net.init(KEY, (-1, 4))
+    plain = fn.fit(net, fn.softmax_cross_entropy, fn.sgd(0.1), params, (x, y), epochs=3, batch_size=10, key=KEY)
+    assert float(plain.last_train_loss) == float(plain.history.train_loss[-1])
+    assert np.isnan(plain.best_eval["loss"])
+    xr = np.random.default_rng(0).standard_normal((40, 4))
+    yr = 1e3 * xr[:, :1]
+    reg = fn.serial(fn.Dense(8, fn.linear), fn.Dense(1, fn.linear))
+    _, p = reg.init(KEY, (-1, 4))
+    blown = fn.fit(reg, fn.mean_squared_error, fn.sgd(1.0), p, (xr, yr), epochs=30, batch_size=10, key=KEY)
+    assert bool(blown.diverged)
+    finite = np.asarray(blown.history.train_loss)
+    finite = finite[np.isfinite(finite)]
+    expected = finite[-1] if finite.size else np.nan
+    np.testing.assert_equal(float(blown.last_train_loss), expected)
+
+
+# 3. Early stopping is stated where a user meets it, and can be turned off.
+
+
+def test_help_of_fit_states_the_early_stopping_rule_without_pointing_into_source_files():
+    doc = fn.fit.__doc__
+    assert "stops at the first evaluation that does not improve" in " ".join(doc.split())
+    assert "patience=None" in doc
+    assert ".py" not in doc  # no "see program.py": help() is where the user reads
+
+
+def _stopping_run(**kwargs):
+    kwargs = {"eval_every": 2, **kwargs}
+    x, y = _classes(rows=90)
+    net = _classifier()
+    _, params = net.init(KEY, (-1, 4))
+    return fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.sgd(3.0),
+        params,
+        (x[:60], y[:60]),
+        (x[60:], y[60:]),
+        batch_size=10,
+        key=KEY,
+        **kwargs,
+    )
+
+
+def test_patience_none_trains_every_epoch_and_keeps_the_best():
+    stopping = _stopping_run(epochs=40)
+    assert int(stopping.stopped_epoch) < 40
+    full = _stopping_run(epochs=40, patience=None)
+    assert int(full.stopped_epoch) == 40 and not np.isnan(full.history.train_loss[-1])
+    assert int(full.best_epoch) < 40
+    assert float(full.best_eval["loss"]) == float(np.nanmin(full.history.eval_loss))
+
+
+def test_too_few_epochs_for_an_evaluation_says_how_to_fix_it():
+    with pytest.raises(ValueError, match=r"evaluates every eval_every epochs.*eval_every=5 or less"):
+        _stopping_run(epochs=5, eval_every=10)

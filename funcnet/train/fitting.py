@@ -53,7 +53,7 @@ def fit(
     epochs: int,
     batch_size: int = 32,
     eval_every: int = 10,
-    patience: int = 0,
+    patience: int | None = 0,
     min_delta: float = 0.0,
     key: jax.Array,
     shuffle: bool = True,
@@ -72,6 +72,15 @@ def fit(
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
+    Early stopping, the book's trainer's rule: with ``eval_data``, ``fit`` evaluates after every
+    ``eval_every`` epochs (default 10) and, with the default ``patience=0``, stops at the first
+    evaluation that does not improve on the best so far, returning the params of the best
+    evaluation. So ``epochs`` is an upper bound: ``result.stopped_epoch`` says when training
+    stopped and ``result.best_epoch`` where ``result.params`` come from. ``patience=k`` allows
+    ``k`` evaluations in a row without improvement; ``patience=None`` never stops early and
+    still returns the best evaluation's params. Without ``eval_data`` every epoch is trained and
+    the final params are returned. With ``eval_data``, ``epochs`` must reach an evaluation.
+
     Args:
       net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
         over rows) and the optimizer.
@@ -80,7 +89,9 @@ def fit(
         ids), y floating or integer labels.
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
-      eval_every, patience, min_delta: the early-stopping schedule (``program.py``).
+      eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
+        when the monitored value beats the best by more than ``min_delta``; a non-finite loss
+        stops training too (``result.diverged``).
       key: a ``jax.random`` key; epoch ``e`` uses ``fold_in(key, e)``.
       shuffle: a fresh order every epoch (else the data order).
       drop_last: drop the remainder rows each epoch instead of a smaller last batch.
@@ -99,7 +110,7 @@ def fit(
       checkpoint_dir, checkpoint_every: save the whole training state to this directory every
         ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
         the newest checkpoint, and a finished run returns its result without training
-        (``checkpointing.py``). Not under ``jit``/``vmap``.
+        Not under ``jit``/``vmap``.
       mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
@@ -111,7 +122,8 @@ def fit(
     epochs = _checks.positive_int("fit", "epochs", epochs)
     batch_size = _checks.positive_int("fit", "batch_size", batch_size)
     eval_every = _checks.positive_int("fit", "eval_every", eval_every)
-    patience = _checks.positive_int("fit", "patience", patience, minimum=0)
+    if patience is not None:
+        patience = _checks.positive_int("fit", "patience", patience, minimum=0)
     start_epoch = _checks.positive_int("fit", "start_epoch", start_epoch, minimum=0)
     eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
     checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
@@ -134,8 +146,10 @@ def fit(
         )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
             raise ValueError(
-                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
-                f"{start_epoch + 1}..{epochs}; lower it or drop eval_data."
+                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs {start_epoch + 1}..{epochs}: "
+                f"with eval_data, fit evaluates every eval_every epochs (default 10) and keeps the best "
+                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more epochs, or no "
+                "eval_data."
             )
     else:
         eval_x = eval_y = None
@@ -169,7 +183,7 @@ def fit(
         math.ceil(rows / batch_size) if masked else rows // batch_size,
         epochs,
         eval_every,
-        patience,
+        epochs if patience is None else patience,  # None: more bad evaluations than can happen
         bool(shuffle),
         masked,
         0 if eval_x is None else eval_x.shape[0],
