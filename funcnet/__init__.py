@@ -16,7 +16,7 @@ from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
 from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
-from funcnet.train import FitResult, History, fit, train_step
+from funcnet.train import FitCheckpoint, FitResult, History, fit, read_checkpoint, train_step
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "FanInConcat",
     "FanInSum",
     "FanOut",
+    "FitCheckpoint",
     "FitResult",
     "Flatten",
     "GRUParams",
@@ -72,6 +73,7 @@ __all__ = [
     "normal",
     "parallel",
     "param_count",
+    "read_checkpoint",
     "relu",
     "residual",
     "rnn",

@@ -189,3 +189,72 @@ def test_patience_none_trains_every_epoch_and_keeps_the_best():
 def test_too_few_epochs_for_an_evaluation_says_how_to_fix_it():
     with pytest.raises(ValueError, match=r"evaluates every eval_every epochs.*eval_every=5 or less"):
         _stopping_run(epochs=5, eval_every=10)
+
+
+# 4. A finished run continues with more epochs; resuming says so; refusals read one per line.
+
+
+def _long(checkpoint_dir=None, lr=0.01, **kwargs):
+    x, y = _classes(rows=90)
+    net = fn.serial(fn.Dense(8, fn.tanh), fn.Dropout(0.1), fn.Dense(3, fn.linear))
+    _, params = net.init(KEY, (-1, 4))
+    args = dict(epochs=6, eval_every=2, patience=None, batch_size=16, key=KEY, metrics={"accuracy": fn.accuracy})
+    args.update(kwargs)
+    return fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.adam(lr),
+        params,
+        (x[:60], y[:60]),
+        (x[60:], y[60:]),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=2,
+        **args,
+    )
+
+
+def _equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_finished_run_continues_to_more_epochs_and_equals_the_longer_run(tmp_path, capsys):
+    first = _long(tmp_path, epochs=6)
+    assert int(first.resumed_epoch) == 0
+    continued = _long(tmp_path, epochs=10, progress=True)
+    assert "resumed from epoch 6" in capsys.readouterr().out
+    assert int(continued.resumed_epoch) == 6
+    whole = _long(epochs=10)
+    _equal(continued._replace(resumed_epoch=whole.resumed_epoch), whole)
+    again = _long(tmp_path, epochs=10, eval_batch_size=7)  # not part of the run's identity
+    assert int(again.resumed_epoch) == 10
+    with pytest.raises(ValueError, match=r"trained to epoch 10 .*beyond epochs=8; ask for epochs >= 10"):
+        _long(tmp_path, epochs=8)
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_asked_for_more(tmp_path):
+    stopped = _long(tmp_path, epochs=30, patience=0, lr=0.2)
+    assert int(stopped.stopped_epoch) < 30
+    longer = _long(tmp_path, epochs=40, patience=0, lr=0.2)
+    assert int(longer.resumed_epoch) == int(stopped.stopped_epoch)
+    _equal(longer._replace(resumed_epoch=0), _long(epochs=40, patience=0, lr=0.2))
+
+
+def test_another_run_is_refused_one_difference_per_line_without_private_names(tmp_path):
+    _long(tmp_path, epochs=2)
+    with pytest.raises(ValueError) as refused:
+        _long(tmp_path, epochs=2, batch_size=10, key=jax.random.PRNGKey(5))
+    lines = str(refused.value).splitlines()
+    assert lines[1].strip().startswith("batch_size: 16 there, 10 here")
+    assert lines[2].strip().startswith("key: ")
+    assert "_Dense" not in str(refused.value) and "0x" not in str(refused.value)
+
+
+def test_read_checkpoint_gives_params_and_best_params_without_resuming(tmp_path):
+    result = _long(tmp_path, epochs=6)
+    net = fn.serial(fn.Dense(8, fn.tanh), fn.Dropout(0.1), fn.Dense(3, fn.linear))
+    like = jax.eval_shape(lambda k: net.init(k, (-1, 4))[1], KEY)
+    read = fn.read_checkpoint(tmp_path, like)
+    assert read.epoch == 6 and read.best_epoch == int(result.best_epoch) and not read.stopped
+    _equal(read.best_params, result.params)
+    assert jax.tree_util.tree_structure(read.params) == jax.tree_util.tree_structure(result.params)

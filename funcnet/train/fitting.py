@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
@@ -109,7 +110,11 @@ def fit(
         rounding, for a loss and metrics that are means over rows).
       checkpoint_dir, checkpoint_every: save the whole training state to this directory every
         ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
-        the newest checkpoint, and a finished run returns its result without training
+        the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
+        a line says so too), and a finished run returns its result without training. Asked for
+        more ``epochs``, a finished run continues, and equals a run of that length from the start.
+        A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
+        checkpoint's params without resuming.
         Not under ``jit``/``vmap``.
       mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
@@ -222,7 +227,6 @@ def fit(
         train_data=(x, y),
         eval_data=None if eval_x is None else (eval_x, eval_y),
         key=key,
-        epochs=epochs,
         start_epoch=start_epoch,
         batch_size=batch_size,
         eval_every=eval_every,
@@ -232,21 +236,28 @@ def fit(
         drop_last=bool(drop_last),
         monitor=monitor,
         mode=mode,
-        eval_batch_size=eval_batch_size,
     )
-    restored = checkpointing.restore(directory, state, run_id)
+    restored = checkpointing.restore(directory, state, run_id, epochs)
+    resumed = start_epoch
     if restored is not None:
-        state = restored if mesh is None else jax.device_put(restored, NamedSharding(mesh, PartitionSpec()))
+        state, resumed = restored
+        if mesh is not None:
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        if config.progress:
+            print(f"fit: resumed from epoch {resumed} of the checkpoint in {str(directory)!r}", flush=True)
     with bar(config.progress, epochs, int(state.epoch)):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
             checkpointing.store(directory, jax.device_get(state), int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
-    return _finish(state, start_epoch, config)
+    return _finish(state, start_epoch, config, resumed)
 
 
-def _finish(state: TrainState, start_epoch: int, config: Config) -> FitResult:
-    """The ``FitResult`` of a state (the jitted ``result``, typed)."""
+def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | None = None) -> FitResult:
+    """The ``FitResult`` of a state (the jitted ``result``, typed); ``resumed``: the epoch a
+    checkpoint resumed from."""
     finished: FitResult = result(state, start_epoch, config=config)
+    if resumed is not None:
+        finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
     return finished

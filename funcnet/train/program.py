@@ -92,6 +92,8 @@ class FitResult(NamedTuple):
         without ``eval_data``, or when no evaluation improved on the start).
       last_train_loss: the training loss of the last epoch whose loss was finite (NaN if
         none); ``history.train_loss[-1]`` is NaN once training stopped early.
+      resumed_epoch: epochs already trained when this call began: ``start_epoch`` (0 for a fresh
+        run), or the epoch of the checkpoint ``checkpoint_dir`` resumed from.
     """
 
     params: Params
@@ -102,6 +104,7 @@ class FitResult(NamedTuple):
     diverged: jax.Array
     best_eval: dict[str, jax.Array]
     last_train_loss: jax.Array
+    resumed_epoch: jax.Array
 
 
 def _document_fields(kind: type) -> None:
@@ -424,6 +427,7 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         state.diverged,
         _best_eval(state, c),
         _last_finite(history.train_loss),
+        jnp.asarray(start_epoch, jnp.int32),
     )
 
 
