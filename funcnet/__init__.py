@@ -9,7 +9,18 @@ from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, av
 from funcnet.embeddings import Embedding, EmbeddingParams, embedding
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
-from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
+from funcnet.layers import (
+    Dense,
+    DenseParams,
+    Dropout,
+    Layer,
+    LayerSpec,
+    layer_spec,
+    named,
+    param_count,
+    serial,
+    summary,
+)
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
@@ -44,6 +55,7 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LayerNormParams",
+    "LayerSpec",
     "MaxPool2D",
     "Optimizer",
     "RNNParams",
@@ -63,6 +75,7 @@ __all__ = [
     "glorot_normal",
     "gru",
     "layer_norm",
+    "layer_spec",
     "linear",
     "linear_decay",
     "load",
@@ -70,6 +83,7 @@ __all__ = [
     "max_pool2d",
     "mean_squared_error",
     "momentum",
+    "named",
     "normal",
     "parallel",
     "param_count",

@@ -34,7 +34,19 @@ import numpy as np
 from funcnet import _checks, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
 
-__all__ = ["Dense", "DenseParams", "Dropout", "Layer", "layer_name", "param_count", "serial", "summary"]
+__all__ = [
+    "Dense",
+    "DenseParams",
+    "Dropout",
+    "Layer",
+    "LayerSpec",
+    "layer_name",
+    "layer_spec",
+    "named",
+    "param_count",
+    "serial",
+    "summary",
+]
 
 Shape = tuple[int, ...]
 Params = Any
@@ -55,8 +67,30 @@ class DenseParams(NamedTuple):
 
 
 class LayerSpec:
-    """Base of funcnet's own layers: subclasses are frozen dataclasses of the constructor's
-    arguments with ``init`` and ``apply`` methods, so equal calls give equal layers."""
+    """Base of a layer written as a value: a frozen dataclass of the constructor's arguments
+    (decorate the subclass with ``@layer_spec``) with ``name``, ``init`` and ``apply``. Equal
+    specs give equal, equally hashed layers (``spec.layer()``), so a network rebuilt from equal
+    calls, in a loop, finds the program ``fit`` compiled for the first one. funcnet's own layers
+    are written this way. Keep every field hashable (ints, strings, tuples, functions).
+
+    Example::
+
+        @layer_spec
+        class Scale(LayerSpec):
+            factor: float
+
+            @property
+            def name(self) -> str:
+                return f"Scale({self.factor})"
+
+            def init(self, key, input_shape):
+                return input_shape, ()
+
+            def apply(self, params, x, *, key=None):
+                return x * self.factor
+
+        net = serial(Dense(8, tanh), Scale(0.5).layer())
+    """
 
     @property
     def name(self) -> str:
@@ -102,6 +136,33 @@ class LayerSpec:
 def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
+
+
+@layer_spec
+class _Named(LayerSpec):
+    label: str
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        return self.inner.init(key, input_shape)
+
+    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
+        return self.inner.apply(params, x, **kwargs)
+
+
+def named(name: str, layer: Layer) -> Layer:
+    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
+    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _Named(name, layer).layer()
 
 
 def spec_of(layer: Layer) -> LayerSpec | None:

@@ -258,3 +258,87 @@ def test_read_checkpoint_gives_params_and_best_params_without_resuming(tmp_path)
     assert read.epoch == 6 and read.best_epoch == int(result.best_epoch) and not read.stopped
     _equal(read.best_params, result.params)
     assert jax.tree_util.tree_structure(read.params) == jax.tree_util.tree_structure(result.params)
+
+
+# 5. A layer a user writes: LayerSpec values compile once; a closure layer can carry a name.
+
+
+@fn.layer_spec
+class _Scale(fn.LayerSpec):
+    factor: float
+
+    @property
+    def name(self):
+        return f"Scale({self.factor})"
+
+    def init(self, key, input_shape):
+        del key
+        return tuple(input_shape), ()
+
+    def apply(self, params, x, *, key=None):
+        del params, key
+        return x * self.factor
+
+
+def test_a_user_layer_spec_is_a_value_and_a_rebuilt_network_compiles_nothing_new():
+    from test_sweep import compilations
+
+    assert _Scale(0.5).layer() == _Scale(0.5).layer() and _Scale(0.5).layer() != _Scale(0.25).layer()
+    x, y = _classes()
+    build = lambda: fn.serial(fn.Dense(8, fn.tanh), _Scale(0.5).layer(), fn.Dense(3, fn.linear))
+    _, params = build().init(KEY, (-1, 4))
+    run = lambda: fn.fit(build(), fn.softmax_cross_entropy, fn.sgd(0.1), params, (x, y), epochs=1, key=KEY)
+    run()
+    with compilations() as compiled:
+        run()
+    assert compiled == []
+    assert "Scale(0.5)" in fn.summary(build(), (-1, 4))
+
+
+def test_a_closure_layer_carries_its_name_into_summary_and_errors():
+    def init(key, input_shape):
+        return input_shape, ()
+
+    def apply(params, x, *, key=None):
+        if x.shape[-1] != 4:
+            raise ValueError(f"x must have 4 features, got {x.shape[-1]}")
+        return x
+
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.named("Check4", fn.Layer(init, apply)), fn.Dense(2, fn.linear))
+    assert "Check4" in fn.summary(net, (-1, 3))
+    other = fn.serial(fn.Dense(5, fn.tanh), fn.named("Check4", fn.Layer(init, apply)))
+    _, params = other.init(KEY, (-1, 3))
+    with pytest.raises(ValueError, match=r"layer 1 \(Check4\): x must have 4 features"):
+        other.apply(params, np.ones((2, 3)))
+
+
+# 6. Recurrent layers take a state in and give it out: sampling compiles once.
+
+
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+def test_a_recurrent_layer_fed_step_by_step_equals_the_whole_sequence(cell):
+    layer = getattr(fn, cell)(5)
+    _, params = layer.init(KEY, (-1, 6, 3))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 3)))
+    whole, final = layer.apply(params, x, return_state=True)
+    np.testing.assert_array_equal(whole, layer.apply(params, x))
+    state, steps = None, []
+    for t in range(6):
+        h, state = layer.apply(params, x[:, t : t + 1], initial_state=state, return_state=True)
+        steps.append(h)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), whole, rtol=1e-12, atol=1e-12)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), state, final)
+    step = jax.jit(lambda p, xt, s: layer.apply(p, xt, initial_state=s, return_state=True))
+    s = final
+    for t in range(4):
+        _, s = step(params, x[:, t : t + 1], s)
+    assert step._cache_size() == 1  # one compiled step serves every position
+
+
+def test_a_recurrent_layer_given_integer_ids_suggests_one_hot_or_embedding():
+    layer = fn.LSTM(4)
+    _, params = layer.init(KEY, (-1, 5, 3))
+    with pytest.raises(TypeError, match=r"one_hot.*or put an Embedding"):
+        layer.apply(params, np.zeros((2, 5, 3), np.int32))
+    with pytest.raises(TypeError, match=r"initial_state must be the pair \(h, c\)"):
+        layer.apply(params, np.zeros((2, 5, 3)), initial_state=np.zeros((2, 4)))
