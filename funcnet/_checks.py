@@ -44,6 +44,10 @@ class checked_custom_vjp(jax.custom_vjp[Any]):
         self.argument_names = names
         self.check_values: Any = None
 
+    def __repr__(self) -> str:
+        """The op's name (``sigmoid``), so ``help(Dense)`` shows ``activation=sigmoid``."""
+        return str(getattr(self, "__name__", "custom_vjp"))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         for name, value in zip(self.argument_names, args, strict=False):
             if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:

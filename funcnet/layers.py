@@ -126,10 +126,40 @@ class LayerSpec:
         return (type(self), tuple(view(getattr(self, f.name)) for f in fields if f.name not in self.init_only))
 
     def layer(self) -> Layer:
-        return Layer(Method(self, "init"), Method(self, "apply"))
+        return Layer(_Init(self, "init"), Method(self, "apply"))
 
     def __repr__(self) -> str:
         return self.name
+
+
+class _Init(Method):
+    """A spec's ``init``, whose call checks its two arguments first: a key, then a shape."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_init_arguments(getattr(self.owner, "name", "init"), args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``init(key, input_shape)``: a forgotten key, or a seed where a key goes, named plainly."""
+    if kwargs or len(args) != 2:
+        if len(args) == 1 and not kwargs:
+            raise TypeError(
+                f"{fn}: init takes (key, input_shape), got one argument {args[0]!r}; pass a key first, "
+                "e.g. net.init(jax.random.PRNGKey(0), input_shape)."
+            )
+        return  # let Python name the misspelled or missing argument
+    key = args[0]
+    if not (
+        isinstance(key, jax.Array)
+        and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.ndim >= 1))
+    ):
+        raise TypeError(
+            f"{fn}: init's key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}; "
+            "call init(key, input_shape)."
+        )
 
 
 @dataclass_transform(frozen_default=True)
@@ -179,6 +209,11 @@ def layer_name(layer: Layer) -> str:
 
 def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
     """``input_shape`` must be ``ndim`` ints (any number if None), positive or the batch's ``-1``."""
+    if isinstance(input_shape, (tuple, list)) and input_shape and input_shape[0] is None:
+        raise TypeError(
+            f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}; write an "
+            f"unknown batch size as -1, e.g. {(-1, *input_shape[1:])}."
+        )
     if (
         not isinstance(input_shape, (tuple, list))
         or not input_shape
@@ -248,10 +283,15 @@ def Dense(
 ) -> Layer:
     """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
 
+    The defaults are the book's (chapter 3): a sigmoid, and W and B drawn from N(0, 1). They
+    saturate wide layers; the recurrent layers default to glorot weights and zero biases
+    instead. For those here: ``Dense(n, tanh, w_init=glorot_normal, b_init=zeros)``.
+
     Args:
       neurons: output units.
-      activation: any ``array -> array`` (the book's default is sigmoid).
-      w_init, b_init: initializers ``(key, shape, dtype)``; the book draws both from N(0, 1).
+      activation: any ``array -> array``; default ``sigmoid`` (the book's).
+      w_init, b_init: initializers ``(key, shape, dtype)``; default ``standard_normal`` for both
+        (the book's N(0, 1)); ``glorot_normal`` and ``zeros`` are the modern choice.
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
     """
     name = f"Dense({neurons}, {activation_name(activation)})"

@@ -35,9 +35,14 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
     integer = jnp.issubdtype(target.dtype, jnp.integer)
     expected = prediction.shape[:-1] if integer else prediction.shape
     if target.shape != expected:
+        hint = (
+            "; these look like class labels: pass them as integers, e.g. target.astype(jnp.int32)"
+            if not integer and target.shape == prediction.shape[:-1]
+            else ""
+        )
         raise ValueError(
             f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
-            f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}."
+            f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}{hint}."
         )
     if prediction.size == 0:
         raise ValueError(f"{fn}: prediction must not be empty, got shape {tuple(prediction.shape)}.")

@@ -342,3 +342,60 @@ def test_a_recurrent_layer_given_integer_ids_suggests_one_hot_or_embedding():
         layer.apply(params, np.zeros((2, 5, 3), np.int32))
     with pytest.raises(TypeError, match=r"initial_state must be the pair \(h, c\)"):
         layer.apply(params, np.zeros((2, 5, 3)), initial_state=np.zeros((2, 4)))
+
+
+# 7. Defaults readable in help(); entry checks that say what to write.
+
+
+def test_help_of_dense_shows_its_defaults_by_name_and_says_which_are_the_books():
+    import pydoc
+
+    text = pydoc.render_doc(fn.Dense, renderer=pydoc.plaintext)
+    assert "activation: 'Callable[[jax.Array], jax.Array]' = sigmoid" in text
+    assert "checked_custom_vjp object" not in text
+    assert "book" in fn.Dense.__doc__ and "glorot_normal" in fn.Dense.__doc__
+
+
+def test_init_names_a_seed_or_a_missing_key_and_a_none_batch():
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.Dense(2, fn.linear))
+    with pytest.raises(TypeError, match=r"init's key must be a jax.random key.*got 0"):
+        net.init(0, (-1, 3))
+    with pytest.raises(TypeError, match=r"init takes \(key, input_shape\), got one argument \(-1, 3\)"):
+        net.init((-1, 3))
+    with pytest.raises(TypeError, match=r"write an unknown batch size as -1, e.g. \(-1, 3\)"):
+        net.init(KEY, (None, 3))
+    assert "(-1, 2)" in fn.summary(net, (-1, 3))  # summary traces init: a traced key passes
+
+
+def test_float_class_labels_suggest_integers():
+    logits = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match=r"look like class labels: pass them as integers"):
+        fn.softmax_cross_entropy(logits, jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"look like class labels: pass them as integers"):
+        fn.accuracy(logits, jnp.zeros(4))
+
+
+def test_load_takes_an_abstract_tree(tmp_path):
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.Dense(2, fn.linear))
+    _, params = net.init(KEY, (-1, 3))
+    fn.save(tmp_path / "p.safetensors", params)
+    like = jax.eval_shape(lambda k: net.init(k, (-1, 3))[1], KEY)
+    _equal(fn.load(tmp_path / "p.safetensors", like), params)
+
+
+def test_check_vjp_takes_a_layers_params_and_names_the_leaf():
+    layer = fn.Dense(3, fn.tanh)
+    _, params = layer.init(KEY, (-1, 4))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)))
+    reference = lambda p, x: jnp.tanh(x @ p.W + p.B)
+    fn.check_vjp(layer.apply, reference, params, x)
+    wrong = jax.custom_vjp(reference)
+    wrong.defvjp(
+        lambda p, x: (reference(p, x), (p, x)),
+        lambda r, g: (
+            jax.vjp(reference, *r)[1](g)[0]._replace(W=jnp.zeros_like(r[0].W)),
+            jax.vjp(reference, *r)[1](g)[1],
+        ),
+    )
+    with pytest.raises(AssertionError, match=r"argument 0 \(\.W\)"):
+        fn.check_vjp(wrong, reference, params, x)
