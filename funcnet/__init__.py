@@ -10,7 +10,18 @@ from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, av
 from funcnet.embeddings import Embedding, EmbeddingParams, PositionalEmbedding, PositionalEmbeddingParams, embedding
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
-from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
+from funcnet.layers import (
+    Dense,
+    DenseParams,
+    Dropout,
+    Layer,
+    LayerSpec,
+    layer_spec,
+    named,
+    param_count,
+    serial,
+    summary,
+)
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
@@ -32,7 +43,7 @@ from funcnet.optimizers import (
 )
 from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
-from funcnet.train import FitResult, History, fit, train_step
+from funcnet.train import FitCheckpoint, FitResult, History, fit, read_checkpoint, train_step
 
 __version__ = "0.1.0"
 
@@ -53,6 +64,7 @@ __all__ = [
     "FanInConcat",
     "FanInSum",
     "FanOut",
+    "FitCheckpoint",
     "FitResult",
     "Flatten",
     "GRUParams",
@@ -61,6 +73,7 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LayerNormParams",
+    "LayerSpec",
     "LossScaleState",
     "MaxPool2D",
     "MultiHeadAttention",
@@ -89,6 +102,7 @@ __all__ = [
     "glorot_normal",
     "gru",
     "layer_norm",
+    "layer_spec",
     "linear",
     "linear_decay",
     "load",
@@ -98,9 +112,11 @@ __all__ = [
     "mixed_precision",
     "momentum",
     "multi_optimizer",
+    "named",
     "normal",
     "parallel",
     "param_count",
+    "read_checkpoint",
     "relu",
     "residual",
     "rnn",

@@ -34,7 +34,19 @@ import numpy as np
 from funcnet import _checks, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
 
-__all__ = ["Dense", "DenseParams", "Dropout", "Layer", "layer_name", "param_count", "serial", "summary"]
+__all__ = [
+    "Dense",
+    "DenseParams",
+    "Dropout",
+    "Layer",
+    "LayerSpec",
+    "layer_name",
+    "layer_spec",
+    "named",
+    "param_count",
+    "serial",
+    "summary",
+]
 
 Shape = tuple[int, ...]
 Params = Any
@@ -67,8 +79,30 @@ def init_only() -> Any:
 
 
 class LayerSpec:
-    """Base of funcnet's own layers: subclasses are frozen dataclasses of the constructor's
-    arguments with ``init`` and ``apply`` methods, so equal calls give equal layers."""
+    """Base of a layer written as a value: a frozen dataclass of the constructor's arguments
+    (decorate the subclass with ``@layer_spec``) with ``name``, ``init`` and ``apply``. Equal
+    specs give equal, equally hashed layers (``spec.layer()``), so a network rebuilt from equal
+    calls, in a loop, finds the program ``fit`` compiled for the first one. funcnet's own layers
+    are written this way. Keep every field hashable (ints, strings, tuples, functions).
+
+    Example::
+
+        @layer_spec
+        class Scale(LayerSpec):
+            factor: float
+
+            @property
+            def name(self) -> str:
+                return f"Scale({self.factor})"
+
+            def init(self, key, input_shape):
+                return input_shape, ()
+
+            def apply(self, params, x, *, key=None):
+                return x * self.factor
+
+        net = serial(Dense(8, tanh), Scale(0.5).layer())
+    """
 
     @property
     def name(self) -> str:
@@ -101,16 +135,73 @@ class LayerSpec:
         return (type(self), tuple(view(getattr(self, f.name)) for f in fields if not f.metadata.get(INIT_ONLY)))
 
     def layer(self) -> Layer:
-        return Layer(Method(self, "init"), Method(self, "apply"))
+        return Layer(_Init(self, "init"), Method(self, "apply"))
 
     def __repr__(self) -> str:
         return self.name
+
+
+class _Init(Method):
+    """A spec's ``init``, whose call checks its two arguments first: a key, then a shape."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_init_arguments(getattr(self.owner, "name", "init"), args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``init(key, input_shape)``: a forgotten key, or a seed where a key goes, named plainly."""
+    if kwargs or len(args) != 2:
+        if len(args) == 1 and not kwargs:
+            raise TypeError(
+                f"{fn}: init takes (key, input_shape), got one argument {args[0]!r}; pass a key first, "
+                "e.g. net.init(jax.random.PRNGKey(0), input_shape)."
+            )
+        return  # let Python name the misspelled or missing argument
+    key = args[0]
+    if not (
+        isinstance(key, jax.Array)
+        and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.ndim >= 1))
+    ):
+        raise TypeError(
+            f"{fn}: init's key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}; "
+            "call init(key, input_shape)."
+        )
 
 
 @dataclass_transform(frozen_default=True)
 def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
+
+
+@layer_spec
+class _Named(LayerSpec):
+    label: str
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        return self.inner.init(key, input_shape)
+
+    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
+        return self.inner.apply(params, x, **kwargs)
+
+
+def named(name: str, layer: Layer) -> Layer:
+    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
+    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _Named(name, layer).layer()
 
 
 def spec_of(layer: Layer) -> LayerSpec | None:
@@ -127,6 +218,11 @@ def layer_name(layer: Layer) -> str:
 
 def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
     """``input_shape`` must be ``ndim`` ints (any number if None), positive or the batch's ``-1``."""
+    if isinstance(input_shape, (tuple, list)) and input_shape and input_shape[0] is None:
+        raise TypeError(
+            f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}; write an "
+            f"unknown batch size as -1, e.g. {(-1, *input_shape[1:])}."
+        )
     if (
         not isinstance(input_shape, (tuple, list))
         or not input_shape
@@ -196,10 +292,15 @@ def Dense(
 ) -> Layer:
     """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
 
+    The defaults are the book's (chapter 3): a sigmoid, and W and B drawn from N(0, 1). They
+    saturate wide layers; the recurrent layers default to glorot weights and zero biases
+    instead. For those here: ``Dense(n, tanh, w_init=glorot_normal, b_init=zeros)``.
+
     Args:
       neurons: output units.
-      activation: any ``array -> array`` (the book's default is sigmoid).
-      w_init, b_init: initializers ``(key, shape, dtype)``; the book draws both from N(0, 1).
+      activation: any ``array -> array``; default ``sigmoid`` (the book's).
+      w_init, b_init: initializers ``(key, shape, dtype)``; default ``standard_normal`` for both
+        (the book's N(0, 1)); ``glorot_normal`` and ``zeros`` are the modern choice.
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
     """
     name = f"Dense({neurons}, {activation_name(activation)})"

@@ -95,8 +95,14 @@ def _one_hot_target(logits: Array, target: Array) -> Array:
     _checks.floating(fn, "target", target)
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
     if target.shape != logits.shape:
+        hint = (
+            "; these look like class labels: pass them as integers, e.g. target.astype(jnp.int32)"
+            if target.shape == logits.shape[:-1]
+            else ""
+        )
         raise ValueError(
-            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, got {tuple(target.shape)}."
+            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, got "
+            f"{tuple(target.shape)}{hint}."
         )
     return target
 

@@ -339,7 +339,7 @@ def _counter_fit(min_delta, mode):
     """A network whose eval loss falls by exactly 0.25 per epoch: the prediction is its one param
     ``c``, the loss is the prediction's mean, so sgd(0.25) lowers ``c`` by 0.25 an epoch (one batch)."""
     net = fn.Layer(
-        lambda key, shape: (shape[:1] + (1,), {"c": jnp.asarray(10.0)}),
+        lambda key, shape: ((*shape[:1], 1), {"c": jnp.asarray(10.0)}),
         lambda params, x, key=None: jnp.zeros((x.shape[0], 1)) + params["c"],
     )
     x, y = jnp.zeros((4, 1)), jnp.zeros((4, 1))

@@ -25,6 +25,7 @@ __all__ = [
     "check_fits_network",
     "check_flags",
     "check_key",
+    "check_labels",
     "check_metrics",
     "check_params",
     "check_parts",
@@ -152,8 +153,11 @@ def check_fits_network(
     try:
         hash(static)
     except TypeError:  # a building block holding an unhashable leaf: trace every time
-        return _trace_network(name, static, shaped, abstract, spec(x), spec(y))
-    return _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y))
+        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y))
+    else:
+        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y))
+    check_labels(name, prediction, y)
+    return value
 
 
 def _weak(number: Any) -> bool:
@@ -169,20 +173,24 @@ def _remembered(
     leaves: tuple[Any, ...],
     x: jax.ShapeDtypeStruct,
     y: jax.ShapeDtypeStruct,
-) -> jax.ShapeDtypeStruct:
+) -> tuple[jax.ShapeDtypeStruct, Any]:
     return _trace_network(name, static, numbers, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
 
 
 def _trace_network(
     name: str, static: Static, numbers: tuple[Any, ...], params: Any, x: Any, y: Any
-) -> jax.ShapeDtypeStruct:
-    def run(numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.ShapeDtypeStruct, Any]:
+    """The loss's shape and dtype, and the prediction's (both abstract)."""
+
+    def run(
+        numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         apply, loss, metrics = combine(list(numbers), static)
         prediction = apply(p, xb)
-        return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}
+        return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}, prediction
 
     try:
-        value, values = jax.eval_shape(run, numbers, params, x, y)
+        value, values, prediction = jax.eval_shape(run, numbers, params, x, y)
     except (ValueError, TypeError) as error:
         raise type(error)(f"fit: {name} does not fit the network and loss: {error}") from error
     for what, out in (("loss", value), *((f"metric {n!r}", v) for n, v in values.items())):
@@ -192,7 +200,48 @@ def _trace_network(
                 f"{getattr(out, 'shape', type(out).__name__)}."
             )
     shape_dtype: jax.ShapeDtypeStruct = value
-    return shape_dtype
+    return shape_dtype, prediction
+
+
+def check_labels(name: str, prediction: Any, y: Any) -> None:
+    """Integer ``y`` shaped like the prediction without its last axis are class indices into that
+    axis (the convention of ``softmax_cross_entropy`` and ``accuracy``), so they must lie in
+    ``[0, classes)``. Checked on the data before anything compiles, whenever ``y`` is concrete: under
+    ``jit`` a loss sees traced labels and ``one_hot`` would turn a stray label into a zero row,
+    which trains silently on a wrong target and reports an eval loss of 0."""
+    if not isinstance(prediction, jax.ShapeDtypeStruct) or not jnp.issubdtype(y.dtype, jnp.integer):
+        return
+    if prediction.ndim != y.ndim + 1 or tuple(prediction.shape[1:-1]) != tuple(y.shape[1:]) or not y.size:
+        return  # not class indices of this prediction: the loss decides what they mean
+    if not _checks.is_concrete(y):
+        return  # traced labels (fit under vmap of the data) cannot be inspected here
+    classes = int(prediction.shape[-1])
+    low, high = _label_range(y)
+    if low < 0 or high >= classes:
+        hint = (
+            f"shift them to start at 0 (y - {low})"
+            if high - low < classes
+            else f"give the network's last layer {high + 1} outputs"
+        )
+        raise ValueError(
+            f"fit: {name} y holds integer class labels from {low} to {high}, but the network has {classes} "
+            f"classes (its output's last axis), so they must lie in [0, {classes}); {hint}. Targets that "
+            "are not class indices must be floating."
+        )
+
+
+def _label_range(y: Any) -> tuple[int, int]:
+    """The smallest and largest label, on the host when the data are there (compiling nothing)."""
+    if isinstance(y, (np.ndarray, np.generic)) or y.is_fully_addressable:
+        return _checks.value_range(y)
+    with jax.ensure_compile_time_eval():  # a global array over several processes
+        low, high = _min_max(y)
+    return int(low), int(high)
+
+
+@jax.jit
+def _min_max(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.min(a), jnp.max(a)
 
 
 def check_key(key: Any) -> None:

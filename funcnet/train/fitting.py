@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks, optimizers
@@ -54,7 +55,7 @@ def fit(
     epochs: int,
     batch_size: int = 32,
     eval_every: int = 10,
-    patience: int = 0,
+    patience: int | None = 0,
     min_delta: float = 0.0,
     key: jax.Array,
     shuffle: bool = True,
@@ -77,6 +78,15 @@ def fit(
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
+    Early stopping, the book's trainer's rule: with ``eval_data``, ``fit`` evaluates after every
+    ``eval_every`` epochs (default 10) and, with the default ``patience=0``, stops at the first
+    evaluation that does not improve on the best so far, returning the params of the best
+    evaluation. So ``epochs`` is an upper bound: ``result.stopped_epoch`` says when training
+    stopped and ``result.best_epoch`` where ``result.params`` come from. ``patience=k`` allows
+    ``k`` evaluations in a row without improvement; ``patience=None`` never stops early and
+    still returns the best evaluation's params. Without ``eval_data`` every epoch is trained and
+    the final params are returned. With ``eval_data``, ``epochs`` must reach an evaluation.
+
     Args:
       net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
         over rows) and the optimizer.
@@ -85,7 +95,9 @@ def fit(
         ids), y floating or integer labels.
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
-      eval_every, patience, min_delta: the early-stopping schedule (``program.py``).
+      eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
+        when the monitored value beats the best by more than ``min_delta``; a non-finite loss
+        stops training too (``result.diverged``).
       key: a ``jax.random`` key; epoch ``e`` uses ``fold_in(key, e)``.
       shuffle: a fresh order every epoch (else the data order).
       drop_last: drop the remainder rows each epoch instead of a smaller last batch.
@@ -103,8 +115,12 @@ def fit(
         rounding, for a loss and metrics that are means over rows).
       checkpoint_dir, checkpoint_every: save the whole training state to this directory every
         ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
-        the newest checkpoint, and a finished run returns its result without training
-        (``checkpointing.py``). Not under ``jit``/``vmap``.
+        the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
+        a line says so too), and a finished run returns its result without training. Asked for
+        more ``epochs``, a finished run continues, and equals a run of that length from the start.
+        A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
+        checkpoint's params without resuming.
+        Not under ``jit``/``vmap``.
       mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
@@ -132,7 +148,8 @@ def fit(
     epochs = _checks.positive_int("fit", "epochs", epochs)
     batch_size = _checks.positive_int("fit", "batch_size", batch_size)
     eval_every = _checks.positive_int("fit", "eval_every", eval_every)
-    patience = _checks.positive_int("fit", "patience", patience, minimum=0)
+    if patience is not None:
+        patience = _checks.positive_int("fit", "patience", patience, minimum=0)
     start_epoch = _checks.positive_int("fit", "start_epoch", start_epoch, minimum=0)
     eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
     checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
@@ -163,8 +180,10 @@ def fit(
         )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
             raise ValueError(
-                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
-                f"{start_epoch + 1}..{epochs}; lower it or drop eval_data."
+                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs {start_epoch + 1}..{epochs}: "
+                f"with eval_data, fit evaluates every eval_every epochs (default 10) and keeps the best "
+                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more epochs, or no "
+                "eval_data."
             )
     else:
         eval_x = eval_y = eval_digest = None
@@ -198,7 +217,7 @@ def fit(
         batches=math.ceil(rows / batch_size) if masked else rows // batch_size,
         epochs=epochs,
         eval_every=eval_every,
-        patience=patience,
+        patience=epochs if patience is None else patience,  # None: more bad evaluations than can happen
         shuffle=bool(shuffle),
         masked=masked,
         eval_rows=0 if eval_x is None else eval_x.shape[0],
@@ -246,7 +265,6 @@ def fit(
         data_digests=(train_digest, eval_digest),
         key=key,
         run_name=run_name,
-        epochs=epochs,
         start_epoch=start_epoch,
         batch_size=batch_size,
         eval_every=eval_every,
@@ -256,23 +274,30 @@ def fit(
         drop_last=bool(drop_last),
         monitor=monitor,
         mode=mode,
-        eval_batch_size=eval_batch_size,
         loss_scale=loss_scale,
         **({} if ema_decay is None else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema)}),
     )
-    restored = checkpointing.restore(directory, state, run_id)
+    restored = checkpointing.restore(directory, state, run_id, epochs)
+    resumed = start_epoch
     if restored is not None:
-        state = restored if mesh is None else jax.device_put(restored, NamedSharding(mesh, PartitionSpec()))
+        state, resumed = restored
+        if mesh is not None:
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        if config.progress:
+            print(f"fit: resumed from epoch {resumed} of the checkpoint in {str(directory)!r}", flush=True)
     with bar(config.progress, epochs, int(state.epoch)):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
             checkpointing.store(directory, jax.device_get(state), int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
-    return _finish(state, start_epoch, config)
+    return _finish(state, start_epoch, config, resumed)
 
 
-def _finish(state: TrainState, start_epoch: int, config: Config) -> FitResult:
-    """The ``FitResult`` of a state (the jitted ``result``, typed)."""
+def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | None = None) -> FitResult:
+    """The ``FitResult`` of a state (the jitted ``result``, typed); ``resumed``: the epoch a
+    checkpoint resumed from."""
     finished: FitResult = result(state, start_epoch, config=config)
+    if resumed is not None:
+        finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
     return finished

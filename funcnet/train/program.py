@@ -62,9 +62,16 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class History(NamedTuple):
-    """``train_loss[i]``: mean loss of epoch ``start_epoch + i`` (NaN where not run);
-    ``eval_loss[j]``: loss of the j-th scheduled evaluation, taken after ``eval_epoch[j]``
-    epochs (NaN where not run); ``eval_metrics[name][j]``: each metric at that evaluation."""
+    """The per-epoch and per-evaluation record of a fit; NaN wherever nothing ran (after a stop).
+
+    Fields:
+      train_loss: ``(epochs - start_epoch,)``, the mean training loss of each epoch this call
+        covers (``train_loss[i]`` is epoch ``start_epoch + i``).
+      eval_loss: ``(evaluations,)``, the eval loss of each scheduled evaluation.
+      eval_epoch: ``(evaluations,)``, the epochs trained when each evaluation was taken
+        (``eval_every``, ``2 * eval_every``, ...).
+      eval_metrics: ``{name: (evaluations,)}``, each metric at each evaluation.
+    """
 
     train_loss: jax.Array
     eval_loss: jax.Array
@@ -73,15 +80,58 @@ class History(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What ``fit`` returns (a pytree, so ``vmap``-ed fits return stacked results)."""
+    """What ``fit`` returns: a pytree, so ``vmap``-ed fits return stacked results.
 
-    params: Params  # with eval data: the best evaluation's; without: the final (last finite) ones
-    opt_state: Any  # the optimizer state that goes with ``params``'s training run
+    Fields:
+      params: with ``eval_data``, the params of the best evaluation (restored as the book's
+        trainer does); without, the final params (the last finite ones if training diverged).
+      opt_state: the optimizer state that goes with ``params``.
+      history: a ``History``: training loss per epoch, eval loss and metrics per evaluation.
+      best_epoch: epochs trained when ``params`` was taken, so ``fit(..., epochs=best_epoch)``
+        without ``eval_data`` and with the same key reproduces ``params``.
+      stopped_epoch: epochs trained when training stopped (``epochs`` if it never stopped).
+      diverged: True when a training or eval loss was not finite (``params`` stay finite).
+      best_eval: ``{"loss": ..., metric: ...}`` at the evaluation ``params`` come from (NaN
+        without ``eval_data``, or when no evaluation improved on the start).
+      last_train_loss: the training loss of the last epoch whose loss was finite (NaN if
+        none); ``history.train_loss[-1]`` is NaN once training stopped early.
+      resumed_epoch: epochs already trained when this call began: ``start_epoch`` (0 for a fresh
+        run), or the epoch of the checkpoint ``checkpoint_dir`` resumed from.
+      ema_params: with ``fit(..., ema_decay=d)``, the params' moving average that goes with
+        ``params``; ``None`` otherwise.
+    """
+
+    params: Params
+    opt_state: Any
     history: History
-    best_epoch: jax.Array  # epochs trained when ``params`` was taken
-    stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
-    diverged: jax.Array  # a training or eval loss was not finite
-    ema_params: Params = None  # with ``fit(..., ema_decay=d)``: the params' moving average that goes with ``params``
+    best_epoch: jax.Array
+    stopped_epoch: jax.Array
+    diverged: jax.Array
+    best_eval: dict[str, jax.Array]
+    last_train_loss: jax.Array
+    resumed_epoch: jax.Array
+    ema_params: Params = None
+
+
+def _document_fields(kind: type) -> None:
+    """Give each field of a documented NamedTuple its line of the docstring, for ``help()``
+    (NamedTuple's own says only "Alias for field number 0")."""
+    doc = kind.__doc__ or ""
+    entries = doc[doc.index("Fields:") + len("Fields:") :].strip().split("\n")
+    text: dict[str, str] = {}
+    name = ""
+    for line in entries:
+        head, _, rest = line.strip().partition(": ")
+        if head in kind._fields:  # type: ignore[attr-defined]  # a NamedTuple
+            name, text[head] = head, rest
+        elif name:
+            text[name] += " " + line.strip()
+    for field, description in text.items():
+        getattr(kind, field).__doc__ = description
+
+
+_document_fields(History)
+_document_fields(FitResult)
 
 
 class Config(NamedTuple):
@@ -411,7 +461,35 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
     averaged = None
     if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
         opt_state, averaged = opt_state.inner, ema_params(opt_state, params)
-    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged, averaged)
+    return FitResult(
+        params,
+        opt_state,
+        history,
+        state.best_epoch,
+        state.stopped_epoch,
+        state.diverged,
+        _best_eval(state, c),
+        _last_finite(history.train_loss),
+        jnp.asarray(start_epoch, jnp.int32),
+        averaged,
+    )
+
+
+def _best_eval(state: TrainState, c: Config) -> dict[str, jax.Array]:
+    """The eval loss and metrics of the evaluation ``best_epoch`` names (NaN if none improved)."""
+    values = {"loss": state.eval_loss, **state.eval_metrics}
+    if c.eval_rows == 0 or c.evaluations == 0:
+        return {"loss": _nan((), jnp.dtype(c.dtype))}
+    j = state.best_epoch // c.eval_every - 1
+    taken = (state.best_epoch % c.eval_every == 0) & (j >= 0) & jnp.isfinite(state.best)
+    index = jnp.clip(j, 0, c.evaluations - 1)
+    return {name: jnp.where(taken, v[index], jnp.nan) for name, v in values.items()}
+
+
+def _last_finite(losses: jax.Array) -> jax.Array:
+    finite = jnp.isfinite(losses)
+    last = losses.shape[0] - 1 - jnp.argmax(finite[::-1])
+    return jnp.where(jnp.any(finite), losses[last], jnp.nan)
 
 
 result = jax.jit(_result, static_argnames=("start_epoch", "config"))
