@@ -262,8 +262,9 @@ def _fresh_state(
         opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
-    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays
-    # (a jitted function hands an input it returns unchanged back as the same buffer).
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays.
+    # JAX 0.10 returns fresh buffers from a jitted function anyway; a version that forwarded an
+    # input returned unchanged would otherwise let the donation delete the caller's params.
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     return TrainState(
         params=copy(params),
