@@ -22,6 +22,7 @@ The layer contract, stated once:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import re
 from collections.abc import Callable, Sequence
@@ -173,7 +174,10 @@ def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 @dataclass_transform(frozen_default=True)
 def layer_spec(cls: type[T]) -> type[T]:
-    """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
+    """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr,
+    whose ``init`` called with a concrete key runs as one compiled program (``_compiled_init``)."""
+    if "init" in cls.__dict__:
+        cls.init = _compiled_init(cls.__dict__["init"])  # type: ignore[attr-defined]
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
 
 
@@ -202,6 +206,59 @@ def named(name: str, layer: Layer) -> Layer:
     if not isinstance(layer, Layer):
         raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
     return _Named(name, layer).layer()
+
+
+def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
+
+    Run op by op, a network's ``init`` compiled a small program for every split and every
+    initializer call of a new shape (about 0.3 s each on a CPU); as one program it compiles
+    once. Only a top-level call with a concrete key takes this path: inside a trace (a
+    combinator's children, ``summary``, ``vmap``-ed or jitted inits) the key is a tracer and
+    ``init`` runs as written, traced into the caller's program.
+    """
+
+    @functools.wraps(init)
+    def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
+        eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
+        if eager or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
+            result: tuple[Any, Params] = init(self, key, input_shape)
+            return result
+        key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+        try:
+            program = _init_program(init, self, _frozen(input_shape), key_type)
+        except TypeError:  # an unhashable spec (a number traced when it was built) or shape
+            result = init(self, key, input_shape)
+            return result
+        return program(key)
+
+    return run
+
+
+def _frozen(shape: Any) -> Any:
+    return tuple(map(_frozen, shape)) if isinstance(shape, (tuple, list)) else shape
+
+
+@functools.lru_cache(maxsize=256)
+def _init_program(
+    init: Callable[..., Any], spec: LayerSpec, input_shape: Any, key_type: Any
+) -> Callable[[jax.Array], tuple[Any, Params]]:
+    """The compiled ``init`` of one spec, input shape and key type: ``key -> (output_shape, params)``."""
+    output_shape: list[Any] = []
+
+    def params_of(key: jax.Array) -> Params:
+        shape, params = init(spec, key, input_shape)
+        output_shape.append(shape)  # static: recorded once, while tracing
+        return params
+
+    key_shape, key_dtype, sharding, _ = key_type
+    lowered = jax.jit(params_of).lower(jax.ShapeDtypeStruct(key_shape, key_dtype, sharding=sharding))
+    # On a CPU, LLVM's level 1 compiles the random draws in half the time of the default
+    # level 2 (about 1.5 s less for a small network) into code as fast, with bit-identical params.
+    cpu = all(device.platform == "cpu" for device in sharding.device_set)
+    options: Any = {"xla_backend_optimization_level": 1} if cpu else None
+    compiled = lowered.compile(options)
+    return lambda key: (output_shape[0], compiled(key))
 
 
 def spec_of(layer: Layer) -> LayerSpec | None:
