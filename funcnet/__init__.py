@@ -9,13 +9,22 @@ from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, av
 from funcnet.embeddings import Embedding, EmbeddingParams, embedding
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
-from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
+from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary, train_apply
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
-from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
+from funcnet.normalization import (
+    BatchNorm,
+    BatchNormParams,
+    BatchNormStats,
+    LayerNorm,
+    LayerNormParams,
+    batch_norm,
+    layer_norm,
+)
 from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
+from funcnet.state import merge_state, split_state
 from funcnet.train import FitResult, History, fit, train_step
 
 __version__ = "0.1.0"
@@ -25,6 +34,9 @@ __all__ = [
     "LSTM",
     "RNN",
     "AvgPool2D",
+    "BatchNorm",
+    "BatchNormParams",
+    "BatchNormStats",
     "Conv2D",
     "Conv2DParams",
     "Dense",
@@ -51,6 +63,7 @@ __all__ = [
     "adagrad",
     "adam",
     "avg_pool2d",
+    "batch_norm",
     "bias_add",
     "check_vjp",
     "constant",
@@ -68,6 +81,7 @@ __all__ = [
     "lstm",
     "max_pool2d",
     "mean_squared_error",
+    "merge_state",
     "momentum",
     "normal",
     "parallel",
@@ -80,9 +94,11 @@ __all__ = [
     "sgd",
     "sigmoid",
     "softmax_cross_entropy",
+    "split_state",
     "standard_normal",
     "summary",
     "tanh",
+    "train_apply",
     "train_step",
     "weight_multiply",
     "zeros",
