@@ -76,6 +76,8 @@ SEQUENCES = rng.standard_normal((12, 4, 3))
 RECURRENT = {cell: getattr(fn, cell)(2).init(KEY, (-1, 4, 3))[1] for cell in ("RNN", "LSTM", "GRU")}
 BRANCHES = fn.serial(fn.FanOut(2), fn.parallel(fn.Dense(2), fn.Dense(3)), fn.FanInConcat())
 BRANCH_PARAMS = BRANCHES.init(KEY, (-1, 3))[1]
+BN_NET = fn.serial(fn.BatchNorm(), fn.Dense(2, fn.linear))
+BN_PARAMS = BN_NET.init(KEY, (-1, 3))[1]
 
 
 def _fit_call(
@@ -238,6 +240,22 @@ CALLS = {
     ),
     "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
     "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
+    "batch_norm": (
+        lambda x=X, gamma=np.ones(3), beta=np.zeros(3), eps=1e-5: fn.batch_norm(x, gamma, beta, eps=eps),
+        {"x": "arrays", "gamma": "arrays", "beta": "arrays", "eps": "numbers"},
+    ),
+    "BatchNorm": (
+        lambda momentum=0.9, eps=1e-5, input_shape=(-1, 3): fn.BatchNorm(momentum, eps).init(KEY, input_shape),
+        {"momentum": "numbers", "eps": "numbers", "input_shape": "trees"},
+    ),
+    "train_apply": (
+        lambda params=BN_PARAMS, x=X: fn.train_apply(BN_NET)(params, x),
+        {"params": "trees", "x": "arrays"},
+    ),
+    "merge_state": (
+        lambda trainable=fn.split_state(BN_PARAMS)[0]: fn.merge_state(trainable, fn.split_state(BN_PARAMS)[1]),
+        {"trainable": "trees"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -330,6 +348,8 @@ JITTABLE = {
     "avg_pool2d",
     "accuracy",
     "combinators.apply",
+    "batch_norm",
+    "train_apply",
 }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from funcnet import _checks
 from funcnet._values import Static, combine, partition
-from funcnet.layers import Layer
+from funcnet.layers import Layer, train_mode
 from funcnet.optimizers import Optimizer
 
 __all__ = [
@@ -93,9 +93,19 @@ def _finite_rows(a: jax.Array) -> jax.Array:
 
 
 def check_fits_network(
-    name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any, batch: int
+    name: str,
+    net: Layer,
+    loss: Any,
+    metrics: dict[str, Any],
+    params: Any,
+    x: Any,
+    y: Any,
+    batch: int,
+    *,
+    train: bool = False,
 ) -> jax.ShapeDtypeStruct:
     """Trace (not compile) the network, loss and metrics on one batch's shapes; re-raise clearly.
+    With ``train``, the network runs in training mode (``funcnet.train_apply``).
 
     Returns the loss's shape and dtype. The answer depends on shapes and on the building blocks
     alone, so it is remembered: a sweep that calls ``fit`` again with equal ones traces nothing.
@@ -106,23 +116,36 @@ def check_fits_network(
     try:
         hash(static := partition((net.apply, loss, metrics))[1])
     except TypeError:  # a building block holding a traced number: trace every time
-        return _trace_network(name, net.apply, loss, metrics, abstract, spec(x), spec(y))
-    return _remembered(name, static, treedef, tuple(leaves), spec(x), spec(y))
+        return _trace_network(name, net.apply, loss, metrics, abstract, spec(x), spec(y), train)
+    return _remembered(name, static, treedef, tuple(leaves), spec(x), spec(y), train)
 
 
 @functools.lru_cache(maxsize=256)
 def _remembered(
-    name: str, static: Static, treedef: Any, leaves: tuple[Any, ...], x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct
+    name: str,
+    static: Static,
+    treedef: Any,
+    leaves: tuple[Any, ...],
+    x: jax.ShapeDtypeStruct,
+    y: jax.ShapeDtypeStruct,
+    train: bool,
 ) -> jax.ShapeDtypeStruct:
     apply, loss, metrics = combine([], static)
-    return _trace_network(name, apply, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
+    return _trace_network(name, apply, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y, train)
 
 
 def _trace_network(
-    name: str, apply: Callable[..., Any], loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any
+    name: str,
+    apply: Callable[..., Any],
+    loss: Any,
+    metrics: dict[str, Any],
+    params: Any,
+    x: Any,
+    y: Any,
+    train: bool,
 ) -> jax.ShapeDtypeStruct:
     def run(p: Any, xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        prediction = apply(p, xb)
+        prediction = train_mode(apply)(p, xb)[0] if train else apply(p, xb)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}
 
     try:
