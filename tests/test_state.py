@@ -261,3 +261,14 @@ def test_a_vmap_ensemble_carries_each_members_statistics():
         member = jax.tree_util.tree_map(lambda a, i=i: a[i], together.params)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), member, one(keys[i]).params)
     assert not np.allclose(together.params[0].stats.mean[0], together.params[0].stats.mean[1])
+
+
+def test_a_diverged_fit_rolls_the_statistics_back_with_the_weights():
+    net = _first_layer_net()
+    _, params = net.init(KEY, (-1, 3))
+    run = lambda epochs: fn.fit(net, fn.mean_squared_error, fn.sgd(50.0), params, (X, Y), epochs=epochs,
+                                batch_size=8, key=KEY)  # fmt: skip
+    diverged = run(30)
+    assert bool(diverged.diverged) and 0 < int(diverged.best_epoch) < 30
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(diverged.params))
+    _leaves_equal(diverged.params, run(int(diverged.best_epoch)).params)  # the last finite epoch's, stats too
