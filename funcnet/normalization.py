@@ -11,6 +11,9 @@ the leading axes; ``dx̂ = g * gamma``; and, through the mean and the variance,
 ``dx = (dx̂ - mean(dx̂) - x̂ * mean(dx̂ * x̂)) / sqrt(var + eps)`` with the means over the last
 axis. The forward saves ``x̂``, ``1 / sqrt(var + eps)`` and ``gamma``.
 
+Precision: the mean, the variance and the backward's means are computed in at least float32
+(float16's ``300**2`` overflows) and the results cast back to ``x``'s dtype.
+
 Batch normalisation, ``batch_norm(x, gamma, beta, *, eps, mask)``, normalises over every axis
 but the last (rows ``(N, C)``, NHWC images over N, H, W, sequences over batch and time) with the
 batch's statistics, and returns them: ``(y, mean, var)``, ``var`` biased. ``mask: (batch,)``
@@ -39,7 +42,7 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet._values import number
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 from funcnet.state import register_state
 
 __all__ = ["BatchNorm", "BatchNormParams", "BatchNormStats", "LayerNorm", "LayerNormParams", "batch_norm", "layer_norm"]
@@ -55,22 +58,29 @@ def _leading(x: jax.Array) -> tuple[int, ...]:
 
 
 def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    inverse = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + jnp.asarray(eps, x.dtype))
+    """``x̂`` and ``1 / sqrt(var + eps)``, both in at least float32 (``_checks.wide``)."""
+    wide = x.astype(_checks.wide(x.dtype))
+    mean = jnp.mean(wide, axis=-1, keepdims=True)
+    centred = wide - mean
+    inverse = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + jnp.asarray(eps, wide.dtype))
     return centred * inverse, inverse
+
+
+def _scale_shift(x_hat: jax.Array, gamma: jax.Array, beta: jax.Array, dtype: Any) -> jax.Array:
+    wide = x_hat.dtype
+    return (x_hat * _features(x_hat, gamma.astype(wide)) + _features(x_hat, beta.astype(wide))).astype(dtype)
 
 
 def _layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
     x_hat, _ = _normalise(x, eps)
-    return x_hat * _features(x, gamma) + _features(x, beta)
+    return _scale_shift(x_hat, gamma, beta, x.dtype)
 
 
 def _layer_norm_fwd(
     x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     x_hat, inverse = _normalise(x, eps)
-    return x_hat * _features(x, gamma) + _features(x, beta), (x_hat, inverse, gamma)
+    return _scale_shift(x_hat, gamma, beta, x.dtype), (x_hat.astype(x.dtype), inverse, gamma)
 
 
 def _layer_norm_bwd(
@@ -78,11 +88,14 @@ def _layer_norm_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     del eps
     x_hat, inverse, gamma = residuals
-    d_hat = output_grad * _features(x_hat, gamma)
+    dtype, wide = x_hat.dtype, inverse.dtype
+    x_hat, g = x_hat.astype(wide), output_grad.astype(wide)
+    d_hat = g * _features(x_hat, gamma.astype(wide))
     mean = lambda a: jnp.mean(a, axis=-1, keepdims=True)
     input_grad = (d_hat - mean(d_hat) - x_hat * mean(d_hat * x_hat)) * inverse
     leading = _leading(x_hat)
-    return input_grad, jnp.sum(output_grad * x_hat, axis=leading), jnp.sum(output_grad, axis=leading)
+    gamma_grad, beta_grad = jnp.sum(g * x_hat, axis=leading), jnp.sum(g, axis=leading)
+    return input_grad.astype(dtype), gamma_grad.astype(dtype), beta_grad.astype(dtype)
 
 
 _layer_norm_vjp = jax.custom_vjp(_layer_norm, nondiff_argnums=(3,))
@@ -125,7 +138,7 @@ class LayerNormParams(NamedTuple):
 @layer_spec
 class _LayerNorm(LayerSpec):
     eps: float
-    dtype: Any
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:
@@ -154,11 +167,6 @@ def LayerNorm(eps: float = 1e-5, *, dtype: Any = None) -> Layer:
 # --- Batch normalisation (with layer state) -----------------------------------------------------
 
 
-def _accumulator(dtype: Any) -> Any:
-    """The dtype statistics accumulate in: at least float32."""
-    return np.dtype(np.float32) if jnp.finfo(dtype).bits < 32 else np.dtype(dtype)
-
-
 def _counted(x: jax.Array, mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """The mask as weights ``(batch, 1, ..., 1)`` and ``n``, the values per channel it counts."""
     weights = mask.astype(dtype).reshape(mask.shape + (1,) * (x.ndim - 1))
@@ -169,7 +177,7 @@ def _batch_statistics(
     x: jax.Array, mask: jax.Array, eps: float
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """``x̂``, the batch mean and biased variance, ``1 / sqrt(var + eps)``, the weights and ``n``."""
-    dtype = _accumulator(x.dtype)
+    dtype = _checks.wide(x.dtype)
     wide = x.astype(dtype)
     weights, n = _counted(x, mask, dtype)
     leading = _leading(x)
@@ -307,7 +315,7 @@ class BatchNormParams(NamedTuple):
 class _BatchNorm(LayerSpec):
     momentum: float
     eps: float
-    dtype: Any
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:
@@ -336,7 +344,7 @@ class _BatchNorm(LayerSpec):
         del key
         self._check(params, x)
         _checks.same_dtype(self.name, ("x", "params.gamma"), x, params.gamma)
-        dtype = _accumulator(x.dtype)
+        dtype = _checks.wide(x.dtype)
         scale = params.gamma.astype(dtype) * lax.rsqrt(params.stats.var.astype(dtype) + jnp.asarray(self.eps, dtype))
         shift = params.beta.astype(dtype) - params.stats.mean.astype(dtype) * scale
         return (x.astype(dtype) * _features(x, scale) + _features(x, shift)).astype(x.dtype)
