@@ -53,6 +53,7 @@ from funcnet.layers import (
     layer_name,
     layer_spec,
     spec_of,
+    train_mode,
 )
 
 Array = jax.Array
@@ -627,6 +628,21 @@ class _TimeDistributed(LayerSpec):
             )
         y = self.inner.apply(params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key)
         return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Any]:
+        """Training mode: the inner layer's, on every (row, step) as a row; a row mask covers its steps."""
+        _checks.array(self.name, "x", x)
+        if x.ndim < 3:
+            raise ValueError(
+                f"{self.name}: x must be at least 3-D (batch, time, features...), got shape {tuple(x.shape)}."
+            )
+        steps = None if mask is None else jnp.repeat(mask, x.shape[1])
+        y, params = train_mode(self.inner.apply)(
+            params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key, mask=steps
+        )
+        return y.reshape(x.shape[0], x.shape[1], *y.shape[1:]), params
 
 
 def TimeDistributed(layer: Layer) -> Layer:
