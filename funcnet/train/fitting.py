@@ -23,6 +23,7 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.train import checkpointing, checks
+from funcnet.train import stream as streaming
 from funcnet.train.program import (
     Config,
     FitResult,
@@ -69,6 +70,8 @@ def fit(
     checkpoint_every: int = 1,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    stream: bool | None = None,
+    stream_threshold: int | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -104,6 +107,15 @@ def fit(
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
         that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
+      stream, stream_threshold: data larger than memory (``stream.py``). ``True`` keeps host
+        data (NumPy arrays, ``np.memmap``, or any object with ``shape``, ``dtype`` and indexing
+        by an array of row indices) on the host and feeds the device a segment of steps at a
+        time, the next segment read and transferred while the device trains on the current
+        one; the result equals the device-resident fit's bit for bit. ``False`` puts the data
+        on the device first. ``None`` (the default) streams when the data is on the host and
+        either is not a NumPy array or its bytes (train and eval data together) exceed
+        ``stream_threshold``, by default half the device's memory (``bytes_limit``; on a CPU,
+        half the machine's RAM); ``jax.Array`` data is never streamed.
     Returns:
       A ``FitResult``.
     """
@@ -122,13 +134,15 @@ def fit(
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    x, y = checks.check_data("train_data", train_data)
+    streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
+    check_data = streaming.check_host_data if streamed else checks.check_data
+    x, y = check_data("train_data", train_data)
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
     value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
     if eval_data is not None:
-        eval_x, eval_y = checks.check_data("eval_data", eval_data)
+        eval_x, eval_y = check_data("eval_data", eval_data)
         checks.check_fits_network(
             "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
         )
@@ -149,6 +163,11 @@ def fit(
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
+        if streamed and jax.process_count() > 1:
+            raise ValueError(
+                "fit: streaming under a mesh of several processes (each reading its own rows) is not "
+                "supported yet; pass stream=False with each process's rows as sharded jax.Arrays."
+            )
     directory = None
     if checkpoint_dir is not None:
         traced = [
@@ -183,14 +202,19 @@ def fit(
         data_axis,
     )
     hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
-    # Device arrays once, so segments move no data; the user's arrays are not touched.
-    x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
     if mesh is not None:
         params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
-    run = lambda state, stop: segment(
-        state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
-    )
+    if streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
+        eval_pair = None if eval_x is None else (eval_x, eval_y)
+        run = streaming.runner(hyper, (x, y), eval_pair, key, min_delta, static=static, config=config)
+        x, y, eval_x, eval_y = (None if a is None else streaming.shape_of(a) for a in (x, y, eval_x, eval_y))
+    else:
+        # Device arrays once, so segments move no data; the user's arrays are not touched.
+        x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
+        run = lambda state, stop: segment(
+            state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
+        )
     if directory is None:
         with bar(config.progress, epochs, start_epoch):
             state = run(state, epochs)
