@@ -243,7 +243,8 @@ def _steps(
     config: Config,
 ) -> tuple[Params, Any, jax.Array]:
     """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``."""
-    numbers = first + jnp.arange(xs.shape[0], dtype=jnp.int32)
+    numbers = jnp.arange(xs.shape[0])  # the device fit's batch numbers are jnp.arange's dtype too
+    numbers = numbers + first.astype(numbers.dtype)
     (params, opt_state), sums = train_steps(
         hyper, params, opt_state, ((xs, ys), numbers), dropout_key, lambda rows: rows, static=static, config=config
     )
