@@ -94,3 +94,13 @@ def test_clear_errors():
         )
     with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh"):
         fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, key=KEY, mesh=jax.devices())
+
+
+def test_a_streamed_fit_under_a_mesh_equals_the_device_fit_bit_for_bit(monkeypatch):
+    from funcnet.train import stream
+
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 3 * 8 * (5 + 2) * 8)  # three batches per segment
+    for devices in (2, 4):
+        resident = run(mesh=mesh(devices))
+        streamed = run(mesh=mesh(devices), stream=True)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, streamed, resident)

@@ -43,18 +43,25 @@ class Rows:
 
 
 def _fit(train=(X[:70], Y[:70]), eval_data=(X[70:], Y[70:]), **kw):
+    # one configuration for most tests, so they share compiled programs: early stopping on a
+    # metric with evaluations skipped, 30 eval rows in batches of 8 (the last of 6), 70 training
+    # rows in batches of 16 (the last masked), dropout
     args = dict(
         epochs=9,
         batch_size=16,
         eval_every=2,
-        patience=50,
+        patience=0,
+        min_delta=0.05,  # accuracy rises by 1/30 per evaluation: training stops at epoch 4
+        monitor="accuracy",
+        mode="max",
         key=KEY,
         metrics={"accuracy": fn.accuracy},
         eval_batch_size=8,
     )
     args.update(kw)
     if eval_data is None:
-        args.pop("metrics")
+        for name in ("metrics", "monitor", "mode"):
+            args.pop(name)
     return fn.fit(NET, fn.softmax_cross_entropy, fn.adam(0.01), PARAMS, train, eval_data, **args)
 
 
@@ -65,17 +72,17 @@ def _equal(a, b):
 
 @pytest.fixture
 def small_segments(monkeypatch):
-    """Three batches of the training data per segment, two eval batches: epochs span segments."""
-    monkeypatch.setattr(stream, "SEGMENT_BYTES", 3 * 16 * (5 * 8 + 4))
+    """Two training batches (16 rows of 5 float64 and an int32 label) per segment, the 5th
+    alone; the 3 full eval batches in one segment, then the last: epochs span segments."""
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 1500)
 
 
 CASES = {
-    # eval batches with a remainder (30 = 3 x 8 + 6), a masked last batch (70 = 4 x 16 + 6), dropout
-    "eval, metrics, masked last batch": dict(),
-    "early stopping on a metric": dict(eval_every=1, patience=0, monitor="accuracy", mode="max"),
-    "eval in one batch": dict(eval_batch_size=64),
+    "early stopping on a metric, eval batches, masked last batch": dict(),
+    "eval in one batch, no shuffle, resumed by hand": dict(
+        eval_batch_size=64, shuffle=False, start_epoch=3, epochs=8, monitor="loss", mode="min", patience=5
+    ),
     "no eval data, drop_last": dict(eval_data=None, drop_last=True, epochs=4),
-    "no shuffle, resumed by hand": dict(shuffle=False, start_epoch=3, epochs=6),
 }
 
 
@@ -85,11 +92,12 @@ def test_a_streamed_fit_equals_the_device_fit_bit_for_bit(case, small_segments):
     resident = _fit(stream=False, **kw)
     streamed = _fit(stream=True, **kw)
     _equal(streamed, resident)
-    if case == "early stopping on a metric":
+    if not kw:
         assert int(streamed.stopped_epoch) < 9  # it did stop early
 
 
-def test_a_memmap_and_an_h5py_like_object_stream_to_the_same_result(tmp_path, small_segments):
+def test_a_memmap_and_an_h5py_like_object_stream_to_the_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 1000)  # one training batch per segment; eval batches 2 + 1
     path = tmp_path / "x.f64"
     mapped = np.memmap(path, np.float64, "w+", shape=X.shape)
     mapped[:] = X
@@ -105,16 +113,16 @@ def test_a_memmap_and_an_h5py_like_object_stream_to_the_same_result(tmp_path, sm
 
 
 def test_streamed_checkpoints_equal_and_resume_device_checkpoints(tmp_path, small_segments):
-    plain = _fit(stream=False, patience=1)
-    streamed = _fit(stream=True, patience=1, checkpoint_dir=tmp_path / "s", checkpoint_every=2)
+    plain = _fit(stream=False)
+    streamed = _fit(stream=True, checkpoint_dir=tmp_path / "s", checkpoint_every=2)
     _equal(streamed, plain)
     # a device-resident run's checkpoints, the newest removed, resumed by a streamed fit
-    _fit(stream=False, patience=1, checkpoint_dir=tmp_path / "d", checkpoint_every=2)
+    _fit(stream=False, checkpoint_dir=tmp_path / "d", checkpoint_every=2)
     files = sorted((tmp_path / "d").glob("checkpoint-*.safetensors"))
     files[-1].unlink()
-    resumed = _fit(stream=True, patience=1, checkpoint_dir=tmp_path / "d", checkpoint_every=2)
+    resumed = _fit(stream=True, checkpoint_dir=tmp_path / "d", checkpoint_every=2)
     _equal(resumed, plain)
-    again = _fit(stream=True, patience=1, checkpoint_dir=tmp_path / "s", checkpoint_every=2)  # finished: read back
+    again = _fit(stream=True, checkpoint_dir=tmp_path / "s", checkpoint_every=2)  # finished: read back
     _equal(again, plain)
 
 
@@ -235,7 +243,17 @@ print(base, max(peak[0], anon()))
 def test_one_streamed_epoch_of_a_memmap_keeps_anonymous_memory_bounded(tmp_path):
     """The issue's bound, scaled: a 3 GiB memmap may raise RssAnon by at most 1 GiB, i.e. a third
     of the file; here a 96 MiB file (with segments scaled from 16 MiB to 1 MiB) may raise it by
-    32 MiB. The device-resident fit of the same file breaks the bound (the check can fail)."""
+    32 MiB."""
+    _memory_bound(tmp_path, ("stream",))
+
+
+@pytest.mark.slow
+def test_the_memory_bound_fails_a_device_resident_fit(tmp_path):
+    """The same check fails the device-resident fit of the same file: it can fail."""
+    _memory_bound(tmp_path, ("stream", "device"))
+
+
+def _memory_bound(tmp_path, modes):
     rows, features = 24_576, 1_024
     path = tmp_path / "big.f32"
     with open(path, "wb") as file:
@@ -244,7 +262,7 @@ def test_one_streamed_epoch_of_a_memmap_keeps_anonymous_memory_bounded(tmp_path)
     bound = path.stat().st_size // 3
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     measured = {}
-    for mode in ("stream", "device"):
+    for mode in modes:
         done = subprocess.run(
             [
                 sys.executable,
@@ -266,4 +284,5 @@ def test_one_streamed_epoch_of_a_memmap_keeps_anonymous_memory_bounded(tmp_path)
         base, peak = map(int, done.stdout.split()[-2:])
         measured[mode] = peak - base
     assert measured["stream"] < bound, measured
-    assert measured["device"] > bound, measured
+    if "device" in measured:
+        assert measured["device"] > bound, measured

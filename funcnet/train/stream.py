@@ -353,6 +353,11 @@ class _Plan:
             per = SEGMENT_BYTES // max(1, size * (ex.row_bytes() + ey.row_bytes()))
             self.eval_per_segment = max(1, min(max(self.eval_full, 1), per))
 
+    def warm(self, epoch: int) -> None:
+        """Compile the epoch-order program before streaming starts."""
+        with jax.default_device(self.cpu):
+            jax.block_until_ready(_epoch_batches_jit(self.key, np.int32(epoch), config=self.config))
+
     def segments(self) -> int:
         return -(-self.config.batches // self.per_segment)
 
@@ -414,7 +419,7 @@ class _Feed:
         self.jobs, self.show = jobs, show
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="funcnet-stream")
         self.pending: concurrent.futures.Future[_Job] | None = None
-        self.rows, self.since, self.shown = 0, time.perf_counter(), 0.0
+        self.rows, self.shown = 0, time.perf_counter()  # rows read since the rate was last shown
         self._submit()
 
     def _submit(self) -> None:
@@ -438,8 +443,8 @@ class _Feed:
         self.rows += job.rows
         now = time.perf_counter()
         if self.show and now - self.shown > 0.5:
-            progress.status(f"{self.rows / max(now - self.since, 1e-9):,.0f} rows/s")
-            self.shown = now
+            progress.status(f"{self.rows / (now - self.shown):,.0f} rows/s")
+            self.rows, self.shown = 0, now
         return job
 
     def close(self) -> None:
@@ -485,6 +490,7 @@ def runner(
         epoch = int(state.epoch)
         if bool(state.stopped) or epoch >= stop:
             return state
+        plan.warm(epoch)  # compile the host's order program here, not as a stalled read
         feed = _Feed(plan.jobs(epoch, stop), c.progress)
         try:
             for e in range(epoch, stop):
