@@ -85,6 +85,8 @@ def throughput(quick: bool) -> None:
         "streamed": lambda: run((host_x, host_y), True),
     }
     first = {name: jax.block_until_ready(variant()) for name, variant in variants.items()}  # compiles
+    for variant in variants.values():  # a warm round: first-call costs (allocations, threads) left out
+        jax.block_until_ready(variant())
     same = all(
         np.array_equal(a, b)
         for a, b in zip(
