@@ -70,7 +70,7 @@ def throughput(quick: bool) -> None:
     _, params = net.init(key, (-1, 256))
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
 
-    def run(data, stream):
+    def run(data: Any, streamed: bool) -> Any:
         result = fn.fit(
             net,
             fn.softmax_cross_entropy,
@@ -80,7 +80,7 @@ def throughput(quick: bool) -> None:
             epochs=epochs,
             batch_size=256,
             key=key,
-            stream=stream,
+            stream=streamed,
         )
         return result.params
 
@@ -158,7 +158,7 @@ def memmap_child(path: str, rows: int, features: int) -> None:
         finally:
             waited[0] += time.perf_counter() - start
 
-    stream._Feed.next = timed_next  # type: ignore[method-assign]
+    stream._Feed.next = timed_next  # type: ignore[method-assign, assignment]
     base, peak, done = anon_bytes(), [0], threading.Event()
 
     def watch() -> None:
