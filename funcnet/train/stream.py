@@ -201,11 +201,12 @@ class _Source:
         """Rows ``index`` (in that order), as a fresh array of the device dtype."""
         self._unchanged()
         if type(self.array) is np.ndarray:
-            block = self.array[index]
+            block = _take(self.array, index)
         else:  # read each row once, in increasing order (disk-friendly; h5py requires it), then reorder
             unique, inverse = np.unique(index, return_inverse=True)
             self._advise(unique)
-            block = np.asarray(self.array[unique])[inverse]
+            rows = _take(self.array, unique) if isinstance(self.array, np.memmap) else np.asarray(self.array[unique])
+            block = _take(rows, inverse)
         block = np.asarray(block, self.dtype)
         if self.floating:
             finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
@@ -248,6 +249,28 @@ class _Source:
 
     def row_bytes(self) -> int:
         return int(np.prod(self.array.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+_GATHER_ROWS = 2048  # rows per thread of a gather
+_gatherers: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``array[index]``, split across threads when large: NumPy copies without the GIL, so a
+    many-core host gathers (and a memmap faults its pages in) in parallel."""
+    parts = min(os.cpu_count() or 1, 8, index.shape[0] // _GATHER_ROWS)
+    if parts <= 1:
+        return np.asarray(array[index])
+    if not _gatherers:
+        _gatherers.append(concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 8), "funcnet-gather"))
+    out = np.empty((index.shape[0], *array.shape[1:]), array.dtype)
+    bounds = np.linspace(0, index.shape[0], parts + 1).astype(np.int64).tolist()
+
+    def part(i: int) -> None:  # "clip": the indices are valid, and "raise" would buffer the copy
+        np.take(array, index[bounds[i] : bounds[i + 1]], axis=0, out=out[bounds[i] : bounds[i + 1]], mode="clip")
+
+    list(_gatherers[0].map(part, range(parts)))
+    return out
 
 
 def _file_layout(array: Any) -> tuple[int, int, int] | None:
