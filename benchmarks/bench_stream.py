@@ -151,10 +151,10 @@ def memmap_child(path: str, rows: int, features: int) -> None:
     waited = [0.0]  # seconds the training loop spent waiting for rows (instrumentation, benchmark only)
     next_job = stream._Feed.next
 
-    def timed_next(feed: Any) -> Any:
+    def timed_next(feed: Any, *args: Any) -> Any:
         start = time.perf_counter()
         try:
-            return next_job(feed)
+            return next_job(feed, *args)
         finally:
             waited[0] += time.perf_counter() - start
 

@@ -488,8 +488,9 @@ class _Feed:
         job = next(self.jobs, None)
         self.pending = None if job is None else self.pool.submit(job)
 
-    def next(self) -> _Job:
-        """The next job, its rows read and on their way to the device; the one after is started."""
+    def next(self, epoch: int, kind: str) -> _Job:
+        """The next job (of ``epoch`` and ``kind``), its rows read and on their way to the device;
+        the one after is started."""
         if self.pending is None:
             raise RuntimeError("fit: the streamed plan ended early (a bug in funcnet; please report it).")
         waited = time.perf_counter()
@@ -501,6 +502,11 @@ class _Feed:
                 if self.show:
                     seconds = time.perf_counter() - waited
                     progress.status(f"stalled {seconds:.0f}s waiting for data", stalled=True)
+        if (job.epoch, job.kind) != (epoch, kind):
+            raise RuntimeError(
+                f"fit: the streamed plan gave epoch {job.epoch}'s {job.kind!r} rows where epoch {epoch}'s "
+                f"{kind!r} rows were due (a bug in funcnet; please report it)."
+            )
         self._submit()
         self.rows += job.rows
         now = time.perf_counter()
@@ -534,17 +540,17 @@ def runner(
         ex, ey = _Source("eval_data x", eval_data[0]), _Source("eval_data y", eval_data[1])
     plan = _Plan(x, y, ex, ey, key, c)
 
-    def evaluate(feed: _Feed, params: Params) -> dict[str, jax.Array]:
+    def evaluate(feed: _Feed, e: int, params: Params) -> dict[str, jax.Array]:
         if c.eval_rows <= c.eval_batch_size:
-            job = feed.next()
+            job = feed.next(e, "eval last")
             return _eval_batch_jit(params, hyper, *job.arrays, static=static, config=c)  # type: ignore[no-any-return]
         total = _zeros(_no_evaluation_jit(config=c))
         last = None
         for _ in range(-(-plan.eval_full // plan.eval_per_segment)):
-            job = feed.next()
+            job = feed.next(e, "eval")
             total = _eval_block_jit(params, total, hyper, *job.arrays, static=static, config=c)
         if plan.eval_rest:
-            job = feed.next()
+            job = feed.next(e, "eval last")
             last = _eval_batch_jit(params, hyper, *job.arrays, static=static, config=c)
         return _eval_average_jit(total, last, config=c)  # type: ignore[no-any-return]
 
@@ -558,7 +564,7 @@ def runner(
             for e in range(epoch, stop):
                 params, opt_state, parts, previous = state.params, state.opt_state, [], None
                 for _ in range(plan.segments()):
-                    job = feed.next()
+                    job = feed.next(e, "train")
                     params, opt_state, sums = _steps_jit(
                         params,
                         opt_state,
@@ -575,7 +581,7 @@ def runner(
                     parts.append(sums)
                     previous = sums
                 scheduled = ex is not None and (e + 1) % c.eval_every == 0
-                values = evaluate(feed, params) if scheduled else _no_evaluation_jit(config=c)
+                values = evaluate(feed, e, params) if scheduled else _no_evaluation_jit(config=c)
                 state = _end_jit(state, params, opt_state, jnp.concatenate(parts), values, min_delta, config=c)
                 if bool(state.stopped):
                     break
