@@ -76,6 +76,11 @@ SEQUENCES = rng.standard_normal((12, 4, 3))
 RECURRENT = {cell: getattr(fn, cell)(2).init(KEY, (-1, 4, 3))[1] for cell in ("RNN", "LSTM", "GRU")}
 BRANCHES = fn.serial(fn.FanOut(2), fn.parallel(fn.Dense(2), fn.Dense(3)), fn.FanInConcat())
 BRANCH_PARAMS = BRANCHES.init(KEY, (-1, 3))[1]
+HEADS = rng.standard_normal((2, 4, 2, 3))  # (batch, length, heads, head_dim)
+ATTENTION = fn.MultiHeadAttention(2)
+ATTENTION_PARAMS = ATTENTION.init(KEY, (-1, 4, 6))[1]
+BN_NET = fn.serial(fn.BatchNorm(), fn.Dense(2, fn.linear))
+BN_PARAMS = BN_NET.init(KEY, (-1, 3))[1]
 
 
 def _streamed_fit_call(train_x=X, train_y=Y, eval_x=X, eval_y=Y, stream_threshold=None):
@@ -110,6 +115,7 @@ def _fit_call(
     min_delta=0.0,
     eval_batch_size=5,
     checkpoint_every=1,
+    ema_decay=None,
 ):
     return fn.fit(
         NET,
@@ -125,6 +131,7 @@ def _fit_call(
         min_delta=min_delta,
         eval_batch_size=eval_batch_size,
         checkpoint_every=checkpoint_every,
+        ema_decay=ema_decay,
         key=KEY,
     )
 
@@ -189,6 +196,38 @@ CALLS = {
         lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8: fn.adam(learning_rate, b1, b2, eps),
         {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers"},
     ),
+    "adamw": (
+        lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4: fn.adamw(
+            learning_rate, b1, b2, eps, weight_decay
+        ),
+        {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers", "weight_decay": "numbers"},
+    ),
+    "cosine_decay": (
+        lambda initial=0.1, steps=10, final=0.0: fn.cosine_decay(initial, steps, final),
+        {"initial": "numbers", "steps": "numbers", "final": "numbers"},
+    ),
+    "warmup_cosine_decay": (
+        lambda initial=0.0, peak=0.1, warmup_steps=2, decay_steps=10, final=0.0: fn.warmup_cosine_decay(
+            initial, peak, warmup_steps, decay_steps, final
+        ),
+        {
+            "initial": "numbers",
+            "peak": "numbers",
+            "warmup_steps": "numbers",
+            "decay_steps": "numbers",
+            "final": "numbers",
+        },
+    ),
+    "accumulate": (
+        lambda optimizer=fn.sgd(0.1), steps=2: fn.accumulate(optimizer, steps).init(PARAMS),
+        {"optimizer": "trees", "steps": "numbers"},
+    ),
+    "multi_optimizer": (
+        lambda labels=jax.tree_util.tree_map(lambda _: "a", PARAMS): fn.multi_optimizer(
+            {"a": fn.sgd(0.1), "b": None}, labels
+        ).init(PARAMS),
+        {"labels": "trees"},
+    ),
     "linear_decay": (
         lambda initial=0.1, final=0.01, steps=10: fn.linear_decay(initial, final, steps),
         {"initial": "numbers", "final": "numbers", "steps": "numbers"},
@@ -222,6 +261,7 @@ CALLS = {
             "min_delta": "numbers",
             "eval_batch_size": "numbers",
             "checkpoint_every": "numbers",
+            "ema_decay": "numbers",
         },
     ),
     "fit(stream=True)": (
@@ -267,6 +307,61 @@ CALLS = {
     ),
     "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
     "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
+    "dot_product_attention": (
+        lambda q=HEADS, k=HEADS, v=HEADS, kv_lengths=None, mask=None, scale=None, block_size=2: (
+            fn.dot_product_attention(q, k, v, kv_lengths=kv_lengths, mask=mask, scale=scale, block_size=block_size)
+        ),
+        {
+            "q": "arrays",
+            "k": "arrays",
+            "v": "arrays",
+            "kv_lengths": "arrays",
+            "mask": "arrays",
+            "scale": "numbers",
+            "block_size": "numbers",
+        },
+    ),
+    "MultiHeadAttention": (
+        lambda num_heads=2, input_shape=(-1, 4, 6): fn.MultiHeadAttention(num_heads).init(KEY, input_shape),
+        {"num_heads": "numbers", "input_shape": "trees"},
+    ),
+    "MultiHeadAttention.apply": (
+        lambda params=ATTENTION_PARAMS, x=np.ones((12, 4, 6)): ATTENTION.apply(params, x),
+        {"params": "trees", "x": "arrays"},
+    ),
+    "PositionalEmbedding": (
+        lambda max_length=4, input_shape=(-1, 4, 6): fn.PositionalEmbedding(max_length).init(KEY, input_shape),
+        {"max_length": "numbers", "input_shape": "trees"},
+    ),
+    "gelu": (lambda x=X: fn.gelu(x), {"x": "arrays"}),
+    "mixed_precision": (
+        lambda layer=NET, compute_dtype=np.dtype("float16"): fn.mixed_precision(layer, compute_dtype).init(
+            KEY, (-1, 3)
+        ),
+        {"layer": "numbers", "compute_dtype": "numbers"},
+    ),
+    "DynamicLossScale": (
+        lambda initial=2.0**15, period=2000, factor=2.0, min_scale=1.0: fn.DynamicLossScale(
+            initial, period, factor, min_scale
+        ),
+        {"initial": "numbers", "period": "numbers", "factor": "numbers", "min_scale": "numbers"},
+    ),
+    "batch_norm": (
+        lambda x=X, gamma=np.ones(3), beta=np.zeros(3), eps=1e-5: fn.batch_norm(x, gamma, beta, eps=eps),
+        {"x": "arrays", "gamma": "arrays", "beta": "arrays", "eps": "numbers"},
+    ),
+    "BatchNorm": (
+        lambda momentum=0.9, eps=1e-5, input_shape=(-1, 3): fn.BatchNorm(momentum, eps).init(KEY, input_shape),
+        {"momentum": "numbers", "eps": "numbers", "input_shape": "trees"},
+    ),
+    "train_apply": (
+        lambda params=BN_PARAMS, x=X: fn.train_apply(BN_NET)(params, x),
+        {"params": "trees", "x": "arrays"},
+    ),
+    "merge_state": (
+        lambda trainable=fn.split_state(BN_PARAMS)[0]: fn.merge_state(trainable, fn.split_state(BN_PARAMS)[1]),
+        {"trainable": "trees"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -357,8 +452,13 @@ JITTABLE = {
     "layer_norm",
     "embedding",
     "avg_pool2d",
+    "dot_product_attention",
+    "MultiHeadAttention.apply",
+    "gelu",
     "accuracy",
     "combinators.apply",
+    "batch_norm",
+    "train_apply",
 }
 
 

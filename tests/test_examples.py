@@ -36,4 +36,12 @@ def test_long_run_resumes_on_a_second_invocation(tmp_path):
 
 
 def test_example_list_is_complete():
-    assert {"digits.py", "regression.py", "ensemble.py", "custom_op.py", "long_run.py", "char_lm.py"} <= set(EXAMPLES)
+    assert {
+        "digits.py",
+        "regression.py",
+        "ensemble.py",
+        "custom_op.py",
+        "long_run.py",
+        "char_lm.py",
+        "char_transformer.py",
+    } <= set(EXAMPLES)

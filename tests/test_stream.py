@@ -70,6 +70,12 @@ def _equal(a, b):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def _equal_resumed(resumed, plain):
+    """Equal but for ``resumed_epoch``, the epoch the resumed call began from."""
+    assert int(resumed.resumed_epoch) > 0
+    _equal(resumed._replace(resumed_epoch=plain.resumed_epoch), plain)
+
+
 @pytest.fixture
 def small_segments(monkeypatch):
     """Two training batches (16 rows of 5 float64 and an int32 label) per segment, the 5th
@@ -94,6 +100,22 @@ def test_a_streamed_fit_equals_the_device_fit_bit_for_bit(case, small_segments):
     _equal(streamed, resident)
     if not kw:
         assert int(streamed.stopped_epoch) < 9  # it did stop early
+
+
+def test_layer_state_and_a_moving_average_stream_to_the_same_result(small_segments):
+    """BatchNorm's running statistics ride in the params and the moving average in the optimizer
+    state, through the streamed steps and the evaluation of the average, as on the device."""
+    net = fn.serial(fn.Dense(12, fn.tanh), fn.BatchNorm(0.8), fn.Dense(3, fn.linear))
+    params = net.init(jax.random.PRNGKey(0), (-1, 5))[1]
+
+    def run(stream):
+        return fn.fit(
+            net, fn.softmax_cross_entropy, fn.adam(0.01), params, (X[:70], Y[:70]), (X[70:], Y[70:]),
+            epochs=4, batch_size=16, eval_every=2, eval_batch_size=8, key=KEY, ema_decay=0.9, eval_ema=True,
+            stream=stream,
+        )  # fmt: skip
+
+    _equal(run(True), run(False))
 
 
 def test_a_memmap_and_an_h5py_like_object_stream_to_the_same_result(tmp_path, monkeypatch):
@@ -121,9 +143,9 @@ def test_streamed_checkpoints_equal_and_resume_device_checkpoints(tmp_path, smal
     files = sorted((tmp_path / "d").glob("checkpoint-*.safetensors"))
     files[-1].unlink()
     resumed = _fit(stream=True, checkpoint_dir=tmp_path / "d", checkpoint_every=2)
-    _equal(resumed, plain)
+    _equal_resumed(resumed, plain)
     again = _fit(stream=True, checkpoint_dir=tmp_path / "s", checkpoint_every=2)  # finished: read back
-    _equal(again, plain)
+    _equal_resumed(again, plain)
 
 
 @pytest.mark.parametrize("kind", ["array", "memmap"])
@@ -214,7 +236,7 @@ def test_a_memmap_that_changes_size_while_fitting_is_an_error(tmp_path, small_se
     x = np.memmap(path, np.float64, "r", shape=(70, 5))
     assert len(list((tmp_path / "run").glob("checkpoint-*"))) > 0
     resumed = _fit(train=(x, Y[:70]), stream=True, checkpoint_dir=tmp_path / "run", checkpoint_every=1)
-    _equal(resumed, _fit(stream=False))
+    _equal_resumed(resumed, _fit(stream=False))
 
 
 MEMORY_CASE = """

@@ -17,6 +17,13 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
+* Training runs the network in training mode (``funcnet.train_apply``): params carry their
+  layer state (BatchNorm's running statistics), the optimizer sees only the trainable part
+  (``split_state``; its state is ``optimizer.init`` of that part) and the state the training
+  mode returns replaces the old (a step that loss scaling skips keeps the old). A padded last
+  batch's mask keeps padded rows out of batch statistics too. Under a mesh, batch statistics
+  are means over the global batch. The moving average (``ema_decay``) averages the trainable
+  part; averaged params carry the current state.
 * Evaluation after epoch ``e`` with ``(e + 1) % eval_every == 0``, in inference mode, in
   batches of ``eval_batch_size`` rows: the loss and each metric are means over rows, so the
   batch means weighted by their row counts give the mean over the whole set.
@@ -36,7 +43,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from funcnet import _checks
 from funcnet._values import Static, combine
+from funcnet.layers import train_mode
+from funcnet.optimizers import EmaState, ema_params
+from funcnet.precision import DynamicLossScale, LossScaleState
+from funcnet.state import merge_state, split_state
 from funcnet.train import progress
 from funcnet.train.checks import check_parts
 from funcnet.train.shuffle import epoch_order
@@ -48,6 +60,7 @@ __all__ = [
     "TrainState",
     "batch_sharding",
     "check_divisible",
+    "check_opt_state",
     "end_epoch",
     "epoch_batches",
     "fresh_state",
@@ -63,9 +76,16 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class History(NamedTuple):
-    """``train_loss[i]``: mean loss of epoch ``start_epoch + i`` (NaN where not run);
-    ``eval_loss[j]``: loss of the j-th scheduled evaluation, taken after ``eval_epoch[j]``
-    epochs (NaN where not run); ``eval_metrics[name][j]``: each metric at that evaluation."""
+    """The per-epoch and per-evaluation record of a fit; NaN wherever nothing ran (after a stop).
+
+    Fields:
+      train_loss: ``(epochs - start_epoch,)``, the mean training loss of each epoch this call
+        covers (``train_loss[i]`` is epoch ``start_epoch + i``).
+      eval_loss: ``(evaluations,)``, the eval loss of each scheduled evaluation.
+      eval_epoch: ``(evaluations,)``, the epochs trained when each evaluation was taken
+        (``eval_every``, ``2 * eval_every``, ...).
+      eval_metrics: ``{name: (evaluations,)}``, each metric at each evaluation.
+    """
 
     train_loss: jax.Array
     eval_loss: jax.Array
@@ -74,14 +94,58 @@ class History(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What ``fit`` returns (a pytree, so ``vmap``-ed fits return stacked results)."""
+    """What ``fit`` returns: a pytree, so ``vmap``-ed fits return stacked results.
 
-    params: Params  # with eval data: the best evaluation's; without: the final (last finite) ones
-    opt_state: Any  # the optimizer state that goes with ``params``'s training run
+    Fields:
+      params: with ``eval_data``, the params of the best evaluation (restored as the book's
+        trainer does); without, the final params (the last finite ones if training diverged).
+      opt_state: the optimizer state that goes with ``params``.
+      history: a ``History``: training loss per epoch, eval loss and metrics per evaluation.
+      best_epoch: epochs trained when ``params`` was taken, so ``fit(..., epochs=best_epoch)``
+        without ``eval_data`` and with the same key reproduces ``params``.
+      stopped_epoch: epochs trained when training stopped (``epochs`` if it never stopped).
+      diverged: True when a training or eval loss was not finite (``params`` stay finite).
+      best_eval: ``{"loss": ..., metric: ...}`` at the evaluation ``params`` come from (NaN
+        without ``eval_data``, or when no evaluation improved on the start).
+      last_train_loss: the training loss of the last epoch whose loss was finite (NaN if
+        none); ``history.train_loss[-1]`` is NaN once training stopped early.
+      resumed_epoch: epochs already trained when this call began: ``start_epoch`` (0 for a fresh
+        run), or the epoch of the checkpoint ``checkpoint_dir`` resumed from.
+      ema_params: with ``fit(..., ema_decay=d)``, the params' moving average that goes with
+        ``params``; ``None`` otherwise.
+    """
+
+    params: Params
+    opt_state: Any
     history: History
-    best_epoch: jax.Array  # epochs trained when ``params`` was taken
-    stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
-    diverged: jax.Array  # a training or eval loss was not finite
+    best_epoch: jax.Array
+    stopped_epoch: jax.Array
+    diverged: jax.Array
+    best_eval: dict[str, jax.Array]
+    last_train_loss: jax.Array
+    resumed_epoch: jax.Array
+    ema_params: Params = None
+
+
+def _document_fields(kind: type) -> None:
+    """Give each field of a documented NamedTuple its line of the docstring, for ``help()``
+    (NamedTuple's own says only "Alias for field number 0")."""
+    doc = kind.__doc__ or ""
+    entries = doc[doc.index("Fields:") + len("Fields:") :].strip().split("\n")
+    text: dict[str, str] = {}
+    name = ""
+    for line in entries:
+        head, _, rest = line.strip().partition(": ")
+        if head in kind._fields:  # type: ignore[attr-defined]  # a NamedTuple
+            name, text[head] = head, rest
+        elif name:
+            text[name] += " " + line.strip()
+    for field, description in text.items():
+        getattr(kind, field).__doc__ = description
+
+
+_document_fields(History)
+_document_fields(FitResult)
 
 
 class Config(NamedTuple):
@@ -100,10 +164,12 @@ class Config(NamedTuple):
     metrics: tuple[str, ...]
     monitor: str
     maximize: bool
-    dtype: str  # of the losses and metrics
+    dtype: str  # of the loss and metric totals and the history: the loss's, at least float32
     progress: bool
     mesh: Mesh | None
     data_axis: str
+    loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
+    eval_ema: bool = False  # evaluate (and early-stop on) the params' moving average
 
     @property
     def evaluations(self) -> int:
@@ -127,6 +193,7 @@ class TrainState(NamedTuple):
     train_loss: jax.Array  # (epochs,)
     eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
+    loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
 
 
 def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
@@ -150,17 +217,40 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
         )
 
 
-def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., jax.Array]:
-    """``(params, x, y, mask, key) -> loss``; with ``masked``, a mean over the real rows only."""
+def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., tuple[jax.Array, Params]]:
+    """``(trainable, state, x, y, mask, key) -> (loss, params)``, in training mode: ``params``
+    with their state updated; with ``masked``, a mean over the real rows only."""
+    train = train_mode(apply)
 
-    def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None) -> jax.Array:
-        prediction = apply(params, x, key=key)
+    def batch_loss(
+        trainable: Params, state: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None
+    ) -> tuple[jax.Array, Params]:
+        prediction, params = train(merge_state(trainable, state), x, key=key, mask=mask)
         if not masked:
-            return loss(prediction, y)
+            return loss(prediction, y), params
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
-        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask).astype(per_row.dtype)
+        wide = per_row.astype(_checks.wide(per_row.dtype))  # a float16 sum of row losses overflows
+        value = (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
+        return value, params
 
     return batch_loss
+
+
+def check_opt_state(fn: str, optimizer: Any, params: Params, opt_state: Any) -> None:
+    """``opt_state`` must be ``optimizer.init`` of the trainable params (layer state is not trained)."""
+    expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, split_state(params)[0]))
+    if jax.tree_util.tree_structure(opt_state) != expected:
+        raise TypeError(
+            f"{fn}: opt_state does not belong to this optimizer and params: expected {expected}, got "
+            f"{jax.tree_util.tree_structure(opt_state)}. Make it with "
+            f"optimizer.init(funcnet.split_state(params)[0]) (the optimizer never sees layer state)."
+        )
+
+
+def _averaged(opt_state: Any, params: Params) -> Params:
+    """The moving average of the trainable params, with ``params``'s current layer state."""
+    trainable, state = split_state(params)
+    return merge_state(ema_params(opt_state, trainable), state)
 
 
 def train_step(
@@ -169,12 +259,15 @@ def train_step(
     """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
 
-    ``key`` drives dropout; ``None`` trains without it. Wrap it in ``jax.jit`` (or call it
-    inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along ``data_axis``
-    (see ``fit``).
+    ``key`` drives dropout; ``None`` trains without it. The network runs in training mode
+    (``funcnet.train_apply``), so the returned params hold updated layer state (BatchNorm's
+    running statistics); ``opt_state`` is ``optimizer.init(funcnet.split_state(params)[0])``,
+    which for a network without state is ``optimizer.init(params)``. Wrap it in ``jax.jit``
+    (or call it inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along
+    ``data_axis`` (see ``fit``).
     """
     check_parts("train_step", net, loss, optimizer)
-    batch_loss = _batch_loss(net.apply, loss, masked=False)
+    value_and_grad = jax.value_and_grad(_batch_loss(net.apply, loss, masked=False), has_aux=True)
     shard = batch_sharding("train_step", mesh, data_axis)
 
     def step(
@@ -183,9 +276,11 @@ def train_step(
         if shard is not None and mesh is not None:
             check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
             x, y = shard(x), shard(y)
-        value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
-        params, opt_state = optimizer.update(grads, opt_state, params)
-        return params, opt_state, value
+        check_opt_state("train_step", optimizer, params, opt_state)
+        trainable, state = split_state(params)
+        (value, new), grads = value_and_grad(trainable, state, x, y, None, key)
+        trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+        return merge_state(trainable, split_state(new)[1]), opt_state, value
 
     return step
 
@@ -205,24 +300,29 @@ def _fresh_state(
     c, dtype = config, jnp.dtype(config.dtype)
     if opt_state is None:
         _, _, optimizer, _ = combine(hyper, static)
-        opt_state = optimizer.init(params)
+        opt_state = optimizer.init(split_state(params)[0])
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays.
+    # JAX 0.10 returns fresh buffers from a jitted function anyway; a version that forwarded an
+    # input returned unchanged would otherwise let the donation delete the caller's params.
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     return TrainState(
-        params,
-        opt_state,
-        params if has_eval else None,
-        opt_state if has_eval else None,
-        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
-        int_(start_epoch),
-        int_(0),
-        jnp.asarray(False),
-        int_(c.epochs),
-        jnp.asarray(False),
-        int_(start_epoch),
-        _nan((c.epochs,), dtype),
-        _nan((c.evaluations,), dtype),
-        {name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        params=copy(params),
+        opt_state=copy(opt_state),
+        best_params=copy(params) if has_eval else None,
+        best_opt_state=copy(opt_state) if has_eval else None,
+        best=jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
+        best_epoch=int_(start_epoch),
+        bad_evals=int_(0),
+        stopped=jnp.asarray(False),
+        stopped_epoch=int_(c.epochs),
+        diverged=jnp.asarray(False),
+        epoch=int_(start_epoch),
+        train_loss=_nan((c.epochs,), dtype),
+        eval_loss=_nan((c.evaluations,), dtype),
+        eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
     )
 
 
@@ -258,9 +358,8 @@ def _eval_totals(
     size, dtype = config.eval_batch_size, jnp.dtype(config.dtype)
 
     def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
-        return jax.tree_util.tree_map(
-            lambda t, v: t + v * size, total, _means(apply, loss, metrics, params, *batch, dtype)
-        ), None
+        means = _means(apply, loss, metrics, params, *batch, dtype)
+        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means), None
 
     added, _ = lax.scan(add, total, (xs, ys))
     return added
@@ -316,54 +415,79 @@ def epoch_batches(key: jax.Array, epoch: Any, config: Config) -> tuple[jax.Array
 
 def train_steps(
     hyper: list[Any],
-    params: Params,
-    opt_state: Any,
+    carry: tuple[Params, Any, Any],
     batches: tuple[Any, jax.Array],
     dropout_key: jax.Array,
     fetch: Callable[[Any], tuple[jax.Array, jax.Array]],
     *,
     static: Static,
     config: Config,
-) -> tuple[tuple[Params, Any], jax.Array]:
+) -> tuple[tuple[Params, Any, Any], jax.Array]:
     """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``.
 
-    Returns the params and optimizer state after them and each batch's loss times its real
-    rows. The device-resident fit fetches rows of the device data by index; the streamed fit
-    passes the rows themselves. One step function, so both compute the same thing.
+    ``carry`` is ``(params, opt_state, loss_scale)``. Returns the carry after the steps and each
+    batch's loss times its real rows. The device-resident fit fetches rows of the device data
+    by index; the streamed fit (``stream.py``) passes the rows themselves. One step function,
+    so both compute the same thing.
     """
     c = config
     apply, loss, optimizer, _ = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
-    value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
+    batch_loss = _batch_loss(apply, loss, c.masked)
+    value_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
+
+    def scaled_loss(*args: Any) -> tuple[jax.Array, tuple[jax.Array, Params]]:
+        value, params = batch_loss(*args[:-1])
+        scale = args[-1]
+        return value * scale.astype(value.dtype), (value, params)
+
+    def scaled_value_and_grad(*args: Any) -> tuple[tuple[jax.Array, Params], Any]:
+        (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return aux, grads
+
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
 
-    def step(carry: tuple[Params, Any], batch: tuple[Any, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
-        params, opt_state = carry
+    def step(carry: tuple[Params, Any, Any], batch: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+        params, opt_state, scaling = carry
         data, b = batch
         xb, yb = fetch(data)
         mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
-        value, grads = value_and_grad(params, shard(xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
-        params, opt_state = optimizer.update(grads, opt_state, params)
-        return (params, opt_state), value.astype(dtype) * (jnp.sum(mask).astype(dtype) if c.masked else c.batch_size)
+        # The optimizer updates the trainable part, training mode the layer state.
+        trainable, state = split_state(params)
+        args = (trainable, state, shard(xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
+        if c.loss_scale is None:
+            (value, new), grads = value_and_grad(*args)
+            trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+            state = split_state(new)[1]
+        else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
+            (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
+            grads, finite = c.loss_scale.unscale(scaling, grads)
+            stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
+            trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
+            scaling = c.loss_scale.adjust(scaling, finite)
+        params = merge_state(trainable, state)
+        return (params, opt_state, scaling), value.astype(dtype) * (
+            jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
+        )
 
-    carry, sums = lax.scan(step, (params, opt_state), batches)
-    return carry, sums
+    after, sums = lax.scan(step, carry, batches)
+    return after, sums
 
 
 def end_epoch(
     s: TrainState,
-    params: Params,
-    opt_state: Any,
+    carry: tuple[Params, Any, Any],
     sums: jax.Array,
     evaluate: Callable[[jax.Array, Params], dict[str, jax.Array]],
     min_delta: Any,
     *,
     config: Config,
 ) -> TrainState:
-    """The state after epoch ``s.epoch``, whose steps gave ``params``, ``opt_state`` and ``sums``:
-    its training loss, the evaluation (``evaluate(is_eval, params)``, NaN when not scheduled),
-    early stopping and the progress tick."""
+    """The state after epoch ``s.epoch``, whose steps gave ``carry`` (``train_steps``) and
+    ``sums``: its training loss, the evaluation (``evaluate(is_eval, params)``, NaN when not
+    scheduled), early stopping and the progress tick."""
     c = config
+    params, opt_state, scaling = carry
     dtype = jnp.dtype(c.dtype)
     used_rows = c.rows if c.masked else c.batches * c.batch_size  # unmasked: full batches only (all rows, or drop_last)
     has_eval = c.eval_rows > 0
@@ -384,9 +508,11 @@ def end_epoch(
             diverged=~finite,
             epoch=e + 1,
             train_loss=history,
+            loss_scale=scaling,
         )
     else:
-        values = evaluate(is_eval, params)
+        watched_params = _averaged(opt_state, params) if c.eval_ema else params
+        values = evaluate(is_eval, watched_params)
         diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
         watched = values[c.monitor]
         better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
@@ -396,20 +522,21 @@ def end_epoch(
         j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
         record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
         new = TrainState(
-            params,
-            opt_state,
-            _select(improved, params, s.best_params),
-            _select(improved, opt_state, s.best_opt_state),
-            jnp.where(improved, watched, s.best),
-            jnp.where(improved, e + 1, s.best_epoch),
-            bad_evals,
-            stop_now,
-            jnp.where(stop_now, e + 1, s.stopped_epoch),
-            diverged,
-            e + 1,
-            history,
-            record(s.eval_loss, values["loss"]),
-            {name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+            params=params,
+            opt_state=opt_state,
+            best_params=_select(improved, params, s.best_params),
+            best_opt_state=_select(improved, opt_state, s.best_opt_state),
+            best=jnp.where(improved, watched, s.best),
+            best_epoch=jnp.where(improved, e + 1, s.best_epoch),
+            bad_evals=bad_evals,
+            stopped=stop_now,
+            stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
+            diverged=diverged,
+            epoch=e + 1,
+            train_loss=history,
+            eval_loss=record(s.eval_loss, values["loss"]),
+            eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+            loss_scale=scaling,
         )
     if c.progress:
         jax.debug.callback(progress.tick, e, train_loss, values)
@@ -446,15 +573,23 @@ def _segment(
     def train_epoch(s: TrainState) -> TrainState:
         batches, dropout_key = epoch_batches(key, s.epoch, c)
         fetch = lambda index: (x[index], y[index])
-        (params, opt_state), sums = train_steps(
-            hyper, s.params, s.opt_state, (batches, jnp.arange(c.batches)), dropout_key, fetch, static=static, config=c
+        carry, sums = train_steps(
+            hyper,
+            (s.params, s.opt_state, s.loss_scale),
+            (batches, jnp.arange(c.batches)),
+            dropout_key,
+            fetch,
+            static=static,
+            config=c,
         )
-        return end_epoch(s, params, opt_state, sums, evaluate, min_delta, config=c)
+        return end_epoch(s, carry, sums, evaluate, min_delta, config=c)
 
     return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
 
 
-segment = jax.jit(_segment, static_argnames=("static", "config"))
+# The state a segment replaces is donated: its buffers hold the new state, so the program's peak
+# memory holds one training state, not two (``benchmarks/bench_memory.py``).
+segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
@@ -470,7 +605,38 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         params, opt_state = state.best_params, state.best_opt_state
     else:
         params, opt_state = state.params, state.opt_state
-    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged)
+    averaged = None
+    if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
+        opt_state, averaged = opt_state.inner, _averaged(opt_state, params)
+    return FitResult(
+        params,
+        opt_state,
+        history,
+        state.best_epoch,
+        state.stopped_epoch,
+        state.diverged,
+        _best_eval(state, c),
+        _last_finite(history.train_loss),
+        jnp.asarray(start_epoch, jnp.int32),
+        averaged,
+    )
+
+
+def _best_eval(state: TrainState, c: Config) -> dict[str, jax.Array]:
+    """The eval loss and metrics of the evaluation ``best_epoch`` names (NaN if none improved)."""
+    values = {"loss": state.eval_loss, **state.eval_metrics}
+    if c.eval_rows == 0 or c.evaluations == 0:
+        return {"loss": _nan((), jnp.dtype(c.dtype))}
+    j = state.best_epoch // c.eval_every - 1
+    taken = (state.best_epoch % c.eval_every == 0) & (j >= 0) & jnp.isfinite(state.best)
+    index = jnp.clip(j, 0, c.evaluations - 1)
+    return {name: jnp.where(taken, v[index], jnp.nan) for name, v in values.items()}
+
+
+def _last_finite(losses: jax.Array) -> jax.Array:
+    finite = jnp.isfinite(losses)
+    last = losses.shape[0] - 1 - jnp.argmax(finite[::-1])
+    return jnp.where(jnp.any(finite), losses[last], jnp.nan)
 
 
 result = jax.jit(_result, static_argnames=("start_epoch", "config"))

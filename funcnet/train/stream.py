@@ -46,10 +46,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from funcnet._values import Static, combine
-from funcnet.train import progress
+from funcnet.train import checks, progress
 from funcnet.train.program import (
     Config,
     TrainState,
+    _averaged,
     _eval_average,
     _eval_totals,
     _means,
@@ -59,7 +60,7 @@ from funcnet.train.program import (
     train_steps,
 )
 
-__all__ = ["SEGMENT_BYTES", "STALL_SECONDS", "check_host_data", "chooses_stream", "runner", "shape_of"]
+__all__ = ["SEGMENT_BYTES", "STALL_SECONDS", "check_host_data", "chooses_stream", "digest", "runner", "shape_of"]
 
 SEGMENT_BYTES = 16 << 20  # rows gathered and transferred at once (at least one batch)
 STALL_SECONDS = 2.0  # a segment later than this shows as stalled
@@ -108,7 +109,7 @@ def chooses_stream(stream: Any, threshold: Any, train_data: Any, eval_data: Any)
 # --- checks ------------------------------------------------------------------------------------
 
 
-def check_host_data(name: str, data: Any) -> tuple[Any, Any]:
+def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
     """``check_data``'s promises for data that stays on the host, without reading it: a pair
     ``(x, y)`` with shapes, dtypes and matching rows, each indexable by an array of rows."""
     fn = "fit"
@@ -157,7 +158,32 @@ def check_host_data(name: str, data: Any) -> tuple[Any, Any]:
                 f"{fn}: {part} ({type(array).__name__}) indexed by an array of 2 row indices must give shape "
                 f"{(2, *array.shape[1:])}, got {probe.shape}; streaming needs NumPy-style row indexing."
             )
-    return x, y
+    return x, y, None  # the digest of the values (``digest``) is taken only when a checkpoint needs it
+
+
+def digest(x: Any, y: Any) -> str:
+    """``checks.check_data``'s digest of ``(x, y)``'s values, computed a segment of rows at a time
+    (bounded memory), so a streamed run's checkpoints and a device-resident run's match."""
+    return f"{_array_digest(x)}/{_array_digest(y)}"
+
+
+def _array_digest(array: Any) -> str:
+    rows, per_row = array.shape[0], int(np.prod(array.shape[1:], dtype=np.int64))
+    itemsize, total = np.dtype(array.dtype).itemsize, rows * per_row
+    chunk = max(1, SEGMENT_BYTES // max(1, per_row * itemsize))
+    sums = np.zeros(2, np.uint32)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        rows_read = array[start:stop] if isinstance(array, np.ndarray) else array[np.arange(start, stop)]
+        block = np.ascontiguousarray(np.asarray(rows_read, np.dtype(array.dtype)))
+        words, first = checks._words(np, block), start * per_row
+        if itemsize < 8:
+            sums += checks._digest(np, words, first)
+        else:  # the low words of every value, then the high ones (as ``_words`` lays out the whole array)
+            sums += checks._digest(np, words[: block.size], first) + checks._digest(
+                np, words[block.size :], total + first
+            )
+    return "".join(f"{int(d):08x}" for d in sums)
 
 
 def shape_of(array: Any) -> jax.ShapeDtypeStruct:
@@ -293,8 +319,7 @@ def _file_layout(array: Any) -> tuple[int, int, int] | None:
 
 
 def _steps(
-    params: Params,
-    opt_state: Any,
+    carry: tuple[Params, Any, Any],
     hyper: list[Any],
     xs: jax.Array,
     ys: jax.Array,
@@ -303,27 +328,27 @@ def _steps(
     *,
     static: Static,
     config: Config,
-) -> tuple[Params, Any, jax.Array]:
-    """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``."""
+) -> tuple[tuple[Params, Any, Any], jax.Array]:
+    """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``;
+    ``carry`` is ``(params, opt_state, loss_scale)``, as ``program.train_steps`` takes it."""
     numbers = jnp.arange(xs.shape[0])  # the device fit's batch numbers are jnp.arange's dtype too
     numbers = numbers + first.astype(numbers.dtype)
-    (params, opt_state), sums = train_steps(
-        hyper, params, opt_state, ((xs, ys), numbers), dropout_key, lambda rows: rows, static=static, config=config
+    after, sums = train_steps(
+        hyper, carry, ((xs, ys), numbers), dropout_key, lambda rows: rows, static=static, config=config
     )
-    return params, opt_state, sums
+    return after, sums
 
 
 def _end(
     state: TrainState,
-    params: Params,
-    opt_state: Any,
+    carry: tuple[Params, Any, Any],
     sums: jax.Array,
     values: dict[str, jax.Array],
     min_delta: Any,
     *,
     config: Config,
 ) -> TrainState:
-    return end_epoch(state, params, opt_state, sums, lambda is_eval, p: values, min_delta, config=config)
+    return end_epoch(state, carry, sums, lambda is_eval, p: values, min_delta, config=config)
 
 
 def _eval_block(
@@ -345,6 +370,14 @@ def _eval_batch(
 ) -> dict[str, jax.Array]:
     apply, loss, _, metrics = combine(hyper, static)
     return _means(apply, loss, metrics, params, x, y, jnp.dtype(config.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _watched(carry: tuple[Params, Any, Any], *, config: Config) -> Params:
+    """The params an evaluation sees: the moving average with ``eval_ema``, as ``end_epoch`` picks."""
+    params, opt_state, _ = carry
+    watched: Params = _averaged(opt_state, params) if config.eval_ema else params
+    return watched
 
 
 _steps_jit = jax.jit(_steps, static_argnames=("static", "config"))
@@ -562,12 +595,11 @@ def runner(
         feed = _Feed(plan.jobs(epoch, stop), c.progress)
         try:
             for e in range(epoch, stop):
-                params, opt_state, parts, previous = state.params, state.opt_state, [], None
+                carry, parts, previous = (state.params, state.opt_state, state.loss_scale), [], None
                 for _ in range(plan.segments()):
                     job = feed.next(e, "train")
-                    params, opt_state, sums = _steps_jit(
-                        params,
-                        opt_state,
+                    carry, sums = _steps_jit(
+                        carry,
                         hyper,
                         *job.arrays,
                         np.int32(job.first),
@@ -581,8 +613,8 @@ def runner(
                     parts.append(sums)
                     previous = sums
                 scheduled = ex is not None and (e + 1) % c.eval_every == 0
-                values = evaluate(feed, e, params) if scheduled else _no_evaluation_jit(config=c)
-                state = _end_jit(state, params, opt_state, jnp.concatenate(parts), values, min_delta, config=c)
+                values = evaluate(feed, e, _watched(carry, config=c)) if scheduled else _no_evaluation_jit(config=c)
+                state = _end_jit(state, carry, jnp.concatenate(parts), values, min_delta, config=c)
                 if bool(state.stopped):
                     break
         finally:
