@@ -23,6 +23,9 @@ Contract, stated once:
   read: a NaN or Inf raises a ``ValueError`` naming the row. So do a ``np.memmap`` whose file
   changes size and an object whose row count changes. An error raised mid-run leaves nothing
   returned as if complete (with ``checkpoint_dir``, the last checkpoint is intact).
+* **Checkpoints.** With ``checkpoint_dir``, the fingerprint's digest of the data's values
+  (``checks._digest``) is computed in one pass before training, a segment of rows at a time
+  (``digest``), and equals the device-resident fit's.
 * **Progress.** With ``progress=True`` the bar shows the rows per second read; a segment that
   takes more than ``STALL_SECONDS`` to arrive shows as ``stalled`` with the time waited.
 * **Meshes.** In one process, each segment is placed sharded along the mesh's data axis
