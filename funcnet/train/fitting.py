@@ -131,7 +131,7 @@ def fit(
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
         that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
-      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet/precision.py``):
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``help(funcnet.DynamicLossScale)``):
         the loss is scaled before the backward, the gradients unscaled after, a step with a
         non-finite gradient skipped and the scale halved, and the scale doubled after
         ``period`` finite steps. Not needed for bfloat16 or float32.
