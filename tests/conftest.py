@@ -22,6 +22,8 @@ from hypothesis import settings
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Tests check the math: float32 matmuls in full float32 on GPUs too (their default is TF32, ~1e-3).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 # CI keeps hypothesis short; `HYPOTHESIS_PROFILE=long pytest` explores more.
 settings.register_profile("ci", max_examples=15, deadline=None)

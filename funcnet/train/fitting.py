@@ -147,7 +147,7 @@ def fit(
         from ``params``. The number is traced: a sweep over it compiles once.
       eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
         loss, the metrics, early stopping and the best evaluation kept all watch it.
-      stream, stream_threshold: data larger than memory (``stream.py``). ``True`` keeps host
+      stream, stream_threshold: data larger than memory. ``True`` keeps host
         data (NumPy arrays, ``np.memmap``, or any object with ``shape``, ``dtype`` and indexing
         by an array of row indices) on the host and feeds the device a segment of steps at a
         time, the next segment read and transferred while the device trains on the current
