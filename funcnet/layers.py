@@ -201,38 +201,6 @@ def layer_spec(cls: type[T]) -> type[T]:
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
 
 
-@layer_spec
-class _Named(LayerSpec):
-    label: str
-    inner: Layer
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
-        return self.inner.init(key, input_shape)
-
-    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
-        return self.inner.apply(params, x, **kwargs)
-
-    def train_apply(
-        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
-    ) -> tuple[Any, Params]:
-        return train_mode(self.inner.apply)(params, x, key=key, mask=mask)
-
-
-def named(name: str, layer: Layer) -> Layer:
-    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
-    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
-    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
-    if not isinstance(layer, Layer):
-        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
-    return _Named(name, layer).layer()
-
-
 def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
     """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
 
@@ -284,6 +252,38 @@ def _init_program(
     options: Any = {"xla_backend_optimization_level": 1} if cpu else None
     compiled = lowered.compile(options)
     return lambda key: (output_shape[0], compiled(key))
+
+
+@layer_spec
+class _Named(LayerSpec):
+    label: str
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        return self.inner.init(key, input_shape)
+
+    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
+        return self.inner.apply(params, x, **kwargs)
+
+    def train_apply(
+        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Params]:
+        return train_mode(self.inner.apply)(params, x, key=key, mask=mask)
+
+
+def named(name: str, layer: Layer) -> Layer:
+    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
+    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _Named(name, layer).layer()
 
 
 def refuse_hidden_state(name: str, params: Params) -> None:
