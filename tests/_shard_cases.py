@@ -110,3 +110,13 @@ def test_batch_norm_statistics_are_global_a_mesh_fit_equals_a_one_device_fit():
     assert not np.allclose(single.params[1].stats.var, 1.0)
     for devices in (2, 4):
         close(bn_run(mesh=mesh(devices)), single)
+
+
+def test_a_streamed_fit_under_a_mesh_equals_the_device_fit_bit_for_bit(monkeypatch):
+    from funcnet.train import stream
+
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 3 * 8 * (5 + 2) * 8)  # three batches per segment
+    for devices in (2, 4):
+        resident = run(mesh=mesh(devices))
+        streamed = run(mesh=mesh(devices), stream=True)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, streamed, resident)
