@@ -18,6 +18,11 @@ Contract, stated once:
   checkpoint; a torn or unreadable one is skipped with a warning for the one before it; if
   none is readable it raises a ``ValueError`` naming the newest file. Temporary files left by a
   crashed write (``.funcnet-*.tmp``) are removed and never read.
+* Across processes (``jax.distributed``) the directory must be one they all share: process 0
+  alone removes leftovers and writes each file (from the replicated state), and every process
+  waits at a barrier until the file is durable. Every process restores on its own, and they
+  compare which checkpoint they resumed from: processes that see different checkpoints raise
+  a ``ValueError`` instead of training apart.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 
 from funcnet import checkpoint
 from funcnet._values import Method
+from funcnet.train import distributed
 
 __all__ = ["describe", "fingerprint", "prepare", "restore", "store"]
 
@@ -54,8 +60,10 @@ def prepare(directory: Any) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"fit: checkpoint_dir must be a directory, got the file {str(path)!r}.")
     path.mkdir(parents=True, exist_ok=True)
-    for leftover in path.glob(f"{checkpoint.TEMPORARY_PREFIX}*{checkpoint.TEMPORARY_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
+    if distributed.is_writer():
+        for leftover in path.glob(f"{checkpoint.TEMPORARY_PREFIX}*{checkpoint.TEMPORARY_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+    distributed.barrier("funcnet-checkpoint-prepare")
     return path
 
 
@@ -147,7 +155,14 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def store(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
-    """Write ``state`` as the checkpoint after ``epoch`` epochs; then drop all but the newest ``KEEP``."""
+    """Write ``state`` (replicated) as the checkpoint after ``epoch`` epochs; then drop all but the
+    newest ``KEEP``. Process 0 writes; every process returns once the file is durable."""
+    if distributed.is_writer():
+        _write(directory, jax.device_get(state), epoch, run)
+    distributed.barrier(f"funcnet-checkpoint-{epoch}")
+
+
+def _write(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
     arrays, _ = checkpoint.flatten("fit", state)
     metadata = {"format": FORMAT, "run": json.dumps(run, sort_keys=True), "crc32": _crc(arrays)}
     checkpoint.write(directory / f"checkpoint-{epoch:06d}.safetensors", arrays, metadata)
@@ -168,7 +183,18 @@ def _differences(stored: dict[str, str], run: dict[str, str]) -> str:
 
 
 def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
-    """The newest readable checkpoint's state in ``like``'s structure, or ``None`` if there is none."""
+    """The newest readable checkpoint's state in ``like``'s structure, or ``None`` if there is none;
+    every process must resume from the same one (``distributed.agree``)."""
+    state, name = _restore(directory, like, run)
+    distributed.agree(
+        "fit",
+        {"checkpoint to resume from": name or "none (starting afresh)"},
+        advice=f"checkpoint_dir ({str(directory)!r}) must be one directory that all processes share.",
+    )
+    return state
+
+
+def _restore(directory: Path, like: Any, run: dict[str, str]) -> tuple[Any | None, str | None]:
     found = _checkpoints(directory)
     for i, (_, path) in enumerate(found):
         try:
@@ -198,5 +224,5 @@ def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
                 f"({path.name}): {_differences(stored, run)}. Use another directory, or delete "
                 "this one to start afresh."
             )
-        return checkpoint.unflatten("fit", str(path), arrays, like)
-    return None
+        return checkpoint.unflatten("fit", str(path), arrays, like), f"{path.name} (CRC-32 {metadata['crc32']})"
+    return None, None

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet import _checks
+from funcnet import _checks, _host
 from funcnet._values import Static, combine, partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
@@ -81,10 +81,18 @@ def _first_bad_row(array: Any) -> int | None:
     compiles nothing; device data by a small compiled reduction, where it lives."""
     if isinstance(array, np.ndarray):
         rows = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    elif _host.is_global(array):  # spans processes: only the answer comes to the host
+        first = int(_host.reduce_to_host(_first_bad_index, array))
+        return None if first < 0 else first
     else:
         with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
             rows = np.asarray(_finite_rows(array))
     return None if rows.all() else int(np.argmin(rows))
+
+
+def _first_bad_index(a: jax.Array) -> jax.Array:
+    finite = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+    return jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
 
 
 @jax.jit

@@ -13,7 +13,9 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
   compiled program serves a whole run, every checkpointed segment, and the shorter last one.
   Under ``vmap`` the loop runs until every member is done and stopped members ride along
   frozen.
-* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``).
+* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``),
+  each of ``config.shards`` parts of the rows in its own order (``distributed.py``). Under a mesh
+  every state and result the programs return is replicated, so every process can read it.
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
@@ -37,9 +39,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet._values import Static, combine
-from funcnet.train import progress
+from funcnet.train import distributed, progress
 from funcnet.train.checks import check_parts
-from funcnet.train.shuffle import epoch_order
 
 __all__ = [
     "Config",
@@ -100,6 +101,7 @@ class Config(NamedTuple):
     progress: bool
     mesh: Mesh | None
     data_axis: str
+    shards: int = 1  # equal parts of the rows, each shuffled on its own (``distributed.py``)
 
     @property
     def evaluations(self) -> int:
@@ -181,7 +183,8 @@ def train_step(
             x, y = shard(x), shard(y)
         value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
         params, opt_state = optimizer.update(grads, opt_state, params)
-        return params, opt_state, value
+        replicated: tuple[Params, Any, jax.Array] = distributed.replicate((params, opt_state, value), mesh)
+        return replicated
 
     return step
 
@@ -204,7 +207,7 @@ def _fresh_state(
         opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
-    return TrainState(
+    state = TrainState(
         params,
         opt_state,
         params if has_eval else None,
@@ -220,6 +223,8 @@ def _fresh_state(
         _nan((c.evaluations,), dtype),
         {name: _nan((c.evaluations,), dtype) for name in c.metrics},
     )
+    replicated: TrainState = distributed.replicate(state, c.mesh)
+    return replicated
 
 
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
@@ -245,13 +250,32 @@ def _evaluate(
     rows, size = config.eval_rows, config.eval_batch_size
     if rows <= size:
         return means(eval_x, eval_y)
+    zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
+    if config.shards > 1:  # batch j: local rows j * k .. (j + 1) * k - 1 of every shard, read where they live
+        shards, local = config.shards, rows // config.shards
+        k = max(1, size // shards)
+        full, rest = divmod(local, k)
+        rows_of = lambda start, n: jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (shards, n))
+        gather = lambda a, index: distributed.local_rows(a, index, config.mesh, config.data_axis)
+
+        def add_local(total: dict[str, jax.Array], j: jax.Array) -> tuple[dict[str, jax.Array], None]:
+            index = rows_of(j * jnp.int32(k), k)
+            batch = means(gather(eval_x, index), gather(eval_y, index))
+            return jax.tree_util.tree_map(lambda t, v: t + v * (shards * k), total, batch), None
+
+        total, _ = lax.scan(add_local, zero, jnp.arange(full, dtype=jnp.int32))
+        if rest:
+            index = rows_of(jnp.int32(full * k), rest)
+            last = means(gather(eval_x, index), gather(eval_y, index))
+            total = jax.tree_util.tree_map(lambda t, v: t + v * (shards * rest), total, last)
+        local_means: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / rows, total)
+        return local_means
     full, rest = divmod(rows, size)
     batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
 
     def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
         return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means(*batch)), None
 
-    zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
     total, _ = lax.scan(add, zero, (batched(eval_x), batched(eval_y)))
     if rest:
         last = means(eval_x[full * size :], eval_y[full * size :])
@@ -279,23 +303,28 @@ def _segment(
     dtype = jnp.dtype(c.dtype)
     value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
-    padded = c.batches * c.batch_size
-    used_rows = c.rows if c.masked else padded  # unmasked: full batches only (all rows, or drop_last)
+    # Each of the ``shards`` parts of the rows is batched on its own (``distributed.py``): a
+    # global batch is every shard's local batch of ``local_batch`` rows, side by side.
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
+    padded = c.batches * local_batch
+    used_rows = c.rows if c.masked else padded * c.shards  # unmasked: full batches only (all rows, or drop_last)
     has_eval = c.eval_rows > 0
+    gather = lambda a, index: distributed.local_rows(a, index, c.mesh, c.data_axis)
 
     def train_epoch(s: TrainState) -> TrainState:
         e = s.epoch
-        order, dropout_key = epoch_order(key, e, c.rows, c.shuffle)
-        if padded > c.rows:  # pad with real rows, masked out of the loss
-            order = jnp.concatenate([order, order[: padded - c.rows]])
-        batches = order[:padded].reshape(c.batches, c.batch_size)
+        orders, dropout_key = distributed.shard_orders(key, e, c.rows, c.shards, c.shuffle)
+        if padded > local:  # pad with real rows, masked out of the loss
+            orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
+        batches = orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2)
 
         def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
             params, opt_state = carry
             index, b = batch
-            mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
+            real = b * local_batch + jnp.arange(local_batch) < local
+            mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
             value, grads = value_and_grad(
-                params, shard(x[index]), shard(y[index]), mask, jax.random.fold_in(dropout_key, b)
+                params, shard(gather(x, index)), shard(gather(y, index)), mask, jax.random.fold_in(dropout_key, b)
             )
             params, opt_state = optimizer.update(grads, opt_state, params)
             return (params, opt_state), value.astype(dtype) * (
@@ -351,7 +380,10 @@ def _segment(
             jax.debug.callback(progress.tick, e, train_loss, values)
         return new
 
-    return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
+    done: TrainState = distributed.replicate(
+        lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state), c.mesh
+    )
+    return done
 
 
 segment = jax.jit(_segment, static_argnames=("static", "config"))
@@ -370,7 +402,10 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         params, opt_state = state.best_params, state.best_opt_state
     else:
         params, opt_state = state.params, state.opt_state
-    return FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged)
+    finished: FitResult = distributed.replicate(
+        FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged), c.mesh
+    )
+    return finished
 
 
 result = jax.jit(_result, static_argnames=("start_epoch", "config"))
