@@ -40,6 +40,7 @@ __all__ = [
     "is_writer",
     "local_rows",
     "place",
+    "put_replicated",
     "replicate",
     "shard_orders",
 ]
@@ -101,7 +102,8 @@ def host_description(value: Any) -> str:
         if jnp.issubdtype(getattr(leaf, "dtype", None) or np.float64, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         hasher.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return f"{jax.tree_util.tree_structure(value)} {hasher.hexdigest()[:16]}"
+    shapes = ", ".join(f"{getattr(leaf, 'dtype', type(leaf).__name__)}{list(np.shape(leaf))}" for _, leaf in leaves)
+    return f"{shapes} (digest {hasher.hexdigest()[:16]})"
 
 
 def data_sharding(mesh: Mesh, data_axis: str) -> NamedSharding:
@@ -114,6 +116,21 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return tree
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host (or single-device) values as arrays replicated over ``mesh``: every process places its
+    own copy on its own devices (``agree`` has compared the copies; JAX's own comparison in
+    ``device_put`` would call the NaNs of a history unequal)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(leaf: Any) -> Any:
+        if isinstance(leaf, jax.core.Tracer) or (isinstance(leaf, jax.Array) and leaf.sharding == sharding):
+            return jax.device_put(leaf, sharding) if isinstance(leaf, jax.core.Tracer) else leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def place(fn: str, name: str, array: Any, mesh: Mesh, data_axis: str) -> Any:

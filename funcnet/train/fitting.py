@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from funcnet import _checks
 from funcnet._values import partition
@@ -225,7 +225,7 @@ def fit(
             None if a is None else distributed.place("fit", name, a, mesh, data_axis)
             for name, a in (("train_data x", x), ("train_data y", y), ("eval_data x", eval_x), ("eval_data y", eval_y))
         )
-        params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
+        params, opt_state = distributed.put_replicated((params, opt_state), mesh)
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
     run = lambda state, stop: segment(
         state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
@@ -263,7 +263,11 @@ def fit(
     )
     restored = checkpointing.restore(directory, state, run_id)
     if restored is not None:
-        state = restored if mesh is None else jax.device_put(restored, NamedSharding(mesh, PartitionSpec()))
+        state = (
+            restored
+            if mesh is None  # host values: every process places its copy (NaN history entries included)
+            else distributed.put_replicated(restored, mesh)
+        )
     with bar(show, epochs, int(state.epoch)):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
