@@ -91,6 +91,7 @@ def _fit_call(
     min_delta=0.0,
     eval_batch_size=5,
     checkpoint_every=1,
+    shards=None,
 ):
     return fn.fit(
         NET,
@@ -106,6 +107,7 @@ def _fit_call(
         min_delta=min_delta,
         eval_batch_size=eval_batch_size,
         checkpoint_every=checkpoint_every,
+        shards=shards,
         key=KEY,
     )
 
@@ -203,6 +205,7 @@ CALLS = {
             "min_delta": "numbers",
             "eval_batch_size": "numbers",
             "checkpoint_every": "numbers",
+            "shards": "numbers",
         },
     ),
     "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),

@@ -81,3 +81,22 @@ def test_checkpoints_across_two_processes_killed_and_restarted(tmp_path):
             got = results(two, f"{name}-{i}")
             assert list(got.pop("['writes']")) == (writes if i == 0 else [])  # process 0 writes every file
             same(got, expected)
+
+
+@pytest.mark.slow
+def test_the_readme_multihost_block_runs_as_written_in_two_processes(tmp_path):
+    """Two processes of two devices each print the loss of one process of four devices."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "jax.distributed.initialize(" in b)
+    processes = launch(["-c", block], devices=2, cwd=tmp_path)
+    reference = single(["-c", block], devices=4, cwd=tmp_path)
+    finished([*processes, reference])
+    loss = lambda out: float(re.search(r"devices: loss (\S+)", out).group(1))
+    expected = loss(reference.stdout)
+    assert "process 0 of 1, 4 devices" in reference.stdout
+    for i, p in enumerate(processes):
+        assert f"process {i} of 2, 4 devices" in p.stdout, p.stdout
+        assert loss(p.stdout) == pytest.approx(expected, rel=1e-5)
