@@ -55,6 +55,12 @@ def test_one_two_and_four_devices_give_the_fit_of_as_many_shards_on_one_device()
     close(run(mesh=mesh(1)), run())
 
 
+def test_a_data_axis_beside_another_mesh_axis():
+    """On a 2 x 2 mesh the rows split over 'data' (2 shards), replicated over 'model'."""
+    m = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+    close(run(mesh=m), run(shards=2))
+
+
 def test_data_already_sharded_across_devices():
     m = mesh(4)
     rows = NamedSharding(m, PartitionSpec("data"))
