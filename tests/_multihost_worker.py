@@ -83,6 +83,11 @@ def case_fit():
     save("fit", {"result": result, "replicated": np.array(replicated)})
 
 
+def case_numpy():
+    """The whole data set as NumPy in every process: each places only its own devices' rows."""
+    save("numpy", {"result": fit((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y), progress=True)})  # the same program
+
+
 def case_shards():
     """One device, no mesh, the host data in as many shards as the mesh has devices."""
     save("shards", {"result": fit((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y), mesh=None, shards=len(jax.devices()))})

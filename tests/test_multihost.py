@@ -32,7 +32,7 @@ def finished(processes, code=0):
 def test_fit_with_eval_and_metrics_and_train_step_across_two_processes(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    processes = launch([WORKER, str(two), "fit", "step", "checks", "disagree"])
+    processes = launch([WORKER, str(two), "fit", "numpy", "step", "checks", "disagree"])
     reference = single([WORKER, str(one), "fit", "step", "shards"], devices=2)
     finished(processes)
     finished([reference])
@@ -41,6 +41,8 @@ def test_fit_with_eval_and_metrics_and_train_step_across_two_processes(tmp_path)
             same(results(two, f"{name}-{i}"), results(one, f"{name}-0"))
         same(results(two, f"{name}-0"), results(two, f"{name}-1"), rtol=0)
     assert results(two, "fit-1")["['replicated']"]
+    for i in range(2):  # NumPy data in every process: the same fit
+        same(results(two, f"numpy-{i}"), {k: v for k, v in results(one, "fit-0").items() if k != "['replicated']"})
     # one device, no mesh, shards=2: the same batches as the 2-device mesh fit
     shards = results(one, "shards-0")
     same(shards, {k: v for k, v in results(one, "fit-0").items() if k != "['replicated']"}, rtol=1e-10)

@@ -149,9 +149,10 @@ def place(fn: str, name: str, array: Any, mesh: Mesh, data_axis: str) -> Any:
                 "local_rows), or pass NumPy data."
             )
         return array
-    if _host.is_global(array):  # pragma: no cover - a global array always spans several devices
-        return array
-    return jax.device_put(array, target)
+    # Each process places only its own devices' rows (JAX's device_put would first gather the whole
+    # array from every process to compare the copies; ``agree`` has compared their digests).
+    host = np.asarray(array)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
 
 def _sharding_text(sharding: Any) -> str:
