@@ -63,6 +63,10 @@ def test_fit_with_eval_and_metrics_and_train_step_across_two_processes(tmp_path)
         assert "the 2 processes disagree on epochs" in disagree["epochs"], disagree
         assert f"process {i} has epochs: {2 + i}" in disagree["epochs"], disagree
         assert "disagree on train_data" in disagree["shape"] and f"[{32 if i == 0 else 30}, 4]" in disagree["shape"]
+        assert (
+            "disagree on train" in disagree["global shape"]
+            and f"[{32 if i == 0 else 30}, 4]" in disagree["global shape"]
+        )
 
 
 @pytest.mark.slow
