@@ -171,12 +171,19 @@ def check_global_without_mesh(fn: str, name: str, array: Any) -> None:
 
 
 def shard_orders(
-    key: jax.Array, epoch: int | jax.Array, rows: int, shards: int, shuffle: bool = True
+    key: jax.Array,
+    epoch: int | jax.Array,
+    rows: int,
+    shards: int,
+    shuffle: bool = True,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> tuple[jax.Array, jax.Array]:
     """Epoch ``epoch``'s order of each shard's rows, ``(shards, rows // shards)`` local indices,
     and the epoch's dropout key: a function of ``(key, epoch, shard)`` alone.
 
-    With one shard, ``epoch_order(key, epoch, rows, shuffle)`` itself (as one row).
+    With one shard, ``epoch_order(key, epoch, rows, shuffle)`` itself (as one row). Under a mesh
+    each device computes and holds only its own shard's order (row ``s`` on device ``s``).
     """
     if shards == 1:
         order, dropout_key = epoch_order(key, epoch, rows, shuffle)
@@ -184,8 +191,12 @@ def shard_orders(
     order_key, dropout_key = jax.random.split(jax.random.fold_in(key, epoch))
     local = rows // shards
     if not shuffle:
-        return jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local)), dropout_key
-    orders = jnp.stack([permutation(jax.random.fold_in(order_key, s), local) for s in range(shards)])
+        orders = jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local))
+    elif mesh is None:
+        orders = jnp.stack([permutation(jax.random.fold_in(order_key, s), local) for s in range(shards)])
+    else:
+        own = lambda k: permutation(jax.random.fold_in(k, jax.lax.axis_index(data_axis)), local)[None]
+        orders = jax.shard_map(own, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(data_axis))(order_key)
     return orders, dropout_key
 
 

@@ -313,7 +313,7 @@ def _segment(
 
     def train_epoch(s: TrainState) -> TrainState:
         e = s.epoch
-        orders, dropout_key = distributed.shard_orders(key, e, c.rows, c.shards, c.shuffle)
+        orders, dropout_key = distributed.shard_orders(key, e, c.rows, c.shards, c.shuffle, c.mesh, c.data_axis)
         if padded > local:  # pad with real rows, masked out of the loss
             orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
         batches = orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2)
