@@ -3,17 +3,18 @@
 Public API (re-exports only; each module states its own contract).
 """
 
+from funcnet.attention import AttentionParams, MultiHeadAttention, dot_product_attention
 from funcnet.checkpoint import load, save
 from funcnet.combinators import FanInConcat, FanInSum, FanOut, parallel, residual
 from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, avg_pool2d, conv2d, max_pool2d
-from funcnet.embeddings import Embedding, EmbeddingParams, embedding
+from funcnet.embeddings import Embedding, EmbeddingParams, PositionalEmbedding, PositionalEmbeddingParams, embedding
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
 from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
-from funcnet.ops import bias_add, dropout, linear, relu, sigmoid, tanh, weight_multiply
+from funcnet.ops import bias_add, dropout, gelu, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
 from funcnet.train import FitResult, History, fit, train_step
@@ -24,6 +25,7 @@ __all__ = [
     "GRU",
     "LSTM",
     "RNN",
+    "AttentionParams",
     "AvgPool2D",
     "Conv2D",
     "Conv2DParams",
@@ -44,7 +46,10 @@ __all__ = [
     "LayerNorm",
     "LayerNormParams",
     "MaxPool2D",
+    "MultiHeadAttention",
     "Optimizer",
+    "PositionalEmbedding",
+    "PositionalEmbeddingParams",
     "RNNParams",
     "TimeDistributed",
     "accuracy",
@@ -55,10 +60,12 @@ __all__ = [
     "check_vjp",
     "constant",
     "conv2d",
+    "dot_product_attention",
     "dropout",
     "embedding",
     "exponential_decay",
     "fit",
+    "gelu",
     "glorot_normal",
     "gru",
     "layer_norm",

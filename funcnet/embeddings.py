@@ -8,6 +8,11 @@ several times accumulates every one of its gradients; ``ids`` get no gradient (`
 Out-of-range ids are a ``ValueError`` when the ids are concrete. Under ``jit``/``vmap`` they
 cannot be inspected; they are then clamped to ``[0, vocab - 1]`` (as JAX's gathers clamp),
 forward and backward alike, so an id of ``vocab + 3`` reads and trains the last row.
+
+``PositionalEmbedding(max_length)`` adds a learned vector per position: ``x + W[:T]`` for ``x:
+(batch, T, features)`` and ``W: (max_length, features)``. A sequence longer than ``max_length``
+is an error (at ``init`` and at ``apply``). Its gradient is the sum over the batch of the output
+gradient, a slice and an add: JAX's own, as for the combinators' plumbing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from funcnet import _checks, initializers
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
 
-__all__ = ["Embedding", "EmbeddingParams", "embedding"]
+__all__ = ["Embedding", "EmbeddingParams", "PositionalEmbedding", "PositionalEmbeddingParams", "embedding"]
 
 
 def _embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
@@ -110,3 +115,59 @@ def Embedding(
     _checks.positive_int(name, "features", features)
     _checks.callable_(name, "w_init", w_init)
     return _Embedding(int(vocab_size), int(features), w_init, default_dtype(dtype)).layer()
+
+
+class PositionalEmbeddingParams(NamedTuple):
+    """``W: (max_length, features)``, one learned vector per position."""
+
+    W: jax.Array
+
+
+@layer_spec
+class _PositionalEmbedding(LayerSpec):
+    max_length: int
+    w_init: initializers.Initializer
+    dtype: Any
+
+    @property
+    def name(self) -> str:
+        return f"PositionalEmbedding({self.max_length})"
+
+    def _length(self, length: int) -> None:
+        if length > self.max_length:
+            raise ValueError(
+                f"{self.name}: sequences must be at most max_length = {self.max_length} long, got {length} "
+                f"positions. Build it with a larger max_length."
+            )
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
+        shape = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
+        self._length(shape[1])
+        return shape, PositionalEmbeddingParams(self.w_init(key, (self.max_length, shape[2]), self.dtype))
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        del key
+        check_params(self.name, params, PositionalEmbeddingParams, "PositionalEmbeddingParams(W)")
+        _checks.floating(self.name, "x", x)
+        _checks.rank(self.name, "x", x, 3, "(batch, time, features)")
+        self._length(x.shape[1])
+        if np.shape(params.W) != (self.max_length, x.shape[2]):
+            raise ValueError(
+                f"{self.name}: params.W must have shape (max_length, features) = {(self.max_length, x.shape[2])} "
+                f"for x.shape={tuple(x.shape)}, got {np.shape(params.W)} (params from another network?)."
+            )
+        _checks.same_dtype(self.name, ("x", "params.W"), x, params.W)
+        return x + params.W[None, : x.shape[1]]
+
+
+_POSITIONS_INIT = initializers.normal(0.02)
+
+
+def PositionalEmbedding(
+    max_length: int, *, w_init: initializers.Initializer = _POSITIONS_INIT, dtype: Any = None
+) -> Layer:
+    """Learned positions: ``x + W[:T]`` on ``(batch, T, features)``, ``T <= max_length``; W from N(0, 0.02**2)."""
+    name = f"PositionalEmbedding({max_length})"
+    _checks.positive_int(name, "max_length", max_length)
+    _checks.callable_(name, "w_init", w_init)
+    return _PositionalEmbedding(int(max_length), w_init, default_dtype(dtype)).layer()

@@ -28,7 +28,7 @@ from funcnet import _checks
 
 Array = jax.Array
 
-__all__ = ["bias_add", "dropout", "linear", "relu", "sigmoid", "tanh", "weight_multiply"]
+__all__ = ["bias_add", "dropout", "gelu", "linear", "relu", "sigmoid", "tanh", "weight_multiply"]
 
 
 def _check_pair(fn: str, x: Any, other: Any, other_name: str) -> None:
@@ -196,3 +196,32 @@ def _dropout_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Ar
 
 
 dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+# --- GELU ----------------------------------------------------------------------------------
+
+
+def _gelu(x: Array) -> Array:
+    return 0.5 * x * (1 + lax.erf(x * (1 / 2**0.5)))
+
+
+def _gelu_fwd(x: Array) -> tuple[Array, Array]:
+    return _gelu(x), x
+
+
+def _gelu_bwd(x: Array, output_grad: Array) -> tuple[Array]:
+    # d/dx [x Phi(x)] = Phi(x) + x phi(x), phi the standard normal density.
+    cdf = 0.5 * (1 + lax.erf(x * (1 / 2**0.5)))
+    density = jnp.exp(-0.5 * x * x) * (1 / (2 * 3.141592653589793) ** 0.5)
+    return (output_grad * (cdf + x * density),)
+
+
+_gelu_vjp = jax.custom_vjp(_gelu)
+_gelu_vjp.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact GELU, ``x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`` (``jax.nn.gelu(x, approximate=False)``,
+    torch's default); backward ``Phi(x) + x phi(x)``, by hand. Usable as ``Dense(n, gelu)``."""
+    _checks.floating("gelu", "x", x)
+    return _gelu_vjp(x)

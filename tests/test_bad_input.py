@@ -76,6 +76,9 @@ SEQUENCES = rng.standard_normal((12, 4, 3))
 RECURRENT = {cell: getattr(fn, cell)(2).init(KEY, (-1, 4, 3))[1] for cell in ("RNN", "LSTM", "GRU")}
 BRANCHES = fn.serial(fn.FanOut(2), fn.parallel(fn.Dense(2), fn.Dense(3)), fn.FanInConcat())
 BRANCH_PARAMS = BRANCHES.init(KEY, (-1, 3))[1]
+HEADS = rng.standard_normal((2, 4, 2, 3))  # (batch, length, heads, head_dim)
+ATTENTION = fn.MultiHeadAttention(2)
+ATTENTION_PARAMS = ATTENTION.init(KEY, (-1, 4, 6))[1]
 
 
 def _fit_call(
@@ -241,6 +244,33 @@ CALLS = {
     ),
     "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
     "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
+    "dot_product_attention": (
+        lambda q=HEADS, k=HEADS, v=HEADS, kv_lengths=None, mask=None, scale=None, block_size=2: (
+            fn.dot_product_attention(q, k, v, kv_lengths=kv_lengths, mask=mask, scale=scale, block_size=block_size)
+        ),
+        {
+            "q": "arrays",
+            "k": "arrays",
+            "v": "arrays",
+            "kv_lengths": "arrays",
+            "mask": "arrays",
+            "scale": "numbers",
+            "block_size": "numbers",
+        },
+    ),
+    "MultiHeadAttention": (
+        lambda num_heads=2, input_shape=(-1, 4, 6): fn.MultiHeadAttention(num_heads).init(KEY, input_shape),
+        {"num_heads": "numbers", "input_shape": "trees"},
+    ),
+    "MultiHeadAttention.apply": (
+        lambda params=ATTENTION_PARAMS, x=np.ones((12, 4, 6)): ATTENTION.apply(params, x),
+        {"params": "trees", "x": "arrays"},
+    ),
+    "PositionalEmbedding": (
+        lambda max_length=4, input_shape=(-1, 4, 6): fn.PositionalEmbedding(max_length).init(KEY, input_shape),
+        {"max_length": "numbers", "input_shape": "trees"},
+    ),
+    "gelu": (lambda x=X: fn.gelu(x), {"x": "arrays"}),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -331,6 +361,9 @@ JITTABLE = {
     "layer_norm",
     "embedding",
     "avg_pool2d",
+    "dot_product_attention",
+    "MultiHeadAttention.apply",
+    "gelu",
     "accuracy",
     "combinators.apply",
 }

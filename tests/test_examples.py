@@ -51,4 +51,12 @@ def test_multihost_starts_two_processes_that_agree(tmp_path):
 
 
 def test_example_list_is_complete():
-    assert {"digits.py", "regression.py", "ensemble.py", "custom_op.py", "long_run.py", "char_lm.py"} <= set(EXAMPLES)
+    assert {
+        "digits.py",
+        "regression.py",
+        "ensemble.py",
+        "custom_op.py",
+        "long_run.py",
+        "char_lm.py",
+        "char_transformer.py",
+    } <= set(EXAMPLES)

@@ -1,5 +1,5 @@
 """PyTorch as an independent oracle, where it is installed (it is not a test dependency: these
-tests skip without it). They check the weight mappings the recurrent params' docstrings state,
+tests skip without it). They check the weight mappings the recurrent and attention params state,
 and the newer ops' forward and backward against torch's own.
 
     pip install torch && pytest tests/test_torch_oracle.py
@@ -98,3 +98,68 @@ def test_layer_norm_embedding_avg_pool_and_sequence_cross_entropy_match_torch():
     value, grad = jax.value_and_grad(fn.softmax_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels, jnp.int32))
     _close(value, loss)
     _close(grad, lt.grad)
+
+
+def test_dot_product_attention_matches_torch_sdpa():
+    """Causal, with a boolean mask (True = attend, SDPA's polarity) and a non-default scale."""
+    F = torch.nn.functional
+    q, k, v = rng.standard_normal((2, 6, 3, 4)), rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((2, 5, 3, 2))
+    mask = rng.random((2, 1, 6, 5)) > 0.3
+    mask[..., 0] = True  # every query sees a key (torch gives NaN rows where none is visible)
+    for is_causal, m, scale in ((True, None, None), (False, mask, 0.3)):
+        tensors = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+        t = [a.transpose(1, 2) for a in tensors]  # torch is (batch, heads, length, head_dim)
+        out = F.scaled_dot_product_attention(
+            *t, attn_mask=None if m is None else torch.tensor(m), is_causal=is_causal, scale=scale
+        ).transpose(1, 2)
+        g = rng.standard_normal(out.shape)
+        (out * torch.tensor(g)).sum().backward()
+        f = lambda q, k, v, is_causal=is_causal, m=m, scale=scale: fn.dot_product_attention(
+            q, k, v, is_causal=is_causal, mask=None if m is None else jnp.asarray(m), scale=scale, block_size=2
+        )
+        ours, vjp = jax.vjp(f, *map(jnp.asarray, (q, k, v)))
+        _close(ours, out)
+        for mine, theirs in zip(vjp(jnp.asarray(g)), tensors, strict=True):
+            _close(mine, theirs.grad)
+
+
+def test_multi_head_attention_matches_torch_through_the_documented_mapping():
+    D, heads, T = 8, 2, 5
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
+    with torch.no_grad():  # torch starts its biases at zero: make them count
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    x, g = rng.standard_normal((3, T, D)), rng.standard_normal((3, T, D))
+    xt = torch.tensor(x, requires_grad=True)
+    blocked = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)  # torch's attn_mask: True = may NOT attend
+    out, _ = mha(xt, xt, xt, attn_mask=blocked, need_weights=False)
+    (out * torch.tensor(g)).sum().backward()
+    W, b = mha.in_proj_weight.detach().numpy(), mha.in_proj_bias.detach().numpy()
+    part = lambda a, i: jnp.asarray(a[i * D : (i + 1) * D])
+    params = fn.AttentionParams(
+        part(W, 0).T, part(b, 0)[None], part(W, 1).T, part(b, 1)[None], part(W, 2).T, part(b, 2)[None],
+        jnp.asarray(mha.out_proj.weight.detach().numpy().T), jnp.asarray(mha.out_proj.bias.detach().numpy()[None]),
+    )  # fmt: skip
+    layer = fn.MultiHeadAttention(heads, is_causal=True, block_size=2)
+    ours, vjp = jax.vjp(layer.apply, params, jnp.asarray(x))
+    dp, dx = vjp(jnp.asarray(g))
+    _close(ours, out)
+    _close(dx, xt.grad)
+    grad_W, grad_b = mha.in_proj_weight.grad, mha.in_proj_bias.grad
+    for i, (name_W, name_B) in enumerate((("W_q", "B_q"), ("W_k", "B_k"), ("W_v", "B_v"))):
+        _close(getattr(dp, name_W), grad_W[i * D : (i + 1) * D].T)
+        _close(getattr(dp, name_B)[0], grad_b[i * D : (i + 1) * D])
+    _close(dp.W_o, mha.out_proj.weight.grad.T)
+    _close(dp.B_o[0], mha.out_proj.bias.grad)
+
+
+def test_gelu_matches_torch():
+    x = rng.standard_normal((4, 6))
+    xt = torch.tensor(x, requires_grad=True)
+    out = torch.nn.functional.gelu(xt)  # exact (erf) by default
+    g = rng.standard_normal(out.shape)
+    (out * torch.tensor(g)).sum().backward()
+    ours, vjp = jax.vjp(fn.gelu, jnp.asarray(x))
+    _close(ours, out)
+    _close(vjp(jnp.asarray(g))[0], xt.grad)
