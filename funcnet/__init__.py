@@ -10,14 +10,40 @@ from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, av
 from funcnet.embeddings import Embedding, EmbeddingParams, PositionalEmbedding, PositionalEmbeddingParams, embedding
 from funcnet.gradcheck import check_vjp
 from funcnet.initializers import glorot_normal, normal, standard_normal, zeros
-from funcnet.layers import Dense, DenseParams, Dropout, Layer, param_count, serial, summary
+from funcnet.layers import (
+    Dense,
+    DenseParams,
+    Dropout,
+    Layer,
+    LayerSpec,
+    layer_spec,
+    named,
+    param_count,
+    serial,
+    summary,
+)
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
 from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
 from funcnet.ops import bias_add, dropout, gelu, linear, relu, sigmoid, tanh, weight_multiply
-from funcnet.optimizers import Optimizer, adagrad, adam, constant, exponential_decay, linear_decay, momentum, sgd
+from funcnet.optimizers import (
+    Optimizer,
+    accumulate,
+    adagrad,
+    adam,
+    adamw,
+    constant,
+    cosine_decay,
+    exponential_decay,
+    linear_decay,
+    momentum,
+    multi_optimizer,
+    sgd,
+    warmup_cosine_decay,
+)
+from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
-from funcnet.train import FitResult, History, fit, train_step
+from funcnet.train import FitCheckpoint, FitResult, History, fit, read_checkpoint, train_step
 
 __version__ = "0.1.0"
 
@@ -32,11 +58,13 @@ __all__ = [
     "Dense",
     "DenseParams",
     "Dropout",
+    "DynamicLossScale",
     "Embedding",
     "EmbeddingParams",
     "FanInConcat",
     "FanInSum",
     "FanOut",
+    "FitCheckpoint",
     "FitResult",
     "Flatten",
     "GRUParams",
@@ -45,6 +73,8 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LayerNormParams",
+    "LayerSpec",
+    "LossScaleState",
     "MaxPool2D",
     "MultiHeadAttention",
     "Optimizer",
@@ -52,14 +82,17 @@ __all__ = [
     "PositionalEmbeddingParams",
     "RNNParams",
     "TimeDistributed",
+    "accumulate",
     "accuracy",
     "adagrad",
     "adam",
+    "adamw",
     "avg_pool2d",
     "bias_add",
     "check_vjp",
     "constant",
     "conv2d",
+    "cosine_decay",
     "dot_product_attention",
     "dropout",
     "embedding",
@@ -69,16 +102,21 @@ __all__ = [
     "glorot_normal",
     "gru",
     "layer_norm",
+    "layer_spec",
     "linear",
     "linear_decay",
     "load",
     "lstm",
     "max_pool2d",
     "mean_squared_error",
+    "mixed_precision",
     "momentum",
+    "multi_optimizer",
+    "named",
     "normal",
     "parallel",
     "param_count",
+    "read_checkpoint",
     "relu",
     "residual",
     "rnn",
@@ -91,6 +129,7 @@ __all__ = [
     "summary",
     "tanh",
     "train_step",
+    "warmup_cosine_decay",
     "weight_multiply",
     "zeros",
 ]

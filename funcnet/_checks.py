@@ -8,7 +8,6 @@ form: ``"{function}: {argument} {expected}, got {actual}."``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,38 +32,13 @@ def array(fn: str, name: str, value: Any) -> Any:
     return value
 
 
-class checked_custom_vjp(jax.custom_vjp[Any]):
-    """A ``jax.custom_vjp`` whose arguments must be arrays, named in the error if not.
+def wide(dtype: Any) -> np.dtype:
+    """The dtype to accumulate ``dtype`` values in: float32 for float16 and bfloat16, else itself.
 
-    Without it a string argument fails inside JAX's flattening with a message that always
-    says ``'x'``, whichever argument it was. ``values`` checks the arguments' values before
-    the call: inside, under ``jit``, every argument is traced, even a concrete array.
+    (``jnp.promote_types(dtype, float32)`` says the same, but raises under strict dtype promotion.)
     """
-
-    def __init__(self, fun: Callable[..., Any], *names: str):
-        super().__init__(fun)
-        self.argument_names = names
-        self.check_values: Any = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        for name, value in zip(self.argument_names, args, strict=False):
-            if not is_array(value) and not isinstance(value, (list, tuple)) and value is not None:
-                array(getattr(self, "__name__", "op"), name, value)
-        if self.check_values is not None:
-            self.check_values(*args)
-        return super().__call__(*args, **kwargs)
-
-
-def op(*names: str, values: Callable[..., None] | None = None) -> Callable[[Callable[..., Any]], checked_custom_vjp]:
-    """Decorator: a ``checked_custom_vjp`` whose arguments are called ``names`` in errors, and
-    whose concrete arguments ``values(*args)`` checks before the call."""
-
-    def make(fun: Callable[..., Any]) -> checked_custom_vjp:
-        checked = checked_custom_vjp(fun, *names)
-        checked.check_values = values
-        return checked
-
-    return make
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else dtype
 
 
 def rows(fn: str, name: str, value: Any) -> None:

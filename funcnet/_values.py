@@ -13,8 +13,10 @@ Contract, stated once:
   single leaf, all of it static (its numbers decide shapes).
 * ``partition(tree)`` splits any such tree (a network, a loss, an optimizer, a dict of metrics)
   into ``data``, the number leaves, which a compiled program takes as traced arguments, and a
-  hashable ``Static`` remainder, which selects the program. ``combine`` inverts it. Closures a
-  user wrote are static leaves that hash by identity: they compile once per object.
+  hashable ``Static`` remainder, which selects the program. ``combine`` inverts it and checks
+  that it was given one number per place. Closures a user wrote are static leaves that hash by
+  identity: they compile once per object. A callable that is itself a pytree
+  (``jax.tree_util.Partial(f, 0.5)``) is split like any tree: its numbers are data, ``f`` static.
 * A number that is traced when the spec is built (an optimizer made inside ``vmap``) makes the
   spec unhashable; ``Method`` then compares by identity, which is all a trace needs.
 """
@@ -122,6 +124,11 @@ def partition(tree: Any) -> tuple[list[Any], Static]:
 
 def combine(data: list[Any], static: Static) -> Any:
     """The tree ``partition`` split, with ``data`` (possibly traced) in the numbers' places."""
+    places = sum(leaf is None for leaf in static.leaves)
+    if len(data) != places:
+        raise ValueError(
+            f"combine: data must hold one number per place of the static part ({places}), got {len(data)}."
+        )
     numbers_ = iter(data)
     return jax.tree_util.tree_unflatten(
         static.treedef, [next(numbers_) if leaf is None else leaf for leaf in static.leaves]

@@ -87,9 +87,24 @@ def read(fn: str, path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], 
         ) from error
 
 
+def shapes(fn: str, like: Any) -> tuple[dict[str, jax.ShapeDtypeStruct], Any]:
+    """``like``'s leaves as shapes and dtypes keyed by pytree path, and its structure. Leaves may
+    be arrays or abstract ``jax.ShapeDtypeStruct``s (``jax.eval_shape``'s output)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    specs = {}
+    for path, leaf in leaves:
+        key = jax.tree_util.keystr(path) or "(root)"
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            specs[key] = leaf
+        else:
+            flatten(fn, leaf)  # the same check and message as a saved tree's leaves
+            specs[key] = jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype)
+    return specs, treedef
+
+
 def unflatten(fn: str, path: str, stored: dict[str, np.ndarray], like: Any) -> Any:
     """``stored`` arranged in ``like``'s structure, after checking keys, shapes and dtypes."""
-    expected, treedef = flatten(fn, like)
+    expected, treedef = shapes(fn, like)
     for key, want in expected.items():
         if key not in stored:
             raise ValueError(f"{fn}: {path!r} has no entry {key} that like needs (it has {sorted(stored)[:5]}...).")
@@ -114,8 +129,10 @@ def save(path: str | os.PathLike[str], tree: Any) -> None:
 
 
 def load(path: str | os.PathLike[str], like: T) -> T:
-    """Read ``path`` into a tree with ``like``'s structure, shapes and dtypes (checked)."""
-    flatten("load", like)  # like's leaves are checked before the file is read
+    """Read ``path`` into a tree with ``like``'s structure, shapes and dtypes (checked). ``like``'s
+    leaves may be arrays or ``jax.ShapeDtypeStruct``s, so ``jax.eval_shape(net.init, key, shape)[1]``
+    serves without computing any params."""
+    shapes("load", like)  # like's leaves are checked before the file is read
     stored, _ = read("load", path)
     restored: T = unflatten("load", os.fspath(path), stored, like)
     return restored

@@ -31,7 +31,16 @@ import numpy as np
 from jax import lax
 
 from funcnet import _checks, initializers, ops
-from funcnet.layers import Layer, LayerSpec, activation_name, check_input_shape, check_params, default_dtype, layer_spec
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    activation_name,
+    check_input_shape,
+    check_params,
+    default_dtype,
+    init_only,
+    layer_spec,
+)
 
 __all__ = ["AvgPool2D", "Conv2D", "Conv2DParams", "Flatten", "MaxPool2D", "avg_pool2d", "conv2d", "max_pool2d"]
 
@@ -242,9 +251,9 @@ class _Conv2D(LayerSpec):
     activation: Callable[[Array], Array]
     stride: tuple[int, int]
     padding: str
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: np.dtype
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    dtype: np.dtype = init_only()
 
     @property
     def name(self) -> str:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks, initializers
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 
 __all__ = ["Embedding", "EmbeddingParams", "PositionalEmbedding", "PositionalEmbeddingParams", "embedding"]
 
@@ -80,8 +80,8 @@ class EmbeddingParams(NamedTuple):
 class _Embedding(LayerSpec):
     vocab_size: int
     features: int
-    w_init: initializers.Initializer
-    dtype: Any
+    w_init: initializers.Initializer = init_only()
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:

@@ -49,7 +49,7 @@ def _tolerance(
     return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
 
 
-def _compare(what: str, index: int, actual: Any, expected: Any, rtol: float, atol: float) -> None:
+def _compare(what: str, index: int | str, actual: Any, expected: Any, rtol: float, atol: float) -> None:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         raise AssertionError(f"check_vjp: {what} for argument {index}: shape {actual.shape} != {expected.shape}.")
@@ -66,6 +66,14 @@ def _compare(what: str, index: int, actual: Any, expected: Any, rtol: float, ato
             f"{expected[where]:.6e}), largest relative error {np.nanmax(relative):.3e}; "
             f"{int(bad.sum())} of {bad.size} entries outside rtol={rtol:g}, atol={atol:g}."
         )
+
+
+def _is_tree(value: Any) -> bool:
+    """A pytree of arrays that is not itself an array (a layer's params)."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return False
+    leaves = jax.tree_util.tree_leaves(value)
+    return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
 
 
 def _x64() -> bool:
@@ -96,7 +104,9 @@ def check_vjp(
     Args:
       fn: the function under test, typically a ``jax.custom_vjp``; array arguments only.
       reference: the same function in plain differentiable ``jax.numpy``.
-      *args: the point to check at. Floating arguments are differentiated; others are fixed.
+      *args: the point to check at: arrays, or pytrees of arrays (a layer's params); messages
+        name a leaf by argument and path, e.g. ``argument 1 (.W)``. Floating leaves are
+        differentiated; others are fixed.
       rtol, atol: tolerance of the forward and vjp comparisons; default by dtype
         (float32: 1e-4/1e-6, float64: 1e-10/1e-12; atol scales
         with the largest expected entry).
@@ -113,11 +123,55 @@ def check_vjp(
         )
     if not args:
         raise ValueError("check_vjp: at least one argument to differentiate is needed, got none.")
+    if any(_is_tree(a) for a in args):
+        # Pytree arguments (a layer's params): check every leaf, named by its path.
+        paths, treedef = jax.tree_util.tree_flatten_with_path(list(args))
+        flat = lambda f: lambda *leaves: f(*jax.tree_util.tree_unflatten(treedef, list(leaves)))
+        labels = [f"{p[0].idx}" + (f" ({jax.tree_util.keystr(p[1:])})" if p[1:] else "") for p, _ in paths]
+        return _check_flat(
+            flat(fn),
+            flat(reference),
+            [leaf for _, leaf in paths],
+            labels,
+            rtol,
+            atol,
+            fd_rtol,
+            fd_atol,
+            num_cotangents,
+            seed,
+        )
+    return _check_flat(
+        fn,
+        reference,
+        list(args),
+        [str(i) for i in range(len(args))],
+        rtol,
+        atol,
+        fd_rtol,
+        fd_atol,
+        num_cotangents,
+        seed,
+    )
+
+
+def _check_flat(
+    fn: Callable[..., Any],
+    reference: Callable[..., Any],
+    args: list[Any],
+    labels: list[str],
+    rtol: float | None,
+    atol: float | None,
+    fd_rtol: float | None,
+    fd_atol: float | None,
+    num_cotangents: int,
+    seed: int,
+) -> None:
+    """``check_vjp`` on array arguments, each named by its label in messages."""
     for i, a in enumerate(args):
         if not isinstance(a, (jax.Array, np.ndarray)):
-            raise TypeError(f"check_vjp: argument {i} must be an array, got {type(a).__name__}.")
+            raise TypeError(f"check_vjp: argument {labels[i]} must be an array, got {type(a).__name__}.")
         if _is_float(a) and not np.all(np.isfinite(np.asarray(a))):
-            raise ValueError(f"check_vjp: argument {i} must be finite to differentiate at, got NaN or Inf.")
+            raise ValueError(f"check_vjp: argument {labels[i]} must be finite to differentiate at, got NaN or Inf.")
     diff_index = [i for i, a in enumerate(args) if _is_float(a)]
     if not diff_index:
         raise ValueError(
@@ -190,7 +244,7 @@ def check_vjp(
         _compare("forward outputs", -1, leaf, ref_leaf, rtol, atol)
     for t in range(num_cotangents):
         for pos, i in enumerate(diff_index):
-            _compare("vjp of fn and of reference", i, grads[pos][t], ref_grads[pos][t], rtol, atol)
+            _compare("vjp of fn and of reference", labels[i], grads[pos][t], ref_grads[pos][t], rtol, atol)
         for pos, i in enumerate(diff_index):
             analytic, numeric, norm = (a[t] for a in fd[pos])
-            _compare("finite differences and vjp", i, analytic, numeric, fd_rtol, fd_atol * (1.0 + float(norm)))
+            _compare("finite differences and vjp", labels[i], analytic, numeric, fd_rtol, fd_atol * (1.0 + float(norm)))

@@ -34,7 +34,19 @@ import numpy as np
 from funcnet import _checks, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
 
-__all__ = ["Dense", "DenseParams", "Dropout", "Layer", "layer_name", "param_count", "serial", "summary"]
+__all__ = [
+    "Dense",
+    "DenseParams",
+    "Dropout",
+    "Layer",
+    "LayerSpec",
+    "layer_name",
+    "layer_spec",
+    "named",
+    "param_count",
+    "serial",
+    "summary",
+]
 
 Shape = tuple[int, ...]
 Params = Any
@@ -54,9 +66,43 @@ class DenseParams(NamedTuple):
     B: jax.Array
 
 
+INIT_ONLY = "funcnet.init_only"
+
+
+def init_only() -> Any:
+    """A spec field that only ``init`` reads (an initializer, the params' dtype), declared
+    ``w_init: Initializer = init_only()``: two layers that differ only in such fields share their
+    ``apply`` and its compiled programs. A field without it is part of ``apply``'s value, which is
+    always safe (at worst one more compilation); marking a field ``apply`` reads is a bug: ``fit``
+    would run one layer's program for another."""
+    return dataclasses.field(metadata={INIT_ONLY: True})
+
+
 class LayerSpec:
-    """Base of funcnet's own layers: subclasses are frozen dataclasses of the constructor's
-    arguments with ``init`` and ``apply`` methods, so equal calls give equal layers."""
+    """Base of a layer written as a value: a frozen dataclass of the constructor's arguments
+    (decorate the subclass with ``@layer_spec``) with ``name``, ``init`` and ``apply``. Equal
+    specs give equal, equally hashed layers (``spec.layer()``), so a network rebuilt from equal
+    calls, in a loop, finds the program ``fit`` compiled for the first one. funcnet's own layers
+    are written this way. Keep every field hashable (ints, strings, tuples, functions).
+
+    Example::
+
+        @layer_spec
+        class Scale(LayerSpec):
+            factor: float
+
+            @property
+            def name(self) -> str:
+                return f"Scale({self.factor})"
+
+            def init(self, key, input_shape):
+                return input_shape, ()
+
+            def apply(self, params, x, *, key=None):
+                return x * self.factor
+
+        net = serial(Dense(8, tanh), Scale(0.5).layer())
+    """
 
     @property
     def name(self) -> str:
@@ -74,12 +120,9 @@ class LayerSpec:
     def apply(self, params: Params, x: Any, *, key: jax.Array | None = None) -> Any:
         raise NotImplementedError
 
-    # Fields only ``init`` reads: ``apply`` compares equal without them (``method_key``).
-    init_only: ClassVar[tuple[str, ...]] = ("w_init", "b_init", "dtype")
-
     def method_key(self, name: str) -> Any:
         """What ``Method(self, name)`` compares by: the whole spec for ``init``; for ``apply``,
-        the spec without its init-only fields and with its layers' ``apply``s in their place."""
+        the spec without its ``init_only()`` fields and with its layers' ``apply``s in their place."""
         if name != "apply":
             return self
 
@@ -89,19 +132,76 @@ class LayerSpec:
             return tuple(map(view, value)) if isinstance(value, tuple) else value
 
         fields = dataclasses.fields(self)  # type: ignore[arg-type]  # every spec is a dataclass
-        return (type(self), tuple(view(getattr(self, f.name)) for f in fields if f.name not in self.init_only))
+        return (type(self), tuple(view(getattr(self, f.name)) for f in fields if not f.metadata.get(INIT_ONLY)))
 
     def layer(self) -> Layer:
-        return Layer(Method(self, "init"), Method(self, "apply"))
+        return Layer(_Init(self, "init"), Method(self, "apply"))
 
     def __repr__(self) -> str:
         return self.name
+
+
+class _Init(Method):
+    """A spec's ``init``, whose call checks its two arguments first: a key, then a shape."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_init_arguments(getattr(self.owner, "name", "init"), args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``init(key, input_shape)``: a forgotten key, or a seed where a key goes, named plainly."""
+    if kwargs or len(args) != 2:
+        if len(args) == 1 and not kwargs:
+            raise TypeError(
+                f"{fn}: init takes (key, input_shape), got one argument {args[0]!r}; pass a key first, "
+                "e.g. net.init(jax.random.PRNGKey(0), input_shape)."
+            )
+        return  # let Python name the misspelled or missing argument
+    key = args[0]
+    if not (
+        isinstance(key, jax.Array)
+        and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.ndim >= 1))
+    ):
+        raise TypeError(
+            f"{fn}: init's key must be a jax.random key, e.g. jax.random.PRNGKey(0), got {key!r}; "
+            "call init(key, input_shape)."
+        )
 
 
 @dataclass_transform(frozen_default=True)
 def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr."""
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
+
+
+@layer_spec
+class _Named(LayerSpec):
+    label: str
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        return self.inner.init(key, input_shape)
+
+    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
+        return self.inner.apply(params, x, **kwargs)
+
+
+def named(name: str, layer: Layer) -> Layer:
+    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
+    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _Named(name, layer).layer()
 
 
 def spec_of(layer: Layer) -> LayerSpec | None:
@@ -118,6 +218,11 @@ def layer_name(layer: Layer) -> str:
 
 def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) -> Shape:
     """``input_shape`` must be ``ndim`` ints (any number if None), positive or the batch's ``-1``."""
+    if isinstance(input_shape, (tuple, list)) and input_shape and input_shape[0] is None:
+        raise TypeError(
+            f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}; write an "
+            f"unknown batch size as -1, e.g. {(-1, *input_shape[1:])}."
+        )
     if (
         not isinstance(input_shape, (tuple, list))
         or not input_shape
@@ -151,9 +256,9 @@ def check_params(name: str, params: Any, kind: type, form: str) -> None:
 class _Dense(LayerSpec):
     neurons: int
     activation: Callable[[jax.Array], jax.Array]
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: np.dtype
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    dtype: np.dtype = init_only()
 
     @property
     def name(self) -> str:
@@ -187,10 +292,15 @@ def Dense(
 ) -> Layer:
     """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
 
+    The defaults are the book's (chapter 3): a sigmoid, and W and B drawn from N(0, 1). They
+    saturate wide layers; the recurrent layers default to glorot weights and zero biases
+    instead. For those here: ``Dense(n, tanh, w_init=glorot_normal, b_init=zeros)``.
+
     Args:
       neurons: output units.
-      activation: any ``array -> array`` (the book's default is sigmoid).
-      w_init, b_init: initializers ``(key, shape, dtype)``; the book draws both from N(0, 1).
+      activation: any ``array -> array``; default ``sigmoid`` (the book's).
+      w_init, b_init: initializers ``(key, shape, dtype)``; default ``standard_normal`` for both
+        (the book's N(0, 1)); ``glorot_normal`` and ``zeros`` are the modern choice.
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
     """
     name = f"Dense({neurons}, {activation_name(activation)})"
@@ -325,26 +435,10 @@ class blame:
         raise kind(f"{self.combinator}: layer {self.index} ({self.name}): {message}") from error
 
 
-# The path of the child being initialised (outermost first), and summary's rows when it records.
-_path: list[int] = []
-_rows: list[tuple[str, int, str, Any, int]] | None = None
-
-
 def init_child(combinator: str, index: int, layer: Layer, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
-    """``layer.init`` for a combinator's child ``index``: errors name its path, and while
-    ``summary`` records, a layer without children adds its row."""
+    """``layer.init`` for a combinator's child ``index``, with errors naming its path."""
     with blame(combinator, index, layer):
-        _path.append(index)
-        try:
-            output_shape, params = layer.init(key, input_shape)
-        finally:
-            _path.pop()
-    spec = spec_of(layer)
-    if _rows is not None and (spec is None or not spec.children):
-        _rows.append(
-            (".".join(map(str, [*_path, index])), len(_path), layer_name(layer), output_shape, param_count(params))
-        )
-    return output_shape, params
+        return layer.init(key, input_shape)
 
 
 def param_count(params: Params) -> int:
@@ -364,27 +458,58 @@ def _shapes(layer: Layer, input_shape: Any) -> tuple[Any, Params]:
     return result["shape"], params
 
 
+Row = tuple[str, int, str, Any, int]
+
+
+class _Recorded:
+    """A leaf layer's ``init`` that adds its row to ``rows`` (summary's own list) when called."""
+
+    def __init__(self, layer: Layer, label: str, depth: int, rows: list[Row]):
+        self.layer, self.label, self.depth, self.rows = layer, label, depth, rows
+        self.__name__ = layer_name(layer)  # what ``blame`` names it by
+
+    def __call__(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        output_shape, params = self.layer.init(key, input_shape)
+        self.rows.append((self.label, self.depth, self.__name__, output_shape, param_count(params)))
+        return output_shape, params
+
+
+def _recording(layer: Layer, path: tuple[int, ...], rows: list[Row]) -> Layer:
+    """``layer`` with every leaf layer below it recording its row: the layer tree is walked through
+    each spec's ``children`` and rebuilt with recording leaves, so the rows belong to this call."""
+    spec = spec_of(layer)
+    if spec is None or not spec.children:
+        return Layer(_Recorded(layer, ".".join(map(str, path)), max(len(path) - 1, 0), rows), layer.apply)
+    children = spec.children
+    replacements = iter([_recording(child, (*path, i), rows) for i, child in enumerate(children)])
+    found = 0
+
+    def swap(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, Layer):
+            found += 1
+            return next(replacements)
+        return tuple(map(swap, value)) if isinstance(value, tuple) else value
+
+    fields = {f.name: swap(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}  # type: ignore[arg-type]
+    if found != len(children):  # children not held as fields in order: one row for the whole
+        return Layer(_Recorded(layer, ".".join(map(str, path)), max(len(path) - 1, 0), rows), layer.apply)
+    return dataclasses.replace(spec, **fields).layer()  # type: ignore[type-var]  # every spec is a dataclass
+
+
 def summary(net: Layer, input_shape: Any) -> str:
     """A text table of each layer's path, name, output shape and parameter count, with the total.
 
     Combinators are not rows themselves: their layers are, numbered by path (``2.1`` is layer 1
-    of the combinator at position 2), branches included.
+    of the combinator at position 2), branches included. The total is ``param_count`` of the
+    network's params.
     """
-    global _rows
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
     if not isinstance(input_shape, (tuple, list)):
         raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}.")
-    rows: list[tuple[str, int, str, Any, int]] = []
-    saved = _rows
-    _rows = rows
-    try:
-        output_shape, params = _shapes(net, tuple(input_shape))
-    finally:
-        _rows = saved
-    spec = spec_of(net)
-    if spec is None or not spec.children:
-        rows = [("", 0, layer_name(net), output_shape, param_count(params))]
+    rows: list[Row] = []
+    _shapes(_recording(net, (), rows), tuple(input_shape))
     table = [(label, "  " * depth + name, str(_plain(shape)), count) for label, depth, name, shape, count in rows]
     header = ("#", "layer", "output shape", "params")
     widths = [max(len(str(r[c])) for r in [*table, header]) for c in range(4)]

@@ -10,6 +10,11 @@ rows of a last, smaller batch out of the loss (it evaluates the loss one row at 
 ``vmap`` and averages over the real rows). Gradients flow to ``prediction`` and ``target``;
 integer class labels get the symbolic zero cotangent ``float0``.
 
+Precision: the sum over positions is taken in at least float32 and the mean cast back to the
+prediction's dtype, so a float16 loss of a large batch is its mean, not an overflowed total.
+Each loss follows the ops' idiom (``ops.py``): a private ``custom_vjp`` of the plain forward and a
+public function that checks its arguments and calls it.
+
 Note on the book's ``SoftmaxCrossEntropy``: its forward sums
 ``-target * log(p) - (1 - target) * log(1 - p)`` (a binary-style sum over classes) while its
 backward is ``(softmax - target) / rows``, which is the gradient of the *categorical*
@@ -38,7 +43,24 @@ def _positions(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
 
 
-@_checks.op("prediction", "target")
+def _mean_squared_error(prediction: Array, target: Array) -> Array:
+    diff = (prediction - target).astype(_checks.wide(prediction.dtype))
+    return (jnp.sum(diff * diff) / _positions(prediction.shape)).astype(prediction.dtype)
+
+
+def _mse_fwd(prediction: Array, target: Array) -> tuple[Array, Array]:
+    return _mean_squared_error(prediction, target), prediction - target
+
+
+def _mse_bwd(diff: Array, output_grad: Array) -> tuple[Array, Array]:
+    input_grad = output_grad * 2 * diff / _positions(diff.shape)
+    return input_grad, -input_grad
+
+
+_mean_squared_error_vjp = jax.custom_vjp(_mean_squared_error)
+_mean_squared_error_vjp.defvjp(_mse_fwd, _mse_bwd)
+
+
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """``sum((prediction - target)**2) / positions``: ``/ rows`` for ``(rows, features)``, the book's
     MeanSquaredError; ``/ (batch * time)`` for sequences."""
@@ -54,20 +76,7 @@ def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     _checks.rows("mean_squared_error", "prediction", prediction)
     if prediction.size == 0:
         raise ValueError(f"mean_squared_error: prediction must not be empty, got shape {tuple(prediction.shape)}.")
-    diff = prediction - target
-    return jnp.sum(diff * diff) / _positions(prediction.shape)
-
-
-def _mse_fwd(prediction: Array, target: Array) -> tuple[Array, Array]:
-    return mean_squared_error(prediction, target), prediction - target
-
-
-def _mse_bwd(diff: Array, output_grad: Array) -> tuple[Array, Array]:
-    input_grad = output_grad * 2 * diff / _positions(diff.shape)
-    return input_grad, -input_grad
-
-
-mean_squared_error.defvjp(_mse_fwd, _mse_bwd)
+    return _mean_squared_error_vjp(prediction, target)
 
 
 def _one_hot_target(logits: Array, target: Array) -> Array:
@@ -86,8 +95,14 @@ def _one_hot_target(logits: Array, target: Array) -> Array:
     _checks.floating(fn, "target", target)
     _checks.same_dtype(fn, ("logits", "target"), logits, target)
     if target.shape != logits.shape:
+        hint = (
+            "; these look like class labels: pass them as integers, e.g. target.astype(jnp.int32)"
+            if target.shape == logits.shape[:-1]
+            else ""
+        )
         raise ValueError(
-            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, got {tuple(target.shape)}."
+            f"{fn}: one-hot target must have the shape of logits, {tuple(logits.shape)}, got "
+            f"{tuple(target.shape)}{hint}."
         )
     return target
 
@@ -109,7 +124,6 @@ def _labels_in_range(logits: Any, target: Any) -> None:
         )
 
 
-@_checks.op("logits", "target", values=_labels_in_range)
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """Mean over positions of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 
@@ -123,9 +137,9 @@ def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
       The scalar loss. Its hand gradient is ``(softmax(logits) - target) / positions``.
     """
     _check_logits(logits)
-    one_hot = _one_hot_target(logits, target)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(one_hot * log_probs) / _positions(logits.shape)
+    _one_hot_target(logits, target)
+    _labels_in_range(logits, target)
+    return _softmax_cross_entropy_vjp(logits, target)
 
 
 def _check_logits(logits: Any) -> None:
@@ -137,12 +151,21 @@ def _check_logits(logits: Any) -> None:
         raise ValueError(f"{fn}: logits must have at least one row and one class, got shape {tuple(logits.shape)}.")
 
 
+def _cross_entropy(log_probs: Array, one_hot: Array) -> Array:
+    """The mean over positions, summed in at least float32 and cast back to the logits' dtype."""
+    wide = _checks.wide(log_probs.dtype)
+    total = -jnp.sum(one_hot.astype(wide) * log_probs.astype(wide))
+    return (total / _positions(log_probs.shape)).astype(log_probs.dtype)
+
+
+def _softmax_cross_entropy(logits: Array, target: Array) -> Array:
+    return _cross_entropy(jax.nn.log_softmax(logits, axis=-1), _one_hot_target(logits, target))
+
+
 def _ce_fwd(logits: Array, target: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-    _check_logits(logits)
     one_hot = _one_hot_target(logits, target)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    loss = -jnp.sum(one_hot * log_probs) / _positions(logits.shape)
-    return loss, (log_probs, one_hot, target)
+    return _cross_entropy(log_probs, one_hot), (log_probs, one_hot, target)
 
 
 def _ce_bwd(residuals: tuple[Array, Array, Array], output_grad: Array) -> tuple[Array, Any]:
@@ -156,4 +179,5 @@ def _ce_bwd(residuals: tuple[Array, Array, Array], output_grad: Array) -> tuple[
     return input_grad, target_grad
 
 
-softmax_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+_softmax_cross_entropy_vjp = jax.custom_vjp(_softmax_cross_entropy)
+_softmax_cross_entropy_vjp.defvjp(_ce_fwd, _ce_bwd)

@@ -20,7 +20,8 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
     Args:
       prediction: ``(..., classes)`` scores (logits or probabilities).
-      target: ``(...)`` integer class indices, or ``(..., classes)`` one-hot (or probability) rows.
+      target: ``(...)`` integer class indices in ``[0, classes)`` (checked when concrete), or
+        ``(..., classes)`` one-hot (or probability) rows.
     Returns:
       A scalar in ``[0, 1]`` in the prediction's dtype.
     """
@@ -34,13 +35,27 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
     integer = jnp.issubdtype(target.dtype, jnp.integer)
     expected = prediction.shape[:-1] if integer else prediction.shape
     if target.shape != expected:
+        hint = (
+            "; these look like class labels: pass them as integers, e.g. target.astype(jnp.int32)"
+            if not integer and target.shape == prediction.shape[:-1]
+            else ""
+        )
         raise ValueError(
             f"{fn}: target must have shape {expected} (integer labels) or {prediction.shape} "
-            f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}."
+            f"(one-hot) for prediction.shape={tuple(prediction.shape)}, got {tuple(target.shape)}{hint}."
         )
     if prediction.size == 0:
         raise ValueError(f"{fn}: prediction must not be empty, got shape {tuple(prediction.shape)}.")
+    if integer and _checks.is_concrete(target):
+        low, high = _checks.value_range(target)
+        classes = prediction.shape[-1]
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of prediction, "
+                f"got values from {low} to {high}."
+            )
     labels = target if integer else jnp.argmax(target, axis=-1)
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)
-    return jnp.mean(hits.astype(prediction.dtype))
+    # The mean is taken in at least float32 (float16 counts stop at 2048) and cast back.
+    return jnp.mean(hits.astype(_checks.wide(prediction.dtype))).astype(prediction.dtype)

@@ -10,6 +10,9 @@ the output gradient and ``N`` the features: ``dbeta = sum(g)`` and ``dgamma = su
 the leading axes; ``dx̂ = g * gamma``; and, through the mean and the variance,
 ``dx = (dx̂ - mean(dx̂) - x̂ * mean(dx̂ * x̂)) / sqrt(var + eps)`` with the means over the last
 axis. The forward saves ``x̂``, ``1 / sqrt(var + eps)`` and ``gamma``.
+
+Precision: the mean, the variance and the backward's means are computed in at least float32
+(float16's ``300**2`` overflows) and the results cast back to ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet._values import number
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 
 __all__ = ["LayerNorm", "LayerNormParams", "layer_norm"]
 
@@ -37,22 +40,29 @@ def _leading(x: jax.Array) -> tuple[int, ...]:
 
 
 def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    inverse = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + jnp.asarray(eps, x.dtype))
+    """``x̂`` and ``1 / sqrt(var + eps)``, both in at least float32 (``_checks.wide``)."""
+    wide = x.astype(_checks.wide(x.dtype))
+    mean = jnp.mean(wide, axis=-1, keepdims=True)
+    centred = wide - mean
+    inverse = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + jnp.asarray(eps, wide.dtype))
     return centred * inverse, inverse
+
+
+def _scale_shift(x_hat: jax.Array, gamma: jax.Array, beta: jax.Array, dtype: Any) -> jax.Array:
+    wide = x_hat.dtype
+    return (x_hat * _features(x_hat, gamma.astype(wide)) + _features(x_hat, beta.astype(wide))).astype(dtype)
 
 
 def _layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
     x_hat, _ = _normalise(x, eps)
-    return x_hat * _features(x, gamma) + _features(x, beta)
+    return _scale_shift(x_hat, gamma, beta, x.dtype)
 
 
 def _layer_norm_fwd(
     x: jax.Array, gamma: jax.Array, beta: jax.Array, eps: float
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     x_hat, inverse = _normalise(x, eps)
-    return x_hat * _features(x, gamma) + _features(x, beta), (x_hat, inverse, gamma)
+    return _scale_shift(x_hat, gamma, beta, x.dtype), (x_hat.astype(x.dtype), inverse, gamma)
 
 
 def _layer_norm_bwd(
@@ -60,11 +70,14 @@ def _layer_norm_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     del eps
     x_hat, inverse, gamma = residuals
-    d_hat = output_grad * _features(x_hat, gamma)
+    dtype, wide = x_hat.dtype, inverse.dtype
+    x_hat, g = x_hat.astype(wide), output_grad.astype(wide)
+    d_hat = g * _features(x_hat, gamma.astype(wide))
     mean = lambda a: jnp.mean(a, axis=-1, keepdims=True)
     input_grad = (d_hat - mean(d_hat) - x_hat * mean(d_hat * x_hat)) * inverse
     leading = _leading(x_hat)
-    return input_grad, jnp.sum(output_grad * x_hat, axis=leading), jnp.sum(output_grad, axis=leading)
+    gamma_grad, beta_grad = jnp.sum(g * x_hat, axis=leading), jnp.sum(g, axis=leading)
+    return input_grad.astype(dtype), gamma_grad.astype(dtype), beta_grad.astype(dtype)
 
 
 _layer_norm_vjp = jax.custom_vjp(_layer_norm, nondiff_argnums=(3,))
@@ -107,7 +120,7 @@ class LayerNormParams(NamedTuple):
 @layer_spec
 class _LayerNorm(LayerSpec):
     eps: float
-    dtype: Any
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:

@@ -6,6 +6,10 @@ Contract, stated once for every op here:
   needs and no more; ``_<op>_bwd(residuals, output_grad)`` is the book's hand-derived
   ``_input_grad`` (and ``_param_grad`` for ``ParamOperation``s) and returns one cotangent
   per primal argument.
+* One idiom for every op (as in ``conv.py``, ``recurrent.py``, ``normalization.py``): a plain
+  forward ``_<op>``, a private ``_<op>_vjp = jax.custom_vjp(_<op>)`` with ``_<op>_fwd`` and
+  ``_<op>_bwd``, and the public ``<op>`` that checks its arguments and calls ``_<op>_vjp``. The
+  checks run once, in Python, and the forward never calls the public op again.
 * Inputs are arrays of a floating dtype; two arrays meeting in one op share a dtype (no
   silent promotion). Shapes are checked in Python when the op is traced, so a mistake is a
   ``ValueError``/``TypeError`` before anything compiles, under ``jit`` and ``vmap`` too.
@@ -41,7 +45,23 @@ def _check_pair(fn: str, x: Any, other: Any, other_name: str) -> None:
 # --- ParamOperations ---------------------------------------------------------------------
 
 
-@_checks.op("x", "W")
+def _weight_multiply(x: Array, W: Array) -> Array:
+    return x @ W
+
+
+def _weight_multiply_fwd(x: Array, W: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _weight_multiply(x, W), (x, W)
+
+
+def _weight_multiply_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
+    x, W = residuals
+    return output_grad @ W.T, x.T @ output_grad  # input_grad, param_grad
+
+
+_weight_multiply_vjp = jax.custom_vjp(_weight_multiply)
+_weight_multiply_vjp.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
+
+
 def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
     """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply."""
     _check_pair("weight_multiply", x, W, "W")
@@ -51,22 +71,25 @@ def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
             f"weight_multiply: x has {x.shape[1]} features but W expects {W.shape[0]} "
             f"(x.shape={tuple(x.shape)}, W.shape={tuple(W.shape)})."
         )
-    return x @ W
+    return _weight_multiply_vjp(x, W)
 
 
-def _weight_multiply_fwd(x: Array, W: Array) -> tuple[Array, tuple[Array, Array]]:
-    return weight_multiply(x, W), (x, W)
+def _bias_add(x: Array, B: Array) -> Array:
+    return x + B
 
 
-def _weight_multiply_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
-    x, W = residuals
-    return output_grad @ W.T, x.T @ output_grad  # input_grad, param_grad
+def _bias_add_fwd(x: Array, B: Array) -> tuple[Array, None]:
+    return _bias_add(x, B), None
 
 
-weight_multiply.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
+def _bias_add_bwd(_: None, output_grad: Array) -> tuple[Array, Array]:
+    return output_grad, jnp.sum(output_grad, axis=0, keepdims=True)  # input_grad, param_grad
 
 
-@_checks.op("x", "B")
+_bias_add_vjp = jax.custom_vjp(_bias_add)
+_bias_add_vjp.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
 def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
     """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd."""
     _check_pair("bias_add", x, B, "B")
@@ -74,32 +97,18 @@ def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
         raise ValueError(
             f"bias_add: B must have shape (1, {x.shape[1]}) to match x.shape={tuple(x.shape)}, got {tuple(B.shape)}."
         )
-    return x + B
-
-
-def _bias_add_fwd(x: Array, B: Array) -> tuple[Array, None]:
-    return bias_add(x, B), None
-
-
-def _bias_add_bwd(_: None, output_grad: Array) -> tuple[Array, Array]:
-    return output_grad, jnp.sum(output_grad, axis=0, keepdims=True)  # input_grad, param_grad
-
-
-bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+    return _bias_add_vjp(x, B)
 
 
 # --- Activations (any shape) ---------------------------------------------------------------
 
 
-@_checks.op("x")
-def sigmoid(x: jax.Array) -> jax.Array:
-    """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
-    _checks.floating("sigmoid", "x", x)
+def _sigmoid(x: Array) -> Array:
     return lax.logistic(x)
 
 
 def _sigmoid_fwd(x: Array) -> tuple[Array, Array]:
-    y = sigmoid(x)
+    y = _sigmoid(x)
     return y, y  # the book's backward needs only the output
 
 
@@ -107,18 +116,22 @@ def _sigmoid_bwd(y: Array, output_grad: Array) -> tuple[Array]:
     return (output_grad * y * (1 - y),)
 
 
-sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+_sigmoid_vjp = jax.custom_vjp(_sigmoid)
+_sigmoid_vjp.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
-@_checks.op("x")
-def tanh(x: jax.Array) -> jax.Array:
-    """Hyperbolic tangent. Book: Tanh."""
-    _checks.floating("tanh", "x", x)
+def sigmoid(x: jax.Array) -> jax.Array:
+    """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
+    _checks.floating("sigmoid", "x", x)
+    return _sigmoid_vjp(x)
+
+
+def _tanh(x: Array) -> Array:
     return jnp.tanh(x)
 
 
 def _tanh_fwd(x: Array) -> tuple[Array, Array]:
-    y = tanh(x)
+    y = _tanh(x)
     return y, y
 
 
@@ -126,51 +139,82 @@ def _tanh_bwd(y: Array, output_grad: Array) -> tuple[Array]:
     return (output_grad * (1 - y * y),)
 
 
-tanh.defvjp(_tanh_fwd, _tanh_bwd)
+_tanh_vjp = jax.custom_vjp(_tanh)
+_tanh_vjp.defvjp(_tanh_fwd, _tanh_bwd)
 
 
-@_checks.op("x")
-def relu(x: jax.Array) -> jax.Array:
-    """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
-    _checks.floating("relu", "x", x)
+def tanh(x: jax.Array) -> jax.Array:
+    """Hyperbolic tangent. Book: Tanh."""
+    _checks.floating("tanh", "x", x)
+    return _tanh_vjp(x)
+
+
+def _relu(x: Array) -> Array:
     return jnp.maximum(x, 0)
 
 
 def _relu_fwd(x: Array) -> tuple[Array, Array]:
     # The mask is taken on the *input*. The book takes it on the clipped output
     # (output >= 0), which is always true: that backward passes every gradient through.
-    return relu(x), x > 0
+    return _relu(x), x > 0
 
 
 def _relu_bwd(positive: Array, output_grad: Array) -> tuple[Array]:
     return (jnp.where(positive, output_grad, 0),)
 
 
-relu.defvjp(_relu_fwd, _relu_bwd)
+_relu_vjp = jax.custom_vjp(_relu)
+_relu_vjp.defvjp(_relu_fwd, _relu_bwd)
 
 
-@_checks.op("x")
-def linear(x: jax.Array) -> jax.Array:
-    """The identity, for output layers. Book: Linear."""
-    _checks.floating("linear", "x", x)
+def relu(x: jax.Array) -> jax.Array:
+    """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
+    _checks.floating("relu", "x", x)
+    return _relu_vjp(x)
+
+
+def _linear(x: Array) -> Array:
     return x
 
 
 def _linear_fwd(x: Array) -> tuple[Array, None]:
-    return linear(x), None
+    return _linear(x), None
 
 
 def _linear_bwd(_: None, output_grad: Array) -> tuple[Array]:
     return (output_grad,)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_vjp = jax.custom_vjp(_linear)
+_linear_vjp.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear(x: jax.Array) -> jax.Array:
+    """The identity, for output layers. Book: Linear."""
+    _checks.floating("linear", "x", x)
+    return _linear_vjp(x)
 
 
 # --- Dropout -------------------------------------------------------------------------------
 
 
-@_checks.op("x", "mask")
+def _dropout(x: Array, mask: Array) -> Array:
+    return x * mask
+
+
+def _dropout_fwd(x: Array, mask: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _dropout(x, mask), (x, mask)
+
+
+def _dropout_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
+    x, mask = residuals
+    return output_grad * mask, output_grad * x
+
+
+_dropout_vjp = jax.custom_vjp(_dropout)
+_dropout_vjp.defvjp(_dropout_fwd, _dropout_bwd)
+
+
 def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``x * mask`` where ``mask`` is 0 for dropped units and ``1 / (1 - rate)`` for kept ones.
 
@@ -183,19 +227,7 @@ def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     _checks.same_dtype("dropout", ("x", "mask"), x, mask)
     if mask.shape != x.shape:
         raise ValueError(f"dropout: mask must have the shape of x, {tuple(x.shape)}, got {tuple(mask.shape)}.")
-    return x * mask
-
-
-def _dropout_fwd(x: Array, mask: Array) -> tuple[Array, tuple[Array, Array]]:
-    return dropout(x, mask), (x, mask)
-
-
-def _dropout_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
-    x, mask = residuals
-    return output_grad * mask, output_grad * x
-
-
-dropout.defvjp(_dropout_fwd, _dropout_bwd)
+    return _dropout_vjp(x, mask)
 
 
 # --- GELU ----------------------------------------------------------------------------------

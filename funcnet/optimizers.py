@@ -4,21 +4,29 @@ Contract, stated once:
 
 * ``Optimizer(init, update)`` is a ``NamedTuple`` of two pure functions:
   ``init(params) -> state`` and ``update(grads, state, params) -> (new_params, new_state)``.
-  Every state is a ``NamedTuple`` pytree whose ``step`` counts the updates made.
+  Every state is a ``NamedTuple`` pytree whose ``step`` counts the calls to ``update``.
 * A learning rate is a number, a scalar array (traced is fine, so it can be ``vmap``-ed),
   or a schedule ``step -> lr`` evaluated at the update count.
 * Every optimizer takes ``weight_decay`` (L2: ``grad + weight_decay * param``, the book's
-  regularized SGD), ``clip_value`` (clip each gradient entry to ``[-clip_value, clip_value]``,
-  the book's chapter-6 clipping) and ``clip_norm`` (scale the gradient tree down to at most
-  this global norm), applied in the order clip_value, clip_norm, weight decay.
+  regularized SGD; ``adamw``'s is decoupled: ``lr * weight_decay * param`` joins the update),
+  ``clip_value`` (clip each gradient entry to ``[-clip_value, clip_value]``, the book's
+  chapter-6 clipping) and ``clip_norm`` (scale the gradient tree down to at most this global
+  norm), applied in the order clip_value, clip_norm, weight decay.
+* Precision: an optimizer computes in ``promote_types(param dtype, float32)``: the gradient
+  is cast up first, the clip norm, the state (momentum, Adam's moments, AdaGrad's sum, the
+  accumulated gradients) and its constants (``eps``, ``b1``, ...) live there, and only the new
+  params are cast back (one rounding). float16 and bfloat16 params therefore get float32 state.
+* Wrappers take optimizers: ``accumulate`` (the mean gradient of ``steps`` calls, applied every
+  ``steps``-th call) and ``multi_optimizer`` (parameter groups, ``None`` freezing one).
 * Optimizers and schedules are values: equal calls give equal, equally hashed objects, and
   their numbers are pytree data. ``fit`` hands the numbers to its compiled program as traced
   arguments, so a sweep over learning rates, momenta, Adam's ``b1``/``b2``/``eps``,
-  ``weight_decay``, ``clip_norm``, ``clip_value`` or a schedule's ``initial``, ``final``,
-  ``steps`` and ``every`` compiles once. Static (a change compiles a new program): the
-  optimizer's kind, whether ``weight_decay`` is zero, whether ``clip_norm``/``clip_value`` are
-  set, the schedule's kind (constant, linear, exponential, or a function of your own, which
-  compiles once per function object).
+  ``weight_decay``, ``clip_norm``, ``clip_value``, a schedule's ``initial``, ``peak``,
+  ``final``, ``steps``, ``warmup_steps``, ``decay_steps`` and ``every``, or ``accumulate``'s
+  ``steps`` compiles once. Static (a change compiles a new program): the optimizer's kind,
+  whether ``weight_decay`` is zero, whether ``clip_norm``/``clip_value`` are set, the
+  schedule's kind (constant, linear, exponential, cosine, warmup-cosine, or a function of
+  your own, which compiles once per function object), ``multi_optimizer``'s groups and labels.
 * Nothing is mutated; unused arguments are ``del``-ed.
 """
 
@@ -30,24 +38,32 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from funcnet import _checks
 from funcnet._values import Method, T, dataclass_transform, number
 
 __all__ = [
+    "AccumulateState",
     "AdagradState",
     "AdamState",
     "MomentumState",
+    "MultiState",
     "Optimizer",
     "Schedule",
     "SgdState",
+    "accumulate",
     "adagrad",
     "adam",
+    "adamw",
     "constant",
+    "cosine_decay",
     "exponential_decay",
     "linear_decay",
     "momentum",
+    "multi_optimizer",
     "sgd",
+    "warmup_cosine_decay",
 ]
 
 Params = Any
@@ -184,6 +200,81 @@ def exponential_decay(initial: float, final: float, steps: int, *, every: int = 
     return _decay("exponential_decay", initial, final, steps, every, exponential=True)
 
 
+@_hyperparameters
+class _Cosine:
+    initial: Any
+    final: Any
+    steps: Any
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        done = _progress(step, self.steps, 1)
+        return jnp.asarray(self.final + (self.initial - self.final) * 0.5 * (1 + jnp.cos(jnp.pi * done)))
+
+    def __repr__(self) -> str:
+        return f"cosine_decay({self.initial!r}, {self.steps!r}, final={self.final!r})"
+
+
+@_hyperparameters
+class _WarmupCosine:
+    initial: Any
+    peak: Any
+    warmup_steps: Any
+    decay_steps: Any
+    final: Any
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        float_ = jnp.result_type(float)
+        step, warmup = jnp.asarray(step), jnp.asarray(self.warmup_steps)
+        warm = self.initial + (self.peak - self.initial) * (
+            jnp.minimum(step, warmup).astype(float_) / jnp.maximum(warmup, 1).astype(float_)
+        )
+        done = _progress(jnp.maximum(step - warmup, 0), jnp.asarray(self.decay_steps) - warmup, 1)
+        cosine = self.final + (self.peak - self.final) * 0.5 * (1 + jnp.cos(jnp.pi * done))
+        return jnp.where(step < warmup, warm, cosine)
+
+    def __repr__(self) -> str:
+        return (
+            f"warmup_cosine_decay({self.initial!r}, {self.peak!r}, {self.warmup_steps!r}, "
+            f"{self.decay_steps!r}, final={self.final!r})"
+        )
+
+
+def cosine_decay(initial: float, steps: int, final: float = 0.0) -> Schedule:
+    """From ``initial`` to ``final`` along half a cosine over ``steps`` updates, then ``final``:
+    ``final + (initial - final) * (1 + cos(pi * min(step, steps) / steps)) / 2`` (SGDR, Loshchilov
+    & Hutter 2017; ``optax.cosine_decay_schedule(initial, steps, alpha=final / initial)``)."""
+    _checks.real_number("cosine_decay", "initial", initial, low=0.0, low_open=True)
+    _checks.real_number("cosine_decay", "final", final, low=0.0)
+    steps = _checks.positive_int("cosine_decay", "steps", steps)
+    return _Cosine(initial=number(initial), final=number(final), steps=steps)
+
+
+def warmup_cosine_decay(
+    initial: float, peak: float, warmup_steps: int, decay_steps: int, final: float = 0.0
+) -> Schedule:
+    """A linear warmup from ``initial`` to ``peak`` over ``warmup_steps`` updates, then a cosine
+    decay from ``peak`` to ``final`` until update ``decay_steps`` (which counts the warmup, as
+    ``optax.warmup_cosine_decay_schedule``'s does), then ``final``."""
+    fn = "warmup_cosine_decay"
+    _checks.real_number(fn, "initial", initial, low=0.0)
+    _checks.real_number(fn, "peak", peak, low=0.0, low_open=True)
+    _checks.real_number(fn, "final", final, low=0.0)
+    warmup_steps = _checks.positive_int(fn, "warmup_steps", warmup_steps, minimum=0)
+    decay_steps = _checks.positive_int(fn, "decay_steps", decay_steps)
+    if decay_steps <= warmup_steps:
+        raise ValueError(
+            f"{fn}: decay_steps (the whole schedule, warmup included) must be > warmup_steps "
+            f"({warmup_steps}), got {decay_steps}."
+        )
+    return _WarmupCosine(
+        initial=number(initial),
+        peak=number(peak),
+        warmup_steps=warmup_steps,
+        decay_steps=decay_steps,
+        final=number(final),
+    )
+
+
 def _learning_rate(fn: str, learning_rate: LearningRate) -> LearningRate:
     if callable(learning_rate):
         return learning_rate
@@ -222,6 +313,24 @@ def _as(value: Any, like: jax.Array) -> jax.Array:
     return jnp.asarray(value).astype(like.dtype)
 
 
+def _wide(param: Any) -> Any:
+    """The dtype an optimizer computes and keeps state in for ``param``: its own, at least float32
+    (``promote_types(dtype, float32)``, spelled out because strict promotion forbids the call)."""
+    dtype = jnp.dtype(jnp.result_type(param))
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def _clip_norm(grads: Params, clip_norm: Any) -> Params:
+    """Scale ``grads`` down to a global norm of at most ``clip_norm``; the norm in at least float32."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    if not leaves:
+        return grads
+    dtype = max((_wide(g) for g in leaves), key=lambda d: d.itemsize)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(dtype))) for g in leaves))
+    scale = jnp.minimum(1.0, jnp.asarray(clip_norm).astype(dtype) / jnp.maximum(norm, 1e-30))
+    return _tree_map(lambda g: g * scale.astype(g.dtype), grads)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class _Base:
     """What every optimizer shares: its common arguments, gradient preprocessing, the learning
@@ -229,6 +338,7 @@ class _Base:
 
     label: ClassVar[str] = ""
     state_type: ClassVar[type] = SgdState
+    decoupled: ClassVar[bool] = False  # weight decay added to the update (AdamW), not to the gradient
     learning_rate: Any
     weight_decay: Any = None
     clip_norm: Any = None
@@ -248,17 +358,20 @@ class _Base:
 
     def update(self, grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
         _check_trees(self.label, grads, params)
+        grads = _tree_map(lambda g, p: jnp.asarray(g).astype(_wide(p)), grads, params)
         if self.clip_value is not None:
             grads = _tree_map(lambda g: jnp.clip(g, -_as(self.clip_value, g), _as(self.clip_value, g)), grads)
         if self.clip_norm is not None:
-            norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
-            scale = jnp.minimum(1.0, self.clip_norm / jnp.maximum(norm, 1e-30))
-            grads = _tree_map(lambda g: g * scale.astype(g.dtype), grads)
-        if self.weight_decay is not None:
-            grads = _tree_map(lambda g, p: g + _as(self.weight_decay, g) * p, grads, params)
-        rate = self.learning_rate(state.step) if callable(self.learning_rate) else self.learning_rate
-        updates, trees = self.rule(grads, state, jnp.asarray(rate))
-        new_params = _tree_map(lambda p, u: p - u.astype(p.dtype), params, updates)
+            grads = _clip_norm(grads, self.clip_norm)
+        if self.weight_decay is not None and not self.decoupled:
+            grads = _tree_map(lambda g, p: g + _as(self.weight_decay, g) * p.astype(g.dtype), grads, params)
+        rate = jnp.asarray(self.learning_rate(state.step) if callable(self.learning_rate) else self.learning_rate)
+        updates, trees = self.rule(grads, state, rate)
+        if self.weight_decay is not None and self.decoupled:  # AdamW: lr * (step + weight_decay * p)
+            updates = _tree_map(
+                lambda u, p: u + _as(rate, u) * _as(self.weight_decay, u) * p.astype(u.dtype), updates, params
+            )
+        new_params = _tree_map(lambda p, u: (p.astype(u.dtype) - u).astype(p.dtype), params, updates)
         return new_params, self.state_type(state.step + 1, *trees)
 
     def optimizer(self) -> Optimizer:
@@ -284,7 +397,8 @@ def _common(fn: str, learning_rate: LearningRate, weight_decay: Any, clip_norm: 
 
 
 def _zeros_like(params: Params) -> Params:
-    return _tree_map(jnp.zeros_like, params)
+    """Zeros for optimizer state: each param's shape, in at least float32."""
+    return _tree_map(lambda p: jnp.zeros(jnp.shape(p), _wide(p)), params)
 
 
 @_hyperparameters
@@ -324,6 +438,11 @@ class _Adagrad(_Base):
         return _tree_map(lambda s, g: _as(lr, g) / jnp.sqrt(s) * g, sum_square, grads), (sum_square,)
 
 
+def _bias_corrections(b1: jax.Array, b2: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Adam's ``1 - b1**t`` (first moment) and ``1 - b2**t`` (second), in ``t``'s dtype."""
+    return 1 - b1.astype(t.dtype) ** t, 1 - b2.astype(t.dtype) ** t
+
+
 @_hyperparameters
 class _Adam(_Base):
     label = "adam"
@@ -340,7 +459,7 @@ class _Adam(_Base):
         t = (state.step + 1).astype(jnp.result_type(float))
         mu = _tree_map(lambda m, g: _as(b1, m) * m + _as(1 - b1, g) * g, state.mu, grads)
         nu = _tree_map(lambda v, g: _as(b2, v) * v + _as(1 - b2, g) * g * g, state.nu, grads)
-        c1, c2 = 1 - b1.astype(t.dtype) ** t, 1 - b2.astype(t.dtype) ** t
+        c1, c2 = _bias_corrections(b1, b2, t)
         updates = _tree_map(
             lambda m, v: _as(lr, m) * (m / _as(c1, m)) / (jnp.sqrt(v / _as(c2, v)) + _as(self.eps, v)), mu, nu
         )
@@ -408,3 +527,258 @@ def adam(
         eps=number(eps),
         **_common("adam", learning_rate, weight_decay, clip_norm, clip_value),
     ).optimizer()
+
+
+@_hyperparameters
+class _AdamW(_Adam):
+    label = "adamw"
+    decoupled = True
+
+
+def adamw(
+    learning_rate: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+) -> Optimizer:
+    """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,
+    ``p = p - lr * (adam_step + weight_decay * p)``; ``optax.adamw``'s rule."""
+    _checks.real_number("adamw", "b1", b1, low=0.0, high=1.0, high_open=True)
+    _checks.real_number("adamw", "b2", b2, low=0.0, high=1.0, high_open=True)
+    _checks.real_number("adamw", "eps", eps, low=0.0, low_open=True)
+    return _AdamW(
+        b1=number(b1),
+        b2=number(b2),
+        eps=number(eps),
+        **_common("adamw", learning_rate, weight_decay, clip_norm, clip_value),
+    ).optimizer()
+
+
+def _name(optimizer: Optimizer | None) -> str:
+    """``adam(...)`` for a funcnet optimizer (its spec's repr), else the pair's repr."""
+    init = getattr(optimizer, "init", None)
+    return repr(init.owner) if isinstance(init, Method) else repr(optimizer)
+
+
+# --- Wrappers: gradient accumulation, parameter groups, parameter averaging --------------------
+
+
+class AccumulateState(NamedTuple):
+    step: jax.Array  # calls to update
+    mini_step: jax.Array  # calls since the last update of the wrapped optimizer
+    grads: Params  # the mean gradient of those calls, in at least float32
+    inner: Any  # the wrapped optimizer's state
+
+
+def _check_optimizer(fn: str, name: str, optimizer: Any) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"{fn}: {name} must be an Optimizer(init, update), e.g. funcnet.adam(1e-3), got {type(optimizer).__name__}."
+        )
+
+
+@_hyperparameters
+class _Accumulate:
+    optimizer: Optimizer
+    steps: Any
+
+    def init(self, params: Params) -> AccumulateState:
+        zero = jnp.zeros((), jnp.int32)
+        return AccumulateState(zero, zero, _zeros_like(params), self.optimizer.init(params))
+
+    def update(self, grads: Params, state: AccumulateState, params: Params) -> tuple[Params, AccumulateState]:
+        _check_trees("accumulate", grads, params)
+        seen = state.mini_step + 1
+        # the running mean in Welford's form, as optax.MultiSteps keeps it
+        mean = _tree_map(
+            lambda a, g: a + (jnp.asarray(g).astype(a.dtype) - a) / seen.astype(a.dtype), state.grads, grads
+        )
+        apply = seen >= self.steps
+
+        def step(_: None) -> tuple[Params, Any]:
+            new_params, inner = self.optimizer.update(
+                _tree_map(lambda m, g: m.astype(jnp.result_type(g)), mean, grads), state.inner, params
+            )
+            return _tree_map(lambda n, p: n.astype(jnp.result_type(p)), new_params, params), inner
+
+        new_params, inner = lax.cond(apply, step, lambda _: (params, state.inner), None)
+        return new_params, AccumulateState(
+            state.step + 1,
+            jnp.where(apply, 0, seen).astype(jnp.int32),
+            _tree_map(lambda m: jnp.where(apply, jnp.zeros_like(m), m), mean),
+            inner,
+        )
+
+    def __repr__(self) -> str:
+        return f"accumulate({_name(self.optimizer)}, {self.steps!r})"
+
+
+def accumulate(optimizer: Optimizer, steps: int) -> Optimizer:
+    """Gradient accumulation: average the gradients of ``steps`` consecutive calls and apply
+    ``optimizer`` to their mean on every ``steps``-th call; the params stay as they are in
+    between (``optax.MultiSteps``). The wrapped optimizer counts its own updates, so its
+    schedule's ``step`` advances once per ``steps`` calls. ``steps`` is traced (a sweep over it
+    compiles once)."""
+    _check_optimizer("accumulate", "optimizer", optimizer)
+    steps = _checks.positive_int("accumulate", "steps", steps)
+    spec = _Accumulate(optimizer=optimizer, steps=steps)
+    return Optimizer(Method(spec, "init"), Method(spec, "update"))
+
+
+class MultiState(NamedTuple):
+    step: jax.Array
+    states: dict[str, Any]  # each trained group's optimizer state over its own params
+
+
+Labels = Any  # a pytree of group names with the params' structure, or ``path -> name``
+
+
+@_hyperparameters
+class _Multi:
+    groups: tuple[tuple[str, Optimizer | None], ...]
+    # ((param path, group), ...) for a tree of labels, or a function of a param's key path
+    labels: Any = dataclasses.field(metadata={"static": True})
+
+    def names(self, params: Params) -> list[str]:
+        """Each param leaf's group name, in ``tree_leaves`` order."""
+        paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        groups = [name for name, _ in self.groups]
+        if callable(self.labels):
+            names = [self.labels(path) for path in paths]
+            for path, name in zip(paths, names, strict=True):
+                if name not in groups:
+                    raise ValueError(
+                        f"multi_optimizer: labels(path) must return one of the groups {groups}, got {name!r} "
+                        f"for params{jax.tree_util.keystr(path)}."
+                    )
+            return names
+        expected = [path for path, _ in self.labels]
+        got = [jax.tree_util.keystr(path) for path in paths]
+        if got != expected:
+            raise TypeError(
+                f"multi_optimizer: labels must have the params' structure: labels name the params "
+                f"{expected}, got params {got}."
+            )
+        return [name for _, name in self.labels]
+
+    def masked(self, tree: Params, names: list[str], group: str) -> Params:
+        """``tree`` with the leaves of other groups replaced by ``None`` (an empty subtree)."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return jax.tree_util.tree_unflatten(
+            treedef, [leaf if name == group else None for leaf, name in zip(leaves, names, strict=True)]
+        )
+
+    def init(self, params: Params) -> MultiState:
+        names = self.names(params)
+        states = {
+            group: optimizer.init(self.masked(params, names, group))
+            for group, optimizer in self.groups
+            if optimizer is not None
+        }
+        return MultiState(jnp.zeros((), jnp.int32), states)
+
+    def update(self, grads: Params, state: MultiState, params: Params) -> tuple[Params, MultiState]:
+        _check_trees("multi_optimizer", grads, params)
+        names = self.names(params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        states = {}
+        for group, optimizer in self.groups:
+            if optimizer is None:
+                continue  # frozen: unchanged, no state
+            new, states[group] = optimizer.update(
+                self.masked(grads, names, group), state.states[group], self.masked(params, names, group)
+            )
+            places = iter(i for i, name in enumerate(names) if name == group)
+            for leaf in jax.tree_util.tree_leaves(new):
+                leaves[next(places)] = leaf
+        return jax.tree_util.tree_unflatten(treedef, leaves), MultiState(state.step + 1, states)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{group!r}: {_name(optimizer)}" for group, optimizer in self.groups)
+        labels = self.labels if callable(self.labels) else dict(self.labels)
+        return f"multi_optimizer({{{groups}}}, {labels!r})"
+
+
+def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> Optimizer:
+    """Parameter groups: each param is trained by the optimizer of its group, or not at all.
+
+    Args:
+      optimizers: ``{group name: optimizer or None}``; ``None`` freezes the group (its params
+        never change and hold no state; ``optax.set_to_zero()``).
+      labels: each param's group name, as a pytree of strings with the params' structure (e.g.
+        ``jax.tree_util.tree_map(lambda _: "head", params)``, edited), or a function called
+        with each param's key path (as ``jax.tree_util.tree_map_with_path`` passes it) that
+        returns its group name. A function is compared by identity.
+
+    Each group's optimizer sees only its own params (the others are ``None``): its clipping
+    norm and state cover that group alone, as in ``optax.multi_transform``.
+    """
+    fn = "multi_optimizer"
+    if not isinstance(optimizers, dict) or not optimizers:
+        raise TypeError(
+            f"{fn}: optimizers must be a non-empty dict from group name to Optimizer or None, got "
+            f"{type(optimizers).__name__} {optimizers!r}."
+        )
+    for name, optimizer in optimizers.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{fn}: optimizers' group names must be strings, got {name!r}.")
+        if optimizer is not None:
+            _check_optimizer(fn, f"optimizers[{name!r}]", optimizer)
+    if not callable(labels):
+        pairs = jax.tree_util.tree_leaves_with_path(labels)
+        for path, name in pairs:
+            if not isinstance(name, str) or name not in optimizers:
+                raise ValueError(
+                    f"{fn}: labels{jax.tree_util.keystr(path)} must name a group of optimizers "
+                    f"{sorted(optimizers)}, got {name!r}."
+                )
+        labels = tuple((jax.tree_util.keystr(path), name) for path, name in pairs)
+    spec = _Multi(groups=tuple(sorted(optimizers.items())), labels=labels)
+    return Optimizer(Method(spec, "init"), Method(spec, "update"))
+
+
+class EmaState(NamedTuple):
+    """What ``fit(..., ema_decay=d)`` keeps as its optimizer state: the optimizer's own state and
+    the exponential moving average of the params (in at least float32)."""
+
+    inner: Any
+    ema: Params
+
+
+@_hyperparameters
+class _Ema:
+    optimizer: Optimizer
+    decay: Any
+
+    def init(self, params: Params) -> EmaState:
+        return EmaState(self.optimizer.init(params), ema_start(params))
+
+    def update(self, grads: Params, state: EmaState, params: Params) -> tuple[Params, EmaState]:
+        new_params, inner = self.optimizer.update(grads, state.inner, params)
+        ema = _tree_map(
+            lambda e, p: _as(self.decay, e) * e + _as(1 - jnp.asarray(self.decay), e) * p.astype(e.dtype),
+            state.ema,
+            new_params,
+        )
+        return new_params, EmaState(inner, ema)
+
+
+def with_ema(optimizer: Optimizer, decay: Any) -> Optimizer:
+    """``optimizer``, also keeping ``ema = decay * ema + (1 - decay) * params`` after every update,
+    from the initial params (``fit(..., ema_decay=...)``'s; private)."""
+    spec = _Ema(optimizer=optimizer, decay=number(decay))
+    return Optimizer(Method(spec, "init"), Method(spec, "update"))
+
+
+def ema_start(params: Params) -> Params:
+    """The moving average before any update: the params, in at least float32."""
+    return _tree_map(lambda p: jnp.asarray(p).astype(_wide(p)), params)
+
+
+def ema_params(state: EmaState, like: Params) -> Params:
+    """The averaged params of a ``with_ema`` state, in ``like``'s dtypes."""
+    return _tree_map(lambda e, p: e.astype(jnp.result_type(p)), state.ema, like)

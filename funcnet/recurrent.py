@@ -39,10 +39,21 @@ from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from funcnet import _checks, initializers
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_name, layer_spec
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    check_input_shape,
+    check_params,
+    default_dtype,
+    init_only,
+    layer_name,
+    layer_spec,
+    spec_of,
+)
 
 Array = jax.Array
 
@@ -439,9 +450,9 @@ _CELLS: dict[str, tuple[Callable[..., Any], Any]] = {
 class _Recurrent(LayerSpec):
     cell: str
     hidden: int
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: Any
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    dtype: Any = init_only()
 
     @property
     def name(self) -> str:
@@ -461,11 +472,47 @@ class _Recurrent(LayerSpec):
         )
         return (batch, time, self.hidden), params
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+    def apply(
+        self,
+        params: Any,
+        x: Any,
+        *,
+        key: jax.Array | None = None,
+        initial_state: Any = None,
+        return_state: bool = False,
+    ) -> Any:
+        """Every hidden state, ``(batch, time, hidden)``; with ``return_state``, ``(hs, state)``.
+
+        ``initial_state`` (default zeros) and the returned ``state`` are ``h`` of shape
+        ``(batch, hidden)`` for RNN and GRU and the pair ``(h, c)`` for LSTM, so a state returned
+        by one call starts the next: feeding a sequence one step at a time gives the same hidden
+        states as feeding it whole (the way to sample from a trained model).
+        """
         del key  # deterministic
         op, kind = _CELLS[self.cell]
         check_params(self.name, params, kind, f"{kind.__name__}(...)")
-        return op(x, params)
+        if _checks.is_array(x) and jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(
+                f"{self.name}: x holds integers {tuple(x.shape)}, but a recurrent layer takes feature "
+                "vectors (batch, time, features). For token ids, one-hot them "
+                "(jax.nn.one_hot(ids, vocab_size)) or put an Embedding(vocab_size, features) first."
+            )
+        if not isinstance(return_state, (bool, np.bool_)):
+            raise TypeError(f"{self.name}: return_state must be a bool, got {type(return_state).__name__}.")
+        states: tuple[Any, ...] = ()
+        if initial_state is not None:
+            if self.cell == "LSTM":
+                if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+                    raise TypeError(
+                        f"{self.name}: initial_state must be the pair (h, c) an LSTM returns with "
+                        f"return_state=True, got {type(initial_state).__name__}."
+                    )
+                states = tuple(initial_state)
+            else:
+                states = (initial_state,)
+        if not return_state:
+            return op(x, params, *states)
+        return op(x, params, *states, return_state=True)
 
 
 def _recurrent(
@@ -484,7 +531,10 @@ def RNN(
     b_init: initializers.Initializer = initializers.zeros,
     dtype: Any = None,
 ) -> Layer:
-    """``rnn`` over ``(batch, time, V)`` sequences from zero states: ``(batch, time, hidden)``. Book: RNNLayer.
+    """``rnn`` over ``(batch, time, V)`` sequences: ``(batch, time, hidden)``. Book: RNNLayer.
+
+    ``apply(params, x, initial_state=h, return_state=True)`` starts from ``h`` instead of zeros
+    and also returns the final state, to carry it from one call to the next (sampling).
 
     Defaults: ``glorot_normal`` weights and zero biases (the book draws all of them from
     ``N(0, 2 / (V + output))``; pass ``w_init=b_init=normal(...)`` to follow it). The book's
@@ -500,7 +550,10 @@ def LSTM(
     b_init: initializers.Initializer = initializers.zeros,
     dtype: Any = None,
 ) -> Layer:
-    """``lstm`` over ``(batch, time, V)`` sequences from zero states. Book: LSTMLayer.
+    """``lstm`` over ``(batch, time, V)`` sequences. Book: LSTMLayer.
+
+    ``apply(params, x, initial_state=(h, c), return_state=True)`` starts from ``(h, c)`` instead
+    of zeros and also returns the final ``(h, c)``, to carry it from one call to the next.
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all, i.e.
     ``w_init=b_init=normal(0.01)``).
@@ -515,7 +568,10 @@ def GRU(
     b_init: initializers.Initializer = initializers.zeros,
     dtype: Any = None,
 ) -> Layer:
-    """``gru`` (corrected) over ``(batch, time, V)`` sequences from zero states. Book: GRULayer.
+    """``gru`` (corrected) over ``(batch, time, V)`` sequences. Book: GRULayer.
+
+    ``apply(params, x, initial_state=h, return_state=True)`` starts from ``h`` instead of zeros
+    and also returns the final state.
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all).
     """
@@ -529,6 +585,13 @@ class _TimeDistributed(LayerSpec):
     @property
     def name(self) -> str:
         return f"TimeDistributed({layer_name(self.inner)})"
+
+    @property
+    def children(self) -> tuple[Layer, ...]:
+        """The inner layer when it is a combinator (``summary`` lists its layers); a leaf inner
+        layer makes this one row, ``TimeDistributed(Dense(62, linear))``."""
+        spec = spec_of(self.inner)
+        return (self.inner,) if spec is not None and spec.children else ()
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, time, features...)")

@@ -95,6 +95,7 @@ def _fit_call(
     eval_batch_size=5,
     checkpoint_every=1,
     shards=None,
+    ema_decay=None,
 ):
     return fn.fit(
         NET,
@@ -111,6 +112,7 @@ def _fit_call(
         eval_batch_size=eval_batch_size,
         checkpoint_every=checkpoint_every,
         shards=shards,
+        ema_decay=ema_decay,
         key=KEY,
     )
 
@@ -175,6 +177,38 @@ CALLS = {
         lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8: fn.adam(learning_rate, b1, b2, eps),
         {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers"},
     ),
+    "adamw": (
+        lambda learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4: fn.adamw(
+            learning_rate, b1, b2, eps, weight_decay
+        ),
+        {"learning_rate": "numbers", "b1": "numbers", "b2": "numbers", "eps": "numbers", "weight_decay": "numbers"},
+    ),
+    "cosine_decay": (
+        lambda initial=0.1, steps=10, final=0.0: fn.cosine_decay(initial, steps, final),
+        {"initial": "numbers", "steps": "numbers", "final": "numbers"},
+    ),
+    "warmup_cosine_decay": (
+        lambda initial=0.0, peak=0.1, warmup_steps=2, decay_steps=10, final=0.0: fn.warmup_cosine_decay(
+            initial, peak, warmup_steps, decay_steps, final
+        ),
+        {
+            "initial": "numbers",
+            "peak": "numbers",
+            "warmup_steps": "numbers",
+            "decay_steps": "numbers",
+            "final": "numbers",
+        },
+    ),
+    "accumulate": (
+        lambda optimizer=fn.sgd(0.1), steps=2: fn.accumulate(optimizer, steps).init(PARAMS),
+        {"optimizer": "trees", "steps": "numbers"},
+    ),
+    "multi_optimizer": (
+        lambda labels=jax.tree_util.tree_map(lambda _: "a", PARAMS): fn.multi_optimizer(
+            {"a": fn.sgd(0.1), "b": None}, labels
+        ).init(PARAMS),
+        {"labels": "trees"},
+    ),
     "linear_decay": (
         lambda initial=0.1, final=0.01, steps=10: fn.linear_decay(initial, final, steps),
         {"initial": "numbers", "final": "numbers", "steps": "numbers"},
@@ -209,6 +243,7 @@ CALLS = {
             "eval_batch_size": "numbers",
             "checkpoint_every": "numbers",
             "shards": "numbers",
+            "ema_decay": "numbers",
         },
     ),
     "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),
@@ -271,6 +306,18 @@ CALLS = {
         {"max_length": "numbers", "input_shape": "trees"},
     ),
     "gelu": (lambda x=X: fn.gelu(x), {"x": "arrays"}),
+    "mixed_precision": (
+        lambda layer=NET, compute_dtype=np.dtype("float16"): fn.mixed_precision(layer, compute_dtype).init(
+            KEY, (-1, 3)
+        ),
+        {"layer": "numbers", "compute_dtype": "numbers"},
+    ),
+    "DynamicLossScale": (
+        lambda initial=2.0**15, period=2000, factor=2.0, min_scale=1.0: fn.DynamicLossScale(
+            initial, period, factor, min_scale
+        ),
+        {"initial": "numbers", "period": "numbers", "factor": "numbers", "min_scale": "numbers"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,

@@ -177,3 +177,82 @@ def test_apply_errors_name_the_layer_inside_serial():
         net.apply(params[:1], jnp.ones((2, 5)))
     with pytest.raises(TypeError, match=r"layer 0 \(Dense\(4, sigmoid\)\): params must be DenseParams"):
         net.apply(((1, 2), params[1]), jnp.ones((2, 5)))
+
+
+def _every_layer():
+    """One of every layer and combinator, nested, with its input shape."""
+    head = fn.serial(fn.Dense(4, fn.relu), fn.Dense(2, fn.linear))
+    return [
+        (
+            fn.serial(fn.LSTM(8), fn.TimeDistributed(fn.serial(fn.Dense(4, fn.relu), fn.Dense(2, fn.linear)))),
+            (-1, 5, 3),
+        ),
+        (fn.serial(fn.RNN(3), fn.GRU(4), fn.TimeDistributed(fn.Dense(2, fn.linear))), (-1, 5, 3)),
+        (fn.serial(fn.Embedding(10, 4), fn.LayerNorm(), fn.TimeDistributed(head)), (-1, 6)),
+        (
+            fn.serial(
+                fn.Conv2D(3, 3, fn.relu),
+                fn.MaxPool2D(2),
+                fn.AvgPool2D(2, stride=1),
+                fn.Flatten(),
+                fn.Dropout(0.1),
+                fn.FanOut(2),
+                fn.parallel(fn.Dense(3, fn.tanh), fn.serial(fn.Dense(5), fn.Dense(3))),
+                fn.FanInSum(),
+                fn.residual(fn.Dense(3, fn.tanh), head, fn.Dense(3, fn.linear)),
+                fn.FanOut(3),
+                fn.parallel(head, head, fn.serial(head, fn.Dense(1))),
+                fn.FanInConcat(),
+            ),
+            (-1, 8, 8, 2),
+        ),
+        (fn.serial(fn.serial(fn.serial(fn.Dense(3)))), (-1, 2)),
+        (fn.Dense(3), (-1, 2)),
+        (fn.Layer(lambda key, shape: (shape, (jnp.ones(3),)), lambda params, x, key=None: x), (-1, 2)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_every_layer())))
+def test_summary_total_equals_param_count_for_every_layer_and_combinator(case):
+    """A combinator inside TimeDistributed was counted twice (476 rows against 430 params)."""
+    net, shape = _every_layer()[case]
+    _, params = net.init(KEY, shape)
+    text = fn.summary(net, shape)
+    assert f"Total params: {fn.param_count(params):,}" in text, text
+    assert fn.summary(net, shape) == text  # nothing left behind between calls
+
+
+def test_summary_of_an_lstm_with_a_distributed_head_counts_430_params():
+    net = fn.serial(fn.LSTM(8), fn.TimeDistributed(fn.serial(fn.Dense(4, fn.relu), fn.Dense(2, fn.linear))))
+    text = fn.summary(net, (-1, 5, 3))
+    assert "Total params: 430" in text and "1.0.1" in text and "Dense(2, linear)" in text
+
+
+def test_init_only_fields_are_marked_per_field_never_by_name():
+    """A user's spec whose ``dtype`` field its ``apply`` reads (a compute dtype, as in Flax) must not
+    compare equal across dtypes: only fields declared ``init_only()`` leave ``apply``'s value."""
+    import dataclasses
+
+    from funcnet.layers import LayerSpec, init_only, layer_spec
+
+    @layer_spec
+    class _Cast(LayerSpec):
+        dtype: object
+        w_init: object = init_only()
+
+        @property
+        def name(self):
+            return "Cast"
+
+        def init(self, key, input_shape):
+            return input_shape, ()
+
+        def apply(self, params, x, *, key=None):
+            return x.astype(self.dtype)
+
+    half, full = _Cast(jnp.float16, None).layer(), _Cast(jnp.float32, None).layer()
+    assert half.apply != full.apply and hash(half.apply) != hash(full.apply)
+    assert _Cast(jnp.float16, 1).layer().apply == _Cast(jnp.float16, 2).layer().apply  # init-only differs
+    marked = {f.name for f in dataclasses.fields(fn.Dense(3).init.owner) if f.metadata.get("funcnet.init_only")}
+    assert marked == {"w_init", "b_init", "dtype"}
+    assert fn.Dense(3, dtype=jnp.float16).apply == fn.Dense(3).apply  # Dense's apply reads its params' dtype

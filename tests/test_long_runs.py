@@ -48,6 +48,9 @@ def _fit(checkpoint_dir=None, net=None, params=PARAMS, optimizer=None, **kw):
 
 
 def _equal(a, b):
+    """Equal results; where both are FitResults, ``resumed_epoch`` (where a call began) aside."""
+    if isinstance(a, fn.FitResult) and isinstance(b, fn.FitResult):
+        a = a._replace(resumed_epoch=b.resumed_epoch)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
@@ -122,8 +125,9 @@ def test_a_process_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_pa
     resumed, whole = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "whole.npz")
     assert int(whole["trained"]) == 24 and 0 < int(resumed["trained"]) <= 24 - 5
     assert set(resumed.files) == set(whole.files)
+    assert int(resumed[".resumed_epoch"]) >= 5 and int(whole[".resumed_epoch"]) == 0
     for name in whole.files:
-        if name != "trained":
+        if name not in ("trained", ".resumed_epoch"):
             np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
 
 
@@ -155,7 +159,6 @@ OTHER_RUNS = {
     "params": dict(params=jax.tree_util.tree_map(lambda a: a + 1, PARAMS)),
     "optimizer": dict(optimizer=fn.adam(0.02)),
     "batch_size": dict(batch_size=10),
-    "epochs": dict(epochs=10),
     "eval_every": dict(eval_every=3),
     "patience": dict(patience=2),
     "key": dict(key=jax.random.PRNGKey(2)),
@@ -169,8 +172,8 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, what):
     _fit(tmp_path, epochs=9, checkpoint_every=3)
     with pytest.raises(
         ValueError,
-        match=rf"holds a checkpoint of another run \(checkpoint-000009.safetensors\): "
-        rf".*{what}.* there, .* here",
+        match=rf"holds a checkpoint of another run \(checkpoint-000009.safetensors\); what differs:"
+        rf"[\s\S]*\n  [\w ]*{what}: .* there, .* here",
     ):
         _fit(tmp_path, **OTHER_RUNS[what])
 
@@ -185,8 +188,8 @@ def test_another_loss_or_data_shape_is_refused(tmp_path):
         run(one_hot, fn.softmax_cross_entropy)
     with pytest.raises(
         ValueError,
-        match=r"train data: float64\[100, 5\] / float64\[100, 3\] there, "
-        r"float64\[100, 5\] / int32\[100\] here",
+        match=r"train data: float64\[100, 5\] / float64\[100, 3\], values \w+/\w+ there, "
+        r"float64\[100, 5\] / int32\[100\], values \w+/\w+ here",
     ):
         run(Y, fn.softmax_cross_entropy)
 
@@ -287,3 +290,83 @@ def test_metrics_need_eval_data_and_checkpoints_need_concrete_values(tmp_path):
         )
     with pytest.raises(ValueError, match="checkpoint_dir needs concrete values"):
         jax.jit(lambda lr: _fit(tmp_path, optimizer=fn.sgd(lr)).params)(0.1)
+
+
+def _run_with(tmp_path, activation, **kw):
+    net = fn.serial(fn.Dense(4, activation), fn.Dense(3, fn.linear))
+    params = net.init(jax.random.PRNGKey(0), (-1, 5))[1]
+    return fn.fit(
+        net, fn.softmax_cross_entropy, fn.sgd(0.1), params, TRAIN, epochs=2, key=KEY, checkpoint_dir=tmp_path, **kw
+    )
+
+
+def test_lambdas_are_never_matched_to_another_runs_checkpoint(tmp_path):
+    """Both described as ``<lambda>``, the relu run returned the tanh run's result untrained."""
+    with pytest.warns(RuntimeWarning, match=r"<lambda> \(a function\) cannot be shown equal.*run_name"):
+        _run_with(tmp_path, lambda z: fn.tanh(z))
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(ValueError, match=r"another run.*building blocks without value equality.*run_name="),
+    ):
+        _run_with(tmp_path, lambda z: fn.relu(z))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lambda z: fn.tanh(z),
+        lambda: __import__("functools").partial(fn.tanh),
+        lambda: jax.tree_util.Partial(fn.tanh),
+        lambda: type("Tanh", (), {"__call__": lambda self, z: fn.tanh(z)})(),
+    ],
+    ids=["lambda", "partial", "Partial", "object"],
+)
+def test_what_cannot_be_shown_equal_is_reported(make):
+    unprovable = []
+    checkpointing.describe(make(), unprovable)
+    assert len(unprovable) == 1
+    unprovable = []
+    checkpointing.describe((fn.tanh, fn.Dense(3, fn.relu), fn.normal(0.1), np.tanh, jax.numpy.tanh), unprovable)
+    assert unprovable == []
+
+
+def test_a_named_run_resumes_with_building_blocks_funcnet_cannot_compare(tmp_path):
+    first = _run_with(tmp_path, lambda z: fn.tanh(z), run_name="tanh net")
+    written = {p.name: p.stat().st_mtime_ns for p in Path(tmp_path).iterdir()}
+    again = _run_with(tmp_path, lambda z: fn.tanh(z), run_name="tanh net")  # resumed: finished, not trained
+    assert {p.name: p.stat().st_mtime_ns for p in Path(tmp_path).iterdir()} == written
+    _equal(first.params, again.params)
+    with pytest.raises(ValueError, match=r"run name: 'tanh net' there, 'other' here"):
+        _run_with(tmp_path, lambda z: fn.tanh(z), run_name="other")
+
+
+def test_the_datas_values_are_part_of_the_fingerprint(tmp_path):
+    _run_with(tmp_path, fn.tanh)
+    y = TRAIN[1].copy()
+    y[5] = (y[5] + 1) % 3
+    with pytest.raises(ValueError, match=r"train data: float64\[70, 5\] / int\d+\[70\], values \w+/\w+ there"):
+        fn.fit(
+            fn.serial(fn.Dense(4, fn.tanh), fn.Dense(3, fn.linear)),
+            fn.softmax_cross_entropy,
+            fn.sgd(0.1),
+            fn.serial(fn.Dense(4, fn.tanh), fn.Dense(3, fn.linear)).init(jax.random.PRNGKey(0), (-1, 5))[1],
+            (TRAIN[0], y),
+            epochs=2,
+            key=KEY,
+            checkpoint_dir=tmp_path,
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.int32, np.int8])
+def test_the_data_digest_is_the_same_on_the_host_and_on_the_device(dtype):
+    from funcnet.train import checks
+
+    data = (np.random.default_rng(3).standard_normal((33, 4)) * 50).astype(dtype)
+    host = checks.check_data("train_data", (data, data[:, 0]))[2]
+    device = checks.check_data("train_data", (jax.numpy.asarray(data), jax.numpy.asarray(data[:, 0])))[2]
+    assert host == device
+    changed = data.copy()
+    changed[32, 3] += 1
+    assert checks.check_data("train_data", (changed, data[:, 0]))[2] != host
+    swapped = data[[1, 0, *range(2, 33)]]
+    assert (data[0] == data[1]).all() or checks.check_data("train_data", (swapped, data[:, 0]))[2] != host

@@ -53,6 +53,11 @@ def _net(width=16):
     )
 
 
+def _group(path):
+    """The first layer is the body; the last layer's W the head; its B frozen."""
+    return "body" if path[0].idx == 0 else ("head" if path[-1].name == "W" else "frozen")
+
+
 # Fresh optimizers of each kind, built from numbers: each kind is swept over other numbers.
 OPTIMIZERS = {
     "sgd": lambda a: fn.sgd(0.1 * a, weight_decay=1e-3 * a, clip_norm=5.0 * a),
@@ -61,6 +66,16 @@ OPTIMIZERS = {
     "exponential": lambda a: fn.sgd(fn.exponential_decay(0.1 * a, 0.02, 4, every=int(1 + a))),
     "adagrad": lambda a: fn.adagrad(0.1 * a, 1e-7 * a, clip_value=2.0 * a),
     "adam": lambda a: fn.adam(1e-3 * a, b1=0.8 + 0.05 * a, b2=0.99 + 0.005 * a, eps=1e-8 * a),
+    "adamw+warmup_cosine": lambda a: fn.adamw(
+        fn.warmup_cosine_decay(1e-3 * a, 1e-2 * a, int(1 + a), int(8 + 2 * a), final=1e-4 * a),
+        b1=0.8 + 0.05 * a,
+        weight_decay=1e-2 * a,
+    ),
+    "momentum+cosine": lambda a: fn.momentum(fn.cosine_decay(0.1 * a, int(5 + 2 * a), final=0.01 * a), 0.9),
+    "accumulate": lambda a: fn.accumulate(fn.sgd(0.1 * a), int(1 + 2 * a)),
+    "multi_optimizer": lambda a: fn.multi_optimizer(
+        {"body": fn.adam(1e-2 * a), "head": fn.sgd(0.1 * a, clip_norm=a), "frozen": None}, _group
+    ),
 }
 POINTS = (1.0, 0.5, 1.5)
 

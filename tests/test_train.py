@@ -333,3 +333,42 @@ def test_bad_optimizer_hyperparameters():
     ]:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _counter_fit(min_delta, mode):
+    """A network whose eval loss falls by exactly 0.25 per epoch: the prediction is its one param
+    ``c``, the loss is the prediction's mean, so sgd(0.25) lowers ``c`` by 0.25 an epoch (one batch)."""
+    net = fn.Layer(
+        lambda key, shape: ((*shape[:1], 1), {"c": jnp.asarray(10.0)}),
+        lambda params, x, key=None: jnp.zeros((x.shape[0], 1)) + params["c"],
+    )
+    x, y = jnp.zeros((4, 1)), jnp.zeros((4, 1))
+    metrics = {"gain": lambda prediction, target: -jnp.mean(prediction)}
+    return fn.fit(
+        net,
+        lambda prediction, target: jnp.mean(prediction),
+        fn.sgd(0.25),
+        {"c": jnp.asarray(10.0)},
+        (x, y),
+        (x, y),
+        epochs=6,
+        batch_size=4,
+        eval_every=1,
+        patience=0,
+        min_delta=min_delta,
+        key=KEY,
+        metrics=metrics,
+        monitor="loss" if mode == "min" else "gain",
+        mode=mode,
+    )
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_min_delta_at_its_boundary(mode):
+    """Each evaluation improves by exactly 0.25: that is not more than min_delta=0.25 (stop at the
+    second evaluation), and is more than 0.2499 (never stop). Ignoring min_delta trains all epochs."""
+    np.testing.assert_array_equal(_counter_fit(0.0, mode).history.eval_loss, [9.75, 9.5, 9.25, 9.0, 8.75, 8.5])
+    at = _counter_fit(0.25, mode)
+    assert int(at.stopped_epoch) == 2 and int(at.best_epoch) == 1
+    below = _counter_fit(0.2499, mode)
+    assert int(below.stopped_epoch) == 6 and int(below.best_epoch) == 6

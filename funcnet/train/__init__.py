@@ -11,8 +11,9 @@ A package by concept, each module with its contract:
 * ``distributed.py``  data parallelism across devices and processes: shards, placement, agreement
 """
 
+from funcnet.train.checkpointing import FitCheckpoint, read_checkpoint
 from funcnet.train.fitting import fit
 from funcnet.train.program import FitResult, History, train_step
 from funcnet.train.shuffle import epoch_order
 
-__all__ = ["FitResult", "History", "epoch_order", "fit", "train_step"]
+__all__ = ["FitCheckpoint", "FitResult", "History", "epoch_order", "fit", "read_checkpoint", "train_step"]

@@ -11,9 +11,20 @@ Contract, stated once:
 * Each file's metadata holds the run's *fingerprint* (``fingerprint``): the network, loss,
   optimizer with its hyperparameters, metrics, monitor and mode, the params' shapes and a
   digest of their initial values (and of a given ``opt_state``), the data's shapes and dtypes,
-  the key, and every argument of ``fit`` that changes the result. A directory holding another
-  run's checkpoint is refused with a ``ValueError`` listing what differs. The data's values
-  are not compared, only its shapes and dtypes.
+  a digest of the data's values (computed in the pass that checks them for NaN, ``checks.py``),
+  the key, and every argument of ``fit`` that changes the result but ``epochs``: a run asked
+  for more epochs continues from its checkpoint and equals a run of the new length from the
+  start (a run that stopped early stays stopped, as that run would have). ``eval_batch_size``
+  is not part of it either (it changes evaluations only by rounding). A directory holding
+  another run's checkpoint is refused with a ``ValueError`` listing what differs, one per
+  line.
+* ``read_checkpoint(d, like)`` reads the newest checkpoint's params and best params.
+* A building block is described by value: a funcnet spec by its fields, a function by the
+  module-level name it is importable as. One whose equality cannot be established (a lambda, a
+  closure, a ``partial``, an object without value equality) cannot be matched to another
+  process's: without ``run_name`` the fingerprint then holds a token of this call alone, so its
+  checkpoints are never resumed (``fit`` warns). ``fit(..., run_name="...")`` names the run
+  instead: the caller vouches that equal names mean equal building blocks.
 * Each file's metadata also holds a CRC-32 of its arrays. ``restore`` reads the newest
   checkpoint; a torn or unreadable one is skipped with a warning for the one before it; if
   none is readable it raises a ``ValueError`` naming the newest file. Temporary files left by a
@@ -28,14 +39,18 @@ Contract, stated once:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
+import sys
+import types
+import uuid
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +60,7 @@ from funcnet import checkpoint
 from funcnet._values import Method
 from funcnet.train import distributed
 
-__all__ = ["describe", "fingerprint", "prepare", "restore", "store"]
+__all__ = ["FitCheckpoint", "describe", "fingerprint", "prepare", "read_checkpoint", "restore", "store"]
 
 FORMAT = "funcnet.fit/1"
 KEEP = 2
@@ -67,30 +82,54 @@ def prepare(directory: Any) -> Path:
     return path
 
 
-def describe(value: Any) -> str:
-    """A description of a building block that is the same in every process (no addresses)."""
+def _importable(value: Any) -> bool:
+    """True when ``value`` is what its ``__module__`` and ``__qualname__`` name (so another process
+    importing that name gets the same function); never for lambdas, closures or partials."""
+    if isinstance(value, (functools.partial, jax.tree_util.Partial)):
+        return False
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if module is None or name is None:
+        name = getattr(value, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
+        return False
+    found: Any = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is value
+
+
+def describe(value: Any, unprovable: list[str] | None = None) -> str:
+    """A description of a building block that is the same in every process (no addresses).
+
+    What cannot be described by value (``_importable``) is added to ``unprovable``."""
     if isinstance(value, Method):
-        return describe(value.owner)
+        return describe(value.owner, unprovable)
     if (
         isinstance(value, tuple)
         and value
         and all(isinstance(v, Method) for v in value)
         and len({id(v.owner) for v in value}) == 1
     ):  # a Layer or Optimizer of one spec
-        return describe(value[0])
+        return describe(value[0], unprovable)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = ", ".join(f"{f.name}={describe(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        fields = ", ".join(
+            f"{f.name}={describe(getattr(value, f.name), unprovable)}" for f in dataclasses.fields(value)
+        )
         return f"{type(value).__name__}({fields})"
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__}({', '.join(describe(v) for v in value)})"
+        return f"{type(value).__name__}({', '.join(describe(v, unprovable) for v in value)})"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k!r}: {describe(v, unprovable)}" for k, v in value.items()) + "}"
     if value is None or isinstance(value, (bool, int, float, str, np.dtype)):
         return repr(value)
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         return f"array({np.asarray(value).tolist()!r}, {np.asarray(value).dtype})"
     name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or type(value).__qualname__
-    return f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    described = f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
+    if unprovable is not None and not (isinstance(value, type) or _importable(value)):
+        kind = type(value).__name__ if not isinstance(value, types.FunctionType) else "function"
+        unprovable.append(f"{described} (a {kind})")
+    return described
 
 
 def _digest(tree: Any) -> str:
@@ -109,6 +148,9 @@ def _shapes(tree: Any) -> str:
     )
 
 
+UNPROVABLE = "building blocks without value equality"
+
+
 def fingerprint(
     *,
     net: Any,
@@ -119,25 +161,43 @@ def fingerprint(
     opt_state: Any,
     train_data: tuple[Any, Any],
     eval_data: tuple[Any, Any] | None,
+    data_digests: tuple[str | None, str | None],
     key: jax.Array,
+    run_name: str | None,
     **arguments: Any,
 ) -> dict[str, str]:
     """What identifies a run: two calls with equal fingerprints compute the same training."""
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = lambda pair: "none" if pair is None else " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair)
+
+    def data(pair: tuple[Any, Any] | None, digest: str | None) -> str:
+        if pair is None:
+            return "none"
+        return " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair) + f", values {digest}"
+
+    unprovable: list[str] = []
     described = {
-        "network": describe(net),
-        "loss": describe(loss),
-        "optimizer": describe(optimizer),
-        "metrics": describe(metrics),
+        "network": describe(net, unprovable),
+        "loss": describe(loss, unprovable),
+        "optimizer": describe(optimizer, unprovable),
+        "metrics": describe(metrics, unprovable),
         "params": _shapes(params),
         "initial params": _digest(params),
         "initial opt_state": "fresh" if opt_state is None else _digest(opt_state),
-        "train data": data(train_data),
-        "eval data": data(eval_data),
+        "train data": data(train_data, data_digests[0]),
+        "eval data": data(eval_data, data_digests[1]),
         "key": str(np.asarray(key_data).tolist()),
         **{name: repr(value) for name, value in arguments.items()},
     }
+    if run_name is not None:
+        described["run name"] = repr(run_name)
+    elif unprovable:
+        warnings.warn(
+            f"fit: {', '.join(unprovable)} cannot be shown equal to another run's, so this run's "
+            "checkpoints will never be resumed; pass run_name='...' to fit to name the run.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        described[UNPROVABLE] = f"{', '.join(unprovable)}; this call only ({uuid.uuid4().hex})"
     return described
 
 
@@ -173,56 +233,165 @@ def _write(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None
         checkpoint.sync_directory(str(directory))
 
 
+# Arguments recorded with a run that do not decide its identity: ``epochs`` (a run continues to
+# more epochs) and ``eval_batch_size`` (changes the eval values only by rounding). Checkpoints
+# written before this rule hold them in their fingerprint; they are ignored there too.
+NOT_IDENTITY = ("epochs", "eval_batch_size")
+# The TrainState entries whose length is the number of epochs or evaluations.
+_HISTORY = re.compile(r"\.(train_loss|eval_loss|eval_metrics\[.*\])")
+
+
+def _public(text: str) -> str:
+    """A description as a user reads it: ``Dense(...)``, not the private ``_Dense(...)``."""
+    return re.sub(r"(?<![\w.])_(?=[A-Za-z])", "", text).replace("dtype(", "(")
+
+
 def _differences(stored: dict[str, str], run: dict[str, str]) -> str:
     keys = sorted(set(stored) | set(run))
-    return "; ".join(
-        f"{k}: {stored.get(k, '(absent)')} there, {run.get(k, '(absent)')} here"
+    return "".join(
+        f"\n  {k}: {_public(stored.get(k, '(absent)'))} there, {_public(run.get(k, '(absent)'))} here"
         for k in keys
         if stored.get(k) != run.get(k)
     )
 
 
-def restore(directory: Path, like: Any, run: dict[str, str]) -> Any | None:
-    """The newest readable checkpoint's state in ``like``'s structure, or ``None`` if there is none;
-    every process must resume from the same one (``distributed.agree``)."""
-    state, name = _restore(directory, like, run)
-    distributed.agree(
-        "fit",
-        {"checkpoint to resume from": name or "none (starting afresh)"},
-        advice=f"checkpoint_dir ({str(directory)!r}) must be one directory that all processes share.",
-    )
-    return state
+def _identity(run: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in run.items() if k not in NOT_IDENTITY}
 
 
-def _restore(directory: Path, like: Any, run: dict[str, str]) -> tuple[Any | None, str | None]:
+def _newest(fn: str, directory: Path) -> tuple[Path, dict[str, np.ndarray], dict[str, str]] | None:
+    """The newest readable checkpoint: its path, arrays and run; ``None`` if there is none."""
     found = _checkpoints(directory)
     for i, (_, path) in enumerate(found):
         try:
-            arrays, metadata = checkpoint.read("fit", path)
+            arrays, metadata = checkpoint.read(fn, path)
             if metadata.get("format") != FORMAT or metadata.get("crc32") != _crc(arrays):
                 raise ValueError(
-                    f"fit: {str(path)!r} is torn or not a funcnet fit checkpoint (its CRC-32 or format does not match)."
+                    f"{fn}: {str(path)!r} is torn or not a funcnet fit checkpoint (its CRC-32 or format "
+                    "does not match)."
                 )
             stored = json.loads(metadata["run"])
         except (ValueError, KeyError) as error:
             if i + 1 < len(found):
                 warnings.warn(
-                    f"fit: skipping the unreadable checkpoint {str(path)!r} ({error}); resuming from "
+                    f"{fn}: skipping the unreadable checkpoint {str(path)!r} ({error}); using "
                     f"{str(found[i + 1][1])!r}.",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 continue
             raise ValueError(
-                f"fit: no readable checkpoint in {str(directory)!r}: the newest, "
+                f"{fn}: no readable checkpoint in {str(directory)!r}: the newest, "
                 f"{str(found[0][1])!r}, cannot be read ({error}). Delete the directory to start "
                 "afresh."
             ) from error
-        if stored != run:
-            raise ValueError(
-                f"fit: checkpoint_dir {str(directory)!r} holds a checkpoint of another run "
-                f"({path.name}): {_differences(stored, run)}. Use another directory, or delete "
-                "this one to start afresh."
-            )
-        return checkpoint.unflatten("fit", str(path), arrays, like), f"{path.name} (CRC-32 {metadata['crc32']})"
-    return None, None
+        return path, arrays, stored
+    return None
+
+
+def _resize(arrays: dict[str, np.ndarray], like: Any) -> dict[str, np.ndarray]:
+    """A checkpoint's arrays for a run of another length: the histories padded with NaN (or cut:
+    only entries not yet run, NaN, are cut), and a run that has not stopped stops at the new end."""
+    wanted = {
+        jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(like) if leaf is not None
+    }
+    out = dict(arrays)
+    for key, array in arrays.items():
+        if _HISTORY.fullmatch(key) and key in wanted and array.shape != np.shape(wanted[key]):
+            length = np.shape(wanted[key])[0]
+            padded = np.full((length, *array.shape[1:]), np.nan, array.dtype)
+            padded[: min(length, array.shape[0])] = array[:length]
+            out[key] = padded
+    if ".stopped" in arrays and not bool(arrays[".stopped"]):
+        out[".stopped_epoch"] = np.asarray(wanted[".stopped_epoch"], arrays[".stopped_epoch"].dtype)
+    return out
+
+
+def restore(directory: Path, like: Any, run: dict[str, str], epochs: int) -> tuple[Any, int] | None:
+    """The newest readable checkpoint's state in ``like``'s structure (a fresh state of a run of
+    ``epochs``) and the epochs it had trained, or ``None`` if there is none. A run of fewer epochs
+    continues to ``epochs``, exactly as if it had been asked for ``epochs`` from the start."""
+    newest = _newest("fit", directory)
+    distributed.agree(  # every process must resume from the same checkpoint, or the collectives hang
+        "fit",
+        {"checkpoint to resume from": "none" if newest is None else f"{newest[0].name} (CRC-32 {_crc(newest[1])})"},
+        advice=f"checkpoint_dir ({str(directory)!r}) must be one directory that all processes share.",
+    )
+    if newest is None:
+        return None
+    path, arrays, stored = newest
+    if _identity(stored) != _identity(run):
+        hint = (
+            "\nA lambda, closure, partial or object without value equality cannot be matched to another "
+            "run's: name the run with fit(..., run_name='...') (from its first call on)."
+            if UNPROVABLE in stored or UNPROVABLE in run
+            else ""
+        )
+        raise ValueError(
+            f"fit: checkpoint_dir {str(directory)!r} holds a checkpoint of another run ({path.name}); "
+            f"what differs:{_differences(_identity(stored), _identity(run))}\nUse another directory, or "
+            f"delete this one to start afresh.{hint}"
+        )
+    done = int(arrays[".epoch"])
+    if done > epochs:
+        raise ValueError(
+            f"fit: checkpoint_dir {str(directory)!r} holds this run trained to epoch {done} "
+            f"({path.name}), beyond epochs={epochs}; ask for epochs >= {done} to continue it, or use "
+            f"another directory (read_checkpoint reads its params)."
+        )
+    return checkpoint.unflatten("fit", str(path), _resize(arrays, like), like), done
+
+
+class FitCheckpoint(NamedTuple):
+    """What ``read_checkpoint`` returns.
+
+    Fields:
+      epoch: epochs trained when the checkpoint was written.
+      params: the params after ``epoch`` epochs.
+      best_params: what ``fit`` returns as ``result.params``: with eval data, the params of the
+        best evaluation so far; without, ``params``.
+      best_epoch: epochs trained when ``best_params`` were taken.
+      stopped: True when early stopping (or divergence) ended the run.
+    """
+
+    epoch: int
+    params: Any
+    best_params: Any
+    best_epoch: int
+    stopped: bool
+
+
+def read_checkpoint(checkpoint_dir: Any, like: Any) -> FitCheckpoint:
+    """Read the params of the newest checkpoint ``fit(..., checkpoint_dir=...)`` wrote, without
+    resuming or training.
+
+    Args:
+      checkpoint_dir: the directory given to ``fit``.
+      like: a params tree of the network's structure, shapes and dtypes, e.g. the initial params
+        or ``jax.eval_shape(net.init, key, input_shape)[1]``.
+    Returns:
+      A ``FitCheckpoint``: ``epoch``, ``params``, ``best_params``, ``best_epoch``, ``stopped``.
+    """
+    fn = "read_checkpoint"
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"{fn}: checkpoint_dir must be a path (str or os.PathLike), got {type(checkpoint_dir).__name__}."
+        )
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise ValueError(f"{fn}: checkpoint_dir must be an existing directory, got {str(directory)!r}.")
+    newest = _newest(fn, directory)
+    if newest is None:
+        raise ValueError(f"{fn}: {str(directory)!r} holds no fit checkpoint (checkpoint-<epoch>.safetensors).")
+    path, arrays, _ = newest
+    expected, _ = checkpoint.shapes(fn, like)
+    entry = lambda part: {key: arrays[f".{part}{key}"] for key in expected if f".{part}{key}" in arrays}
+    params = checkpoint.unflatten(fn, str(path), entry("params"), like)
+    best = entry("best_params")
+    return FitCheckpoint(
+        int(arrays[".epoch"]),
+        params,
+        checkpoint.unflatten(fn, str(path), best, like) if best else params,
+        int(arrays[".best_epoch"]),
+        bool(arrays[".stopped"]),
+    )

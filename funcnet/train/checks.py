@@ -9,7 +9,6 @@ data set's name.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ __all__ = [
     "check_fits_network",
     "check_flags",
     "check_key",
+    "check_labels",
     "check_metrics",
     "check_params",
     "check_parts",
@@ -44,8 +44,11 @@ def check_parts(fn: str, net: Any, loss: Any, optimizer: Any) -> None:
         )
 
 
-def check_data(name: str, data: Any) -> tuple[Any, Any]:
-    """``data`` must be a pair ``(x, y)`` of arrays with matching rows, at least one, finite."""
+def check_data(name: str, data: Any) -> tuple[Any, Any, str | None]:
+    """``data`` must be a pair ``(x, y)`` of arrays with matching rows, at least one, finite.
+
+    Returns ``(x, y, digest)``: the digest of both arrays' values (None for traced data), which
+    a checkpoint's fingerprint holds."""
     fn = "fit"
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"{fn}: {name} must be a pair (x, y) of arrays, got {type(data).__name__}.")
@@ -67,37 +70,88 @@ def check_data(name: str, data: Any) -> tuple[Any, Any]:
         raise ValueError(f"{fn}: {name} x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
     if x.shape[0] == 0:
         raise ValueError(f"{fn}: {name} must have at least one row, got 0.")
+    digests: list[str] = []
     for part, array in ((f"{name} x", x), (f"{name} y", y)):
-        if not (jnp.issubdtype(array.dtype, jnp.floating) and _checks.is_concrete(array)):
+        if not _checks.is_concrete(array):
             continue  # traced data (fit under vmap of the data) cannot be inspected here
-        bad = _first_bad_row(array)
+        bad, digest = _inspect(array)
         if bad is not None:
             raise ValueError(f"{fn}: {part} must be finite, got NaN or Inf values (first at row {bad}).")
-    return x, y
+        digests.append(digest)
+    return x, y, "/".join(digests) if len(digests) == 2 else None
 
 
-def _first_bad_row(array: Any) -> int | None:
-    """The first row holding a NaN or Inf, or None. Host (NumPy) data is checked on the host, which
-    compiles nothing; device data by a small compiled reduction, where it lives."""
+def _inspect(array: Any) -> tuple[int | None, str]:
+    """One pass over the data: the first row holding a NaN or Inf (None if none, or if not
+    floating), and a digest of the values (``_digest``). Host (NumPy) data is read on the host,
+    which compiles nothing; device data by a small compiled reduction, where it lives."""
+    floating = bool(jnp.issubdtype(array.dtype, jnp.floating))
     if isinstance(array, np.ndarray):
-        rows = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
-    elif _host.is_global(array):  # spans processes: only the answer comes to the host
-        first = int(_host.reduce_to_host(_first_bad_index, array))
-        return None if first < 0 else first
+        rows = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1) if floating else None
+        digest = _digest(np, _words(np, np.ascontiguousarray(array)))
+    elif _host.is_global(array):  # spans processes: only the (replicated) answers come to the host
+        first, digest = _host.reduce_to_host(_inspect_everywhere, array)
+        return (None if int(first) < 0 else int(first)), "".join(f"{int(d):08x}" for d in digest)
     else:
         with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
-            rows = np.asarray(_finite_rows(array))
-    return None if rows.all() else int(np.argmin(rows))
+            rows, digest = jax.device_get(_inspect_on_device(array, floating))
+    bad = None if rows is None or rows.all() else int(np.argmin(rows))
+    return bad, "".join(f"{int(d):08x}" for d in digest)
 
 
-def _first_bad_index(a: jax.Array) -> jax.Array:
-    finite = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
-    return jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+_UNSIGNED = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
-@jax.jit
-def _finite_rows(a: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+def _words(xp: Any, a: Any) -> Any:
+    """The bits of ``a``'s values as one flat row of uint32 words (NumPy and jax.numpy alike)."""
+    if a.dtype == np.bool_:
+        return a.reshape(-1).astype(xp.uint32)
+    bits = (
+        a.view(_UNSIGNED[a.dtype.itemsize])
+        if xp is np
+        else jax.lax.bitcast_convert_type(a, _UNSIGNED[a.dtype.itemsize])
+    )
+    bits = bits.reshape(-1)
+    if a.dtype.itemsize < 8:
+        return bits.astype(xp.uint32)
+    low = (bits & xp.uint64(0xFFFFFFFF)).astype(xp.uint32)
+    return xp.concatenate([low, (bits >> xp.uint64(32)).astype(xp.uint32)])
+
+
+def _digest(xp: Any, words: Any, start: int = 0) -> Any:
+    """Two 32-bit sums of the words, each mixed with its position (murmur3's finaliser): a change to
+    any value or any order changes them but with chance 2**-64. Not cryptographic: it tells one
+    data set from another, it does not resist an adversary."""
+    index = xp.arange(words.shape[0], dtype=xp.uint32) + xp.uint32(start)  # ``start``: of a part of the words
+    h = words * xp.uint32(0x9E3779B1) + index * xp.uint32(0x85EBCA77) + xp.uint32(1)
+    h = h ^ (h >> xp.uint32(16))
+    h = h * xp.uint32(0x85EBCA6B)
+    h = h ^ (h >> xp.uint32(13))
+    h = h * xp.uint32(0xC2B2AE35)
+    h = h ^ (h >> xp.uint32(16))
+    return xp.stack([xp.sum(h, dtype=xp.uint32), xp.sum(h * (index | xp.uint32(1)), dtype=xp.uint32)])
+
+
+def _inspect_everywhere(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``_inspect`` of a global array, as two small results: the first bad row (-1: none) and the
+    digest, equal to ``_digest(jnp, _words(jnp, a))`` but without concatenating an 8-byte array's
+    low and high words (over sharded words a concatenation would move them between devices)."""
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        finite = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+        first = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    else:
+        first = jnp.asarray(-1)
+    if a.dtype == np.bool_ or a.dtype.itemsize < 8:
+        return first, _digest(jnp, _words(jnp, a))
+    bits = jax.lax.bitcast_convert_type(a, _UNSIGNED[8]).reshape(-1)
+    low, high = (bits & jnp.uint64(0xFFFFFFFF)).astype(jnp.uint32), (bits >> jnp.uint64(32)).astype(jnp.uint32)
+    return first, _digest(jnp, low) + _digest(jnp, high, low.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames="floating")
+def _inspect_on_device(a: jax.Array, floating: bool) -> tuple[jax.Array | None, jax.Array]:
+    rows = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) if floating else None
+    return rows, _digest(jnp, _words(jnp, a))
 
 
 def check_fits_network(
@@ -111,30 +165,51 @@ def check_fits_network(
     spec = lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype)
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    numbers, static = partition((net.apply, loss, metrics))
+    # The numbers inside the building blocks (a ``Partial``'s arguments) take part as abstract
+    # values: the answer depends on their shapes and dtypes only.
+    shaped = tuple(jax.ShapeDtypeStruct(np.shape(n), jnp.result_type(n), weak_type=_weak(n)) for n in numbers)
     try:
-        hash(static := partition((net.apply, loss, metrics))[1])
-    except TypeError:  # a building block holding a traced number: trace every time
-        return _trace_network(name, net.apply, loss, metrics, abstract, spec(x), spec(y))
-    return _remembered(name, static, treedef, tuple(leaves), spec(x), spec(y))
+        hash(static)
+    except TypeError:  # a building block holding an unhashable leaf: trace every time
+        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y))
+    else:
+        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y))
+    check_labels(name, prediction, y)
+    return value
+
+
+def _weak(number: Any) -> bool:
+    return not _checks.is_array(number) or bool(getattr(number, "weak_type", False))
 
 
 @functools.lru_cache(maxsize=256)
 def _remembered(
-    name: str, static: Static, treedef: Any, leaves: tuple[Any, ...], x: jax.ShapeDtypeStruct, y: jax.ShapeDtypeStruct
-) -> jax.ShapeDtypeStruct:
-    apply, loss, metrics = combine([], static)
-    return _trace_network(name, apply, loss, metrics, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
+    name: str,
+    static: Static,
+    numbers: tuple[jax.ShapeDtypeStruct, ...],
+    treedef: Any,
+    leaves: tuple[Any, ...],
+    x: jax.ShapeDtypeStruct,
+    y: jax.ShapeDtypeStruct,
+) -> tuple[jax.ShapeDtypeStruct, Any]:
+    return _trace_network(name, static, numbers, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
 
 
 def _trace_network(
-    name: str, apply: Callable[..., Any], loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any
-) -> jax.ShapeDtypeStruct:
-    def run(p: Any, xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    name: str, static: Static, numbers: tuple[Any, ...], params: Any, x: Any, y: Any
+) -> tuple[jax.ShapeDtypeStruct, Any]:
+    """The loss's shape and dtype, and the prediction's (both abstract)."""
+
+    def run(
+        numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        apply, loss, metrics = combine(list(numbers), static)
         prediction = apply(p, xb)
-        return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}
+        return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}, prediction
 
     try:
-        value, values = jax.eval_shape(run, params, x, y)
+        value, values, prediction = jax.eval_shape(run, numbers, params, x, y)
     except (ValueError, TypeError) as error:
         raise type(error)(f"fit: {name} does not fit the network and loss: {error}") from error
     for what, out in (("loss", value), *((f"metric {n!r}", v) for n, v in values.items())):
@@ -144,7 +219,48 @@ def _trace_network(
                 f"{getattr(out, 'shape', type(out).__name__)}."
             )
     shape_dtype: jax.ShapeDtypeStruct = value
-    return shape_dtype
+    return shape_dtype, prediction
+
+
+def check_labels(name: str, prediction: Any, y: Any) -> None:
+    """Integer ``y`` shaped like the prediction without its last axis are class indices into that
+    axis (the convention of ``softmax_cross_entropy`` and ``accuracy``), so they must lie in
+    ``[0, classes)``. Checked on the data before anything compiles, whenever ``y`` is concrete: under
+    ``jit`` a loss sees traced labels and ``one_hot`` would turn a stray label into a zero row,
+    which trains silently on a wrong target and reports an eval loss of 0."""
+    if not isinstance(prediction, jax.ShapeDtypeStruct) or not jnp.issubdtype(y.dtype, jnp.integer):
+        return
+    if prediction.ndim != y.ndim + 1 or tuple(prediction.shape[1:-1]) != tuple(y.shape[1:]) or not y.size:
+        return  # not class indices of this prediction: the loss decides what they mean
+    if not _checks.is_concrete(y):
+        return  # traced labels (fit under vmap of the data) cannot be inspected here
+    classes = int(prediction.shape[-1])
+    low, high = _label_range(y)
+    if low < 0 or high >= classes:
+        hint = (
+            f"shift them to start at 0 (y - {low})"
+            if high - low < classes
+            else f"give the network's last layer {high + 1} outputs"
+        )
+        raise ValueError(
+            f"fit: {name} y holds integer class labels from {low} to {high}, but the network has {classes} "
+            f"classes (its output's last axis), so they must lie in [0, {classes}); {hint}. Targets that "
+            "are not class indices must be floating."
+        )
+
+
+def _label_range(y: Any) -> tuple[int, int]:
+    """The smallest and largest label, on the host when the data are there (compiling nothing)."""
+    if isinstance(y, (np.ndarray, np.generic)) or y.is_fully_addressable:
+        return _checks.value_range(y)
+    with jax.ensure_compile_time_eval():  # a global array over several processes
+        low, high = _min_max(y)
+    return int(low), int(high)
+
+
+@jax.jit
+def _min_max(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.min(a), jnp.max(a)
 
 
 def check_key(key: Any) -> None:

@@ -16,12 +16,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
-from funcnet import _checks
+from funcnet import _checks, optimizers
 from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
+from funcnet.precision import DynamicLossScale
 from funcnet.train import checkpointing, checks, distributed
 from funcnet.train.program import (
     Config,
@@ -53,7 +55,7 @@ def fit(
     epochs: int,
     batch_size: int = 32,
     eval_every: int = 10,
-    patience: int = 0,
+    patience: int | None = 0,
     min_delta: float = 0.0,
     key: jax.Array,
     shuffle: bool = True,
@@ -70,8 +72,21 @@ def fit(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     shards: int | None = None,
+    run_name: str | None = None,
+    loss_scale: DynamicLossScale | None = None,
+    ema_decay: float | None = None,
+    eval_ema: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
+
+    Early stopping, the book's trainer's rule: with ``eval_data``, ``fit`` evaluates after every
+    ``eval_every`` epochs (default 10) and, with the default ``patience=0``, stops at the first
+    evaluation that does not improve on the best so far, returning the params of the best
+    evaluation. So ``epochs`` is an upper bound: ``result.stopped_epoch`` says when training
+    stopped and ``result.best_epoch`` where ``result.params`` come from. ``patience=k`` allows
+    ``k`` evaluations in a row without improvement; ``patience=None`` never stops early and
+    still returns the best evaluation's params. Without ``eval_data`` every epoch is trained and
+    the final params are returned. With ``eval_data``, ``epochs`` must reach an evaluation.
 
     Args:
       net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
@@ -81,7 +96,9 @@ def fit(
         ids), y floating or integer labels.
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
-      eval_every, patience, min_delta: the early-stopping schedule (``program.py``).
+      eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
+        when the monitored value beats the best by more than ``min_delta``; a non-finite loss
+        stops training too (``result.diverged``).
       key: a ``jax.random`` key; epoch ``e`` uses ``fold_in(key, e)``.
       shuffle: a fresh order every epoch (else the data order).
       drop_last: drop the remainder rows each epoch instead of a smaller last batch.
@@ -99,8 +116,12 @@ def fit(
         rounding, for a loss and metrics that are means over rows).
       checkpoint_dir, checkpoint_every: save the whole training state to this directory every
         ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
-        the newest checkpoint, and a finished run returns its result without training
-        (``checkpointing.py``). Not under ``jit``/``vmap``.
+        the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
+        a line says so too), and a finished run returns its result without training. Asked for
+        more ``epochs``, a finished run continues, and equals a run of that length from the start.
+        A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
+        checkpoint's params without resuming.
+        Not under ``jit``/``vmap``.
       mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
@@ -113,6 +134,22 @@ def fit(
       shards: how many equal parts of the rows are shuffled and batched on their own; under a
         mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
         device reproduces a fit on a mesh of ``n`` devices.
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet/precision.py``):
+        the loss is scaled before the backward, the gradients unscaled after, a step with a
+        non-finite gradient skipped and the scale halved, and the scale doubled after
+        ``period`` finite steps. Not needed for bfloat16 or float32.
+      run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
+        cannot compare by value (a lambda, closure or partial as loss, metric, activation or
+        initializer): without one such a run's checkpoints are never resumed. Two calls with
+        the same ``run_name`` must pass building blocks that compute the same thing.
+      ema_decay: keep the params' exponential moving average, ``ema = ema_decay * ema +
+        (1 - ema_decay) * params`` after every optimizer step, from the initial params (in at
+        least float32), and return it as ``FitResult.ema_params`` (the average that goes with
+        ``params``: at the best evaluation with ``eval_data``). A checkpoint holds it and a
+        resumed run continues it exactly; resuming by hand (``opt_state``) starts it afresh
+        from ``params``. The number is traced: a sweep over it compiles once.
+      eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
+        loss, the metrics, early stopping and the best evaluation kept all watch it.
     Returns:
       A ``FitResult``.
     """
@@ -122,34 +159,45 @@ def fit(
     epochs = _checks.positive_int("fit", "epochs", epochs)
     batch_size = _checks.positive_int("fit", "batch_size", batch_size)
     eval_every = _checks.positive_int("fit", "eval_every", eval_every)
-    patience = _checks.positive_int("fit", "patience", patience, minimum=0)
+    if patience is not None:
+        patience = _checks.positive_int("fit", "patience", patience, minimum=0)
     start_epoch = _checks.positive_int("fit", "start_epoch", start_epoch, minimum=0)
     eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
     checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
     if start_epoch >= epochs:
         raise ValueError(f"fit: start_epoch must be < epochs ({epochs}), got {start_epoch}.")
     _checks.real_number("fit", "min_delta", min_delta, low=0.0)
-    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress)
+    if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
+        raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
+    if run_name is not None and not isinstance(run_name, str):
+        raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
+    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress, eval_ema=eval_ema)
+    if ema_decay is not None:
+        _checks.real_number("fit", "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
+    elif eval_ema:
+        raise ValueError("fit: eval_ema=True evaluates the params' moving average, which needs ema_decay (e.g. 0.999).")
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    x, y = checks.check_data("train_data", train_data)
+    x, y, train_digest = checks.check_data("train_data", train_data)
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
     value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
     if eval_data is not None:
-        eval_x, eval_y = checks.check_data("eval_data", eval_data)
+        eval_x, eval_y, eval_digest = checks.check_data("eval_data", eval_data)
         checks.check_fits_network(
             "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
         )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
             raise ValueError(
-                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs "
-                f"{start_epoch + 1}..{epochs}; lower it or drop eval_data."
+                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs {start_epoch + 1}..{epochs}: "
+                f"with eval_data, fit evaluates every eval_every epochs (default 10) and keeps the best "
+                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more epochs, or no "
+                "eval_data."
             )
     else:
-        eval_x = eval_y = None
+        eval_x = eval_y = eval_digest = None
     eval_rows = 0 if eval_x is None else eval_x.shape[0]
     if opt_state is not None:
         expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
@@ -185,7 +233,7 @@ def fit(
         traced = [
             a
             for a in jax.tree_util.tree_leaves(
-                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0])
+                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0], ema_decay)
             )
             if not _checks.is_concrete(a)
         ]
@@ -196,26 +244,33 @@ def fit(
     local, local_batch = rows // shards, batch_size // shards
     masked = local % local_batch != 0 and not drop_last
     config = Config(
-        rows,
-        batch_size,
-        math.ceil(local / local_batch) if masked else local // local_batch,
-        epochs,
-        eval_every,
-        patience,
-        bool(shuffle),
-        masked,
-        0 if eval_x is None else eval_x.shape[0],
-        eval_batch_size,
-        tuple(metrics),
-        monitor,
-        mode == "max",
-        jnp.dtype(value.dtype).name,
-        bool(progress),
-        mesh,
-        data_axis,
-        shards,
+        rows=rows,
+        batch_size=batch_size,
+        batches=math.ceil(local / local_batch) if masked else local // local_batch,
+        epochs=epochs,
+        eval_every=eval_every,
+        patience=epochs if patience is None else patience,  # None: more bad evaluations than can happen
+        shuffle=bool(shuffle),
+        masked=masked,
+        eval_rows=0 if eval_x is None else eval_x.shape[0],
+        eval_batch_size=eval_batch_size,
+        metrics=tuple(metrics),
+        monitor=monitor,
+        maximize=mode == "max",
+        dtype=_checks.wide(value.dtype).name,  # totals of float16 losses overflow float16
+        progress=bool(progress),
+        mesh=mesh,
+        data_axis=data_axis,
+        loss_scale=loss_scale,
+        shards=shards,
     )
-    hyper, static = partition((net.apply, loss, optimizer, metrics))  # init is not in the program
+    program_optimizer = optimizer
+    if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
+        config = config._replace(eval_ema=bool(eval_ema))
+        program_optimizer = optimizers.with_ema(optimizer, ema_decay)
+        if opt_state is not None:
+            opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(params))
+    hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
     if mesh is None:
         x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
@@ -246,8 +301,9 @@ def fit(
         opt_state=opt_state,
         train_data=(x, y),
         eval_data=None if eval_x is None else (eval_x, eval_y),
+        data_digests=(train_digest, eval_digest),
         key=key,
-        epochs=epochs,
+        run_name=run_name,
         start_epoch=start_epoch,
         batch_size=batch_size,
         eval_every=eval_every,
@@ -258,22 +314,24 @@ def fit(
         **({} if shards == 1 else {"shards": shards}),  # checkpoints of one-shard runs keep their fingerprint
         monitor=monitor,
         mode=mode,
-        eval_batch_size=eval_batch_size,
+        loss_scale=loss_scale,
+        **({} if ema_decay is None else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema)}),
     )
-    restored = checkpointing.restore(directory, state, run_id)
+    restored = checkpointing.restore(directory, state, run_id, epochs)
+    resumed = start_epoch
     if restored is not None:
-        state = (
-            restored
-            if mesh is None  # host values: every process places its copy (NaN history entries included)
-            else distributed.put_replicated(restored, mesh)
-        )
+        state, resumed = restored
+        if mesh is not None:  # host values: every process places its copy (NaN history entries included)
+            state = distributed.put_replicated(state, mesh)
+        if show:
+            print(f"fit: resumed from epoch {resumed} of the checkpoint in {str(directory)!r}", flush=True)
     with bar(show, epochs, int(state.epoch)):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
             checkpointing.store(directory, state, int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
-    return _finish(state, start_epoch, config)
+    return _finish(state, start_epoch, config, resumed)
 
 
 def _described(arguments: dict[str, Any]) -> dict[str, str]:
@@ -294,7 +352,10 @@ def _described(arguments: dict[str, Any]) -> dict[str, str]:
     return described
 
 
-def _finish(state: TrainState, start_epoch: int, config: Config) -> FitResult:
-    """The ``FitResult`` of a state (the jitted ``result``, typed)."""
+def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | None = None) -> FitResult:
+    """The ``FitResult`` of a state (the jitted ``result``, typed); ``resumed``: the epoch a
+    checkpoint resumed from."""
     finished: FitResult = result(state, start_epoch, config=config)
+    if resumed is not None:
+        finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
     return finished

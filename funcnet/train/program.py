@@ -38,7 +38,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from funcnet import _checks
 from funcnet._values import Static, combine
+from funcnet.optimizers import EmaState, ema_params
+from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.train import distributed, progress
 from funcnet.train.checks import check_parts
 
@@ -60,9 +63,16 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class History(NamedTuple):
-    """``train_loss[i]``: mean loss of epoch ``start_epoch + i`` (NaN where not run);
-    ``eval_loss[j]``: loss of the j-th scheduled evaluation, taken after ``eval_epoch[j]``
-    epochs (NaN where not run); ``eval_metrics[name][j]``: each metric at that evaluation."""
+    """The per-epoch and per-evaluation record of a fit; NaN wherever nothing ran (after a stop).
+
+    Fields:
+      train_loss: ``(epochs - start_epoch,)``, the mean training loss of each epoch this call
+        covers (``train_loss[i]`` is epoch ``start_epoch + i``).
+      eval_loss: ``(evaluations,)``, the eval loss of each scheduled evaluation.
+      eval_epoch: ``(evaluations,)``, the epochs trained when each evaluation was taken
+        (``eval_every``, ``2 * eval_every``, ...).
+      eval_metrics: ``{name: (evaluations,)}``, each metric at each evaluation.
+    """
 
     train_loss: jax.Array
     eval_loss: jax.Array
@@ -71,14 +81,58 @@ class History(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What ``fit`` returns (a pytree, so ``vmap``-ed fits return stacked results)."""
+    """What ``fit`` returns: a pytree, so ``vmap``-ed fits return stacked results.
 
-    params: Params  # with eval data: the best evaluation's; without: the final (last finite) ones
-    opt_state: Any  # the optimizer state that goes with ``params``'s training run
+    Fields:
+      params: with ``eval_data``, the params of the best evaluation (restored as the book's
+        trainer does); without, the final params (the last finite ones if training diverged).
+      opt_state: the optimizer state that goes with ``params``.
+      history: a ``History``: training loss per epoch, eval loss and metrics per evaluation.
+      best_epoch: epochs trained when ``params`` was taken, so ``fit(..., epochs=best_epoch)``
+        without ``eval_data`` and with the same key reproduces ``params``.
+      stopped_epoch: epochs trained when training stopped (``epochs`` if it never stopped).
+      diverged: True when a training or eval loss was not finite (``params`` stay finite).
+      best_eval: ``{"loss": ..., metric: ...}`` at the evaluation ``params`` come from (NaN
+        without ``eval_data``, or when no evaluation improved on the start).
+      last_train_loss: the training loss of the last epoch whose loss was finite (NaN if
+        none); ``history.train_loss[-1]`` is NaN once training stopped early.
+      resumed_epoch: epochs already trained when this call began: ``start_epoch`` (0 for a fresh
+        run), or the epoch of the checkpoint ``checkpoint_dir`` resumed from.
+      ema_params: with ``fit(..., ema_decay=d)``, the params' moving average that goes with
+        ``params``; ``None`` otherwise.
+    """
+
+    params: Params
+    opt_state: Any
     history: History
-    best_epoch: jax.Array  # epochs trained when ``params`` was taken
-    stopped_epoch: jax.Array  # epochs trained when training stopped (``epochs`` if it never did)
-    diverged: jax.Array  # a training or eval loss was not finite
+    best_epoch: jax.Array
+    stopped_epoch: jax.Array
+    diverged: jax.Array
+    best_eval: dict[str, jax.Array]
+    last_train_loss: jax.Array
+    resumed_epoch: jax.Array
+    ema_params: Params = None
+
+
+def _document_fields(kind: type) -> None:
+    """Give each field of a documented NamedTuple its line of the docstring, for ``help()``
+    (NamedTuple's own says only "Alias for field number 0")."""
+    doc = kind.__doc__ or ""
+    entries = doc[doc.index("Fields:") + len("Fields:") :].strip().split("\n")
+    text: dict[str, str] = {}
+    name = ""
+    for line in entries:
+        head, _, rest = line.strip().partition(": ")
+        if head in kind._fields:  # type: ignore[attr-defined]  # a NamedTuple
+            name, text[head] = head, rest
+        elif name:
+            text[name] += " " + line.strip()
+    for field, description in text.items():
+        getattr(kind, field).__doc__ = description
+
+
+_document_fields(History)
+_document_fields(FitResult)
 
 
 class Config(NamedTuple):
@@ -97,10 +151,12 @@ class Config(NamedTuple):
     metrics: tuple[str, ...]
     monitor: str
     maximize: bool
-    dtype: str  # of the losses and metrics
+    dtype: str  # of the loss and metric totals and the history: the loss's, at least float32
     progress: bool
     mesh: Mesh | None
     data_axis: str
+    loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
+    eval_ema: bool = False  # evaluate (and early-stop on) the params' moving average
     shards: int = 1  # equal parts of the rows, each shuffled on its own (``distributed.py``)
 
     @property
@@ -125,6 +181,7 @@ class TrainState(NamedTuple):
     train_loss: jax.Array  # (epochs,)
     eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
+    loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
 
 
 def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
@@ -156,7 +213,8 @@ def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable
         if not masked:
             return loss(prediction, y)
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
-        return jnp.sum(jnp.where(mask, per_row, 0)) / jnp.sum(mask).astype(per_row.dtype)
+        wide = per_row.astype(_checks.wide(per_row.dtype))  # a float16 sum of row losses overflows
+        return (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
 
     return batch_loss
 
@@ -207,21 +265,25 @@ def _fresh_state(
         opt_state = optimizer.init(params)
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays
+    # (a jitted function hands an input it returns unchanged back as the same buffer).
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     state = TrainState(
-        params,
-        opt_state,
-        params if has_eval else None,
-        opt_state if has_eval else None,
-        jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
-        int_(start_epoch),
-        int_(0),
-        jnp.asarray(False),
-        int_(c.epochs),
-        jnp.asarray(False),
-        int_(start_epoch),
-        _nan((c.epochs,), dtype),
-        _nan((c.evaluations,), dtype),
-        {name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        params=copy(params),
+        opt_state=copy(opt_state),
+        best_params=copy(params) if has_eval else None,
+        best_opt_state=copy(opt_state) if has_eval else None,
+        best=jnp.asarray(-jnp.inf if c.maximize else jnp.inf, dtype),
+        best_epoch=int_(start_epoch),
+        bad_evals=int_(0),
+        stopped=jnp.asarray(False),
+        stopped_epoch=int_(c.epochs),
+        diverged=jnp.asarray(False),
+        epoch=int_(start_epoch),
+        train_loss=_nan((c.epochs,), dtype),
+        eval_loss=_nan((c.evaluations,), dtype),
+        eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
+        loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
     )
     replicated: TrainState = distributed.replicate(state, c.mesh)
     return replicated
@@ -301,7 +363,18 @@ def _segment(
     c = config
     apply, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
-    value_and_grad = jax.value_and_grad(_batch_loss(apply, loss, c.masked))
+    batch_loss = _batch_loss(apply, loss, c.masked)
+    value_and_grad = jax.value_and_grad(batch_loss)
+
+    def scaled_loss(*args: Any) -> tuple[jax.Array, jax.Array]:
+        value = batch_loss(*args[:-1])
+        scale = args[-1]
+        return value * scale.astype(value.dtype), value
+
+    def scaled_value_and_grad(*args: Any) -> tuple[jax.Array, Any]:
+        (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return value, grads
+
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     # Each of the ``shards`` parts of the rows is batched on its own (``distributed.py``): a
     # global batch is every shard's local batch of ``local_batch`` rows, side by side.
@@ -318,20 +391,28 @@ def _segment(
             orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
         batches = orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2)
 
-        def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[tuple[Params, Any], jax.Array]:
-            params, opt_state = carry
+        def step(carry: tuple[Params, Any, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
+            params, opt_state, scaling = carry
             index, b = batch
             real = b * local_batch + jnp.arange(local_batch) < local
             mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
-            value, grads = value_and_grad(
-                params, shard(gather(x, index)), shard(gather(y, index)), mask, jax.random.fold_in(dropout_key, b)
-            )
-            params, opt_state = optimizer.update(grads, opt_state, params)
-            return (params, opt_state), value.astype(dtype) * (
+            args = (params, shard(gather(x, index)), shard(gather(y, index)), mask, jax.random.fold_in(dropout_key, b))
+            if c.loss_scale is None:
+                value, grads = value_and_grad(*args)
+                params, opt_state = optimizer.update(grads, opt_state, params)
+            else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
+                value, grads = scaled_value_and_grad(*args, scaling.scale)
+                grads, finite = c.loss_scale.unscale(scaling, grads)
+                stepped = optimizer.update(grads, opt_state, params)
+                params, opt_state = _select(finite, stepped, (params, opt_state))
+                scaling = c.loss_scale.adjust(scaling, finite)
+            return (params, opt_state, scaling), value.astype(dtype) * (
                 jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
             )
 
-        (params, opt_state), sums = lax.scan(step, (s.params, s.opt_state), (batches, jnp.arange(c.batches)))
+        (params, opt_state, scaling), sums = lax.scan(
+            step, (s.params, s.opt_state, s.loss_scale), (batches, jnp.arange(c.batches))
+        )
         train_loss = jnp.sum(sums) / used_rows
         finite = jnp.isfinite(train_loss)
         history = s.train_loss.at[e].set(train_loss)
@@ -348,10 +429,14 @@ def _segment(
                 diverged=~finite,
                 epoch=e + 1,
                 train_loss=history,
+                loss_scale=scaling,
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
-            values = lax.cond(is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, params)
+            watched_params = ema_params(opt_state, params) if c.eval_ema else params
+            values = lax.cond(
+                is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, watched_params
+            )
             diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
             watched = values[c.monitor]
             better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
@@ -361,20 +446,21 @@ def _segment(
             j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
             record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
             new = TrainState(
-                params,
-                opt_state,
-                _select(improved, params, s.best_params),
-                _select(improved, opt_state, s.best_opt_state),
-                jnp.where(improved, watched, s.best),
-                jnp.where(improved, e + 1, s.best_epoch),
-                bad_evals,
-                stop_now,
-                jnp.where(stop_now, e + 1, s.stopped_epoch),
-                diverged,
-                e + 1,
-                history,
-                record(s.eval_loss, values["loss"]),
-                {name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                params=params,
+                opt_state=opt_state,
+                best_params=_select(improved, params, s.best_params),
+                best_opt_state=_select(improved, opt_state, s.best_opt_state),
+                best=jnp.where(improved, watched, s.best),
+                best_epoch=jnp.where(improved, e + 1, s.best_epoch),
+                bad_evals=bad_evals,
+                stopped=stop_now,
+                stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
+                diverged=diverged,
+                epoch=e + 1,
+                train_loss=history,
+                eval_loss=record(s.eval_loss, values["loss"]),
+                eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+                loss_scale=scaling,
             )
         if c.progress:
             jax.debug.callback(progress.tick, e, train_loss, values)
@@ -386,7 +472,9 @@ def _segment(
     return done
 
 
-segment = jax.jit(_segment, static_argnames=("static", "config"))
+# The state a segment replaces is donated: its buffers hold the new state, so the program's peak
+# memory holds one training state, not two (``benchmarks/bench_memory.py``).
+segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
@@ -402,10 +490,42 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         params, opt_state = state.best_params, state.best_opt_state
     else:
         params, opt_state = state.params, state.opt_state
+    averaged = None
+    if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
+        opt_state, averaged = opt_state.inner, ema_params(opt_state, params)
     finished: FitResult = distributed.replicate(
-        FitResult(params, opt_state, history, state.best_epoch, state.stopped_epoch, state.diverged), c.mesh
+        FitResult(
+            params,
+            opt_state,
+            history,
+            state.best_epoch,
+            state.stopped_epoch,
+            state.diverged,
+            _best_eval(state, c),
+            _last_finite(history.train_loss),
+            jnp.asarray(start_epoch, jnp.int32),
+            averaged,
+        ),
+        c.mesh,
     )
     return finished
+
+
+def _best_eval(state: TrainState, c: Config) -> dict[str, jax.Array]:
+    """The eval loss and metrics of the evaluation ``best_epoch`` names (NaN if none improved)."""
+    values = {"loss": state.eval_loss, **state.eval_metrics}
+    if c.eval_rows == 0 or c.evaluations == 0:
+        return {"loss": _nan((), jnp.dtype(c.dtype))}
+    j = state.best_epoch // c.eval_every - 1
+    taken = (state.best_epoch % c.eval_every == 0) & (j >= 0) & jnp.isfinite(state.best)
+    index = jnp.clip(j, 0, c.evaluations - 1)
+    return {name: jnp.where(taken, v[index], jnp.nan) for name, v in values.items()}
+
+
+def _last_finite(losses: jax.Array) -> jax.Array:
+    finite = jnp.isfinite(losses)
+    last = losses.shape[0] - 1 - jnp.argmax(finite[::-1])
+    return jnp.where(jnp.any(finite), losses[last], jnp.nan)
 
 
 result = jax.jit(_result, static_argnames=("start_epoch", "config"))
