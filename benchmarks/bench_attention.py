@@ -6,7 +6,7 @@ Workload: batch 2, 4 heads, head_dim 64, float32, causal self-attention, T = S i
 ``g`` (gradients with respect to q, k, v), jitted, timed in alternation (round-robin) with
 ``jax.grad`` of the same through ``jax.nn.dot_product_attention(..., is_causal=True)``; medians
 and their ratio. Then the compiled gradient's temporary memory, from XLA's own accounting
-without running it: ``jax.jit(grad).lower(q, k, v).compile().memory_analysis()
+without running it: ``jax.jit(grad).lower(q, k, v, g).compile().memory_analysis()
 .temp_size_in_bytes``. The two are checked to compute the same gradients first.
 
     python benchmarks/bench_attention.py                  # the table
@@ -33,10 +33,11 @@ BATCH, HEADS, HEAD_DIM = 2, 4, 64
 def programs(T: int, block_size: int) -> tuple[dict, tuple]:
     rng = np.random.default_rng(T)
     q, k, v, g = (jnp.asarray(rng.standard_normal((BATCH, T, HEADS, HEAD_DIM)), jnp.float32) for _ in range(4))
-    ours = lambda q, k, v: jnp.vdot(fn.dot_product_attention(q, k, v, is_causal=True, block_size=block_size), g)
-    plain = lambda q, k, v: jnp.vdot(jax.nn.dot_product_attention(q, k, v, is_causal=True), g)
+    # g is an argument, not a constant the compiler would fold into the program.
+    ours = lambda q, k, v, g: jnp.vdot(fn.dot_product_attention(q, k, v, is_causal=True, block_size=block_size), g)
+    plain = lambda q, k, v, g: jnp.vdot(jax.nn.dot_product_attention(q, k, v, is_causal=True), g)
     grads = {name: jax.jit(jax.grad(f, argnums=(0, 1, 2))) for name, f in (("funcnet", ours), ("jax.nn", plain))}
-    return grads, (q, k, v)
+    return grads, (q, k, v, g)
 
 
 def temp_bytes(f, args: tuple) -> float:

@@ -2,9 +2,12 @@
 
 Workloads:
   BPTT: batch 32, time 25, 62 -> 256 (the book's vocabulary and hidden size), forward +
-    backward of <hs, g> for a fixed random g, jitted. Rows per cell (RNN, LSTM, GRU): funcnet's
-    custom_vjp (the book's per-step backward in a reverse scan) against jax.grad of the very
-    same lax.scan forward without the custom rule. Timed in alternation, medians.
+    backward of <hs, g> for a fixed random g, jitted, float32. Rows per cell (RNN, LSTM, GRU):
+    funcnet's custom_vjp (the book's per-step backward in a reverse scan) against jax.grad of
+    the very same lax.scan forward without the custom rule and, where PyTorch is installed,
+    against torch.nn.RNN / LSTM / GRU (CPU, torch.set_num_threads(2); its GRU is the
+    reset-after variant, the same matmuls) doing the same forward and backward (`backward(g)`,
+    gradients of the weights and x). Timed in alternation, medians.
   char model: examples/char_lm.py's LSTM model (one-hot 103 characters -> LSTM(256) ->
     TimeDistributed(Dense(103))), batch 32, sequences of 25, Adam with clip_value=2: fit's
     training steps per second over 2 epochs of 3,200 sequences (compile excluded).
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +37,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import char_lm
 
 
-def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: int) -> tuple[float, float]:
-    """Median seconds of one forward + backward: hand-derived, autodiff of the same scan."""
+def _torch_step(cell: str, batch: int, time_: int, inputs: int, hidden: int) -> Callable[[], Any] | None:
+    """One forward + backward of torch.nn's cell on the same workload (CPU, 2 threads); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](inputs, hidden, batch_first=True)
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((batch, time_, inputs)).astype(np.float32), requires_grad=True)
+    g = torch.tensor(rng.standard_normal((batch, time_, hidden)).astype(np.float32))
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = module(x)
+        out.backward(g)
+
+    return step
+
+
+def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: int) -> dict[str, float]:
+    """Median seconds of one forward + backward: hand-derived, autodiff of the same scan, torch."""
     layer = {"rnn": fn.RNN, "lstm": fn.LSTM, "gru": fn.GRU}[cell](hidden)
     _, params = layer.init(jax.random.PRNGKey(0), (-1, time_, inputs))
     rng = np.random.default_rng(0)
@@ -45,15 +72,23 @@ def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: in
     first = lambda out: out[0] if cell == "lstm" else out
     hand = jax.jit(jax.grad(lambda p, x: jnp.vdot(getattr(fn, cell)(x, p), g), argnums=(0, 1)))
     auto = jax.jit(jax.grad(lambda p, x: jnp.vdot(first(plain(x, p, *states)), g), argnums=(0, 1)))
-    times = {"hand": [], "auto": []}
-    for f in (hand, auto):
-        jax.block_until_ready(f(params, x))
-    for _ in range(rounds):
-        for name, f in (("hand", hand), ("auto", auto)):
+    variants: dict[str, Callable[[], Any]] = {
+        "hand": lambda: jax.block_until_ready(hand(params, x)),
+        "auto": lambda: jax.block_until_ready(auto(params, x)),
+    }
+    torch_step = _torch_step(cell, batch, time_, inputs, hidden)
+    if torch_step is not None:
+        variants["torch"] = torch_step
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for run in variants.values():  # compile, warm up
+        run()
+        run()
+    for _ in range(rounds):  # interleaved
+        for name, run in variants.items():
             start = time.perf_counter()
-            jax.block_until_ready(f(params, x))
+            run()
             times[name].append(time.perf_counter() - start)
-    return float(np.median(times["hand"])), float(np.median(times["auto"]))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def char_model_steps_per_second(rows: int, epochs: int) -> float:
@@ -90,11 +125,19 @@ def main() -> None:
     rounds = 2 if args.quick else 30
     print(f"Machine: {machine()}\n")
     rows = []
+    with_torch = True
     for cell in ("rnn", "lstm", "gru"):
-        hand, auto = bptt(cell, *shape, rounds)
-        rows.append([cell.upper(), f"{1e3 * hand:.2f}", f"{1e3 * auto:.2f}", f"{hand / auto:.3f}"])
+        t = bptt(cell, *shape, rounds)
+        with_torch = "torch" in t
+        row = [cell.upper(), f"{1e3 * t['hand']:.2f}", f"{1e3 * t['auto']:.2f}", f"{t['hand'] / t['auto']:.3f}"]
+        if with_torch:
+            row += [f"{1e3 * t['torch']:.2f}", f"{t['hand'] / t['torch']:.3f}"]
+        rows.append(row)
+    headers = ["cell", "hand-derived BPTT", "autodiff of the same scan", "hand / autodiff"]
+    if with_torch:
+        headers += ["torch.nn (CPU, 2 threads)", "hand / torch"]
     print(f"BPTT, batch {shape[0]}, time {shape[1]}, {shape[2]} -> {shape[3]}, forward + backward (median ms)")
-    print(table(["cell", "hand-derived BPTT", "autodiff of the same scan", "ratio"], rows))
+    print(table(headers, rows))
     rate = char_model_steps_per_second(64 if args.quick else 3200, 1 if args.quick else 2)
     print(f"\nCharacter model (LSTM 256, batch 32, time 25, vocabulary 103): fit at {rate:.1f} steps/s")
 

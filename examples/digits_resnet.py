@@ -1,13 +1,16 @@
-"""A small residual CNN on the 8x8 digits, against the book's chapter-5 CNN, same epochs.
+"""A small residual CNN on the 8x8 digits, with BatchNorm, LayerNorm or no normalisation,
+against the book's chapter-5 CNN, same epochs.
 
 Residual network: Conv2D(16, 3x3, relu) stem, two pre-norm residual blocks
-``residual(LayerNorm(), Conv2D(16, 3x3, relu), Conv2D(16, 3x3))`` (``--no-norm`` drops the
-LayerNorm), AvgPool2D(2), Flatten, Dense(10). The chapter-5 CNN is examples/digits_cnn.py's:
-Conv2D(16, 5x5, tanh), Dropout(0.2), Flatten, Dense(10). Both train the same way: softmax CE,
-momentum 0.9 at learning rate 0.03 (at digits_cnn.py's 0.1 the normalised residual network
-diverges), batch 60, the best evaluation kept; both test accuracies are printed.
+``residual(Norm(), Conv2D(16, 3x3, relu), Conv2D(16, 3x3))`` where ``Norm`` is ``BatchNorm()``
+(statistics over batch, height and width, running statistics at test time), ``LayerNorm()``
+(over each pixel's channels) or nothing, then AvgPool2D(2), Flatten, Dense(10). The chapter-5
+CNN is examples/digits_cnn.py's: Conv2D(16, 5x5, tanh), Dropout(0.2), Flatten, Dense(10). All
+train the same way: softmax CE, momentum 0.9 at learning rate 0.03 (at digits_cnn.py's 0.1 the
+normalised residual networks diverge), batch 60, the best evaluation kept; every test accuracy
+is printed.
 
-    python examples/digits_resnet.py [--quick] [--no-norm]
+    python examples/digits_resnet.py [--quick] [--norm batch|layer|none|all] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from digits_cnn import GLOROT, book_cnn, train
 
 import funcnet as fn
 
+NORMS = {"batch": fn.BatchNorm, "layer": fn.LayerNorm, "none": None}
 
-def resnet(norm: bool) -> fn.Layer:
-    def block():
-        norms = [fn.LayerNorm()] if norm else []
+
+def resnet(norm: str = "layer") -> fn.Layer:
+    """The residual CNN with ``norm`` ("batch", "layer" or "none") at the head of each block."""
+
+    def block() -> fn.Layer:
+        norms = [NORMS[norm]()] if NORMS[norm] is not None else []
         return fn.residual(*norms, fn.Conv2D(16, 3, fn.relu, **GLOROT), fn.Conv2D(16, 3, fn.linear, **GLOROT))
 
     return fn.serial(
@@ -36,20 +43,22 @@ def resnet(norm: bool) -> fn.Layer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 epoch each")
-    parser.add_argument("--no-norm", action="store_true", help="residual blocks without LayerNorm")
+    parser.add_argument("--quick", action="store_true", help="1 epoch, the BatchNorm network alone")
+    parser.add_argument("--norm", choices=[*NORMS, "all"], default=None, help="residual networks to train (all)")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     epochs = 1 if args.quick else args.epochs
-    net = resnet(norm=not args.no_norm)
-    print(fn.summary(net, (-1, 8, 8, 1)))
-    results = {
-        name: train(layer, epochs, progress=not args.quick, learning_rate=0.03)
-        for name, layer in (("chapter-5 CNN", book_cnn()), ("residual CNN", net))
-    }
+    norm = args.norm or ("batch" if args.quick else "all")
+    norms = list(NORMS) if norm == "all" else [norm]
+    print(fn.summary(resnet(norms[0]), (-1, 8, 8, 1)))
+    labels = {"batch": "BatchNorm", "layer": "LayerNorm", "none": "no norm"}
+    nets = {f"residual, {labels[n]}": resnet(n) for n in norms}
+    if not args.quick:
+        nets = {"chapter-5 CNN": book_cnn(), **nets}
+    results = {name: train(net, epochs, progress=not args.quick, learning_rate=0.03) for name, net in nets.items()}
     print(f"\ntest accuracy after up to {epochs} epochs each")
     for name, accuracy in results.items():
-        print(f"  {name:<14} {accuracy:.2%}")
+        print(f"  {name:<22} {accuracy:.2%}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,19 @@ from funcnet.layers import (
     param_count,
     serial,
     summary,
+    train_apply,
 )
 from funcnet.losses import mean_squared_error, softmax_cross_entropy
 from funcnet.metrics import accuracy
-from funcnet.normalization import LayerNorm, LayerNormParams, layer_norm
+from funcnet.normalization import (
+    BatchNorm,
+    BatchNormParams,
+    BatchNormStats,
+    LayerNorm,
+    LayerNormParams,
+    batch_norm,
+    layer_norm,
+)
 from funcnet.ops import bias_add, dropout, gelu, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import (
     Optimizer,
@@ -43,6 +52,7 @@ from funcnet.optimizers import (
 )
 from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
+from funcnet.state import merge_state, split_state
 from funcnet.train import FitCheckpoint, FitResult, History, fit, read_checkpoint, train_step
 
 __version__ = "0.1.0"
@@ -53,6 +63,9 @@ __all__ = [
     "RNN",
     "AttentionParams",
     "AvgPool2D",
+    "BatchNorm",
+    "BatchNormParams",
+    "BatchNormStats",
     "Conv2D",
     "Conv2DParams",
     "Dense",
@@ -88,6 +101,7 @@ __all__ = [
     "adam",
     "adamw",
     "avg_pool2d",
+    "batch_norm",
     "bias_add",
     "check_vjp",
     "constant",
@@ -109,6 +123,7 @@ __all__ = [
     "lstm",
     "max_pool2d",
     "mean_squared_error",
+    "merge_state",
     "mixed_precision",
     "momentum",
     "multi_optimizer",
@@ -125,9 +140,11 @@ __all__ = [
     "sgd",
     "sigmoid",
     "softmax_cross_entropy",
+    "split_state",
     "standard_normal",
     "summary",
     "tanh",
+    "train_apply",
     "train_step",
     "warmup_cosine_decay",
     "weight_multiply",

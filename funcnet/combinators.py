@@ -11,6 +11,8 @@ Contract, stated once:
   shape, which ``init`` checks.
 * Params: a tuple with one entry per layer (``residual``, ``parallel``), ``()`` for the fan-outs
   and fan-ins. Keys are split per layer or branch, so every branch's dropout draws its own mask.
+  In training mode (``funcnet.train_apply``) each child runs in training mode and its updated
+  state comes back in its entry; a batch mask reaches every branch (they share the batch axis).
 * ``summary`` lists the layers inside by path (``2.0``, ``2.1``: the branches of the combinator
   at position 2), and an error inside names that path, as ``serial`` does.
 * The plumbing (copies, sums, concatenation) is linear, and its gradient is JAX's own; every
@@ -31,6 +33,7 @@ from funcnet import _checks
 from funcnet.layers import (
     Layer,
     LayerSpec,
+    Params,
     _Serial,
     blame,
     check_entries,
@@ -38,6 +41,7 @@ from funcnet.layers import (
     check_layers,
     init_child,
     layer_spec,
+    run_child,
     split_key,
 )
 
@@ -84,14 +88,16 @@ class _Residual(_Serial):
             )
         return output_shape, params
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        y = super().apply(params, x, key=key)
+    def run(
+        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+    ) -> tuple[Any, Params]:
+        y, params = super().run(params, x, key=key, mask=mask, train=train)
         if jnp.shape(y) != jnp.shape(x):
             raise ValueError(
                 f"residual: its layers must keep the input's shape for x + f(x), but they turn "
                 f"{jnp.shape(x)} into {jnp.shape(y)}."
             )
-        return x + y
+        return x + y, params
 
 
 def residual(*layers: Layer) -> Layer:
@@ -147,15 +153,27 @@ class _Parallel(LayerSpec):
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)
 
     def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        return self.run(params, x, key=key, mask=None, train=False)[0]
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Params]:
+        return self.run(params, x, key=key, mask=mask, train=True)
+
+    def run(
+        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+    ) -> tuple[Any, Params]:
         check_entries("parallel", params, len(self.layers))
         xs = _inputs("parallel", x, len(self.layers))
-        outputs = []
+        outputs, new = [], []
         for i, (layer, p, x_i, k) in enumerate(
             zip(self.layers, params, xs, split_key(key, len(self.layers)), strict=True)
         ):
             with blame("parallel", i, layer):
-                outputs.append(layer.apply(p, x_i, key=k))
-        return tuple(outputs)
+                y, p = run_child(layer, p, x_i, key=k, mask=mask, train=train)
+            outputs.append(y)
+            new.append(p)
+        return tuple(outputs), tuple(new)
 
 
 def parallel(*layers: Layer) -> Layer:

@@ -13,21 +13,39 @@ axis. The forward saves ``x̂``, ``1 / sqrt(var + eps)`` and ``gamma``.
 
 Precision: the mean, the variance and the backward's means are computed in at least float32
 (float16's ``300**2`` overflows) and the results cast back to ``x``'s dtype.
+
+Batch normalisation, ``batch_norm(x, gamma, beta, *, eps, mask)``, normalises over every axis
+but the last (rows ``(N, C)``, NHWC images over N, H, W, sequences over batch and time) with the
+batch's statistics, and returns them: ``(y, mean, var)``, ``var`` biased. ``mask: (batch,)``
+bool keeps rows out of the statistics (fit's padded last batch); with ``w`` the mask and ``n``
+the number of values per channel it counts, ``mean = sum(w x) / n``,
+``var = sum(w (x - mean)**2) / n``. Its backward, written out: with ``s = 1 / sqrt(var + eps)``,
+``x̂ = (x - mean) s`` and ``g`` the output gradient, sums over all but the last axis,
+``dbeta = sum(g)``, ``dgamma = sum(g x̂)`` and
+``dx = gamma s (g - w (sum(g) + x̂ sum(g x̂)) / n)``, which without a mask is the textbook
+``dx = gamma s / n (n g - sum(g) - x̂ sum(g x̂))``; cotangents ``dm``, ``dv`` of the returned
+statistics add ``w (dm + 2 dv x̂ / s) / n``. Statistics accumulate in at least float32.
+``BatchNorm`` keeps running statistics in ``BatchNormParams.stats`` (layer state,
+``funcnet.state``): ``apply`` is inference with them, ``train_apply`` normalises with the
+batch's and updates them as ``torch.nn.BatchNorm1d/2d(momentum=1 - ours)`` does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from funcnet import _checks
 from funcnet._values import number
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
+from funcnet.state import register_state
 
-__all__ = ["LayerNorm", "LayerNormParams", "layer_norm"]
+__all__ = ["BatchNorm", "BatchNormParams", "BatchNormStats", "LayerNorm", "LayerNormParams", "batch_norm", "layer_norm"]
 
 
 def _features(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -144,3 +162,221 @@ def LayerNorm(eps: float = 1e-5, *, dtype: Any = None) -> Layer:
     ``gamma`` (ones) and ``beta`` (zeros)."""
     _checks.real_number("LayerNorm", "eps", eps, low=0.0, low_open=True)
     return _LayerNorm(float(number(eps)), default_dtype(dtype)).layer()
+
+
+# --- Batch normalisation (with layer state) -----------------------------------------------------
+
+
+def _counted(x: jax.Array, mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The mask as weights ``(batch, 1, ..., 1)`` and ``n``, the values per channel it counts."""
+    weights = mask.astype(dtype).reshape(mask.shape + (1,) * (x.ndim - 1))
+    return weights, jnp.sum(mask).astype(dtype) * math.prod(x.shape[1:-1])
+
+
+def _batch_statistics(
+    x: jax.Array, mask: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``x̂``, the batch mean and biased variance, ``1 / sqrt(var + eps)``, the weights and ``n``."""
+    dtype = _checks.wide(x.dtype)
+    wide = x.astype(dtype)
+    weights, n = _counted(x, mask, dtype)
+    leading = _leading(x)
+    mean = jnp.sum(wide * weights, axis=leading) / n
+    centred = wide - _features(wide, mean)
+    var = jnp.sum(weights * centred * centred, axis=leading) / n
+    inverse = lax.rsqrt(var + jnp.asarray(eps, dtype))
+    return centred * _features(wide, inverse), mean, var, inverse, weights, n
+
+
+def _batch_norm(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x_hat, mean, var, _, _, _ = _batch_statistics(x, mask, eps)
+    dtype = x_hat.dtype
+    y = x_hat * _features(x_hat, gamma.astype(dtype)) + _features(x_hat, beta.astype(dtype))
+    return y.astype(x.dtype), mean, var
+
+
+def _batch_norm_fwd(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array, eps: float
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    x_hat, mean, var, inverse, weights, n = _batch_statistics(x, mask, eps)
+    dtype = x_hat.dtype
+    y = x_hat * _features(x_hat, gamma.astype(dtype)) + _features(x_hat, beta.astype(dtype))
+    return (y.astype(x.dtype), mean, var), (x_hat, inverse, gamma, weights, n, mask)
+
+
+def _batch_norm_bwd(
+    eps: float, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+    del eps
+    x_hat, inverse, gamma, weights, n, mask = residuals
+    output_grad, mean_grad, var_grad = cotangents
+    dtype = x_hat.dtype
+    g = output_grad.astype(dtype)
+    f = lambda v: _features(x_hat, v)
+    leading = _leading(x_hat)
+    sum_g = jnp.sum(g, axis=leading)  # dbeta
+    sum_g_hat = jnp.sum(g * x_hat, axis=leading)  # dgamma
+    # dx = gamma s (g - w (sum(g) + x̂ sum(g x̂)) / n), plus the returned statistics' share.
+    input_grad = f(gamma.astype(dtype) * inverse) * (g - weights * (f(sum_g) + x_hat * f(sum_g_hat)) / n)
+    input_grad = (
+        input_grad + weights * (f(mean_grad.astype(dtype)) + 2 * f(var_grad.astype(dtype) / inverse) * x_hat) / n
+    )
+    return (
+        input_grad.astype(gamma.dtype),
+        sum_g_hat.astype(gamma.dtype),
+        sum_g.astype(gamma.dtype),
+        np.zeros(mask.shape, dtype=jax.dtypes.float0),
+    )
+
+
+_batch_norm_vjp = jax.custom_vjp(_batch_norm, nondiff_argnums=(4,))
+_batch_norm_vjp.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch normalisation with the batch's statistics: ``(y, mean, var)``, ``var`` biased.
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with ``mean``, ``var`` over every axis
+    but the last of ``x: (batch, ..., channels)``. The backward is the module docstring's.
+
+    Args:
+      x: at least 2-D, floating.
+      gamma, beta: ``(channels,)``, the scale and shift, of x's dtype.
+      eps: added to the variance, > 0.
+      mask: ``(batch,)`` bool, the rows the statistics count (all, if None). Every row is
+        normalised. A concrete mask is checked to count at least 2 values per channel; a traced
+        one cannot be, and one counting fewer gives NaN statistics.
+    Returns:
+      ``y`` (x's shape and dtype), and the batch ``mean`` and biased ``var``, ``(channels,)``,
+      in at least float32.
+    """
+    fn = "batch_norm"
+    for name, value in (("x", x), ("gamma", gamma), ("beta", beta)):
+        _checks.floating(fn, name, value)
+        _checks.same_dtype(fn, ("x", name), x, value)
+    if x.ndim < 2 or x.shape[-1] == 0:
+        raise ValueError(
+            f"{fn}: x must be at least 2-D (batch, ..., channels) with channels, got shape {tuple(x.shape)}."
+        )
+    for name, value in (("gamma", gamma), ("beta", beta)):
+        if value.shape != (x.shape[-1],):
+            raise ValueError(
+                f"{fn}: {name} must have shape (channels,) = ({x.shape[-1]},) for x.shape="
+                f"{tuple(x.shape)}, got {tuple(value.shape)}."
+            )
+    _checks.real_number(fn, "eps", eps, low=0.0, low_open=True)
+    if not _checks.is_concrete(eps):
+        raise TypeError(f"{fn}: eps must be a concrete number (it is static), got a traced value.")
+    per_row = math.prod(x.shape[1:-1])
+    if mask is None:
+        mask = jnp.ones(x.shape[:1], bool)
+        counted = x.shape[0] * per_row
+    else:
+        _checks.array(fn, "mask", mask)
+        if mask.dtype != bool or mask.shape != x.shape[:1]:
+            raise TypeError(
+                f"{fn}: mask must be a bool array of shape (batch,) = ({x.shape[0]},), got "
+                f"{mask.dtype} {tuple(mask.shape)}."
+            )
+        counted = int(np.sum(np.asarray(mask))) * per_row if _checks.is_concrete(mask) else 2
+    if counted < 2:
+        raise ValueError(
+            f"{fn}: batch statistics need at least 2 values per channel, got {counted} (x.shape="
+            f"{tuple(x.shape)}); a batch of one row has no variance (torch refuses it too). "
+            f"Normalise a single row with the running statistics (the layer's apply)."
+        )
+    return _batch_norm_vjp(x, gamma, beta, mask, float(eps))
+
+
+@register_state
+class BatchNormStats(NamedTuple):
+    """BatchNorm's running statistics, ``(channels,)`` each: layer state, never trained.
+
+    ``var`` averages the *unbiased* batch variances, as torch's ``running_var`` does.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+
+
+class BatchNormParams(NamedTuple):
+    """``gamma``, ``beta``: ``(channels,)``, ones and zeros; ``stats``: zeros and ones."""
+
+    gamma: jax.Array
+    beta: jax.Array
+    stats: BatchNormStats
+
+
+@layer_spec
+class _BatchNorm(LayerSpec):
+    momentum: float
+    eps: float
+    dtype: Any = init_only()
+
+    @property
+    def name(self) -> str:
+        return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
+        del key
+        shape = check_input_shape(self.name, input_shape, None, "(batch, ..., channels)")
+        if len(shape) < 2:
+            raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., channels), got {shape}.")
+        ones, zeros = jnp.ones(shape[-1:], self.dtype), jnp.zeros(shape[-1:], self.dtype)
+        return shape, BatchNormParams(ones, zeros, BatchNormStats(zeros, ones))
+
+    def _check(self, params: Any, x: Any) -> None:
+        check_params(self.name, params, BatchNormParams, "BatchNormParams(gamma, beta, stats)")
+        check_params(self.name, params.stats, BatchNormStats, "BatchNormStats(mean, var) in params.stats")
+        _checks.floating(self.name, "x", x)
+        if x.ndim < 2 or np.shape(params.gamma) != x.shape[-1:]:
+            raise ValueError(
+                f"{self.name}: x must be (batch, ..., channels) with the {np.shape(params.gamma)[0]} "
+                f"channels of params.gamma, got shape {tuple(x.shape)}."
+            )
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        """Inference: normalise with the running statistics (an affine map; autodiff's gradient)."""
+        del key
+        self._check(params, x)
+        _checks.same_dtype(self.name, ("x", "params.gamma"), x, params.gamma)
+        dtype = _checks.wide(x.dtype)
+        scale = params.gamma.astype(dtype) * lax.rsqrt(params.stats.var.astype(dtype) + jnp.asarray(self.eps, dtype))
+        shift = params.beta.astype(dtype) - params.stats.mean.astype(dtype) * scale
+        return (x.astype(dtype) * _features(x, scale) + _features(x, shift)).astype(x.dtype)
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Any]:
+        """Training: normalise with the batch's statistics and update the running ones:
+        ``running = momentum * running + (1 - momentum) * batch``, the unbiased variance for ``var``."""
+        del key
+        self._check(params, x)
+        y, mean, var = batch_norm(x, params.gamma, params.beta, eps=self.eps, mask=mask)
+        n = jnp.asarray(x.shape[0] if mask is None else jnp.sum(mask), var.dtype) * math.prod(x.shape[1:-1])
+        unbiased = var * n / (n - 1)
+        old = params.stats
+
+        def average(running: jax.Array, batch: jax.Array) -> jax.Array:
+            new = self.momentum * running.astype(batch.dtype) + (1 - self.momentum) * batch
+            return lax.stop_gradient(new).astype(running.dtype)
+
+        return y, params._replace(stats=BatchNormStats(average(old.mean, mean), average(old.var, unbiased)))
+
+
+def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, *, dtype: Any = None) -> Layer:
+    """Batch normalisation over every axis but the last, with running statistics (layer state).
+
+    ``apply(params, x)`` is inference, with the running statistics; ``funcnet.train_apply``
+    normalises with the batch's (``batch_norm``) and updates them,
+    ``running = momentum * running + (1 - momentum) * batch``: torch's
+    ``BatchNorm1d/2d(momentum=1 - momentum)``, so statistics port both ways. Params:
+    ``BatchNormParams(gamma, beta, stats=BatchNormStats(mean, var))``.
+    """
+    _checks.real_number("BatchNorm", "momentum", momentum, low=0.0, high=1.0, high_open=True)
+    _checks.real_number("BatchNorm", "eps", eps, low=0.0, low_open=True)
+    return _BatchNorm(float(number(momentum)), float(number(eps)), default_dtype(dtype)).layer()

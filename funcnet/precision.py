@@ -14,6 +14,8 @@ Contract, stated once:
   steps in a row it is doubled. Its state (``LossScaleState``) is part of fit's training state,
   so checkpoints and resume carry it.
 * bfloat16 has float32's range: it needs no loss scaling.
+* Layer state (BatchNorm's running statistics) is not cast: it stays float32, and training mode
+  (``funcnet.train_apply``) passes through to the inner layer and returns its updated state.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks
-from funcnet.layers import Layer, LayerSpec, layer_name, layer_spec, spec_of
+from funcnet.layers import Layer, LayerSpec, layer_name, layer_spec, spec_of, train_mode
+from funcnet.state import merge_state, split_state
 
 __all__ = ["DynamicLossScale", "LossScaleState", "mixed_precision"]
 
@@ -59,9 +62,21 @@ class _MixedPrecision(LayerSpec):
         output_shape, params = self.inner.init(key, input_shape)
         return output_shape, _cast(params, jnp.float32)
 
+    def _low(self, params: Any) -> Any:
+        """The params in ``compute_dtype``; layer state (running statistics) stays float32."""
+        trainable, state = split_state(params)
+        return merge_state(_cast(trainable, self.compute_dtype), state)
+
     def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        y = self.inner.apply(_cast(params, self.compute_dtype), _cast(x, self.compute_dtype), key=key)
+        y = self.inner.apply(self._low(params), _cast(x, self.compute_dtype), key=key)
         return _cast(y, jnp.float32)
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Any]:
+        """Training mode of the inner layer; its updated state comes back, the master params stay."""
+        y, new = train_mode(self.inner.apply)(self._low(params), _cast(x, self.compute_dtype), key=key, mask=mask)
+        return _cast(y, jnp.float32), merge_state(split_state(params)[0], split_state(new)[1])
 
 
 def mixed_precision(layer: Layer, compute_dtype: Any) -> Layer:

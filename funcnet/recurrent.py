@@ -53,6 +53,7 @@ from funcnet.layers import (
     layer_name,
     layer_spec,
     spec_of,
+    train_mode,
 )
 
 Array = jax.Array
@@ -156,14 +157,31 @@ def _previous(first: jax.Array, states: jax.Array) -> jax.Array:
     return jnp.concatenate([first[None], states[:-1]])
 
 
-def _input_part(x: jax.Array, W_x: jax.Array, B: jax.Array) -> jax.Array:
-    """``x_t @ W_x + B`` for every step at once, time-major ``(time, batch, ·)``."""
-    return jnp.einsum("btv,vg->tbg", x, W_x) + B[None]
+def _rows(a: jax.Array) -> jax.Array:
+    """``(batch, time, F)`` as time-major rows ``(time * batch, F)``: one small transpose of the input."""
+    return jnp.swapaxes(a, 0, 1).reshape(-1, a.shape[-1])
 
 
-def _weight_grads(x: jax.Array, h_prev: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The book's per-step ``Z.T @ d_int``, summed over time, for ``Z = [x, h_prev]``; and the bias's."""
-    return (jnp.einsum("btv,tbg->vg", x, d), jnp.einsum("tbh,tbg->hg", h_prev, d), jnp.sum(d, axis=(0, 1))[None])
+def _input_part(x_rows: jax.Array, W_x: jax.Array, B: jax.Array, time: int) -> jax.Array:
+    """``x_t @ W_x + B`` for every step at once, one matmul, time-major ``(time, batch, ·)``."""
+    return (x_rows @ W_x + B).reshape(time, -1, W_x.shape[1])
+
+
+def _flat(a: jax.Array) -> jax.Array:
+    """Time-major ``(time, batch, F)`` as rows ``(time * batch, F)`` (free: no data moves)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _weight_grads(x_rows: jax.Array, h_prev: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The book's per-step ``Z.T @ d_int`` summed over time, for ``Z = [x, h_prev]``: one matmul
+    over all steps, ``(V + H, G)``; and the bias's, ``(1, G)``."""
+    rows = _flat(d)
+    return jnp.concatenate([x_rows, _flat(h_prev)], axis=1).T @ rows, jnp.sum(rows, axis=0)[None]
+
+
+def _input_grad(d: jax.Array, W_x: jax.Array, batch: int) -> jax.Array:
+    """``d_int @ W_x.T`` for every step at once, back to ``(batch, time, V)``."""
+    return jnp.swapaxes((_flat(d) @ W_x.T).reshape(-1, batch, W_x.shape[0]), 0, 1)
 
 
 def _split(a: jax.Array, parts: int) -> list[jax.Array]:
@@ -185,7 +203,7 @@ def _rnn_forward(x: Array, params: RNNParams, h0: Array) -> Array:
         h = jnp.tanh(xw + h @ W_h)
         return h, h
 
-    _, hs = lax.scan(step, h0, _input_part(x, params.W[:inputs], params.B))
+    _, hs = lax.scan(step, h0, _input_part(_rows(x), params.W[:inputs], params.B, x.shape[1]))
     return hs  # time-major
 
 
@@ -210,8 +228,8 @@ def _rnn_bwd(residuals: Any, output_grad: Array) -> tuple[Array, RNNParams, Arra
         return d @ W_h.T, d
 
     dh0, d = lax.scan(step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), hs), reverse=True)
-    dW_x, dW_h, dB = _weight_grads(x, _previous(h0, hs), d)
-    return jnp.einsum("tbg,vg->btv", d, W_x), RNNParams(jnp.concatenate([dW_x, dW_h]), dB), dh0
+    dW, dB = _weight_grads(_rows(x), _previous(h0, hs), d)
+    return _input_grad(d, W_x, x.shape[0]), RNNParams(dW, dB), dh0
 
 
 _rnn_vjp = jax.custom_vjp(_rnn)
@@ -264,7 +282,7 @@ def _lstm_forward(x: Array, params: LSTMParams, h0: Array, c0: Array) -> tuple[A
         h = o * jnp.tanh(c)
         return (h, c), (h, c, f, i, c_bar, o)
 
-    _, saved = lax.scan(step, (h0, c0), _input_part(x, W[:inputs], B))
+    _, saved = lax.scan(step, (h0, c0), _input_part(_rows(x), W[:inputs], B, x.shape[1]))
     return saved  # time-major: hs, cs and the gates
 
 
@@ -302,11 +320,10 @@ def _lstm_bwd(residuals: Any, output_grads: tuple[Array, Array]) -> tuple[Array,
 
     steps = (jnp.swapaxes(output_grad, 0, 1), cs, _previous(c0, cs), f, i, c_bar, o)
     (dh0, dc0), d = lax.scan(step, (jnp.zeros_like(h0), c_last_grad), steps, reverse=True)
-    dW_x, dW_h, dB = _weight_grads(x, _previous(h0, hs), d)
-    dW = _split(jnp.concatenate([dW_x, dW_h]), 4)
-    dBs = _split(dB, 4)
-    grads = LSTMParams(dW[0], dBs[0], dW[1], dBs[1], dW[2], dBs[2], dW[3], dBs[3])
-    return jnp.einsum("tbg,vg->btv", d, W_x), grads, dh0, dc0
+    dW_all, dB_all = _weight_grads(_rows(x), _previous(h0, hs), d)
+    dW, dB = _split(dW_all, 4), _split(dB_all, 4)
+    grads = LSTMParams(dW[0], dB[0], dW[1], dB[1], dW[2], dB[2], dW[3], dB[3])
+    return _input_grad(d, W_x, x.shape[0]), grads, dh0, dc0
 
 
 _lstm_vjp = jax.custom_vjp(_lstm)
@@ -370,7 +387,7 @@ def _gru_forward(x: Array, params: GRUParams, h0: Array) -> tuple[Array, ...]:
         h = u * h + (1 - u) * h_bar
         return h, (h, r, u, h_bar)
 
-    _, saved = lax.scan(step, h0, _input_part(x, W_x, B))
+    _, saved = lax.scan(step, h0, _input_part(_rows(x), W_x, B, x.shape[1]))
     return saved  # time-major: hs and the gates
 
 
@@ -403,12 +420,13 @@ def _gru_bwd(residuals: Any, output_grad: Array) -> tuple[Array, GRUParams, Arra
         step, jnp.zeros_like(h0), (jnp.swapaxes(output_grad, 0, 1), h_prev, r, u, h_bar), reverse=True
     )
     d = jnp.concatenate([d_ru, dh_bar_int], axis=-1)
-    dW_x = _split(jnp.einsum("btv,tbg->vg", x, d), 3)
-    dW_ru = _split(jnp.einsum("tbh,tbg->hg", h_prev, d_ru), 2)
-    dW_hh = jnp.einsum("tbh,tbg->hg", r * h_prev, dh_bar_int)
-    dB = _split(jnp.sum(d, axis=(0, 1))[None], 3)
+    d_rows = _flat(d)
+    dW_x = _split(_rows(x).T @ d_rows, 3)
+    dW_ru = _split(_flat(h_prev).T @ _flat(d_ru), 2)
+    dW_hh = _flat(r * h_prev).T @ _flat(dh_bar_int)
+    dB = _split(jnp.sum(d_rows, axis=0)[None], 3)
     grads = GRUParams(dW_x[0], dW_ru[0], dB[0], dW_x[1], dW_ru[1], dB[1], dW_x[2], dW_hh, dB[2])
-    return jnp.einsum("tbg,vg->btv", d, W_x), grads, dh0
+    return _input_grad(d, W_x, x.shape[0]), grads, dh0
 
 
 _gru_vjp = jax.custom_vjp(_gru)
@@ -610,6 +628,21 @@ class _TimeDistributed(LayerSpec):
             )
         y = self.inner.apply(params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key)
         return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Any]:
+        """Training mode: the inner layer's, on every (row, step) as a row; a row mask covers its steps."""
+        _checks.array(self.name, "x", x)
+        if x.ndim < 3:
+            raise ValueError(
+                f"{self.name}: x must be at least 3-D (batch, time, features...), got shape {tuple(x.shape)}."
+            )
+        steps = None if mask is None else jnp.repeat(mask, x.shape[1])
+        y, params = train_mode(self.inner.apply)(
+            params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key, mask=steps
+        )
+        return y.reshape(x.shape[0], x.shape[1], *y.shape[1:]), params
 
 
 def TimeDistributed(layer: Layer) -> Layer:

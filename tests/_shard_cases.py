@@ -104,6 +104,21 @@ def test_clear_errors():
         fn.fit(NET, fn.mean_squared_error, fn.sgd(0.1), PARAMS, (X, Y), epochs=1, key=KEY, mesh=jax.devices())
 
 
+def test_batch_norm_statistics_are_global_a_mesh_fit_equals_a_one_device_fit():
+    # BatchNorm synchronised across devices: batch statistics are means over the global batch,
+    # the masked last batch (60 rows, batches of 8) included.
+    net = fn.serial(fn.Dense(8, fn.tanh), fn.BatchNorm(0.8), fn.Dense(2, fn.linear))
+    params = net.init(KEY, (-1, 5))[1]
+
+    def bn_run(**kw):
+        return fn.fit(net, fn.mean_squared_error, fn.momentum(0.05), params, (X, Y), (X[:20], Y[:20]),
+                      epochs=4, batch_size=8, eval_every=2, key=KEY, **kw)  # fmt: skip
+
+    assert not np.allclose(bn_run().params[1].stats.var, 1.0)
+    for devices in (2, 4):  # the one-device fit of as many shards: each device shuffles its own rows
+        close(bn_run(mesh=mesh(devices)), bn_run(shards=devices))
+
+
 # What the compiled program does under a mesh: every assertion below fails when the batch is
 # not sharded (replicated data, or each step gathering rows across devices).
 ROWS, EVAL_ROWS, BATCH, HIDDEN = 264, 52, 44, 7  # per device: 66, 13 and 11 rows; sizes no other shape has

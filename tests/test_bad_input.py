@@ -79,6 +79,8 @@ BRANCH_PARAMS = BRANCHES.init(KEY, (-1, 3))[1]
 HEADS = rng.standard_normal((2, 4, 2, 3))  # (batch, length, heads, head_dim)
 ATTENTION = fn.MultiHeadAttention(2)
 ATTENTION_PARAMS = ATTENTION.init(KEY, (-1, 4, 6))[1]
+BN_NET = fn.serial(fn.BatchNorm(), fn.Dense(2, fn.linear))
+BN_PARAMS = BN_NET.init(KEY, (-1, 3))[1]
 
 
 def _fit_call(
@@ -318,6 +320,22 @@ CALLS = {
         ),
         {"initial": "numbers", "period": "numbers", "factor": "numbers", "min_scale": "numbers"},
     ),
+    "batch_norm": (
+        lambda x=X, gamma=np.ones(3), beta=np.zeros(3), eps=1e-5: fn.batch_norm(x, gamma, beta, eps=eps),
+        {"x": "arrays", "gamma": "arrays", "beta": "arrays", "eps": "numbers"},
+    ),
+    "BatchNorm": (
+        lambda momentum=0.9, eps=1e-5, input_shape=(-1, 3): fn.BatchNorm(momentum, eps).init(KEY, input_shape),
+        {"momentum": "numbers", "eps": "numbers", "input_shape": "trees"},
+    ),
+    "train_apply": (
+        lambda params=BN_PARAMS, x=X: fn.train_apply(BN_NET)(params, x),
+        {"params": "trees", "x": "arrays"},
+    ),
+    "merge_state": (
+        lambda trainable=fn.split_state(BN_PARAMS)[0]: fn.merge_state(trainable, fn.split_state(BN_PARAMS)[1]),
+        {"trainable": "trees"},
+    ),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -413,6 +431,8 @@ JITTABLE = {
     "gelu",
     "accuracy",
     "combinators.apply",
+    "batch_norm",
+    "train_apply",
 }
 
 

@@ -256,3 +256,25 @@ def test_init_only_fields_are_marked_per_field_never_by_name():
     marked = {f.name for f in dataclasses.fields(fn.Dense(3).init.owner) if f.metadata.get("funcnet.init_only")}
     assert marked == {"w_init", "b_init", "dtype"}
     assert fn.Dense(3, dtype=jnp.float16).apply == fn.Dense(3).apply  # Dense's apply reads its params' dtype
+
+
+def test_init_compiles_once_per_network_and_matches_op_by_op_init():
+    """A top-level init is one compiled program, reused by an equal network, whose params are
+    those of the same init run op by op (bit for bit at the default XLA flags; the tests'
+    op-by-op programs compile at another LLVM level, so here up to the last bit)."""
+    from funcnet import layers
+
+    build = lambda: fn.serial(fn.Dense(5, fn.tanh), fn.Dense(3, fn.linear, w_init=fn.normal(0.5)))
+    key = jax.random.PRNGKey(7)
+    shape, params = build().init(key, (-1, 4))
+    before = layers._init_program.cache_info()
+    again_shape, again = build().init(jax.random.PRNGKey(8), (-1, 4))
+    after = layers._init_program.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    assert again_shape == shape == (-1, 3)
+    with jax.disable_jit():
+        eager_shape, eager = build().init(key, (-1, 4))
+    assert eager_shape == shape
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(eager), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=0)
+    assert not np.array_equal(np.asarray(params[1].W), np.asarray(again[1].W))  # the key is an input

@@ -94,3 +94,175 @@ BAD = [
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --- batch_norm / BatchNorm -------------------------------------------------------------------
+
+
+def bn_reference(x, gamma, beta, mask, eps=1e-5):
+    """Batch norm in plain jnp: statistics over every axis but the last, over the rows in mask."""
+    lead = tuple(range(x.ndim - 1))
+    w = mask.astype(x.dtype).reshape(mask.shape + (1,) * (x.ndim - 1))
+    n = jnp.sum(w) * int(np.prod(x.shape[1:-1]))
+    mean = jnp.sum(x * w, axis=lead) / n
+    var = jnp.sum(w * (x - mean.reshape((1,) * (x.ndim - 1) + mean.shape)) ** 2, axis=lead) / n
+    shape = (1,) * (x.ndim - 1) + gamma.shape
+    y = (x - mean.reshape(shape)) / jnp.sqrt(var.reshape(shape) + eps) * gamma.reshape(shape) + beta.reshape(shape)
+    return y, mean, var
+
+
+def _bn_args(shape, dtype, masked, seed=0):
+    x, gamma, beta = _args(shape, dtype, seed)
+    mask = np.ones(shape[0], bool)
+    if masked:
+        mask[-1] = mask[1] = False
+    return x, gamma, beta, mask
+
+
+BN_SHAPES = [(6, 3), (5, 4, 3), (4, 3, 3, 2), (3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batch_norm_matches_the_reference_and_finite_differences(shape, masked, dtype):
+    if masked and shape[0] * np.prod(shape[1:-1]) < 6:
+        pytest.skip("too few rows to mask two")
+    args = _bn_args(shape, dtype, masked)
+    ours = fn.batch_norm(*args[:3], mask=jnp.asarray(args[3]))
+    for a, b in zip(ours, bn_reference(*args), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # every output's cotangent counts: y, and the statistics the layer averages
+    fn.check_vjp(lambda x, g, b, m: fn.batch_norm(x, g, b, mask=m), bn_reference, *args)
+
+
+def _without_the_variance_term(eps, residuals, cotangents):
+    """The mistake: dx = gamma s / n (n g - sum(g)), forgetting x̂ sum(g x̂) (the variance's path)."""
+    x_hat, inverse, gamma, weights, n, _ = residuals
+    g = cotangents[0]
+    f = lambda v: normalization._features(x_hat, v)
+    sum_g = jnp.sum(g, axis=normalization._leading(x_hat))
+    dx = f(gamma * inverse) * (g - weights * f(sum_g) / n)
+    right = normalization._batch_norm_bwd(eps, residuals, (g, jnp.zeros_like(sum_g), jnp.zeros_like(sum_g)))
+    return (dx, *right[1:])
+
+
+def test_check_vjp_catches_a_backward_without_the_xhat_sum_term():
+    wrong = jax.custom_vjp(normalization._batch_norm, nondiff_argnums=(4,))
+    wrong.defvjp(normalization._batch_norm_fwd, _without_the_variance_term)
+    args = _bn_args((6, 3), np.float64, masked=False)
+    only_y = lambda f: lambda x, g, b, m: f(x, g, b, m)[0]
+    right = lambda x, g, b, m: fn.batch_norm(x, g, b, mask=m)
+    fn.check_vjp(only_y(right), only_y(bn_reference), *args)  # the right one passes the same check
+    with pytest.raises(AssertionError, match="argument 0 disagree"):
+        fn.check_vjp(only_y(lambda x, g, b, m: wrong(x, g, b, m, 1e-5)), only_y(bn_reference), *args)
+
+
+def test_batch_norm_second_order_jit_and_vmap():
+    x, g, b, m = _bn_args((5, 3), np.float64, masked=True)
+    scalar = lambda f: lambda x: jnp.sum(jnp.sin(f(x, g, b, m)[0]))
+    ours = lambda x, g, b, m: fn.batch_norm(x, g, b, mask=m)
+    np.testing.assert_allclose(
+        jax.jacrev(jax.grad(scalar(ours)))(x), jax.hessian(scalar(bn_reference))(x), rtol=1e-8, atol=1e-10
+    )
+    xs = np.stack([x, 2 * x + 1])
+    batched = jax.jit(jax.vmap(lambda x: ours(x, g, b, m)))(xs)
+    for i in range(2):
+        for a, r in zip(batched, bn_reference(xs[i], g, b, m), strict=True):
+            np.testing.assert_allclose(a[i], r, rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_statistics_accumulate_in_float32():
+    x = (jnp.arange(64.0).reshape(32, 2) / 7 + 300).astype(jnp.bfloat16)
+    y, mean, var = fn.batch_norm(x, jnp.ones(2, jnp.bfloat16), jnp.zeros(2, jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and mean.dtype == var.dtype == jnp.float32
+    wide = np.asarray(x, np.float64)
+    np.testing.assert_allclose(mean, wide.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(var, wide.var(0), rtol=1e-4)
+
+
+def test_batch_norm_layer_shapes_init_and_equality():
+    layer = fn.BatchNorm()
+    for shape in [(-1, 6), (-1, 5, 6), (2, 5, 5, 6)]:
+        output_shape, params = layer.init(KEY, shape)
+        concrete = tuple(4 if d == -1 else d for d in shape)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal(concrete))
+        assert output_shape == shape
+        assert layer.apply(params, x).shape == jax.eval_shape(layer.apply, params, x).shape == x.shape
+        y, new = fn.train_apply(layer)(params, x)
+        assert y.shape == x.shape and jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(params)
+    assert isinstance(params, fn.BatchNormParams) and isinstance(params.stats, fn.BatchNormStats)
+    for value, expected in zip(params, (np.ones(6), np.zeros(6)), strict=False):
+        np.testing.assert_array_equal(value, expected)
+    np.testing.assert_array_equal(params.stats.mean, np.zeros(6))
+    np.testing.assert_array_equal(params.stats.var, np.ones(6))
+    assert fn.BatchNorm(0.8) == fn.BatchNorm(0.8) != fn.BatchNorm()
+    assert hash(fn.BatchNorm(0.8, 1e-3)) == hash(fn.BatchNorm(0.8, 1e-3))
+    assert fn.train_apply(fn.BatchNorm()) == fn.train_apply(fn.BatchNorm())
+
+
+def test_training_updates_running_statistics_by_hand_and_apply_uses_them():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 2, 3)) * 2 + 1  # a sequence: statistics over batch and time
+    layer = fn.BatchNorm(momentum=0.8)
+    _, params = layer.init(KEY, (-1, 2, 3))
+    params = jax.tree_util.tree_map(lambda a: a.astype(np.float64), params)
+    mask = np.array([True] * 5 + [False] * 2)
+    y, new = fn.train_apply(layer)(params, x, mask=jnp.asarray(mask))
+    rows = x[mask].reshape(-1, 3)
+    np.testing.assert_allclose(new.stats.mean, 0.2 * rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(new.stats.var, 0.8 + 0.2 * rows.var(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(y, (x - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-5), rtol=1e-10)
+    np.testing.assert_array_equal(new.gamma, params.gamma)
+    inference = layer.apply(new, x)
+    np.testing.assert_allclose(
+        inference, (x - np.asarray(new.stats.mean)) / np.sqrt(np.asarray(new.stats.var) + 1e-5), rtol=1e-12
+    )
+    # the statistics get no gradient through training mode
+    grads = jax.grad(lambda p: jnp.sum(fn.train_apply(layer)(p, x)[1].stats.var))(params)
+    np.testing.assert_array_equal(grads.stats.var, 0.0)
+
+
+BN_BAD = [
+    (lambda: fn.BatchNorm(momentum=1.0), ValueError, r"BatchNorm: momentum must be >= 0.0 and < 1.0, got 1.0"),
+    (lambda: fn.BatchNorm(momentum=-0.1), ValueError, "BatchNorm: momentum must be >= 0.0 and < 1.0"),
+    (lambda: fn.BatchNorm(eps=0.0), ValueError, "BatchNorm: eps must be > 0.0, got 0.0"),
+    (lambda: fn.BatchNorm(momentum="high"), TypeError, "BatchNorm: momentum must be a real number"),
+    (
+        lambda: fn.train_apply(fn.BatchNorm())(fn.BatchNorm().init(KEY, (-1, 3))[1], jnp.ones((1, 3))),
+        ValueError,
+        r"batch_norm: batch statistics need at least 2 values per channel, got 1 .*torch refuses it too",
+    ),
+    (
+        lambda: fn.batch_norm(jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), mask=jnp.array([1, 0, 0, 0])),
+        TypeError,
+        r"batch_norm: mask must be a bool array of shape \(batch,\) = \(4,\), got int\d+ \(4,\)",
+    ),
+    (
+        lambda: fn.batch_norm(jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), mask=jnp.arange(4) < 1),
+        ValueError,
+        "batch_norm: batch statistics need at least 2 values per channel, got 1",
+    ),
+    (
+        lambda: fn.batch_norm(jnp.ones((4,)), jnp.ones(4), jnp.zeros(4)),
+        ValueError,
+        r"batch_norm: x must be at least 2-D \(batch, ..., channels\)",
+    ),
+    (
+        lambda: fn.BatchNorm().apply(fn.BatchNorm().init(KEY, (-1, 3))[1], jnp.ones((2, 4))),
+        ValueError,
+        r"BatchNorm\(momentum=0.9, eps=1e-05\): x must be \(batch, ..., channels\) with the 3 channels",
+    ),
+    (
+        lambda: fn.BatchNorm().apply(fn.LayerNorm().init(KEY, (-1, 3))[1], jnp.ones((2, 3))),
+        TypeError,
+        r"params must be BatchNormParams\(gamma, beta, stats\), got LayerNormParams",
+    ),
+    (lambda: fn.train_apply(fn.BatchNorm().init), TypeError, "train_apply: layer must be a Layer"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BN_BAD)
+def test_batch_norm_bad_input_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

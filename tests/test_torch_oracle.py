@@ -163,3 +163,39 @@ def test_gelu_matches_torch():
     ours, vjp = jax.vjp(fn.gelu, jnp.asarray(x))
     _close(ours, out)
     _close(vjp(jnp.asarray(g))[0], xt.grad)
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_batch_norm_matches_torch_over_training_steps_then_eval(images):
+    """BatchNorm(momentum=m) against torch.nn.BatchNorm1d/2d(momentum=1 - m), float64: outputs,
+    dx, dgamma, dbeta and the running statistics over several training steps, then eval mode."""
+    momentum, eps = 0.7, 1e-3
+    shape = (6, 4, 5, 3) if images else (10, 3)  # ours NHWC, torch NCHW
+    module = (torch.nn.BatchNorm2d if images else torch.nn.BatchNorm1d)(3, eps=eps, momentum=1 - momentum).double()
+    to_torch = (lambda a: a.transpose(0, 3, 1, 2)) if images else (lambda a: a)
+    layer = fn.BatchNorm(momentum, eps)
+    params = jax.tree_util.tree_map(jnp.asarray, layer.init(jax.random.PRNGKey(0), (-1, *shape[1:]))[1])
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor(gamma))
+        module.bias.copy_(torch.tensor(beta))
+    params = params._replace(gamma=jnp.asarray(gamma), beta=jnp.asarray(beta))
+    module.train()
+    for step in range(4):
+        x, g = rng.standard_normal(shape) * (step + 1) + step, rng.standard_normal(shape)
+        xt = torch.tensor(to_torch(x), requires_grad=True)
+        out = module(xt)
+        module.weight.grad = module.bias.grad = None
+        (out * torch.tensor(to_torch(g))).sum().backward()
+        (y, new), vjp = jax.vjp(lambda x, p: fn.train_apply(layer)(p, x), jnp.asarray(x), params)
+        dx, dp = vjp((jnp.asarray(g), jax.tree_util.tree_map(jnp.zeros_like, new)))
+        _close(to_torch(np.asarray(y)), out)
+        _close(to_torch(np.asarray(dx)), xt.grad)
+        _close(dp.gamma, module.weight.grad)
+        _close(dp.beta, module.bias.grad)
+        params = new
+        _close(params.stats.mean, module.running_mean)
+        _close(params.stats.var, module.running_var)
+    module.eval()
+    x = rng.standard_normal(shape)
+    _close(to_torch(np.asarray(layer.apply(params, jnp.asarray(x)))), module(torch.tensor(to_torch(x))))

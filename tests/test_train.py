@@ -372,3 +372,31 @@ def test_min_delta_at_its_boundary(mode):
     assert int(at.stopped_epoch) == 2 and int(at.best_epoch) == 1
     below = _counter_fit(0.2499, mode)
     assert int(below.stopped_epoch) == 6 and int(below.best_epoch) == 6
+
+
+def test_fit_donates_only_its_own_copies_of_the_state():
+    """``segment`` donates the state it replaces; the caller's params and opt_state (device arrays
+    that a jitted function could hand back as the same buffers) must survive the fit."""
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.Dense(1, fn.linear))
+    params = jax.device_put(net.init(KEY, (-1, 3))[1])
+    optimizer = fn.adam(0.01)
+    opt_state = jax.device_put(optimizer.init(params))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 3)))
+    y = jnp.sum(x, axis=1, keepdims=True)
+    for eval_data in (None, (x, y)):
+        out = fn.fit(
+            net,
+            fn.mean_squared_error,
+            optimizer,
+            params,
+            (x, y),
+            eval_data,
+            epochs=2,
+            eval_every=1,
+            batch_size=4,
+            key=KEY,
+            opt_state=opt_state,
+        )
+        assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((params, opt_state)))
+        assert float(jnp.sum(params[0].W)) == float(jnp.sum(params[0].W))  # still readable
+        assert not bool(out.diverged)

@@ -17,7 +17,7 @@ import numpy as np
 
 from funcnet import _checks, _host
 from funcnet._values import Static, combine, partition
-from funcnet.layers import Layer
+from funcnet.layers import Layer, train_mode
 from funcnet.optimizers import Optimizer
 
 __all__ = [
@@ -155,9 +155,19 @@ def _inspect_on_device(a: jax.Array, floating: bool) -> tuple[jax.Array | None, 
 
 
 def check_fits_network(
-    name: str, net: Layer, loss: Any, metrics: dict[str, Any], params: Any, x: Any, y: Any, batch: int
+    name: str,
+    net: Layer,
+    loss: Any,
+    metrics: dict[str, Any],
+    params: Any,
+    x: Any,
+    y: Any,
+    batch: int,
+    *,
+    train: bool = False,
 ) -> jax.ShapeDtypeStruct:
     """Trace (not compile) the network, loss and metrics on one batch's shapes; re-raise clearly.
+    With ``train``, the network runs in training mode (``funcnet.train_apply``).
 
     Returns the loss's shape and dtype. The answer depends on shapes and on the building blocks
     alone, so it is remembered: a sweep that calls ``fit`` again with equal ones traces nothing.
@@ -172,9 +182,9 @@ def check_fits_network(
     try:
         hash(static)
     except TypeError:  # a building block holding an unhashable leaf: trace every time
-        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y))
+        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y), train)
     else:
-        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y))
+        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y), train)
     check_labels(name, prediction, y)
     return value
 
@@ -192,12 +202,13 @@ def _remembered(
     leaves: tuple[Any, ...],
     x: jax.ShapeDtypeStruct,
     y: jax.ShapeDtypeStruct,
+    train: bool,
 ) -> tuple[jax.ShapeDtypeStruct, Any]:
-    return _trace_network(name, static, numbers, jax.tree_util.tree_unflatten(treedef, leaves), x, y)
+    return _trace_network(name, static, numbers, jax.tree_util.tree_unflatten(treedef, leaves), x, y, train)
 
 
 def _trace_network(
-    name: str, static: Static, numbers: tuple[Any, ...], params: Any, x: Any, y: Any
+    name: str, static: Static, numbers: tuple[Any, ...], params: Any, x: Any, y: Any, train: bool
 ) -> tuple[jax.ShapeDtypeStruct, Any]:
     """The loss's shape and dtype, and the prediction's (both abstract)."""
 
@@ -205,7 +216,7 @@ def _trace_network(
         numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         apply, loss, metrics = combine(list(numbers), static)
-        prediction = apply(p, xb)
+        prediction = train_mode(apply)(p, xb)[0] if train else apply(p, xb)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}, prediction
 
     try:

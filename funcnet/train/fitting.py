@@ -24,6 +24,7 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.precision import DynamicLossScale
+from funcnet.state import has_state, split_state
 from funcnet.train import checkpointing, checks, distributed
 from funcnet.train.program import (
     Config,
@@ -31,6 +32,7 @@ from funcnet.train.program import (
     TrainState,
     batch_sharding,
     check_divisible,
+    check_opt_state,
     fresh_state,
     result,
     segment,
@@ -105,7 +107,8 @@ def fit(
       progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses
         and metrics.
       opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
-        ``epochs - 1`` from this optimizer state. Early stopping starts afresh (a
+        ``epochs - 1`` from this optimizer state (of the trainable params,
+        ``funcnet.split_state(params)[0]``: the optimizer never sees layer state). Early stopping starts afresh (a
         ``checkpoint_dir`` resumes it too).
       metrics: ``{name: (prediction, target) -> scalar}``, each a mean over rows (e.g.
         ``funcnet.accuracy``), computed on ``eval_data`` at every evaluation into
@@ -183,7 +186,15 @@ def fit(
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
-    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size)
+    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size, train=True)
+    if rows % batch_size == 1 and not drop_last and has_state(params):
+        try:  # the last batch's one real row: enough values for batch statistics only in images or sequences
+            checks.check_fits_network("train_data", net, loss, {}, params, x, y, 1, train=True)
+        except ValueError as error:
+            raise ValueError(
+                f"fit: the last batch holds 1 row ({rows} rows, batch_size {batch_size}), too few for "
+                f"the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
+            ) from error
     if eval_data is not None:
         eval_x, eval_y, eval_digest = checks.check_data("eval_data", eval_data)
         checks.check_fits_network(
@@ -200,12 +211,7 @@ def fit(
         eval_x = eval_y = eval_digest = None
     eval_rows = 0 if eval_x is None else eval_x.shape[0]
     if opt_state is not None:
-        expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
-        if jax.tree_util.tree_structure(opt_state) != expected:
-            raise TypeError(
-                f"fit: opt_state does not belong to this optimizer and params: expected "
-                f"{expected}, got {jax.tree_util.tree_structure(opt_state)}."
-            )
+        check_opt_state("fit", optimizer, params, opt_state)
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
@@ -269,7 +275,7 @@ def fit(
         config = config._replace(eval_ema=bool(eval_ema))
         program_optimizer = optimizers.with_ema(optimizer, ema_decay)
         if opt_state is not None:
-            opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(params))
+            opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(split_state(params)[0]))
     hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
     # Device arrays once, so segments move no data; the user's arrays are not touched.
     if mesh is None:

@@ -19,6 +19,13 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
+* Training runs the network in training mode (``funcnet.train_apply``): params carry their
+  layer state (BatchNorm's running statistics), the optimizer sees only the trainable part
+  (``split_state``; its state is ``optimizer.init`` of that part) and the state the training
+  mode returns replaces the old (a step that loss scaling skips keeps the old). A padded last
+  batch's mask keeps padded rows out of batch statistics too. Under a mesh, batch statistics
+  are means over the global batch. The moving average (``ema_decay``) averages the trainable
+  part; averaged params carry the current state.
 * Evaluation after epoch ``e`` with ``(e + 1) % eval_every == 0``, in inference mode, in
   batches of ``eval_batch_size`` rows: the loss and each metric are means over rows, so the
   batch means weighted by their row counts give the mean over the whole set.
@@ -40,8 +47,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
 from funcnet._values import Static, combine
+from funcnet.layers import train_mode
 from funcnet.optimizers import EmaState, ema_params
 from funcnet.precision import DynamicLossScale, LossScaleState
+from funcnet.state import merge_state, split_state
 from funcnet.train import distributed, progress
 from funcnet.train.checks import check_parts
 
@@ -52,6 +61,7 @@ __all__ = [
     "TrainState",
     "batch_sharding",
     "check_divisible",
+    "check_opt_state",
     "fresh_state",
     "result",
     "segment",
@@ -205,18 +215,40 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
         )
 
 
-def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., jax.Array]:
-    """``(params, x, y, mask, key) -> loss``; with ``masked``, a mean over the real rows only."""
+def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., tuple[jax.Array, Params]]:
+    """``(trainable, state, x, y, mask, key) -> (loss, params)``, in training mode: ``params``
+    with their state updated; with ``masked``, a mean over the real rows only."""
+    train = train_mode(apply)
 
-    def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None) -> jax.Array:
-        prediction = apply(params, x, key=key)
+    def batch_loss(
+        trainable: Params, state: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None
+    ) -> tuple[jax.Array, Params]:
+        prediction, params = train(merge_state(trainable, state), x, key=key, mask=mask)
         if not masked:
-            return loss(prediction, y)
+            return loss(prediction, y), params
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
         wide = per_row.astype(_checks.wide(per_row.dtype))  # a float16 sum of row losses overflows
-        return (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
+        value = (jnp.sum(jnp.where(mask, wide, 0)) / jnp.sum(mask).astype(wide.dtype)).astype(per_row.dtype)
+        return value, params
 
     return batch_loss
+
+
+def check_opt_state(fn: str, optimizer: Any, params: Params, opt_state: Any) -> None:
+    """``opt_state`` must be ``optimizer.init`` of the trainable params (layer state is not trained)."""
+    expected: Any = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, split_state(params)[0]))
+    if jax.tree_util.tree_structure(opt_state) != expected:
+        raise TypeError(
+            f"{fn}: opt_state does not belong to this optimizer and params: expected {expected}, got "
+            f"{jax.tree_util.tree_structure(opt_state)}. Make it with "
+            f"optimizer.init(funcnet.split_state(params)[0]) (the optimizer never sees layer state)."
+        )
+
+
+def _averaged(opt_state: Any, params: Params) -> Params:
+    """The moving average of the trainable params, with ``params``'s current layer state."""
+    trainable, state = split_state(params)
+    return merge_state(ema_params(opt_state, trainable), state)
 
 
 def train_step(
@@ -225,12 +257,15 @@ def train_step(
     """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
 
-    ``key`` drives dropout; ``None`` trains without it. Wrap it in ``jax.jit`` (or call it
-    inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along ``data_axis``
-    (see ``fit``).
+    ``key`` drives dropout; ``None`` trains without it. The network runs in training mode
+    (``funcnet.train_apply``), so the returned params hold updated layer state (BatchNorm's
+    running statistics); ``opt_state`` is ``optimizer.init(funcnet.split_state(params)[0])``,
+    which for a network without state is ``optimizer.init(params)``. Wrap it in ``jax.jit``
+    (or call it inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along
+    ``data_axis`` (see ``fit``).
     """
     check_parts("train_step", net, loss, optimizer)
-    batch_loss = _batch_loss(net.apply, loss, masked=False)
+    value_and_grad = jax.value_and_grad(_batch_loss(net.apply, loss, masked=False), has_aux=True)
     shard = batch_sharding("train_step", mesh, data_axis)
 
     def step(
@@ -239,9 +274,13 @@ def train_step(
         if shard is not None and mesh is not None:
             check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
             x, y = shard(x), shard(y)
-        value, grads = jax.value_and_grad(batch_loss)(params, x, y, None, key)
-        params, opt_state = optimizer.update(grads, opt_state, params)
-        replicated: tuple[Params, Any, jax.Array] = distributed.replicate((params, opt_state, value), mesh)
+        check_opt_state("train_step", optimizer, params, opt_state)
+        trainable, state = split_state(params)
+        (value, new), grads = value_and_grad(trainable, state, x, y, None, key)
+        trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+        replicated: tuple[Params, Any, jax.Array] = distributed.replicate(
+            (merge_state(trainable, split_state(new)[1]), opt_state, value), mesh
+        )
         return replicated
 
     return step
@@ -262,11 +301,12 @@ def _fresh_state(
     c, dtype = config, jnp.dtype(config.dtype)
     if opt_state is None:
         _, _, optimizer, _ = combine(hyper, static)
-        opt_state = optimizer.init(params)
+        opt_state = optimizer.init(split_state(params)[0])
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
-    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays
-    # (a jitted function hands an input it returns unchanged back as the same buffer).
+    # Copies: ``segment`` donates the state it replaces, which must never be the caller's arrays.
+    # JAX 0.10 returns fresh buffers from a jitted function anyway; a version that forwarded an
+    # input returned unchanged would otherwise let the donation delete the caller's params.
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     state = TrainState(
         params=copy(params),
@@ -364,16 +404,16 @@ def _segment(
     apply, loss, optimizer, metrics = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
     batch_loss = _batch_loss(apply, loss, c.masked)
-    value_and_grad = jax.value_and_grad(batch_loss)
+    value_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
 
-    def scaled_loss(*args: Any) -> tuple[jax.Array, jax.Array]:
-        value = batch_loss(*args[:-1])
+    def scaled_loss(*args: Any) -> tuple[jax.Array, tuple[jax.Array, Params]]:
+        value, params = batch_loss(*args[:-1])
         scale = args[-1]
-        return value * scale.astype(value.dtype), value
+        return value * scale.astype(value.dtype), (value, params)
 
-    def scaled_value_and_grad(*args: Any) -> tuple[jax.Array, Any]:
-        (_, value), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
-        return value, grads
+    def scaled_value_and_grad(*args: Any) -> tuple[tuple[jax.Array, Params], Any]:
+        (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return aux, grads
 
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     # Each of the ``shards`` parts of the rows is batched on its own (``distributed.py``): a
@@ -396,16 +436,27 @@ def _segment(
             index, b = batch
             real = b * local_batch + jnp.arange(local_batch) < local
             mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
-            args = (params, shard(gather(x, index)), shard(gather(y, index)), mask, jax.random.fold_in(dropout_key, b))
+            # The optimizer updates the trainable part, training mode the layer state.
+            trainable, state = split_state(params)
+            args = (
+                trainable,
+                state,
+                shard(gather(x, index)),
+                shard(gather(y, index)),
+                mask,
+                jax.random.fold_in(dropout_key, b),
+            )
             if c.loss_scale is None:
-                value, grads = value_and_grad(*args)
-                params, opt_state = optimizer.update(grads, opt_state, params)
+                (value, new), grads = value_and_grad(*args)
+                trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+                state = split_state(new)[1]
             else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
-                value, grads = scaled_value_and_grad(*args, scaling.scale)
+                (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
                 grads, finite = c.loss_scale.unscale(scaling, grads)
-                stepped = optimizer.update(grads, opt_state, params)
-                params, opt_state = _select(finite, stepped, (params, opt_state))
+                stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
+                trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
                 scaling = c.loss_scale.adjust(scaling, finite)
+            params = merge_state(trainable, state)
             return (params, opt_state, scaling), value.astype(dtype) * (
                 jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
             )
@@ -433,7 +484,7 @@ def _segment(
             )
         else:
             nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
-            watched_params = ema_params(opt_state, params) if c.eval_ema else params
+            watched_params = _averaged(opt_state, params) if c.eval_ema else params
             values = lax.cond(
                 is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, watched_params
             )
@@ -492,7 +543,7 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         params, opt_state = state.params, state.opt_state
     averaged = None
     if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
-        opt_state, averaged = opt_state.inner, ema_params(opt_state, params)
+        opt_state, averaged = opt_state.inner, _averaged(opt_state, params)
     finished: FitResult = distributed.replicate(
         FitResult(
             params,
