@@ -192,6 +192,33 @@ def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any])
         )
 
 
+def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
+
+    Run op by op, a network's ``init`` compiled a small program for every split and every
+    initializer call of a new shape (about 0.3 s each on a CPU); as one program it compiles
+    once. Only a top-level call with a concrete key takes this path: inside a trace (a
+    combinator's children, ``summary``, ``vmap``-ed or jitted inits) the key is a tracer and
+    ``init`` runs as written, traced into the caller's program.
+    """
+
+    @functools.wraps(init)
+    def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
+        eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
+        if eager or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
+            result: tuple[Any, Params] = init(self, key, input_shape)
+            return result
+        key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+        try:
+            program = _init_program(init, self, _frozen(input_shape), key_type)
+        except TypeError:  # an unhashable spec (a number traced when it was built) or shape
+            result = init(self, key, input_shape)
+            return result
+        return program(key)
+
+    return run
+
+
 @dataclass_transform(frozen_default=True)
 def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr,
@@ -231,33 +258,6 @@ def named(name: str, layer: Layer) -> Layer:
     if not isinstance(layer, Layer):
         raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
     return _Named(name, layer).layer()
-
-
-def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
-    """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
-
-    Run op by op, a network's ``init`` compiled a small program for every split and every
-    initializer call of a new shape (about 0.3 s each on a CPU); as one program it compiles
-    once. Only a top-level call with a concrete key takes this path: inside a trace (a
-    combinator's children, ``summary``, ``vmap``-ed or jitted inits) the key is a tracer and
-    ``init`` runs as written, traced into the caller's program.
-    """
-
-    @functools.wraps(init)
-    def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
-        eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
-        if eager or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
-            result: tuple[Any, Params] = init(self, key, input_shape)
-            return result
-        key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
-        try:
-            program = _init_program(init, self, _frozen(input_shape), key_type)
-        except TypeError:  # an unhashable spec (a number traced when it was built) or shape
-            result = init(self, key, input_shape)
-            return result
-        return program(key)
-
-    return run
 
 
 def _frozen(shape: Any) -> Any:
