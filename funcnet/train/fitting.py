@@ -132,12 +132,13 @@ def fit(
         its equal part of them (NumPy data is placed so, never replicated), shuffles it on its
         own and trains on its local batches, so steps move gradients, not data. Data may already
         be ``jax.Array``s sharded along ``data_axis`` (multi-host: global arrays from
-        ``jax.make_array_from_process_local_data``); the result is replicated, readable by every
-        process (``distributed.py``).
+        ``jax.make_array_from_process_local_data``); every process calls ``fit`` with the same
+        arguments (compared first: processes that disagree get a ``ValueError`` naming what
+        differs), and the result is replicated, readable by every process.
       shards: how many equal parts of the rows are shuffled and batched on their own; under a
         mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
         device reproduces a fit on a mesh of ``n`` devices.
-      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet/precision.py``):
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet.precision``):
         the loss is scaled before the backward, the gradients unscaled after, a step with a
         non-finite gradient skipped and the scale halved, and the scale doubled after
         ``period`` finite steps. Not needed for bfloat16 or float32.
