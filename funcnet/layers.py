@@ -192,6 +192,15 @@ def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any])
         )
 
 
+@dataclass_transform(frozen_default=True)
+def layer_spec(cls: type[T]) -> type[T]:
+    """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr,
+    whose ``init`` called with a concrete key runs as one compiled program (``_compiled_init``)."""
+    if "init" in cls.__dict__:
+        cls.init = _compiled_init(cls.__dict__["init"])  # type: ignore[attr-defined]
+    return dataclasses.dataclass(frozen=True, repr=False)(cls)
+
+
 def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
     """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
 
@@ -217,47 +226,6 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
         return program(key)
 
     return run
-
-
-@dataclass_transform(frozen_default=True)
-def layer_spec(cls: type[T]) -> type[T]:
-    """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr,
-    whose ``init`` called with a concrete key runs as one compiled program (``_compiled_init``)."""
-    if "init" in cls.__dict__:
-        cls.init = _compiled_init(cls.__dict__["init"])  # type: ignore[attr-defined]
-    return dataclasses.dataclass(frozen=True, repr=False)(cls)
-
-
-@layer_spec
-class _Named(LayerSpec):
-    label: str
-    inner: Layer
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
-        return self.inner.init(key, input_shape)
-
-    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
-        return self.inner.apply(params, x, **kwargs)
-
-    def train_apply(
-        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
-    ) -> tuple[Any, Params]:
-        return train_mode(self.inner.apply)(params, x, key=key, mask=mask)
-
-
-def named(name: str, layer: Layer) -> Layer:
-    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
-    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
-    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
-    if not isinstance(layer, Layer):
-        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
-    return _Named(name, layer).layer()
 
 
 def _frozen(shape: Any) -> Any:
@@ -290,6 +258,38 @@ def _init_program(
         return output_shape[0], params
 
     return run
+
+
+@layer_spec
+class _Named(LayerSpec):
+    label: str
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
+        return self.inner.init(key, input_shape)
+
+    def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
+        return self.inner.apply(params, x, **kwargs)
+
+    def train_apply(
+        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Params]:
+        return train_mode(self.inner.apply)(params, x, key=key, mask=mask)
+
+
+def named(name: str, layer: Layer) -> Layer:
+    """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
+    of closures otherwise shows as its init function's name). It computes exactly what ``layer``
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
+    if not isinstance(layer, Layer):
+        raise TypeError(f"named: layer must be a Layer(init, apply), got {type(layer).__name__}.")
+    return _Named(name, layer).layer()
 
 
 def refuse_hidden_state(name: str, params: Params) -> None:

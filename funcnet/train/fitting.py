@@ -138,7 +138,7 @@ def fit(
       shards: how many equal parts of the rows are shuffled and batched on their own; under a
         mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
         device reproduces a fit on a mesh of ``n`` devices.
-      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``funcnet.precision``):
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``help(funcnet.DynamicLossScale)``):
         the loss is scaled before the backward, the gradients unscaled after, a step with a
         non-finite gradient skipped and the scale halved, and the scale doubled after
         ``period`` finite steps. Not needed for bfloat16 or float32.
