@@ -279,3 +279,18 @@ def test_rows_that_do_not_divide_over_the_devices_are_refused():
             mesh=mesh(4),
             shards=2,
         )
+
+
+def test_a_streamed_fit_under_a_mesh_equals_the_device_fit_bit_for_bit(monkeypatch):
+    """The host gathers each shard's local batch in each shard's own order (``distributed.shard_orders``),
+    so a streamed mesh fit (and a streamed ``shards=n`` fit) equals the device-resident one: with a
+    masked last batch in every shard (15 rows a shard, local batches of 2), and eval data read in
+    batches of every shard's rows side by side with a partial last one (``eval_batch_size=8``)."""
+    from funcnet.train import stream
+
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 3 * 8 * (5 + 2) * 8)  # three batches per segment
+    for devices in (2, 4):
+        for kw in ({"mesh": mesh(devices)}, {"shards": devices}, {"mesh": mesh(devices), "eval_batch_size": 8}):
+            resident = run(**kw)
+            streamed = run(**kw, stream=True)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, streamed, resident)

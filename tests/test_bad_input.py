@@ -83,6 +83,25 @@ BN_NET = fn.serial(fn.BatchNorm(), fn.Dense(2, fn.linear))
 BN_PARAMS = BN_NET.init(KEY, (-1, 3))[1]
 
 
+def _streamed_fit_call(train_x=X, train_y=Y, eval_x=X, eval_y=Y, stream_threshold=None):
+    """fit streaming host data (stream=True), or with stream=None and a threshold."""
+    return fn.fit(
+        NET,
+        fn.mean_squared_error,
+        fn.sgd(0.1),
+        PARAMS,
+        (train_x, train_y),
+        (eval_x, eval_y),
+        epochs=2,
+        batch_size=4,
+        eval_every=1,
+        eval_batch_size=5,
+        key=KEY,
+        stream=True if stream_threshold is None else None,
+        stream_threshold=stream_threshold,
+    )
+
+
 def _fit_call(
     train_x=X,
     train_y=Y,
@@ -246,6 +265,16 @@ CALLS = {
             "checkpoint_every": "numbers",
             "shards": "numbers",
             "ema_decay": "numbers",
+        },
+    ),
+    "fit(stream=True)": (
+        _streamed_fit_call,
+        {
+            "train_x": "arrays",
+            "train_y": "arrays",
+            "eval_x": "arrays",
+            "eval_y": "arrays",
+            "stream_threshold": "numbers",
         },
     ),
     "save": (lambda tree=PARAMS: fn.save(os.path.join(SCRATCH, "tree.safetensors"), tree), {"tree": "trees"}),

@@ -9,6 +9,7 @@ data set's name.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -121,8 +122,9 @@ def _words(xp: Any, a: Any) -> Any:
 def _digest(xp: Any, words: Any, start: int = 0) -> Any:
     """Two 32-bit sums of the words, each mixed with its position (murmur3's finaliser): a change to
     any value or any order changes them but with chance 2**-64. Not cryptographic: it tells one
-    data set from another, it does not resist an adversary."""
-    index = xp.arange(words.shape[0], dtype=xp.uint32) + xp.uint32(start)  # ``start``: of a part of the words
+    data set from another, it does not resist an adversary. Sums of parts add up (mod 2**32), so
+    ``start`` (the position of ``words[0]``) lets a streamed fit digest its data a part at a time."""
+    index = xp.arange(words.shape[0], dtype=xp.uint32) + xp.uint32(start % 2**32)
     h = words * xp.uint32(0x9E3779B1) + index * xp.uint32(0x85EBCA77) + xp.uint32(1)
     h = h ^ (h >> xp.uint32(16))
     h = h * xp.uint32(0x85EBCA6B)
@@ -241,7 +243,8 @@ def check_labels(name: str, prediction: Any, y: Any) -> None:
     which trains silently on a wrong target and reports an eval loss of 0."""
     if not isinstance(prediction, jax.ShapeDtypeStruct) or not jnp.issubdtype(y.dtype, jnp.integer):
         return
-    if prediction.ndim != y.ndim + 1 or tuple(prediction.shape[1:-1]) != tuple(y.shape[1:]) or not y.size:
+    shape = tuple(y.shape)  # y may be a streamed object with a shape (``stream.py``), not an array
+    if prediction.ndim != len(shape) + 1 or tuple(prediction.shape[1:-1]) != shape[1:] or not math.prod(shape):
         return  # not class indices of this prediction: the loss decides what they mean
     if not _checks.is_concrete(y):
         return  # traced labels (fit under vmap of the data) cannot be inspected here
@@ -262,6 +265,12 @@ def check_labels(name: str, prediction: Any, y: Any) -> None:
 
 def _label_range(y: Any) -> tuple[int, int]:
     """The smallest and largest label, on the host when the data are there (compiling nothing)."""
+    if not _checks.is_array(y):  # a streamed object indexable by rows: read 65,536 rows at a time
+        ranges = [
+            _checks.value_range(np.asarray(y[np.arange(start, min(start + 65_536, y.shape[0]))]))
+            for start in range(0, y.shape[0], 65_536)
+        ]
+        return min(low for low, _ in ranges), max(high for _, high in ranges)
     if isinstance(y, (np.ndarray, np.generic)) or y.is_fully_addressable:
         return _checks.value_range(y)
     with jax.ensure_compile_time_eval():  # a global array over several processes

@@ -37,6 +37,7 @@ from funcnet.train.shuffle import epoch_order, permutation
 __all__ = [
     "agree",
     "barrier",
+    "global_rows",
     "is_writer",
     "local_rows",
     "place",
@@ -198,6 +199,16 @@ def shard_orders(
         own = lambda k: permutation(jax.random.fold_in(k, jax.lax.axis_index(data_axis)), local)[None]
         orders = jax.shard_map(own, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(data_axis))(order_key)
     return orders, dropout_key
+
+
+def global_rows(index: np.ndarray, rows: int) -> np.ndarray:
+    """On the host: the global row numbers of local ones, ``index`` being ``(..., shards, k)``
+    rows of each of ``shards`` equal parts of ``rows`` rows, flattened in ``local_rows``'s order
+    (so reading these rows gives the global batch ``local_rows`` gathers on the devices)."""
+    shards = index.shape[-2]
+    offsets = (np.arange(shards, dtype=np.int64) * (rows // shards))[:, None]
+    rows_read: np.ndarray = (np.asarray(index, np.int64) + offsets).reshape(-1)
+    return rows_read
 
 
 def local_rows(data: jax.Array, index: jax.Array, mesh: Mesh | None, data_axis: str) -> jax.Array:

@@ -26,6 +26,7 @@ from funcnet.optimizers import Optimizer
 from funcnet.precision import DynamicLossScale
 from funcnet.state import has_state, split_state
 from funcnet.train import checkpointing, checks, distributed
+from funcnet.train import stream as streaming
 from funcnet.train.program import (
     Config,
     FitResult,
@@ -78,6 +79,8 @@ def fit(
     loss_scale: DynamicLossScale | None = None,
     ema_decay: float | None = None,
     eval_ema: bool = False,
+    stream: bool | None = None,
+    stream_threshold: int | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -154,6 +157,15 @@ def fit(
         from ``params``. The number is traced: a sweep over it compiles once.
       eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
         loss, the metrics, early stopping and the best evaluation kept all watch it.
+      stream, stream_threshold: data larger than memory (``stream.py``). ``True`` keeps host
+        data (NumPy arrays, ``np.memmap``, or any object with ``shape``, ``dtype`` and indexing
+        by an array of row indices) on the host and feeds the device a segment of steps at a
+        time, the next segment read and transferred while the device trains on the current
+        one; the result equals the device-resident fit's bit for bit. ``False`` puts the data
+        on the device first. ``None`` (the default) streams when the data is on the host and
+        either is not a NumPy array or its bytes (train and eval data together) exceed
+        ``stream_threshold``, by default half the device's memory (``bytes_limit``; on a CPU,
+        half the machine's RAM); ``jax.Array`` data is never streamed.
     Returns:
       A ``FitResult``.
     """
@@ -183,7 +195,9 @@ def fit(
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    x, y, train_digest = checks.check_data("train_data", train_data)
+    streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
+    check_data = streaming.check_host_data if streamed else checks.check_data
+    x, y, train_digest = check_data("train_data", train_data)
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
@@ -197,7 +211,7 @@ def fit(
                 f"the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
             ) from error
     if eval_data is not None:
-        eval_x, eval_y, eval_digest = checks.check_data("eval_data", eval_data)
+        eval_x, eval_y, eval_digest = check_data("eval_data", eval_data)
         checks.check_fits_network(
             "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
         )
@@ -216,6 +230,11 @@ def fit(
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
+        if streamed and jax.process_count() > 1:
+            raise ValueError(
+                "fit: streaming under a mesh of several processes (each reading its own rows) is not "
+                "supported yet; pass stream=False with each process's rows as sharded jax.Arrays."
+            )
         devices = mesh.shape[data_axis]
         if shards is not None and shards != devices:
             raise ValueError(
@@ -278,19 +297,33 @@ def fit(
         if opt_state is not None:
             opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(split_state(params)[0]))
     hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
-    # Device arrays once, so segments move no data; the user's arrays are not touched.
-    if mesh is None:
-        x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
-    else:  # each device receives its own rows only (multi-host: they are already there)
-        x, y, eval_x, eval_y = (
-            None if a is None else distributed.place("fit", name, a, mesh, data_axis)
-            for name, a in (("train_data x", x), ("train_data y", y), ("eval_data x", eval_x), ("eval_data y", eval_y))
-        )
+    if mesh is not None:  # every process places its own copy
         params, opt_state = distributed.put_replicated((params, opt_state), mesh)
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
-    run = lambda state, stop: segment(
-        state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
-    )
+    if streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
+        eval_pair = None if eval_x is None else (eval_x, eval_y)
+        run = streaming.runner(hyper, (x, y), eval_pair, key, min_delta, static=static, config=config)
+        if directory is not None:  # one pass over the data, in bounded memory, for the fingerprint
+            train_digest = streaming.digest(x, y)
+            eval_digest = None if eval_x is None else streaming.digest(eval_x, eval_y)
+        x, y, eval_x, eval_y = (None if a is None else streaming.shape_of(a) for a in (x, y, eval_x, eval_y))
+    else:
+        # Device arrays once, so segments move no data; the user's arrays are not touched.
+        if mesh is None:
+            x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
+        else:  # each device receives its own rows only (multi-host: they are already there)
+            x, y, eval_x, eval_y = (
+                None if a is None else distributed.place("fit", name, a, mesh, data_axis)
+                for name, a in (
+                    ("train_data x", x),
+                    ("train_data y", y),
+                    ("eval_data x", eval_x),
+                    ("eval_data y", eval_y),
+                )
+            )
+        run = lambda state, stop: segment(
+            state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
+        )
     show = config.progress and distributed.is_writer()  # one bar, from process 0
     if directory is None:
         with bar(show, epochs, start_epoch):

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -62,10 +63,16 @@ __all__ = [
     "batch_sharding",
     "check_divisible",
     "check_opt_state",
+    "end_epoch",
+    "epoch_batches",
+    "eval_batch_rows",
+    "eval_layout",
     "fresh_state",
+    "no_evaluation",
     "result",
     "segment",
     "train_step",
+    "train_steps",
 ]
 
 Params = Any
@@ -332,6 +339,72 @@ def _fresh_state(
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
 
 
+def _means(
+    apply: Callable[..., Any],
+    loss: Loss,
+    metrics: dict[str, Loss],
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    dtype: Any,
+) -> dict[str, jax.Array]:
+    """The loss and each metric on one eval batch (means over its rows)."""
+    prediction = apply(params, x)
+    values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
+    return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
+
+
+def _eval_totals(
+    apply: Callable[..., Any],
+    loss: Loss,
+    metrics: dict[str, Loss],
+    params: Params,
+    total: dict[str, jax.Array],
+    xs: jax.Array,
+    ys: jax.Array,
+    config: Config,
+) -> dict[str, jax.Array]:
+    """``total`` plus each full eval batch's means times its rows, batch by batch (``xs``: batches
+    first, each of ``eval_layout(config)[0]`` rows)."""
+    size, dtype = xs.shape[1], jnp.dtype(config.dtype)
+
+    def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
+        means = _means(apply, loss, metrics, params, *batch, dtype)
+        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means), None
+
+    added, _ = lax.scan(add, total, (xs, ys))
+    return added
+
+
+def _eval_average(
+    total: dict[str, jax.Array], last: dict[str, jax.Array] | None, config: Config
+) -> dict[str, jax.Array]:
+    """The means over every eval row: the full batches' ``total`` plus the ``last`` partial batch's means."""
+    rest = eval_layout(config)[2]
+    if last is not None:
+        total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
+    averages: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / config.eval_rows, total)
+    return averages
+
+
+def eval_layout(config: Config) -> tuple[int, int, int]:
+    """How more than ``eval_batch_size`` eval rows are batched: ``(size, full, rest)``, ``full``
+    batches of ``size`` rows, then one of ``rest`` rows (0: none).
+
+    With one shard, batch ``j`` is rows ``j * size ..`` (``size = eval_batch_size``). With
+    ``config.shards`` parts, batch ``j`` is local rows ``j * k .. (j + 1) * k - 1`` of every shard
+    side by side (``k = max(1, eval_batch_size // shards)``, ``size = shards * k``), so each device
+    reads only its own rows; the last batch holds the remaining local rows of every shard.
+    """
+    rows, size, shards = config.eval_rows, config.eval_batch_size, config.shards
+    if shards == 1:
+        full, rest = divmod(rows, size)
+        return size, full, rest
+    k = max(1, size // shards)
+    full, rest = divmod(rows // shards, k)
+    return shards * k, full, shards * rest
+
+
 def _evaluate(
     apply: Callable[..., Any],
     loss: Loss,
@@ -341,49 +414,205 @@ def _evaluate(
     eval_y: Any,
     config: Config,
 ) -> dict[str, jax.Array]:
-    """The eval loss and metrics (means over rows), in batches of ``eval_batch_size`` rows."""
+    """The eval loss and metrics (means over rows), in the batches ``eval_layout`` says."""
     dtype = jnp.dtype(config.dtype)
-
-    def means(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        prediction = apply(params, x)
-        values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
-        return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
-
-    rows, size = config.eval_rows, config.eval_batch_size
-    if rows <= size:
-        return means(eval_x, eval_y)
+    rows, shards = config.eval_rows, config.shards
+    if rows <= config.eval_batch_size:
+        return _means(apply, loss, metrics, params, eval_x, eval_y, dtype)
+    size, full, rest = eval_layout(config)
     zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
-    if config.shards > 1:  # batch j: local rows j * k .. (j + 1) * k - 1 of every shard, read where they live
-        shards, local = config.shards, rows // config.shards
-        k = max(1, size // shards)
-        full, rest = divmod(local, k)
-        rows_of = lambda start, n: jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (shards, n))
-        gather = lambda a, index: distributed.local_rows(a, index, config.mesh, config.data_axis)
+    if shards == 1:
+        batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
+        total = _eval_totals(apply, loss, metrics, params, zero, batched(eval_x), batched(eval_y), config)
+        last = (
+            _means(apply, loss, metrics, params, eval_x[full * size :], eval_y[full * size :], dtype) if rest else None
+        )
+        return _eval_average(total, last, config)
+    # several shards: each batch gathered where its rows live (``distributed.local_rows``)
+    k = size // shards
+    rows_of = lambda start, n: jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (shards, n))
+    gather = lambda a, index: distributed.local_rows(a, index, config.mesh, config.data_axis)
 
-        def add_local(total: dict[str, jax.Array], j: jax.Array) -> tuple[dict[str, jax.Array], None]:
-            index = rows_of(j * jnp.int32(k), k)
-            batch = means(gather(eval_x, index), gather(eval_y, index))
-            return jax.tree_util.tree_map(lambda t, v: t + v * (shards * k), total, batch), None
+    def add_local(total: dict[str, jax.Array], j: jax.Array) -> tuple[dict[str, jax.Array], None]:
+        index = rows_of(j * jnp.int32(k), k)
+        means = _means(apply, loss, metrics, params, gather(eval_x, index), gather(eval_y, index), dtype)
+        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means), None
 
-        total, _ = lax.scan(add_local, zero, jnp.arange(full, dtype=jnp.int32))
-        if rest:
-            index = rows_of(jnp.int32(full * k), rest)
-            last = means(gather(eval_x, index), gather(eval_y, index))
-            total = jax.tree_util.tree_map(lambda t, v: t + v * (shards * rest), total, last)
-        local_means: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / rows, total)
-        return local_means
-    full, rest = divmod(rows, size)
-    batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
-
-    def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
-        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means(*batch)), None
-
-    total, _ = lax.scan(add, zero, (batched(eval_x), batched(eval_y)))
+    total, _ = lax.scan(add_local, zero, jnp.arange(full, dtype=jnp.int32))
+    last = None
     if rest:
-        last = means(eval_x[full * size :], eval_y[full * size :])
-        total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
-    averages: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / rows, total)
-    return averages
+        index = rows_of(jnp.int32(full * k), rest // shards)
+        last = _means(apply, loss, metrics, params, gather(eval_x, index), gather(eval_y, index), dtype)
+    return _eval_average(total, last, config)
+
+
+def eval_batch_rows(first: int, count: int, config: Config, per_shard: int | None = None) -> np.ndarray:
+    """On the host: the eval rows of batches ``first .. first + count - 1`` of ``eval_layout``
+    (each of ``per_shard`` rows of every shard; default: a full batch's), in the order the
+    batches hold them. The streamed fit reads them there."""
+    shards = config.shards
+    full_k = eval_layout(config)[0] // shards  # a full batch's rows of each shard
+    k = full_k if per_shard is None else per_shard
+    starts = (first + np.arange(count)) * full_k
+    index = np.broadcast_to(starts[:, None, None] + np.arange(k)[None, None, :], (count, shards, k))
+    return distributed.global_rows(index, config.eval_rows)
+
+
+def epoch_batches(key: jax.Array, epoch: Any, config: Config) -> tuple[jax.Array, jax.Array]:
+    """Epoch ``epoch``'s batches, ``(batches, shards, batch_size // shards)`` local row numbers
+    (batch ``b`` holds rows ``index[b, s]`` of shard ``s``, every shard's side by side:
+    ``distributed.local_rows``), and its dropout key.
+
+    Each shard's order is ``distributed.shard_orders``. When the local batch does not divide a
+    shard's rows, each shard's last local batch is padded with real rows (the mask in
+    ``train_steps`` keeps them out of the loss); with ``drop_last`` the remainder is dropped. The
+    streamed fit (``stream.py``) computes the same batches on the host (with ``mesh=None``: the
+    same numbers) and turns them into global rows (``distributed.global_rows``).
+    """
+    c = config
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
+    orders, dropout_key = distributed.shard_orders(key, epoch, c.rows, c.shards, c.shuffle, c.mesh, c.data_axis)
+    padded = c.batches * local_batch
+    if padded > local:  # pad with real rows, masked out of the loss
+        orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
+    return orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2), dropout_key
+
+
+def train_steps(
+    hyper: list[Any],
+    carry: tuple[Params, Any, Any],
+    batches: tuple[Any, jax.Array],
+    dropout_key: jax.Array,
+    fetch: Callable[[Any], tuple[jax.Array, jax.Array]],
+    *,
+    static: Static,
+    config: Config,
+) -> tuple[tuple[Params, Any, Any], jax.Array]:
+    """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``.
+
+    ``carry`` is ``(params, opt_state, loss_scale)``. Returns the carry after the steps and each
+    batch's loss times its real rows. The device-resident fit fetches rows of the device data
+    by index (each shard's local batch, where it lives); the streamed fit (``stream.py``) passes
+    the rows themselves. One step function, so both compute the same thing.
+    """
+    c = config
+    apply, loss, optimizer, _ = combine(hyper, static)
+    dtype = jnp.dtype(c.dtype)
+    batch_loss = _batch_loss(apply, loss, c.masked)
+    value_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
+
+    def scaled_loss(*args: Any) -> tuple[jax.Array, tuple[jax.Array, Params]]:
+        value, params = batch_loss(*args[:-1])
+        scale = args[-1]
+        return value * scale.astype(value.dtype), (value, params)
+
+    def scaled_value_and_grad(*args: Any) -> tuple[tuple[jax.Array, Params], Any]:
+        (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
+        return aux, grads
+
+    shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
+
+    def step(carry: tuple[Params, Any, Any], batch: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+        params, opt_state, scaling = carry
+        data, b = batch
+        xb, yb = fetch(data)
+        real = b * local_batch + jnp.arange(local_batch) < local  # each shard's padded rows are its last
+        mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
+        # The optimizer updates the trainable part, training mode the layer state.
+        trainable, state = split_state(params)
+        args = (trainable, state, shard(xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
+        if c.loss_scale is None:
+            (value, new), grads = value_and_grad(*args)
+            trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+            state = split_state(new)[1]
+        else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
+            (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
+            grads, finite = c.loss_scale.unscale(scaling, grads)
+            stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
+            trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
+            scaling = c.loss_scale.adjust(scaling, finite)
+        params = merge_state(trainable, state)
+        return (params, opt_state, scaling), value.astype(dtype) * (
+            jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
+        )
+
+    after, sums = lax.scan(step, carry, batches)
+    return after, sums
+
+
+def end_epoch(
+    s: TrainState,
+    carry: tuple[Params, Any, Any],
+    sums: jax.Array,
+    evaluate: Callable[[jax.Array, Params], dict[str, jax.Array]],
+    min_delta: Any,
+    *,
+    config: Config,
+) -> TrainState:
+    """The state after epoch ``s.epoch``, whose steps gave ``carry`` (``train_steps``) and
+    ``sums``: its training loss, the evaluation (``evaluate(is_eval, params)``, NaN when not
+    scheduled), early stopping and the progress tick."""
+    c = config
+    params, opt_state, scaling = carry
+    dtype = jnp.dtype(c.dtype)
+    used_rows = c.rows if c.masked else c.batches * c.batch_size  # unmasked: full batches only (all rows, or drop_last)
+    has_eval = c.eval_rows > 0
+    e = s.epoch
+    train_loss = jnp.sum(sums) / used_rows
+    finite = jnp.isfinite(train_loss)
+    history = s.train_loss.at[e].set(train_loss)
+    is_eval = (e + 1) % c.eval_every == 0
+    if not has_eval:
+        values = {"loss": _nan((), dtype)}
+        keep = finite  # a diverged epoch's params are dropped: the result is the last finite
+        new = s._replace(
+            params=_select(keep, params, s.params),
+            opt_state=_select(keep, opt_state, s.opt_state),
+            best_epoch=jnp.where(keep, e + 1, s.best_epoch),
+            stopped=~finite,
+            stopped_epoch=jnp.where(finite, s.stopped_epoch, e + 1),
+            diverged=~finite,
+            epoch=e + 1,
+            train_loss=history,
+            loss_scale=scaling,
+        )
+    else:
+        watched_params = _averaged(opt_state, params) if c.eval_ema else params
+        values = evaluate(is_eval, watched_params)
+        diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
+        watched = values[c.monitor]
+        better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
+        improved = is_eval & ~diverged & better
+        bad_evals = jnp.where(improved, 0, s.bad_evals + (is_eval & ~improved).astype(jnp.int32))
+        stop_now = diverged | (bad_evals > c.patience)
+        j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
+        record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
+        new = TrainState(
+            params=params,
+            opt_state=opt_state,
+            best_params=_select(improved, params, s.best_params),
+            best_opt_state=_select(improved, opt_state, s.best_opt_state),
+            best=jnp.where(improved, watched, s.best),
+            best_epoch=jnp.where(improved, e + 1, s.best_epoch),
+            bad_evals=bad_evals,
+            stopped=stop_now,
+            stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
+            diverged=diverged,
+            epoch=e + 1,
+            train_loss=history,
+            eval_loss=record(s.eval_loss, values["loss"]),
+            eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
+            loss_scale=scaling,
+        )
+    if c.progress:
+        jax.debug.callback(progress.tick, e, train_loss, values)
+    return new
+
+
+def no_evaluation(config: Config) -> dict[str, jax.Array]:
+    """NaN for the eval loss and each metric: an epoch without evaluation."""
+    return {name: _nan((), jnp.dtype(config.dtype)) for name in ("loss", *config.metrics)}
 
 
 def _segment(
@@ -401,121 +630,28 @@ def _segment(
     config: Config,
 ) -> TrainState:
     c = config
-    apply, loss, optimizer, metrics = combine(hyper, static)
-    dtype = jnp.dtype(c.dtype)
-    batch_loss = _batch_loss(apply, loss, c.masked)
-    value_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
+    apply, loss, _, metrics = combine(hyper, static)
 
-    def scaled_loss(*args: Any) -> tuple[jax.Array, tuple[jax.Array, Params]]:
-        value, params = batch_loss(*args[:-1])
-        scale = args[-1]
-        return value * scale.astype(value.dtype), (value, params)
+    def evaluate(is_eval: jax.Array, params: Params) -> dict[str, jax.Array]:
+        scheduled = lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c)
+        values: dict[str, jax.Array] = lax.cond(is_eval, scheduled, lambda p: no_evaluation(c), params)
+        return values
 
-    def scaled_value_and_grad(*args: Any) -> tuple[tuple[jax.Array, Params], Any]:
-        (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(*args)
-        return aux, grads
-
-    shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
-    # Each of the ``shards`` parts of the rows is batched on its own (``distributed.py``): a
-    # global batch is every shard's local batch of ``local_batch`` rows, side by side.
-    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
-    padded = c.batches * local_batch
-    used_rows = c.rows if c.masked else padded * c.shards  # unmasked: full batches only (all rows, or drop_last)
-    has_eval = c.eval_rows > 0
     gather = lambda a, index: distributed.local_rows(a, index, c.mesh, c.data_axis)
 
     def train_epoch(s: TrainState) -> TrainState:
-        e = s.epoch
-        orders, dropout_key = distributed.shard_orders(key, e, c.rows, c.shards, c.shuffle, c.mesh, c.data_axis)
-        if padded > local:  # pad with real rows, masked out of the loss
-            orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
-        batches = orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2)
-
-        def step(carry: tuple[Params, Any, Any], batch: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
-            params, opt_state, scaling = carry
-            index, b = batch
-            real = b * local_batch + jnp.arange(local_batch) < local
-            mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
-            # The optimizer updates the trainable part, training mode the layer state.
-            trainable, state = split_state(params)
-            args = (
-                trainable,
-                state,
-                shard(gather(x, index)),
-                shard(gather(y, index)),
-                mask,
-                jax.random.fold_in(dropout_key, b),
-            )
-            if c.loss_scale is None:
-                (value, new), grads = value_and_grad(*args)
-                trainable, opt_state = optimizer.update(grads, opt_state, trainable)
-                state = split_state(new)[1]
-            else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
-                (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
-                grads, finite = c.loss_scale.unscale(scaling, grads)
-                stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
-                trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
-                scaling = c.loss_scale.adjust(scaling, finite)
-            params = merge_state(trainable, state)
-            return (params, opt_state, scaling), value.astype(dtype) * (
-                jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
-            )
-
-        (params, opt_state, scaling), sums = lax.scan(
-            step, (s.params, s.opt_state, s.loss_scale), (batches, jnp.arange(c.batches))
+        batches, dropout_key = epoch_batches(key, s.epoch, c)
+        fetch = lambda index: (gather(x, index), gather(y, index))  # each shard's rows, where they live
+        carry, sums = train_steps(
+            hyper,
+            (s.params, s.opt_state, s.loss_scale),
+            (batches, jnp.arange(c.batches)),
+            dropout_key,
+            fetch,
+            static=static,
+            config=c,
         )
-        train_loss = jnp.sum(sums) / used_rows
-        finite = jnp.isfinite(train_loss)
-        history = s.train_loss.at[e].set(train_loss)
-        is_eval = (e + 1) % c.eval_every == 0
-        if not has_eval:
-            values = {"loss": _nan((), dtype)}
-            keep = finite  # a diverged epoch's params are dropped: the result is the last finite
-            new = s._replace(
-                params=_select(keep, params, s.params),
-                opt_state=_select(keep, opt_state, s.opt_state),
-                best_epoch=jnp.where(keep, e + 1, s.best_epoch),
-                stopped=~finite,
-                stopped_epoch=jnp.where(finite, s.stopped_epoch, e + 1),
-                diverged=~finite,
-                epoch=e + 1,
-                train_loss=history,
-                loss_scale=scaling,
-            )
-        else:
-            nans = lambda p: {name: _nan((), dtype) for name in ("loss", *c.metrics)}
-            watched_params = _averaged(opt_state, params) if c.eval_ema else params
-            values = lax.cond(
-                is_eval, lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c), nans, watched_params
-            )
-            diverged = ~finite | (is_eval & ~jnp.isfinite(values["loss"]))
-            watched = values[c.monitor]
-            better = watched > s.best + min_delta if c.maximize else watched < s.best - min_delta
-            improved = is_eval & ~diverged & better
-            bad_evals = jnp.where(improved, 0, s.bad_evals + (is_eval & ~improved).astype(jnp.int32))
-            stop_now = diverged | (bad_evals > c.patience)
-            j = jnp.maximum((e + 1) // c.eval_every - 1, 0)
-            record = lambda h, v: h.at[j].set(jnp.where(is_eval, v, h[j]))
-            new = TrainState(
-                params=params,
-                opt_state=opt_state,
-                best_params=_select(improved, params, s.best_params),
-                best_opt_state=_select(improved, opt_state, s.best_opt_state),
-                best=jnp.where(improved, watched, s.best),
-                best_epoch=jnp.where(improved, e + 1, s.best_epoch),
-                bad_evals=bad_evals,
-                stopped=stop_now,
-                stopped_epoch=jnp.where(stop_now, e + 1, s.stopped_epoch),
-                diverged=diverged,
-                epoch=e + 1,
-                train_loss=history,
-                eval_loss=record(s.eval_loss, values["loss"]),
-                eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
-                loss_scale=scaling,
-            )
-        if c.progress:
-            jax.debug.callback(progress.tick, e, train_loss, values)
-        return new
+        return end_epoch(s, carry, sums, evaluate, min_delta, config=c)
 
     done: TrainState = distributed.replicate(
         lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state), c.mesh

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bar", "tick"]
+__all__ = ["bar", "status", "tick"]
 
 _bar: Any = None
+_status = ""  # a streamed fit's data status (``status``)
 
 
 def tick(epoch: Any, train_loss: Any, values: dict[str, Any]) -> None:
@@ -32,13 +33,13 @@ def tick(epoch: Any, train_loss: Any, values: dict[str, Any]) -> None:
         _bar.set_postfix_str(text, refresh=False)
         _bar.update(1)
     else:
-        print(f"epoch {int(epoch) + 1}: {text}", flush=True)
+        print(f"epoch {int(epoch) + 1}: {text}{f' ({_status})' if _status else ''}", flush=True)
 
 
 @contextlib.contextmanager
 def bar(show: bool, total: int, initial: int) -> Iterator[None]:
     """Show a bar of ``total`` epochs, ``initial`` of them done, while the block runs."""
-    global _bar
+    global _bar, _status
     if not show:
         yield
         return
@@ -53,4 +54,21 @@ def bar(show: bool, total: int, initial: int) -> Iterator[None]:
     finally:
         if hasattr(_bar, "close"):
             _bar.close()
-        _bar = None
+        _bar, _status = None, ""
+
+
+def status(text: str, *, stalled: bool = False) -> None:
+    """A streamed fit's data status beside the bar: the rows per second read, or a stall.
+
+    tqdm shows it as the bar's description at once; the one-line-per-epoch fallback adds it to
+    the next epoch's line, and prints a stall as it happens, so a slow disk never looks like a
+    frozen run.
+    """
+    global _status
+    if _bar is None:
+        return
+    _status = text
+    if hasattr(_bar, "set_description_str"):
+        _bar.set_description_str(f"fit [{text}]", refresh=True)
+    elif stalled:
+        print(f"fit: {text}", flush=True)

@@ -1,0 +1,644 @@
+"""Data larger than memory: ``fit(..., stream=True)`` feeds host data to the device a segment at a time.
+
+Contract, stated once:
+
+* **What streams.** Host data: NumPy arrays, ``np.memmap`` and any object with ``shape``,
+  ``dtype`` and indexing by an array of row indices (``x[np.array([3, 1, 2])]``, as h5py
+  datasets and zarr arrays allow; rows are read in increasing order, then reordered). It stays
+  where it is; only the rows of the next segment are read.
+* **Same result.** Epoch ``e``'s batches are ``program.epoch_batches`` computed on the host's
+  CPU device (the same keyed permutation of each shard's rows, ``distributed.shard_orders``,
+  padded the same way), turned into global rows (``distributed.global_rows``), and every step is
+  ``program.train_steps``, the step the device-resident fit runs, over a segment of batches whose
+  rows were gathered on the host; each epoch ends with ``program.end_epoch`` (training loss,
+  evaluation, early stopping). Evaluation data streams too, batch by batch in the order
+  ``program._evaluate`` adds them (``program.eval_layout``). So a streamed fit equals the
+  device-resident one bit for bit: params, optimizer state, history, metrics, early stopping,
+  a masked last batch, and checkpoints (the checkpoints of one resume the other).
+* **Double buffering.** One worker thread gathers segment ``i + 1`` and starts its transfer
+  while the device runs segment ``i``; the host waits for segment ``i - 1`` before it asks for
+  ``i + 2``, so at most three segments (``SEGMENT_BYTES`` each, 16 MiB) are held at once,
+  whatever the data's size. The next epoch's first segment is gathered during the last one's.
+* **Checks while streaming.** Data larger than memory is not read twice, so what ``fit``
+  checks up front on device data (finite values) is checked here on each segment as it is
+  read: a NaN or Inf raises a ``ValueError`` naming the row. So do a ``np.memmap`` whose file
+  changes size and an object whose row count changes. An error raised mid-run leaves nothing
+  returned as if complete (with ``checkpoint_dir``, the last checkpoint is intact).
+* **Checkpoints.** With ``checkpoint_dir``, the fingerprint's digest of the data's values
+  (``checks._digest``) is computed in one pass before training, a segment of rows at a time
+  (``digest``), and equals the device-resident fit's.
+* **Progress.** With ``progress=True`` the bar shows the rows per second read; a segment that
+  takes more than ``STALL_SECONDS`` to arrive shows as ``stalled`` with the time waited.
+* **Meshes and shards.** The host gathers each global batch as every shard's local batch side
+  by side, as the device-resident fit forms it, so a streamed fit under a mesh (or with
+  ``shards=n``) equals the device-resident one bit for bit. In one process, each segment is
+  placed sharded along the mesh's data axis (``_place``): each device receives its shard's
+  rows. Several processes, each streaming its own rows, are not supported yet (``fit`` raises):
+  ``_place`` is where ``jax.make_array_from_process_local_data`` goes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from funcnet._values import Static, combine
+from funcnet.train import checks, distributed, progress
+from funcnet.train.program import (
+    Config,
+    TrainState,
+    _averaged,
+    _eval_average,
+    _eval_totals,
+    _means,
+    end_epoch,
+    epoch_batches,
+    eval_batch_rows,
+    eval_layout,
+    no_evaluation,
+    train_steps,
+)
+
+__all__ = ["SEGMENT_BYTES", "STALL_SECONDS", "check_host_data", "chooses_stream", "digest", "runner", "shape_of"]
+
+SEGMENT_BYTES = 16 << 20  # rows gathered and transferred at once (at least one batch)
+STALL_SECONDS = 2.0  # a segment later than this shows as stalled
+Params = Any
+
+
+# --- which fits stream -------------------------------------------------------------------------
+
+
+def default_threshold() -> int:
+    """Half the default device's memory (its ``bytes_limit``; a CPU device: the machine's RAM)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # a backend without memory statistics
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _parts(*pairs: Any) -> list[Any]:
+    return [a for pair in pairs if isinstance(pair, (tuple, list)) and len(pair) == 2 for a in pair]
+
+
+def chooses_stream(stream: Any, threshold: Any, train_data: Any, eval_data: Any) -> bool:
+    """``fit``'s ``stream`` rule: ``True``/``False`` decide; ``None`` streams host data (not
+    ``jax.Array``s) that is not an in-memory array (an object indexable by rows) or whose bytes,
+    train and eval together, exceed ``threshold`` (default: ``default_threshold()``)."""
+    if stream is not None and not isinstance(stream, (bool, np.bool_)):
+        raise TypeError(f"fit: stream must be None, True or False, got {type(stream).__name__}.")
+    if threshold is not None and (
+        isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, np.integer)) or threshold < 0
+    ):
+        raise ValueError(f"fit: stream_threshold must be None or a number of bytes >= 0, got {threshold!r}.")
+    if stream is not None:
+        return bool(stream)
+    parts = _parts(train_data, eval_data)
+    if not parts or any(isinstance(a, jax.Array) for a in parts):
+        return False  # device data (or traced, under jit/vmap): nothing to stream
+    if any(not isinstance(a, np.ndarray) and hasattr(a, "shape") and hasattr(a, "__getitem__") for a in parts):
+        return True
+    host = sum(a.nbytes for a in parts if isinstance(a, np.ndarray))
+    return host > (default_threshold() if threshold is None else int(threshold))
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
+    """``check_data``'s promises for data that stays on the host, without reading it: a pair
+    ``(x, y)`` with shapes, dtypes and matching rows, each indexable by an array of rows."""
+    fn = "fit"
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{fn}: {name} must be a pair (x, y) of arrays, got {type(data).__name__}.")
+    x, y = data
+    for part, array in ((f"{name} x", x), (f"{name} y", y)):
+        if isinstance(array, jax.Array):
+            raise TypeError(
+                f"{fn}: stream=True streams host data (NumPy arrays, np.memmap, or objects indexable by "
+                f"an array of rows), but {part} is a jax.Array already on a device; pass stream=False."
+            )
+        shape, dtype = getattr(array, "shape", None), getattr(array, "dtype", None)
+        if not isinstance(shape, tuple) or dtype is None or not hasattr(array, "__getitem__"):
+            raise TypeError(
+                f"{fn}: {part} must be an array, or an object with shape, dtype and indexing by an array "
+                f"of row indices to stream, got {type(array).__name__}."
+            )
+        dtype = np.dtype(dtype)
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+            raise TypeError(
+                f"{fn}: {part} must have a floating or integer dtype (integers: labels or token ids), got {dtype}."
+            )
+    if len(x.shape) < 2 and not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise ValueError(f"{fn}: {name} x must be at least 2-D (rows, features...), got shape {tuple(x.shape)}.")
+    if len(x.shape) < 1 or len(y.shape) < 1:
+        raise ValueError(
+            f"{fn}: {name} x and y must have a row axis, got shapes {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{fn}: {name} x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{fn}: {name} must have at least one row, got 0.")
+    for part, array in ((f"{name} x", x), (f"{name} y", y)):
+        rows = np.array([0, array.shape[0] - 1])
+        try:
+            probe = np.asarray(array[rows])
+        except Exception as error:  # whatever the object raises, said plainly
+            raise TypeError(
+                f"{fn}: {part} ({type(array).__name__}) cannot be indexed by an array of row indices, which "
+                f"streaming needs ({part}[np.array([0, {array.shape[0] - 1}])] raised "
+                f"{type(error).__name__}: {error})."
+            ) from error
+        if probe.shape != (2, *array.shape[1:]):
+            raise TypeError(
+                f"{fn}: {part} ({type(array).__name__}) indexed by an array of 2 row indices must give shape "
+                f"{(2, *array.shape[1:])}, got {probe.shape}; streaming needs NumPy-style row indexing."
+            )
+    return x, y, None  # the digest of the values (``digest``) is taken only when a checkpoint needs it
+
+
+def digest(x: Any, y: Any) -> str:
+    """``checks.check_data``'s digest of ``(x, y)``'s values, computed a segment of rows at a time
+    (bounded memory), so a streamed run's checkpoints and a device-resident run's match."""
+    return f"{_array_digest(x)}/{_array_digest(y)}"
+
+
+def _array_digest(array: Any) -> str:
+    rows, per_row = array.shape[0], int(np.prod(array.shape[1:], dtype=np.int64))
+    itemsize, total = np.dtype(array.dtype).itemsize, rows * per_row
+    chunk = max(1, SEGMENT_BYTES // max(1, per_row * itemsize))
+    sums = np.zeros(2, np.uint32)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        rows_read = array[start:stop] if isinstance(array, np.ndarray) else array[np.arange(start, stop)]
+        block = np.ascontiguousarray(np.asarray(rows_read, np.dtype(array.dtype)))
+        words, first = checks._words(np, block), start * per_row
+        if itemsize < 8:
+            sums += checks._digest(np, words, first)
+        else:  # the low words of every value, then the high ones (as ``_words`` lays out the whole array)
+            sums += checks._digest(np, words[: block.size], first) + checks._digest(
+                np, words[block.size :], total + first
+            )
+    return "".join(f"{int(d):08x}" for d in sums)
+
+
+def shape_of(array: Any) -> jax.ShapeDtypeStruct:
+    """The shape and dtype ``array`` has on the device (the checkpoint fingerprint compares these)."""
+    return jax.ShapeDtypeStruct(tuple(array.shape), jax.dtypes.canonicalize_dtype(np.dtype(array.dtype)))
+
+
+class _Source:
+    """One host array: gathers rows in increasing order, checks they are finite and that the
+    data has not changed size."""
+
+    def __init__(self, part: str, array: Any):
+        self.part, self.array = part, array
+        self.rows = array.shape[0]
+        self.dtype = jax.dtypes.canonicalize_dtype(np.dtype(array.dtype))
+        self.floating = np.issubdtype(np.dtype(array.dtype), np.floating)
+        self.file = getattr(array, "filename", None) if isinstance(array, np.memmap) else None
+        self.file_size = os.stat(self.file).st_size if self.file else None
+        self.layout = _file_layout(array)
+
+    def _unchanged(self) -> None:
+        if self.file is not None:
+            try:
+                size: int | None = os.stat(self.file).st_size
+            except OSError:
+                size = None
+            if size != self.file_size:
+                raise ValueError(
+                    f"fit: {self.part} is a np.memmap of {self.file!r}, whose file changed size while fitting "
+                    f"(was {self.file_size} bytes, now {size}); its rows are no longer the data the fit began "
+                    "with. Nothing was returned; restart the fit on the new data."
+                )
+        rows = self.array.shape[0]
+        if rows != self.rows:
+            raise ValueError(
+                f"fit: {self.part} changed from {self.rows} to {rows} rows while fitting; its rows are no longer "
+                "the data the fit began with. Nothing was returned; restart the fit on the new data."
+            )
+
+    def gather(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (in that order), as a fresh array of the device dtype."""
+        self._unchanged()
+        if type(self.array) is np.ndarray:
+            block = _take(self.array, index)
+        else:  # read each row once, in increasing order (disk-friendly; h5py requires it), then reorder
+            unique, inverse = np.unique(index, return_inverse=True)
+            self._advise(unique)
+            rows = _take(self.array, unique) if isinstance(self.array, np.memmap) else np.asarray(self.array[unique])
+            block = _take(rows, inverse)
+        block = np.asarray(block, self.dtype)
+        if self.floating:
+            finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+            if not finite.all():
+                row = int(index[int(np.argmin(finite))])
+                raise ValueError(f"fit: {self.part} must be finite, got NaN or Inf values (first at row {row}).")
+        return block
+
+    def _advise(self, rows: np.ndarray) -> None:
+        """Ask the kernel to read a memmap's ``rows`` (sorted) now, all at once: the page faults of
+        the gather then wait on reads already in flight instead of issuing one small read each."""
+        if self.layout is None or self.file is None or rows.size == 0:
+            return
+        start, stride, row_bytes = self.layout
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        firsts, lasts = rows[np.r_[0, breaks]], rows[np.r_[breaks - 1, rows.size - 1]]
+        try:
+            descriptor = os.open(self.file, os.O_RDONLY)
+        except OSError:
+            return  # only advice: the gather reads the rows anyway
+        try:
+            for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+                os.posix_fadvise(
+                    descriptor, start + first * stride, (last - first) * stride + row_bytes, os.POSIX_FADV_WILLNEED
+                )
+        finally:
+            os.close(descriptor)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop - 1``."""
+        if isinstance(self.array, np.ndarray):
+            self._unchanged()
+            block = np.array(self.array[start:stop], self.dtype)
+            if self.floating and not np.isfinite(block).all():
+                finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+                row = start + int(np.argmin(finite))
+                raise ValueError(f"fit: {self.part} must be finite, got NaN or Inf values (first at row {row}).")
+            return block
+        return self.gather(np.arange(start, stop))
+
+    def row_bytes(self) -> int:
+        return int(np.prod(self.array.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+_GATHER_ROWS = 2048  # rows per thread of a gather
+_gatherers: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``array[index]``, split across threads when large: NumPy copies without the GIL, so a
+    many-core host gathers (and a memmap faults its pages in) in parallel."""
+    parts = min(os.cpu_count() or 1, 8, index.shape[0] // _GATHER_ROWS)
+    if parts <= 1:
+        return np.asarray(array[index])
+    if not _gatherers:
+        _gatherers.append(concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 8), "funcnet-gather"))
+    out = np.empty((index.shape[0], *array.shape[1:]), array.dtype)
+    bounds = np.linspace(0, index.shape[0], parts + 1).astype(np.int64).tolist()
+
+    def part(i: int) -> None:  # "clip": the indices are valid, and "raise" would buffer the copy
+        np.take(array, index[bounds[i] : bounds[i + 1]], axis=0, out=out[bounds[i] : bounds[i + 1]], mode="clip")
+
+    list(_gatherers[0].map(part, range(parts)))
+    return out
+
+
+def _file_layout(array: Any) -> tuple[int, int, int] | None:
+    """For a ``np.memmap`` (or a view of one) whose rows are each contiguous in its file: the file
+    offset of row 0, the row stride and a row's bytes; else None."""
+    if not isinstance(array, np.memmap) or array.ndim < 1 or array.shape[0] == 0 or array.strides[0] <= 0:
+        return None
+    if not (hasattr(os, "posix_fadvise") and (array.ndim == 1 or array[0].flags.c_contiguous)):
+        return None
+    root: np.ndarray = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(root, np.memmap) or not isinstance(root.base, mmap.mmap):
+        return None
+    start = int(root.offset) + (array.ctypes.data - root.ctypes.data)
+    return start, int(array.strides[0]), int(array[0].nbytes) if array.ndim > 1 else array.itemsize
+
+
+# --- the compiled programs (each selected by the same Static and Config as the fit's) -----------
+
+
+def _steps(
+    carry: tuple[Params, Any, Any],
+    hyper: list[Any],
+    xs: jax.Array,
+    ys: jax.Array,
+    first: jax.Array,
+    dropout_key: jax.Array,
+    *,
+    static: Static,
+    config: Config,
+) -> tuple[tuple[Params, Any, Any], jax.Array]:
+    """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``;
+    ``carry`` is ``(params, opt_state, loss_scale)``, as ``program.train_steps`` takes it."""
+    numbers = jnp.arange(xs.shape[0])  # the device fit's batch numbers are jnp.arange's dtype too
+    numbers = numbers + first.astype(numbers.dtype)
+    after, sums = train_steps(
+        hyper, carry, ((xs, ys), numbers), dropout_key, lambda rows: rows, static=static, config=config
+    )
+    return after, sums
+
+
+def _end(
+    state: TrainState,
+    carry: tuple[Params, Any, Any],
+    sums: jax.Array,
+    values: dict[str, jax.Array],
+    min_delta: Any,
+    *,
+    config: Config,
+) -> TrainState:
+    return end_epoch(state, carry, sums, lambda is_eval, p: values, min_delta, config=config)
+
+
+def _eval_block(
+    params: Params,
+    total: dict[str, jax.Array],
+    hyper: list[Any],
+    xs: jax.Array,
+    ys: jax.Array,
+    *,
+    static: Static,
+    config: Config,
+) -> dict[str, jax.Array]:
+    apply, loss, _, metrics = combine(hyper, static)
+    return _eval_totals(apply, loss, metrics, params, total, xs, ys, config)
+
+
+def _eval_batch(
+    params: Params, hyper: list[Any], x: jax.Array, y: jax.Array, *, static: Static, config: Config
+) -> dict[str, jax.Array]:
+    apply, loss, _, metrics = combine(hyper, static)
+    return _means(apply, loss, metrics, params, x, y, jnp.dtype(config.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _watched(carry: tuple[Params, Any, Any], *, config: Config) -> Params:
+    """The params an evaluation sees: the moving average with ``eval_ema``, as ``end_epoch`` picks."""
+    params, opt_state, _ = carry
+    watched: Params = _averaged(opt_state, params) if config.eval_ema else params
+    return watched
+
+
+_steps_jit = jax.jit(_steps, static_argnames=("static", "config"))
+_end_jit = jax.jit(_end, static_argnames=("config",))
+_eval_block_jit = jax.jit(_eval_block, static_argnames=("static", "config"))
+_eval_batch_jit = jax.jit(_eval_batch, static_argnames=("static", "config"))
+_eval_average_jit = jax.jit(_eval_average, static_argnames=("config",))
+_epoch_batches_jit = jax.jit(epoch_batches, static_argnames=("config",))
+_no_evaluation_jit = jax.jit(no_evaluation, static_argnames=("config",))
+
+
+@jax.jit
+def _zeros(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    zeros: dict[str, jax.Array] = jax.tree_util.tree_map(jnp.zeros_like, values)
+    return zeros
+
+
+# --- the host side: what to read, in which order, prefetched -----------------------------------
+
+
+class _Job(NamedTuple):
+    epoch: int
+    kind: str  # "train": batches first..; "eval": full eval batches; "eval last": the partial one
+    first: int
+    arrays: tuple[Any, Any]  # on the device once gathered
+    dropout_key: Any
+    rows: int  # rows read
+
+
+def _place(block: Any, config: Config, rows_axis: int | None) -> Any:
+    """Start moving a gathered block (or a key) to the device(s) the fit runs on.
+
+    Without a mesh: the default device. With a mesh (one process): training and eval rows
+    (axis ``rows_axis``) sharded along its data axis, as the device-resident fit holds them;
+    keys (``rows_axis=None``) replicated.
+    The seam for multi-process meshes: there each process would gather only its own rows of
+    each batch and build the global array with ``jax.make_array_from_process_local_data``.
+    """
+    if config.mesh is None:
+        return jax.device_put(block, jax.devices()[0])
+    spec: list[str | None] = [None] * np.ndim(block)
+    if rows_axis is not None:
+        spec[rows_axis] = config.data_axis
+    return jax.device_put(block, NamedSharding(config.mesh, PartitionSpec(*spec)))
+
+
+def _host_cpu() -> Any:
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it): compute the order where it runs
+        return jax.devices()[0]
+
+
+class _Plan:
+    """The segments to read, in the order the training loop uses them, from ``epoch`` to ``stop``."""
+
+    def __init__(self, x: _Source, y: _Source, ex: _Source | None, ey: _Source | None, key: jax.Array, config: Config):
+        self.x, self.y, self.ex, self.ey, self.config = x, y, ex, ey, config
+        c = config
+        self.per_segment = max(
+            1, min(c.batches, SEGMENT_BYTES // max(1, c.batch_size * (x.row_bytes() + y.row_bytes())))
+        )
+        self.cpu = _host_cpu()
+        self.key = jax.device_put(key, self.cpu)
+        self.host_config = c._replace(mesh=None)  # each shard's order computed on the host: the same numbers
+        if ex is not None and ey is not None:
+            size, full, rest = eval_layout(c)
+            self.eval_size = size
+            self.eval_full, self.eval_rest = (full, rest) if c.eval_rows > c.eval_batch_size else (0, c.eval_rows)
+            per = SEGMENT_BYTES // max(1, size * (ex.row_bytes() + ey.row_bytes()))
+            self.eval_per_segment = max(1, min(max(self.eval_full, 1), per))
+
+    def warm(self, epoch: int) -> None:
+        """Compile the epoch-order program before streaming starts."""
+        with jax.default_device(self.cpu):
+            jax.block_until_ready(_epoch_batches_jit(self.key, np.int32(epoch), config=self.host_config))
+
+    def segments(self) -> int:
+        return -(-self.config.batches // self.per_segment)
+
+    def jobs(self, epoch: int, stop: int) -> Iterator[Callable[[], _Job]]:
+        """Each job as a function that reads its rows and starts their transfer (run by the worker)."""
+        c = self.config
+        for e in range(epoch, stop):
+            batches: list[Any] = []
+
+            def order(e: int = e, batches: list[Any] = batches) -> tuple[np.ndarray, jax.Array]:
+                if not batches:
+                    with jax.default_device(self.cpu):
+                        index, dropout_key = _epoch_batches_jit(self.key, np.int32(e), config=self.host_config)
+                    batches += [np.asarray(index), _place(dropout_key, c, None)]
+                return batches[0], batches[1]
+
+            for first in range(0, c.batches, self.per_segment):
+                yield functools.partial(self._train, e, first, order)
+            if self.ex is not None and (e + 1) % c.eval_every == 0:
+                yield from self._eval_jobs(e)
+
+    def _train(self, e: int, first: int, order: Callable[[], tuple[np.ndarray, Any]]) -> _Job:
+        c = self.config
+        index, dropout_key = order()
+        rows = distributed.global_rows(index[first : first + self.per_segment], c.rows)
+        count = rows.shape[0] // c.batch_size
+        xs = self.x.gather(rows).reshape(count, c.batch_size, *self.x.array.shape[1:])
+        ys = self.y.gather(rows).reshape(count, c.batch_size, *self.y.array.shape[1:])
+        return _Job(e, "train", first, (_place(xs, c, 1), _place(ys, c, 1)), dropout_key, rows.shape[0])
+
+    def _eval_jobs(self, e: int) -> Iterator[Callable[[], _Job]]:
+        assert self.ex is not None and self.ey is not None  # only called with eval data
+        ex, ey, c = self.ex, self.ey, self.config
+        size = self.eval_size
+
+        def rows(a: _Source, first: int, count: int, per_shard: int | None = None) -> np.ndarray:
+            if c.shards == 1:  # batches of consecutive rows
+                stop = c.eval_rows if per_shard is not None else (first + count) * size
+                return a.slice(first * size, stop)
+            return a.gather(eval_batch_rows(first, count, c, per_shard))  # every shard's rows side by side
+
+        for first in range(0, self.eval_full, self.eval_per_segment):
+            count = min(self.eval_per_segment, self.eval_full - first)
+
+            def read(first: int = first, count: int = count) -> _Job:
+                xs = rows(ex, first, count).reshape(count, size, *ex.array.shape[1:])
+                ys = rows(ey, first, count).reshape(count, size, *ey.array.shape[1:])
+                return _Job(e, "eval", first, (_place(xs, c, 1), _place(ys, c, 1)), None, count * size)
+
+            yield read
+        if self.eval_rest:
+
+            def last() -> _Job:
+                if self.eval_full == 0:  # every eval row in one batch, in order
+                    xs, ys = ex.slice(0, c.eval_rows), ey.slice(0, c.eval_rows)
+                else:
+                    per_shard = self.eval_rest // c.shards
+                    xs, ys = rows(ex, self.eval_full, 1, per_shard), rows(ey, self.eval_full, 1, per_shard)
+                return _Job(e, "eval last", 0, (_place(xs, c, 0), _place(ys, c, 0)), None, self.eval_rest)
+
+            yield last
+
+
+class _Feed:
+    """Runs the plan's jobs one ahead on a worker thread; reports rows per second and stalls."""
+
+    def __init__(self, jobs: Iterator[Callable[[], _Job]], show: bool):
+        self.jobs, self.show = jobs, show
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="funcnet-stream")
+        self.pending: concurrent.futures.Future[_Job] | None = None
+        self.rows, self.shown = 0, time.perf_counter()  # rows read since the rate was last shown
+        self._submit()
+
+    def _submit(self) -> None:
+        job = next(self.jobs, None)
+        self.pending = None if job is None else self.pool.submit(job)
+
+    def next(self, epoch: int, kind: str) -> _Job:
+        """The next job (of ``epoch`` and ``kind``), its rows read and on their way to the device;
+        the one after is started."""
+        if self.pending is None:
+            raise RuntimeError("fit: the streamed plan ended early (a bug in funcnet; please report it).")
+        waited = time.perf_counter()
+        while True:
+            try:
+                job = self.pending.result(timeout=STALL_SECONDS)
+                break
+            except concurrent.futures.TimeoutError:
+                if self.show:
+                    seconds = time.perf_counter() - waited
+                    progress.status(f"stalled {seconds:.0f}s waiting for data", stalled=True)
+        if (job.epoch, job.kind) != (epoch, kind):
+            raise RuntimeError(
+                f"fit: the streamed plan gave epoch {job.epoch}'s {job.kind!r} rows where epoch {epoch}'s "
+                f"{kind!r} rows were due (a bug in funcnet; please report it)."
+            )
+        self._submit()
+        self.rows += job.rows
+        now = time.perf_counter()
+        if self.show and now - self.shown > 0.5:
+            progress.status(f"{self.rows / (now - self.shown):,.0f} rows/s")
+            self.rows, self.shown = 0, now
+        return job
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def runner(
+    hyper: list[Any],
+    train_data: tuple[Any, Any],
+    eval_data: tuple[Any, Any] | None,
+    key: jax.Array,
+    min_delta: Any,
+    *,
+    static: Static,
+    config: Config,
+) -> Callable[[TrainState, int], TrainState]:
+    """``run(state, stop)``: ``program.segment``'s contract (train epochs ``state.epoch`` to
+    ``stop - 1`` unless stopped), with the data streamed from the host."""
+    c = config
+    x, y = _Source("train_data x", train_data[0]), _Source("train_data y", train_data[1])
+    ex = ey = None
+    if eval_data is not None:
+        ex, ey = _Source("eval_data x", eval_data[0]), _Source("eval_data y", eval_data[1])
+    plan = _Plan(x, y, ex, ey, key, c)
+
+    def evaluate(feed: _Feed, e: int, params: Params) -> dict[str, jax.Array]:
+        if c.eval_rows <= c.eval_batch_size:
+            job = feed.next(e, "eval last")
+            return _eval_batch_jit(params, hyper, *job.arrays, static=static, config=c)  # type: ignore[no-any-return]
+        total = _zeros(_no_evaluation_jit(config=c))
+        last = None
+        for _ in range(-(-plan.eval_full // plan.eval_per_segment)):
+            job = feed.next(e, "eval")
+            total = _eval_block_jit(params, total, hyper, *job.arrays, static=static, config=c)
+        if plan.eval_rest:
+            job = feed.next(e, "eval last")
+            last = _eval_batch_jit(params, hyper, *job.arrays, static=static, config=c)
+        return _eval_average_jit(total, last, config=c)  # type: ignore[no-any-return]
+
+    def run(state: TrainState, stop: int) -> TrainState:
+        epoch = int(state.epoch)
+        if bool(state.stopped) or epoch >= stop:
+            return state
+        plan.warm(epoch)  # compile the host's order program here, not as a stalled read
+        feed = _Feed(plan.jobs(epoch, stop), c.progress)
+        try:
+            for e in range(epoch, stop):
+                carry, parts, previous = (state.params, state.opt_state, state.loss_scale), [], None
+                for _ in range(plan.segments()):
+                    job = feed.next(e, "train")
+                    carry, sums = _steps_jit(
+                        carry,
+                        hyper,
+                        *job.arrays,
+                        np.int32(job.first),
+                        job.dropout_key,
+                        static=static,
+                        config=c,
+                    )
+                    del job
+                    if previous is not None:  # at most three segments held: wait for the one before
+                        previous.block_until_ready()
+                    parts.append(sums)
+                    previous = sums
+                scheduled = ex is not None and (e + 1) % c.eval_every == 0
+                values = evaluate(feed, e, _watched(carry, config=c)) if scheduled else _no_evaluation_jit(config=c)
+                state = _end_jit(state, carry, jnp.concatenate(parts), values, min_delta, config=c)
+                if bool(state.stopped):
+                    break
+        finally:
+            feed.close()
+        return state
+
+    return run
