@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funcnet import _host
+
 
 def is_array(value: Any) -> bool:
     """True for jax arrays, tracers and NumPy arrays (the leaves funcnet computes on)."""
@@ -87,9 +89,16 @@ def callable_(fn: str, name: str, value: Any) -> Any:
     return value
 
 
+def _min_max(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.min(a), jnp.max(a)
+
+
 def value_range(value: Any) -> tuple[int, int]:
     """The smallest and largest entry of a concrete integer array, on the host (a concrete jax
     array closed over inside ``jit`` would be traced again by ``np.min``)."""
+    if _host.is_global(value):  # spans processes: reduced where it lives, never fetched whole
+        low, high = _host.reduce_to_host(_min_max, value)
+        return int(low), int(high)
     host = np.asarray(value)
     return int(host.min()), int(host.max())
 

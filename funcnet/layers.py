@@ -244,14 +244,20 @@ def _init_program(
         output_shape.append(shape)  # static: recorded once, while tracing
         return params
 
-    key_shape, key_dtype, sharding, _ = key_type
-    lowered = jax.jit(params_of).lower(jax.ShapeDtypeStruct(key_shape, key_dtype, sharding=sharding))
+    _, _, sharding, _ = key_type
     # On a CPU, LLVM's level 1 compiles the random draws in half the time of the default
     # level 2 (about 1.5 s less for a small network) into code as fast, with bit-identical params.
     cpu = all(device.platform == "cpu" for device in sharding.device_set)
     options: Any = {"xla_backend_optimization_level": 1} if cpu else None
-    compiled = lowered.compile(options)
-    return lambda key: (output_shape[0], compiled(key))
+    # Called like any jitted function (not ahead of time), so params from an uncommitted key stay
+    # uncommitted, as op-by-op ones were: a mesh's train_step may then place them on its devices.
+    program = jax.jit(params_of, compiler_options=options)
+
+    def run(key: jax.Array) -> tuple[Any, Params]:
+        params = program(key)  # traces on the first call, which records the output shape
+        return output_shape[0], params
+
+    return run
 
 
 @layer_spec

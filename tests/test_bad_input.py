@@ -115,6 +115,7 @@ def _fit_call(
     min_delta=0.0,
     eval_batch_size=5,
     checkpoint_every=1,
+    shards=None,
     ema_decay=None,
 ):
     return fn.fit(
@@ -131,6 +132,7 @@ def _fit_call(
         min_delta=min_delta,
         eval_batch_size=eval_batch_size,
         checkpoint_every=checkpoint_every,
+        shards=shards,
         ema_decay=ema_decay,
         key=KEY,
     )
@@ -261,6 +263,7 @@ CALLS = {
             "min_delta": "numbers",
             "eval_batch_size": "numbers",
             "checkpoint_every": "numbers",
+            "shards": "numbers",
             "ema_decay": "numbers",
         },
     ),

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
 
 
-@pytest.mark.parametrize("name", [e for e in EXAMPLES if e != "long_run.py"])  # long_run: its own test below
+@pytest.mark.parametrize("name", [e for e in EXAMPLES if e not in ("long_run.py", "multihost.py")])  # own tests below
 def test_example_runs_quick(name, tmp_path):
     args = [sys.executable, str(ROOT / "examples" / name)]
     if name != "custom_op.py":
@@ -33,6 +33,21 @@ def test_long_run_resumes_on_a_second_invocation(tmp_path):
     assert "starting afresh" in first.stdout and "resuming" in second.stdout
     result = lambda out: out.strip().splitlines()[-1].split("; ")[-1]
     assert result(first.stdout) == result(second.stdout)
+
+
+@pytest.mark.slow
+def test_multihost_starts_two_processes_that_agree(tmp_path):
+    """``--processes 2``: two local processes joined by jax.distributed; both read the same result."""
+    args = [sys.executable, str(ROOT / "examples" / "multihost.py"), "--processes", "2", "--quick"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("process "))
+    assert [line.split(":")[0] for line in lines] == [
+        "process 0 of 2 (1 of 2 devices)",
+        "process 1 of 2 (1 of 2 devices)",
+    ]
+    assert lines[0].split(":")[1] == lines[1].split(":")[1]
 
 
 def test_example_list_is_complete():

@@ -8,6 +8,7 @@ A package by concept, each module with its contract:
 * ``checks.py``       the argument checks, all before anything compiles
 * ``checkpointing.py`` durable checkpoints of the whole state, resume, refusing another run's
 * ``progress.py``     the progress bar
+* ``distributed.py``  data parallelism across devices and processes: shards, placement, agreement
 * ``stream.py``       data larger than memory: host data fed a segment at a time, same result
 """
 

@@ -29,6 +29,11 @@ Contract, stated once:
   checkpoint; a torn or unreadable one is skipped with a warning for the one before it; if
   none is readable it raises a ``ValueError`` naming the newest file. Temporary files left by a
   crashed write (``.funcnet-*.tmp``) are removed and never read.
+* Across processes (``jax.distributed``) the directory must be one they all share: process 0
+  alone removes leftovers and writes each file (from the replicated state), and every process
+  waits at a barrier until the file is durable. Every process restores on its own, and they
+  compare which checkpoint they resumed from: processes that see different checkpoints raise
+  a ``ValueError`` instead of training apart.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import numpy as np
 
 from funcnet import checkpoint
 from funcnet._values import Method
+from funcnet.train import distributed
 
 __all__ = ["FitCheckpoint", "describe", "fingerprint", "prepare", "read_checkpoint", "restore", "store"]
 
@@ -69,8 +75,10 @@ def prepare(directory: Any) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"fit: checkpoint_dir must be a directory, got the file {str(path)!r}.")
     path.mkdir(parents=True, exist_ok=True)
-    for leftover in path.glob(f"{checkpoint.TEMPORARY_PREFIX}*{checkpoint.TEMPORARY_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
+    if distributed.is_writer():
+        for leftover in path.glob(f"{checkpoint.TEMPORARY_PREFIX}*{checkpoint.TEMPORARY_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+    distributed.barrier("funcnet-checkpoint-prepare")
     return path
 
 
@@ -207,7 +215,14 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def store(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
-    """Write ``state`` as the checkpoint after ``epoch`` epochs; then drop all but the newest ``KEEP``."""
+    """Write ``state`` (replicated) as the checkpoint after ``epoch`` epochs; then drop all but the
+    newest ``KEEP``. Process 0 writes; every process returns once the file is durable."""
+    if distributed.is_writer():
+        _write(directory, jax.device_get(state), epoch, run)
+    distributed.barrier(f"funcnet-checkpoint-{epoch}")
+
+
+def _write(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
     arrays, _ = checkpoint.flatten("fit", state)
     metadata = {"format": FORMAT, "run": json.dumps(run, sort_keys=True), "crc32": _crc(arrays)}
     checkpoint.write(directory / f"checkpoint-{epoch:06d}.safetensors", arrays, metadata)
@@ -297,6 +312,11 @@ def restore(directory: Path, like: Any, run: dict[str, str], epochs: int) -> tup
     ``epochs``) and the epochs it had trained, or ``None`` if there is none. A run of fewer epochs
     continues to ``epochs``, exactly as if it had been asked for ``epochs`` from the start."""
     newest = _newest("fit", directory)
+    distributed.agree(  # every process must resume from the same checkpoint, or the collectives hang
+        "fit",
+        {"checkpoint to resume from": "none" if newest is None else f"{newest[0].name} (CRC-32 {_crc(newest[1])})"},
+        advice=f"checkpoint_dir ({str(directory)!r}) must be one directory that all processes share.",
+    )
     if newest is None:
         return None
     path, arrays, stored = newest

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet import _checks
+from funcnet import _checks, _host
 from funcnet._values import Static, combine, partition
 from funcnet.layers import Layer, train_mode
 from funcnet.optimizers import Optimizer
@@ -90,6 +90,9 @@ def _inspect(array: Any) -> tuple[int | None, str]:
     if isinstance(array, np.ndarray):
         rows = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1) if floating else None
         digest = _digest(np, _words(np, np.ascontiguousarray(array)))
+    elif _host.is_global(array):  # spans processes: only the (replicated) answers come to the host
+        first, digest = _host.reduce_to_host(_inspect_everywhere, array)
+        return (None if int(first) < 0 else int(first)), "".join(f"{int(d):08x}" for d in digest)
     else:
         with jax.ensure_compile_time_eval():  # concrete data inside an outer jit/vmap too
             rows, digest = jax.device_get(_inspect_on_device(array, floating))
@@ -129,6 +132,22 @@ def _digest(xp: Any, words: Any, start: int = 0) -> Any:
     h = h * xp.uint32(0xC2B2AE35)
     h = h ^ (h >> xp.uint32(16))
     return xp.stack([xp.sum(h, dtype=xp.uint32), xp.sum(h * (index | xp.uint32(1)), dtype=xp.uint32)])
+
+
+def _inspect_everywhere(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``_inspect`` of a global array, as two small results: the first bad row (-1: none) and the
+    digest, equal to ``_digest(jnp, _words(jnp, a))`` but without concatenating an 8-byte array's
+    low and high words (over sharded words a concatenation would move them between devices)."""
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        finite = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+        first = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+    else:
+        first = jnp.asarray(-1)
+    if a.dtype == np.bool_ or a.dtype.itemsize < 8:
+        return first, _digest(jnp, _words(jnp, a))
+    bits = jax.lax.bitcast_convert_type(a, _UNSIGNED[8]).reshape(-1)
+    low, high = (bits & jnp.uint64(0xFFFFFFFF)).astype(jnp.uint32), (bits >> jnp.uint64(32)).astype(jnp.uint32)
+    return first, _digest(jnp, low) + _digest(jnp, high, low.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames="floating")

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from funcnet import _checks, optimizers
 from funcnet._values import partition
@@ -25,7 +25,7 @@ from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.precision import DynamicLossScale
 from funcnet.state import has_state, split_state
-from funcnet.train import checkpointing, checks
+from funcnet.train import checkpointing, checks, distributed
 from funcnet.train import stream as streaming
 from funcnet.train.program import (
     Config,
@@ -74,6 +74,7 @@ def fit(
     checkpoint_every: int = 1,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    shards: int | None = None,
     run_name: str | None = None,
     loss_scale: DynamicLossScale | None = None,
     ema_decay: float | None = None,
@@ -130,7 +131,16 @@ def fit(
       mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
-        that axis's device count. Data may already be sharded ``jax.Array``s (multi-host).
+        that axis's device count, and so must the training and eval rows: each device holds
+        its equal part of them (NumPy data is placed so, never replicated), shuffles it on its
+        own and trains on its local batches, so steps move gradients, not data. Data may already
+        be ``jax.Array``s sharded along ``data_axis`` (multi-host: global arrays from
+        ``jax.make_array_from_process_local_data``); every process calls ``fit`` with the same
+        arguments (compared first: processes that disagree get a ``ValueError`` naming what
+        differs), and the result is replicated, readable by every process.
+      shards: how many equal parts of the rows are shuffled and batched on their own; under a
+        mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
+        device reproduces a fit on a mesh of ``n`` devices.
       loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``help(funcnet.DynamicLossScale)``):
         the loss is scaled before the backward, the gradients unscaled after, a step with a
         non-finite gradient skipped and the scale halved, and the scale doubled after
@@ -159,6 +169,8 @@ def fit(
     Returns:
       A ``FitResult``.
     """
+    if jax.process_count() > 1:  # before anything else, so that no process waits in a collective alone
+        distributed.agree("fit", _described(locals()))
     checks.check_parts("fit", net, loss, optimizer)
     epochs = _checks.positive_int("fit", "epochs", epochs)
     batch_size = _checks.positive_int("fit", "batch_size", batch_size)
@@ -212,6 +224,7 @@ def fit(
             )
     else:
         eval_x = eval_y = eval_digest = None
+    eval_rows = 0 if eval_x is None else eval_x.shape[0]
     if opt_state is not None:
         check_opt_state("fit", optimizer, params, opt_state)
     if mesh is not None:
@@ -222,6 +235,25 @@ def fit(
                 "fit: streaming under a mesh of several processes (each reading its own rows) is not "
                 "supported yet; pass stream=False with each process's rows as sharded jax.Arrays."
             )
+        devices = mesh.shape[data_axis]
+        if shards is not None and shards != devices:
+            raise ValueError(
+                f"fit: shards ({shards!r}) must be the {devices} devices of mesh axis {data_axis!r} under "
+                "that mesh (or None)."
+            )
+        shards = devices
+    else:
+        shards = _checks.positive_int("fit", "shards", 1 if shards is None else shards)
+        for name, array in (("train_data", x), ("eval_data", eval_x)):
+            distributed.check_global_without_mesh("fit", name, array)
+    if shards > 1:
+        where = f"the {shards} devices of mesh axis {data_axis!r}" if mesh is not None else f"shards={shards}"
+        for what, size in (("batch_size", batch_size), ("train_data rows", rows), ("eval_data rows", eval_rows)):
+            if size % shards:
+                raise ValueError(
+                    f"fit: {what} ({size}) must divide by {where}: each shard holds an equal part of "
+                    f"the rows; choose a multiple of {shards} (e.g. drop {size % shards} rows)."
+                )
     directory = None
     if checkpoint_dir is not None:
         traced = [
@@ -235,11 +267,12 @@ def fit(
             raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
         directory = checkpointing.prepare(checkpoint_dir)
 
-    masked = rows % batch_size != 0 and not drop_last
+    local, local_batch = rows // shards, batch_size // shards
+    masked = local % local_batch != 0 and not drop_last
     config = Config(
         rows=rows,
         batch_size=batch_size,
-        batches=math.ceil(rows / batch_size) if masked else rows // batch_size,
+        batches=math.ceil(local / local_batch) if masked else local // local_batch,
         epochs=epochs,
         eval_every=eval_every,
         patience=epochs if patience is None else patience,  # None: more bad evaluations than can happen
@@ -255,6 +288,7 @@ def fit(
         mesh=mesh,
         data_axis=data_axis,
         loss_scale=loss_scale,
+        shards=shards,
     )
     program_optimizer = optimizer
     if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
@@ -263,8 +297,8 @@ def fit(
         if opt_state is not None:
             opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(split_state(params)[0]))
     hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
-    if mesh is not None:
-        params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
+    if mesh is not None:  # every process places its own copy
+        params, opt_state = distributed.put_replicated((params, opt_state), mesh)
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
     if streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
         eval_pair = None if eval_x is None else (eval_x, eval_y)
@@ -275,12 +309,24 @@ def fit(
         x, y, eval_x, eval_y = (None if a is None else streaming.shape_of(a) for a in (x, y, eval_x, eval_y))
     else:
         # Device arrays once, so segments move no data; the user's arrays are not touched.
-        x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
+        if mesh is None:
+            x, y, eval_x, eval_y = (None if a is None else jnp.asarray(a) for a in (x, y, eval_x, eval_y))
+        else:  # each device receives its own rows only (multi-host: they are already there)
+            x, y, eval_x, eval_y = (
+                None if a is None else distributed.place("fit", name, a, mesh, data_axis)
+                for name, a in (
+                    ("train_data x", x),
+                    ("train_data y", y),
+                    ("eval_data x", eval_x),
+                    ("eval_data y", eval_y),
+                )
+            )
         run = lambda state, stop: segment(
             state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
         )
+    show = config.progress and distributed.is_writer()  # one bar, from process 0
     if directory is None:
-        with bar(config.progress, epochs, start_epoch):
+        with bar(show, epochs, start_epoch):
             state = run(state, epochs)
             if config.progress:
                 jax.block_until_ready(state)
@@ -305,6 +351,7 @@ def fit(
         min_delta=float(min_delta),
         shuffle=bool(shuffle),
         drop_last=bool(drop_last),
+        **({} if shards == 1 else {"shards": shards}),  # checkpoints of one-shard runs keep their fingerprint
         monitor=monitor,
         mode=mode,
         loss_scale=loss_scale,
@@ -314,17 +361,35 @@ def fit(
     resumed = start_epoch
     if restored is not None:
         state, resumed = restored
-        if mesh is not None:
-            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        if config.progress:
+        if mesh is not None:  # host values: every process places its copy (NaN history entries included)
+            state = distributed.put_replicated(state, mesh)
+        if show:
             print(f"fit: resumed from epoch {resumed} of the checkpoint in {str(directory)!r}", flush=True)
-    with bar(config.progress, epochs, int(state.epoch)):
+    with bar(show, epochs, int(state.epoch)):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
-            checkpointing.store(directory, jax.device_get(state), int(state.epoch), run_id)
+            checkpointing.store(directory, state, int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
     return _finish(state, start_epoch, config, resumed)
+
+
+def _described(arguments: dict[str, Any]) -> dict[str, str]:
+    """Every argument of ``fit`` as text the processes compare (``distributed.agree``): building
+    blocks described, arrays by shape, dtype and (host-readable ones) a digest of their values."""
+    described = {}
+    for name, value in arguments.items():
+        if name in ("net", "loss", "optimizer", "metrics"):
+            described[name] = checkpointing.describe(value)
+        elif name == "mesh":
+            described[name] = "None" if value is None else f"{dict(value.shape)}"
+        elif name == "checkpoint_dir":  # hosts may mount a shared directory at different paths
+            described[name] = "None" if value is None else "given"
+        elif jax.tree_util.tree_leaves(value) and any(_checks.is_array(v) for v in jax.tree_util.tree_leaves(value)):
+            described[name] = distributed.host_description(value)
+        else:
+            described[name] = repr(value)
+    return described
 
 
 def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | None = None) -> FitResult:

@@ -13,7 +13,9 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
   compiled program serves a whole run, every checkpointed segment, and the shorter last one.
   Under ``vmap`` the loop runs until every member is done and stopped members ride along
   frozen.
-* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``).
+* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``),
+  each of ``config.shards`` parts of the rows in its own order (``distributed.py``). Under a mesh
+  every state and result the programs return is replicated, so every process can read it.
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
@@ -40,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -49,9 +52,8 @@ from funcnet.layers import train_mode
 from funcnet.optimizers import EmaState, ema_params
 from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.state import merge_state, split_state
-from funcnet.train import progress
+from funcnet.train import distributed, progress
 from funcnet.train.checks import check_parts
-from funcnet.train.shuffle import epoch_order
 
 __all__ = [
     "Config",
@@ -63,6 +65,8 @@ __all__ = [
     "check_opt_state",
     "end_epoch",
     "epoch_batches",
+    "eval_batch_rows",
+    "eval_layout",
     "fresh_state",
     "no_evaluation",
     "result",
@@ -170,6 +174,7 @@ class Config(NamedTuple):
     data_axis: str
     loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
     eval_ema: bool = False  # evaluate (and early-stop on) the params' moving average
+    shards: int = 1  # equal parts of the rows, each shuffled on its own (``distributed.py``)
 
     @property
     def evaluations(self) -> int:
@@ -280,7 +285,10 @@ def train_step(
         trainable, state = split_state(params)
         (value, new), grads = value_and_grad(trainable, state, x, y, None, key)
         trainable, opt_state = optimizer.update(grads, opt_state, trainable)
-        return merge_state(trainable, split_state(new)[1]), opt_state, value
+        replicated: tuple[Params, Any, jax.Array] = distributed.replicate(
+            (merge_state(trainable, split_state(new)[1]), opt_state, value), mesh
+        )
+        return replicated
 
     return step
 
@@ -307,7 +315,7 @@ def _fresh_state(
     # JAX 0.10 returns fresh buffers from a jitted function anyway; a version that forwarded an
     # input returned unchanged would otherwise let the donation delete the caller's params.
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
-    return TrainState(
+    state = TrainState(
         params=copy(params),
         opt_state=copy(opt_state),
         best_params=copy(params) if has_eval else None,
@@ -324,6 +332,8 @@ def _fresh_state(
         eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
         loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
     )
+    replicated: TrainState = distributed.replicate(state, c.mesh)
+    return replicated
 
 
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
@@ -354,8 +364,9 @@ def _eval_totals(
     ys: jax.Array,
     config: Config,
 ) -> dict[str, jax.Array]:
-    """``total`` plus each full eval batch's means times its rows, batch by batch (``xs``: batches first)."""
-    size, dtype = config.eval_batch_size, jnp.dtype(config.dtype)
+    """``total`` plus each full eval batch's means times its rows, batch by batch (``xs``: batches
+    first, each of ``eval_layout(config)[0]`` rows)."""
+    size, dtype = xs.shape[1], jnp.dtype(config.dtype)
 
     def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
         means = _means(apply, loss, metrics, params, *batch, dtype)
@@ -369,11 +380,29 @@ def _eval_average(
     total: dict[str, jax.Array], last: dict[str, jax.Array] | None, config: Config
 ) -> dict[str, jax.Array]:
     """The means over every eval row: the full batches' ``total`` plus the ``last`` partial batch's means."""
-    rest = config.eval_rows % config.eval_batch_size
+    rest = eval_layout(config)[2]
     if last is not None:
         total = jax.tree_util.tree_map(lambda t, v: t + v * rest, total, last)
     averages: dict[str, jax.Array] = jax.tree_util.tree_map(lambda t: t / config.eval_rows, total)
     return averages
+
+
+def eval_layout(config: Config) -> tuple[int, int, int]:
+    """How more than ``eval_batch_size`` eval rows are batched: ``(size, full, rest)``, ``full``
+    batches of ``size`` rows, then one of ``rest`` rows (0: none).
+
+    With one shard, batch ``j`` is rows ``j * size ..`` (``size = eval_batch_size``). With
+    ``config.shards`` parts, batch ``j`` is local rows ``j * k .. (j + 1) * k - 1`` of every shard
+    side by side (``k = max(1, eval_batch_size // shards)``, ``size = shards * k``), so each device
+    reads only its own rows; the last batch holds the remaining local rows of every shard.
+    """
+    rows, size, shards = config.eval_rows, config.eval_batch_size, config.shards
+    if shards == 1:
+        full, rest = divmod(rows, size)
+        return size, full, rest
+    k = max(1, size // shards)
+    full, rest = divmod(rows // shards, k)
+    return shards * k, full, shards * rest
 
 
 def _evaluate(
@@ -385,32 +414,68 @@ def _evaluate(
     eval_y: Any,
     config: Config,
 ) -> dict[str, jax.Array]:
-    """The eval loss and metrics (means over rows), in batches of ``eval_batch_size`` rows."""
+    """The eval loss and metrics (means over rows), in the batches ``eval_layout`` says."""
     dtype = jnp.dtype(config.dtype)
-    rows, size = config.eval_rows, config.eval_batch_size
-    if rows <= size:
+    rows, shards = config.eval_rows, config.shards
+    if rows <= config.eval_batch_size:
         return _means(apply, loss, metrics, params, eval_x, eval_y, dtype)
-    full, rest = divmod(rows, size)
-    batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
+    size, full, rest = eval_layout(config)
     zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
-    total = _eval_totals(apply, loss, metrics, params, zero, batched(eval_x), batched(eval_y), config)
-    last = _means(apply, loss, metrics, params, eval_x[full * size :], eval_y[full * size :], dtype) if rest else None
+    if shards == 1:
+        batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
+        total = _eval_totals(apply, loss, metrics, params, zero, batched(eval_x), batched(eval_y), config)
+        last = (
+            _means(apply, loss, metrics, params, eval_x[full * size :], eval_y[full * size :], dtype) if rest else None
+        )
+        return _eval_average(total, last, config)
+    # several shards: each batch gathered where its rows live (``distributed.local_rows``)
+    k = size // shards
+    rows_of = lambda start, n: jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (shards, n))
+    gather = lambda a, index: distributed.local_rows(a, index, config.mesh, config.data_axis)
+
+    def add_local(total: dict[str, jax.Array], j: jax.Array) -> tuple[dict[str, jax.Array], None]:
+        index = rows_of(j * jnp.int32(k), k)
+        means = _means(apply, loss, metrics, params, gather(eval_x, index), gather(eval_y, index), dtype)
+        return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means), None
+
+    total, _ = lax.scan(add_local, zero, jnp.arange(full, dtype=jnp.int32))
+    last = None
+    if rest:
+        index = rows_of(jnp.int32(full * k), rest // shards)
+        last = _means(apply, loss, metrics, params, gather(eval_x, index), gather(eval_y, index), dtype)
     return _eval_average(total, last, config)
 
 
-def epoch_batches(key: jax.Array, epoch: Any, config: Config) -> tuple[jax.Array, jax.Array]:
-    """Epoch ``epoch``'s batches of row indices, ``(batches, batch_size)``, and its dropout key.
+def eval_batch_rows(first: int, count: int, config: Config, per_shard: int | None = None) -> np.ndarray:
+    """On the host: the eval rows of batches ``first .. first + count - 1`` of ``eval_layout``
+    (each of ``per_shard`` rows of every shard; default: a full batch's), in the order the
+    batches hold them. The streamed fit reads them there."""
+    shards = config.shards
+    full_k = eval_layout(config)[0] // shards  # a full batch's rows of each shard
+    k = full_k if per_shard is None else per_shard
+    starts = (first + np.arange(count)) * full_k
+    index = np.broadcast_to(starts[:, None, None] + np.arange(k)[None, None, :], (count, shards, k))
+    return distributed.global_rows(index, config.eval_rows)
 
-    When ``batch_size`` does not divide the rows, the last batch is padded with real rows (the
-    mask in ``train_steps`` keeps them out of the loss); with ``drop_last`` the remainder is
-    dropped. The streamed fit (``stream.py``) computes the same batches on the host.
+
+def epoch_batches(key: jax.Array, epoch: Any, config: Config) -> tuple[jax.Array, jax.Array]:
+    """Epoch ``epoch``'s batches, ``(batches, shards, batch_size // shards)`` local row numbers
+    (batch ``b`` holds rows ``index[b, s]`` of shard ``s``, every shard's side by side:
+    ``distributed.local_rows``), and its dropout key.
+
+    Each shard's order is ``distributed.shard_orders``. When the local batch does not divide a
+    shard's rows, each shard's last local batch is padded with real rows (the mask in
+    ``train_steps`` keeps them out of the loss); with ``drop_last`` the remainder is dropped. The
+    streamed fit (``stream.py``) computes the same batches on the host (with ``mesh=None``: the
+    same numbers) and turns them into global rows (``distributed.global_rows``).
     """
     c = config
-    order, dropout_key = epoch_order(key, epoch, c.rows, c.shuffle)
-    padded = c.batches * c.batch_size
-    if padded > c.rows:  # pad with real rows, masked out of the loss
-        order = jnp.concatenate([order, order[: padded - c.rows]])
-    return order[:padded].reshape(c.batches, c.batch_size), dropout_key
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
+    orders, dropout_key = distributed.shard_orders(key, epoch, c.rows, c.shards, c.shuffle, c.mesh, c.data_axis)
+    padded = c.batches * local_batch
+    if padded > local:  # pad with real rows, masked out of the loss
+        orders = jnp.concatenate([orders, orders[:, : padded - local]], axis=1)
+    return orders[:, :padded].reshape(c.shards, c.batches, local_batch).transpose(1, 0, 2), dropout_key
 
 
 def train_steps(
@@ -427,8 +492,8 @@ def train_steps(
 
     ``carry`` is ``(params, opt_state, loss_scale)``. Returns the carry after the steps and each
     batch's loss times its real rows. The device-resident fit fetches rows of the device data
-    by index; the streamed fit (``stream.py``) passes the rows themselves. One step function,
-    so both compute the same thing.
+    by index (each shard's local batch, where it lives); the streamed fit (``stream.py``) passes
+    the rows themselves. One step function, so both compute the same thing.
     """
     c = config
     apply, loss, optimizer, _ = combine(hyper, static)
@@ -446,12 +511,14 @@ def train_steps(
         return aux, grads
 
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
 
     def step(carry: tuple[Params, Any, Any], batch: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
         params, opt_state, scaling = carry
         data, b = batch
         xb, yb = fetch(data)
-        mask: Any = shard(b * c.batch_size + jnp.arange(c.batch_size) < c.rows) if c.masked else None
+        real = b * local_batch + jnp.arange(local_batch) < local  # each shard's padded rows are its last
+        mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
         # The optimizer updates the trainable part, training mode the layer state.
         trainable, state = split_state(params)
         args = (trainable, state, shard(xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
@@ -570,9 +637,11 @@ def _segment(
         values: dict[str, jax.Array] = lax.cond(is_eval, scheduled, lambda p: no_evaluation(c), params)
         return values
 
+    gather = lambda a, index: distributed.local_rows(a, index, c.mesh, c.data_axis)
+
     def train_epoch(s: TrainState) -> TrainState:
         batches, dropout_key = epoch_batches(key, s.epoch, c)
-        fetch = lambda index: (x[index], y[index])
+        fetch = lambda index: (gather(x, index), gather(y, index))  # each shard's rows, where they live
         carry, sums = train_steps(
             hyper,
             (s.params, s.opt_state, s.loss_scale),
@@ -584,7 +653,10 @@ def _segment(
         )
         return end_epoch(s, carry, sums, evaluate, min_delta, config=c)
 
-    return lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state)
+    done: TrainState = distributed.replicate(
+        lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state), c.mesh
+    )
+    return done
 
 
 # The state a segment replaces is donated: its buffers hold the new state, so the program's peak
@@ -608,18 +680,22 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
     averaged = None
     if isinstance(opt_state, EmaState):  # fit(..., ema_decay=d): the optimizer's state and the average
         opt_state, averaged = opt_state.inner, _averaged(opt_state, params)
-    return FitResult(
-        params,
-        opt_state,
-        history,
-        state.best_epoch,
-        state.stopped_epoch,
-        state.diverged,
-        _best_eval(state, c),
-        _last_finite(history.train_loss),
-        jnp.asarray(start_epoch, jnp.int32),
-        averaged,
+    finished: FitResult = distributed.replicate(
+        FitResult(
+            params,
+            opt_state,
+            history,
+            state.best_epoch,
+            state.stopped_epoch,
+            state.diverged,
+            _best_eval(state, c),
+            _last_finite(history.train_loss),
+            jnp.asarray(start_epoch, jnp.int32),
+            averaged,
+        ),
+        c.mesh,
     )
+    return finished
 
 
 def _best_eval(state: TrainState, c: Config) -> dict[str, jax.Array]:

@@ -7,13 +7,14 @@ Contract, stated once:
   datasets and zarr arrays allow; rows are read in increasing order, then reordered). It stays
   where it is; only the rows of the next segment are read.
 * **Same result.** Epoch ``e``'s batches are ``program.epoch_batches`` computed on the host's
-  CPU device (the same keyed permutation, padded the same way), and every step is
+  CPU device (the same keyed permutation of each shard's rows, ``distributed.shard_orders``,
+  padded the same way), turned into global rows (``distributed.global_rows``), and every step is
   ``program.train_steps``, the step the device-resident fit runs, over a segment of batches whose
   rows were gathered on the host; each epoch ends with ``program.end_epoch`` (training loss,
   evaluation, early stopping). Evaluation data streams too, batch by batch in the order
-  ``program._evaluate`` adds them. So a streamed fit equals the device-resident one bit for bit:
-  params, optimizer state, history, metrics, early stopping, a masked last batch, and
-  checkpoints (the checkpoints of one resume the other).
+  ``program._evaluate`` adds them (``program.eval_layout``). So a streamed fit equals the
+  device-resident one bit for bit: params, optimizer state, history, metrics, early stopping,
+  a masked last batch, and checkpoints (the checkpoints of one resume the other).
 * **Double buffering.** One worker thread gathers segment ``i + 1`` and starts its transfer
   while the device runs segment ``i``; the host waits for segment ``i - 1`` before it asks for
   ``i + 2``, so at most three segments (``SEGMENT_BYTES`` each, 16 MiB) are held at once,
@@ -28,8 +29,11 @@ Contract, stated once:
   (``digest``), and equals the device-resident fit's.
 * **Progress.** With ``progress=True`` the bar shows the rows per second read; a segment that
   takes more than ``STALL_SECONDS`` to arrive shows as ``stalled`` with the time waited.
-* **Meshes.** In one process, each segment is placed sharded along the mesh's data axis
-  (``_place``). Several processes, each streaming its own rows, are not supported yet:
+* **Meshes and shards.** The host gathers each global batch as every shard's local batch side
+  by side, as the device-resident fit forms it, so a streamed fit under a mesh (or with
+  ``shards=n``) equals the device-resident one bit for bit. In one process, each segment is
+  placed sharded along the mesh's data axis (``_place``): each device receives its shard's
+  rows. Several processes, each streaming its own rows, are not supported yet (``fit`` raises):
   ``_place`` is where ``jax.make_array_from_process_local_data`` goes.
 """
 
@@ -49,7 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from funcnet._values import Static, combine
-from funcnet.train import checks, progress
+from funcnet.train import checks, distributed, progress
 from funcnet.train.program import (
     Config,
     TrainState,
@@ -59,6 +63,8 @@ from funcnet.train.program import (
     _means,
     end_epoch,
     epoch_batches,
+    eval_batch_rows,
+    eval_layout,
     no_evaluation,
     train_steps,
 )
@@ -413,9 +419,9 @@ class _Job(NamedTuple):
 def _place(block: Any, config: Config, rows_axis: int | None) -> Any:
     """Start moving a gathered block (or a key) to the device(s) the fit runs on.
 
-    Without a mesh: the default device. With a mesh (one process): training rows (axis
-    ``rows_axis``) sharded along its data axis, as the step's sharding constraint wants them;
-    eval rows and keys (``rows_axis=None``) replicated, as the device-resident fit holds them.
+    Without a mesh: the default device. With a mesh (one process): training and eval rows
+    (axis ``rows_axis``) sharded along its data axis, as the device-resident fit holds them;
+    keys (``rows_axis=None``) replicated.
     The seam for multi-process meshes: there each process would gather only its own rows of
     each batch and build the global array with ``jax.make_array_from_process_local_data``.
     """
@@ -445,16 +451,18 @@ class _Plan:
         )
         self.cpu = _host_cpu()
         self.key = jax.device_put(key, self.cpu)
+        self.host_config = c._replace(mesh=None)  # each shard's order computed on the host: the same numbers
         if ex is not None and ey is not None:
-            size = c.eval_batch_size
-            self.eval_full, self.eval_rest = divmod(c.eval_rows, size) if c.eval_rows > size else (0, c.eval_rows)
+            size, full, rest = eval_layout(c)
+            self.eval_size = size
+            self.eval_full, self.eval_rest = (full, rest) if c.eval_rows > c.eval_batch_size else (0, c.eval_rows)
             per = SEGMENT_BYTES // max(1, size * (ex.row_bytes() + ey.row_bytes()))
             self.eval_per_segment = max(1, min(max(self.eval_full, 1), per))
 
     def warm(self, epoch: int) -> None:
         """Compile the epoch-order program before streaming starts."""
         with jax.default_device(self.cpu):
-            jax.block_until_ready(_epoch_batches_jit(self.key, np.int32(epoch), config=self.config))
+            jax.block_until_ready(_epoch_batches_jit(self.key, np.int32(epoch), config=self.host_config))
 
     def segments(self) -> int:
         return -(-self.config.batches // self.per_segment)
@@ -468,7 +476,7 @@ class _Plan:
             def order(e: int = e, batches: list[Any] = batches) -> tuple[np.ndarray, jax.Array]:
                 if not batches:
                     with jax.default_device(self.cpu):
-                        index, dropout_key = _epoch_batches_jit(self.key, np.int32(e), config=c)
+                        index, dropout_key = _epoch_batches_jit(self.key, np.int32(e), config=self.host_config)
                     batches += [np.asarray(index), _place(dropout_key, c, None)]
                 return batches[0], batches[1]
 
@@ -480,7 +488,7 @@ class _Plan:
     def _train(self, e: int, first: int, order: Callable[[], tuple[np.ndarray, Any]]) -> _Job:
         c = self.config
         index, dropout_key = order()
-        rows = index[first : first + self.per_segment].reshape(-1)
+        rows = distributed.global_rows(index[first : first + self.per_segment], c.rows)
         count = rows.shape[0] // c.batch_size
         xs = self.x.gather(rows).reshape(count, c.batch_size, *self.x.array.shape[1:])
         ys = self.y.gather(rows).reshape(count, c.batch_size, *self.y.array.shape[1:])
@@ -489,23 +497,32 @@ class _Plan:
     def _eval_jobs(self, e: int) -> Iterator[Callable[[], _Job]]:
         assert self.ex is not None and self.ey is not None  # only called with eval data
         ex, ey, c = self.ex, self.ey, self.config
-        size = c.eval_batch_size
+        size = self.eval_size
+
+        def rows(a: _Source, first: int, count: int, per_shard: int | None = None) -> np.ndarray:
+            if c.shards == 1:  # batches of consecutive rows
+                stop = c.eval_rows if per_shard is not None else (first + count) * size
+                return a.slice(first * size, stop)
+            return a.gather(eval_batch_rows(first, count, c, per_shard))  # every shard's rows side by side
+
         for first in range(0, self.eval_full, self.eval_per_segment):
             count = min(self.eval_per_segment, self.eval_full - first)
 
             def read(first: int = first, count: int = count) -> _Job:
-                a, b = first * size, (first + count) * size
-                xs = ex.slice(a, b).reshape(count, size, *ex.array.shape[1:])
-                ys = ey.slice(a, b).reshape(count, size, *ey.array.shape[1:])
-                return _Job(e, "eval", first, (_place(xs, c, None), _place(ys, c, None)), None, b - a)
+                xs = rows(ex, first, count).reshape(count, size, *ex.array.shape[1:])
+                ys = rows(ey, first, count).reshape(count, size, *ey.array.shape[1:])
+                return _Job(e, "eval", first, (_place(xs, c, 1), _place(ys, c, 1)), None, count * size)
 
             yield read
         if self.eval_rest:
 
             def last() -> _Job:
-                a = self.eval_full * size
-                xs, ys = ex.slice(a, c.eval_rows), ey.slice(a, c.eval_rows)
-                return _Job(e, "eval last", 0, (_place(xs, c, None), _place(ys, c, None)), None, c.eval_rows - a)
+                if self.eval_full == 0:  # every eval row in one batch, in order
+                    xs, ys = ex.slice(0, c.eval_rows), ey.slice(0, c.eval_rows)
+                else:
+                    per_shard = self.eval_rest // c.shards
+                    xs, ys = rows(ex, self.eval_full, 1, per_shard), rows(ey, self.eval_full, 1, per_shard)
+                return _Job(e, "eval last", 0, (_place(xs, c, 0), _place(ys, c, 0)), None, self.eval_rest)
 
             yield last
 

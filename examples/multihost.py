@@ -1,0 +1,119 @@
+"""Data-parallel fit across processes: the multi-host recipe, on one machine or on a cluster.
+
+Every process joins the others with ``jax.distributed.initialize``, loads only its own rows of
+the digits data, assembles the global arrays with ``jax.make_array_from_process_local_data``
+and calls the same ``fit`` with a mesh over every process's devices. Each device shuffles and
+batches its own rows, a step moves only gradients between devices, and every process reads the
+(replicated) result.
+
+    python examples/multihost.py --processes 2          # 2 local processes of this script (CPU)
+    python examples/multihost.py --processes 2 --quick  # 3 epochs, for a smoke test
+    srun --ntasks 4 python examples/multihost.py        # SLURM: a bare jax.distributed.initialize()
+                                                        # reads the job (Open MPI, Kubernetes too)
+    JAX_COORDINATOR_ADDRESS=host0:1234 python examples/multihost.py --num-processes 4 --process-id I
+                                                        # anywhere else: one command per process
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+
+def launch(processes: int, devices: int, passed: list[str]) -> int:
+    """Start ``processes`` local copies of this script joined on a free port; their exit status."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": address}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, *passed, "--num-processes", str(processes), "--process-id", str(i)], env=env
+        )
+        for i in range(processes)
+    ]
+    try:
+        codes = [child.wait(timeout=900) for child in children]
+    finally:
+        for child in children:  # one failed or hung: stop the others rather than leave them waiting
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return max(codes, key=abs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, help="start this many local processes of this script")
+    parser.add_argument("--devices", type=int, default=1, help="CPU devices per local process (with --processes)")
+    parser.add_argument("--num-processes", type=int, help="the process count (without a cluster manager)")
+    parser.add_argument("--process-id", type=int, help="this process's id, 0 .. count - 1 (likewise)")
+    parser.add_argument("--quick", action="store_true", help="3 epochs")
+    args = parser.parse_args()
+    if args.processes:
+        sys.exit(launch(args.processes, args.devices, ["--quick"] if args.quick else []))
+
+    import jax
+
+    # Before anything else touches JAX: join the other processes. The coordinator's address comes
+    # from JAX_COORDINATOR_ADDRESS, or, like the rest, from the cluster manager when both are None.
+    jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
+
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from sklearn.datasets import load_digits
+
+    import funcnet as fn
+
+    me, count = jax.process_index(), jax.process_count()
+    mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+
+    digits = load_digits()  # stands in for a data set every process reads a part of
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    x_all, y_all = (digits.data[order] / 16).astype(np.float32), digits.target[order].astype(np.int32)
+    train, test = 1536, 256  # global rows: they divide over 1, 2, 4, ... 256 devices
+
+    def load(start: int, total: int, data: np.ndarray) -> jax.Array:
+        """This process's rows only, placed on its devices as part of the global array."""
+        per = total // count
+        return jax.make_array_from_process_local_data(rows, data[start + me * per : start + (me + 1) * per])
+
+    x, y = load(0, train, x_all), load(0, train, y_all)
+    eval_x, eval_y = load(train, test, x_all), load(train, test, y_all)
+
+    net = fn.serial(fn.Dense(64, fn.tanh, w_init=fn.glorot_normal), fn.Dense(10, fn.linear, w_init=fn.glorot_normal))
+    _, params = net.init(jax.random.PRNGKey(0), (-1, 64))
+    result = fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.momentum(0.1, 0.9),
+        params,
+        (x, y),
+        (eval_x, eval_y),
+        epochs=3 if args.quick else 30,
+        batch_size=64,
+        eval_every=1 if args.quick else 5,
+        patience=2,
+        metrics={"accuracy": fn.accuracy},
+        monitor="accuracy",
+        mode="max",
+        key=jax.random.PRNGKey(1),
+        mesh=mesh,
+        progress=not args.quick,  # shown by process 0 only
+    )
+    # Every process reads the whole (replicated) result; none of them ever held all the data.
+    accuracy = np.asarray(result.history.eval_metrics["accuracy"])
+    print(
+        f"process {me} of {count} ({jax.local_device_count()} of {jax.device_count()} devices): "
+        f"best test accuracy {np.nanmax(accuracy):.2%} after {int(result.best_epoch)} epochs",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
