@@ -34,6 +34,7 @@ from funcnet.layers import (
     Layer,
     LayerSpec,
     Params,
+    _Runs,
     _Serial,
     blame,
     check_entries,
@@ -131,7 +132,7 @@ def FanOut(count: int) -> Layer:
 
 
 @layer_spec
-class _Parallel(LayerSpec):
+class _Parallel(_Runs):
     layers: tuple[Layer, ...]
 
     @property
@@ -151,14 +152,6 @@ class _Parallel(LayerSpec):
             )
         ]
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)
-
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        return self.run(params, x, key=key, mask=None, train=False)[0]
-
-    def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
-    ) -> tuple[Any, Params]:
-        return self.run(params, x, key=key, mask=mask, train=True)
 
     def run(
         self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool

@@ -484,8 +484,25 @@ def Dropout(rate: float) -> Layer:
     return _Dropout(number(rate)).layer()
 
 
+class _Runs(LayerSpec):
+    """A combinator whose inference and training modes are one ``run(..., train=...)``."""
+
+    def run(
+        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+    ) -> tuple[Any, Params]:
+        raise NotImplementedError
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        return self.run(params, x, key=key, mask=None, train=False)[0]
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> tuple[Any, Params]:
+        return self.run(params, x, key=key, mask=mask, train=True)
+
+
 @layer_spec
-class _Serial(LayerSpec):
+class _Serial(_Runs):
     layers: tuple[Layer, ...]
     label: ClassVar[str] = "serial"
 
@@ -503,14 +520,6 @@ class _Serial(LayerSpec):
             input_shape, p = init_child(self.label, i, layer, k, input_shape)
             params.append(p)
         return input_shape, tuple(params)
-
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        return self.run(params, x, key=key, mask=None, train=False)[0]
-
-    def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
-    ) -> tuple[Any, Params]:
-        return self.run(params, x, key=key, mask=mask, train=True)
 
     def run(
         self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
