@@ -88,6 +88,29 @@ def case_numpy():
     save("numpy", {"result": fit((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y), progress=True)})  # the same program
 
 
+class Reads:
+    """The whole data set as a host object indexable by rows (as an h5py dataset is) that
+    records every row it is asked for."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.rows = array, array.shape, array.dtype, set()
+
+    def __getitem__(self, index):
+        self.rows.update(np.asarray(index).tolist())
+        return self.array[index]
+
+
+def case_stream():
+    """The whole data set on the host in every process, streamed: each reads its own shard's rows."""
+    train, evaluate = (Reads(ALL_X), Reads(ALL_Y)), (Reads(ALL_EVAL_X), Reads(ALL_EVAL_Y))
+    save("stream", {"result": fit(train, evaluate, stream=True, progress=True)})
+    parts = dict(zip(("x", "y", "ex", "ey"), train + evaluate, strict=True))
+    save("stream_reads", {name: np.array(sorted(part.rows)) for name, part in parts.items()})
+    # more eval rows than a batch holds (full batches, then the rest): the device-resident fit's result exactly
+    device = fit((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y), eval_batch_size=6)
+    save("stream_batches", {"stream": fit(train, evaluate, stream=True, eval_batch_size=6), "device": device})
+
+
 def case_shards():
     """One device, no mesh, the host data in as many shards as the mesh has devices."""
     save("shards", {"result": fit((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y), mesh=None, shards=len(jax.devices()))})

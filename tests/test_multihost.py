@@ -32,7 +32,7 @@ def finished(processes, code=0):
 def test_fit_with_eval_and_metrics_and_train_step_across_two_processes(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
-    processes = launch([WORKER, str(two), "fit", "numpy", "step", "checks", "disagree"])
+    processes = launch([WORKER, str(two), "fit", "numpy", "stream", "step", "checks", "disagree"])
     reference = single([WORKER, str(one), "fit", "step", "shards"], devices=2)
     finished(processes)
     finished([reference])
@@ -43,6 +43,14 @@ def test_fit_with_eval_and_metrics_and_train_step_across_two_processes(tmp_path)
     assert results(two, "fit-1")["['replicated']"]
     for i in range(2):  # NumPy data in every process: the same fit
         same(results(two, f"numpy-{i}"), {k: v for k, v in results(one, "fit-0").items() if k != "['replicated']"})
+    for i in range(2):  # streamed: the same fit, each process reading only its own shard's rows
+        same(results(two, f"stream-{i}"), {k: v for k, v in results(one, "fit-0").items() if k != "['replicated']"})
+        batches = results(two, f"stream_batches-{i}")
+        pairs = [(k, k.replace("['stream']", "['device']")) for k in batches if k.startswith("['stream']")]
+        assert pairs and all(np.array_equal(batches[s], batches[d], equal_nan=True) for s, d in pairs)
+        for name, rows, probed in (("x", 32, {0, 31}), ("ex", 16, {0, 15})):  # the up-front check reads 2 rows
+            read = set(results(two, f"stream_reads-{i}")[f"['{name}']"].tolist()) - probed
+            assert read and read <= set(range(i * rows // 2, (i + 1) * rows // 2)), (i, name, sorted(read))
     # one device, no mesh, shards=2: the same batches as the 2-device mesh fit
     shards = results(one, "shards-0")
     same(shards, {k: v for k, v in results(one, "fit-0").items() if k != "['replicated']"}, rtol=1e-10)

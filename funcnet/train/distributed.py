@@ -14,8 +14,10 @@ Contract, stated once:
   without a mesh given ``shards=n`` computes the same batches on one device, so it reproduces
   an ``n``-device mesh fit up to the rounding of the gradient's sum.
 * **Processes.** Under ``jax.distributed`` every process calls ``fit`` with the same arguments
-  and its data as global ``jax.Array``s (or the whole data as NumPy). ``agree`` compares a
-  digest of every argument across processes before anything runs, and raises in every
+  and its data as global ``jax.Array``s (or the whole data as NumPy; streamed, ``fit(...,
+  stream=True)``, each process reads only the rows of its own devices' shards,
+  ``local_shards``). ``agree`` compares a digest of every argument (data left on disk, such as
+  an ``np.memmap``: its shape and dtype) across processes before anything runs, and raises in every
   process, naming what differs, instead of hanging in a collective. Results are replicated:
   every process reads them. Only process 0 writes checkpoints and shows progress; the others
   wait at a barrier (``barrier``) until each file is durable.
@@ -40,6 +42,7 @@ __all__ = [
     "global_rows",
     "is_writer",
     "local_rows",
+    "local_shards",
     "place",
     "put_replicated",
     "replicate",
@@ -98,13 +101,22 @@ def host_description(value: Any) -> str:
     for path, leaf in leaves:
         shape, dtype = np.shape(leaf), getattr(leaf, "dtype", type(leaf).__name__)
         hasher.update(f"{jax.tree_util.keystr(path)}:{dtype}{shape}".encode())
-        if isinstance(leaf, jax.core.Tracer) or _host.is_global(leaf):
-            continue  # a traced or global array: its shape and dtype only
+        if isinstance(leaf, jax.core.Tracer) or _host.is_global(leaf) or not _in_memory(leaf):
+            continue  # a traced or global array, or data left on disk: its shape and dtype only
         if jnp.issubdtype(getattr(leaf, "dtype", None) or np.float64, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
-        hasher.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        hasher.update(np.ascontiguousarray(np.asarray(leaf)).data)
     shapes = ", ".join(f"{getattr(leaf, 'dtype', type(leaf).__name__)}{list(np.shape(leaf))}" for _, leaf in leaves)
     return f"{shapes} (digest {hasher.hexdigest()[:16]})"
+
+
+def _in_memory(leaf: Any) -> bool:
+    """Values the host holds: not an ``np.memmap`` or another row-indexable object (an HDF5 or
+    zarr dataset), which a streamed fit reads a segment at a time and which are not read whole
+    to be compared."""
+    return isinstance(leaf, (jax.Array, np.generic, int, float, complex, bool)) or (
+        isinstance(leaf, np.ndarray) and not isinstance(leaf, np.memmap)
+    )
 
 
 def data_sharding(mesh: Mesh, data_axis: str) -> NamedSharding:
@@ -128,6 +140,8 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     def put(leaf: Any) -> Any:
         if isinstance(leaf, jax.core.Tracer) or (isinstance(leaf, jax.Array) and leaf.sharding == sharding):
             return jax.device_put(leaf, sharding) if isinstance(leaf, jax.core.Tracer) else leaf
+        if jnp.issubdtype(getattr(leaf, "dtype", None) or np.float64, jax.dtypes.prng_key):  # a typed key
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -199,6 +213,18 @@ def shard_orders(
         own = lambda k: permutation(jax.random.fold_in(k, jax.lax.axis_index(data_axis)), local)[None]
         orders = jax.shard_map(own, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(data_axis))(order_key)
     return orders, dropout_key
+
+
+def local_shards(mesh: Mesh | None, data_axis: str) -> tuple[int, ...] | None:
+    """The positions along ``data_axis`` whose rows this process's devices hold (the shards it
+    reads), or None when it holds them all (one process, or no mesh)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index(data_axis), 0)
+    devices = devices.reshape(devices.shape[0], -1)  # each shard's devices (along the other axes)
+    me = jax.process_index()
+    mine = tuple(s for s, held in enumerate(devices) if any(d.process_index == me for d in held))
+    return None if len(mine) == len(devices) else mine
 
 
 def global_rows(index: np.ndarray, rows: int) -> np.ndarray:

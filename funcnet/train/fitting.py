@@ -165,7 +165,8 @@ def fit(
         on the device first. ``None`` (the default) streams when the data is on the host and
         either is not a NumPy array or its bytes (train and eval data together) exceed
         ``stream_threshold``, by default half the device's memory (``bytes_limit``; on a CPU,
-        half the machine's RAM); ``jax.Array`` data is never streamed.
+        half the machine's RAM); ``jax.Array`` data is never streamed. Under a mesh of several
+        processes each passes the whole host data and reads only its own devices' rows.
     Returns:
       A ``FitResult``.
     """
@@ -230,11 +231,6 @@ def fit(
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
-        if streamed and jax.process_count() > 1:
-            raise ValueError(
-                "fit: streaming under a mesh of several processes (each reading its own rows) is not "
-                "supported yet; pass stream=False with each process's rows as sharded jax.Arrays."
-            )
         devices = mesh.shape[data_axis]
         if shards is not None and shards != devices:
             raise ValueError(
@@ -385,7 +381,9 @@ def _described(arguments: dict[str, Any]) -> dict[str, str]:
             described[name] = "None" if value is None else f"{dict(value.shape)}"
         elif name == "checkpoint_dir":  # hosts may mount a shared directory at different paths
             described[name] = "None" if value is None else "given"
-        elif jax.tree_util.tree_leaves(value) and any(_checks.is_array(v) for v in jax.tree_util.tree_leaves(value)):
+        elif name in ("train_data", "eval_data") or (
+            jax.tree_util.tree_leaves(value) and any(_checks.is_array(v) for v in jax.tree_util.tree_leaves(value))
+        ):
             described[name] = distributed.host_description(value)
         else:
             described[name] = repr(value)

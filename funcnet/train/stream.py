@@ -31,10 +31,10 @@ Contract, stated once:
   takes more than ``STALL_SECONDS`` to arrive shows as ``stalled`` with the time waited.
 * **Meshes and shards.** The host gathers each global batch as every shard's local batch side
   by side, as the device-resident fit forms it, so a streamed fit under a mesh (or with
-  ``shards=n``) equals the device-resident one bit for bit. In one process, each segment is
-  placed sharded along the mesh's data axis (``_place``): each device receives its shard's
-  rows. Several processes, each streaming its own rows, are not supported yet (``fit`` raises):
-  ``_place`` is where ``jax.make_array_from_process_local_data`` goes.
+  ``shards=n``) equals the device-resident one bit for bit. Each segment is placed sharded
+  along the mesh's data axis: each device receives its shard's rows. Under ``jax.distributed``
+  every process is given the whole host data and reads only the rows of its own devices'
+  shards (``distributed.local_shards``, ``_read``); keys are placed replicated by each process.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ Params = Any
 def default_threshold() -> int:
     """Half the default device's memory (its ``bytes_limit``; a CPU device: the machine's RAM)."""
     try:
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # a backend without memory statistics
         stats = {}
     if "bytes_limit" in stats:
@@ -419,25 +419,48 @@ class _Job(NamedTuple):
 def _place(block: Any, config: Config, rows_axis: int | None) -> Any:
     """Start moving a gathered block (or a key) to the device(s) the fit runs on.
 
-    Without a mesh: the default device. With a mesh (one process): training and eval rows
-    (axis ``rows_axis``) sharded along its data axis, as the device-resident fit holds them;
-    keys (``rows_axis=None``) replicated.
-    The seam for multi-process meshes: there each process would gather only its own rows of
-    each batch and build the global array with ``jax.make_array_from_process_local_data``.
+    Without a mesh: the default device. With a mesh: training and eval rows (axis
+    ``rows_axis``) sharded along its data axis, as the device-resident fit holds them; keys
+    (``rows_axis=None``) replicated, each process placing its own copy (``put_replicated``:
+    no collective per segment).
     """
     if config.mesh is None:
-        return jax.device_put(block, jax.devices()[0])
+        return jax.device_put(block, jax.local_devices()[0])
+    if rows_axis is None and jax.process_count() > 1:
+        return distributed.put_replicated(block, config.mesh)
     spec: list[str | None] = [None] * np.ndim(block)
     if rows_axis is not None:
         spec[rows_axis] = config.data_axis
     return jax.device_put(block, NamedSharding(config.mesh, PartitionSpec(*spec)))
 
 
+def _read(source: _Source, rows: np.ndarray, config: Config, mine: tuple[int, ...] | None) -> Any:
+    """Rows ``rows`` of ``source`` (``(..., shards, k)`` global row numbers: each shard's ``k``
+    rows), on their way to the devices as one array ``(..., shards * k, features...)`` whose
+    shard ``s`` is rows ``s * k ..``. ``mine``: the shards this process reads and places (its
+    devices'), the others' rows are not read here; None: all of them."""
+    lead, (shards, k), features = rows.shape[:-2], rows.shape[-2:], source.array.shape[1:]
+    if mine is None:
+        return _place(source.gather(rows.reshape(-1)).reshape(*lead, shards * k, *features), config, len(lead))
+    own = source.gather(rows[..., mine, :].reshape(-1)).reshape(*lead, len(mine), k, *features)
+    where = {s: i for i, s in enumerate(mine)}
+
+    def piece(index: Any) -> np.ndarray:  # the rows of one of this process's devices
+        shard = where[(index[len(lead)].start or 0) // k]
+        at: tuple[Any, ...] = (*index[: len(lead)], shard, slice(None), *index[len(lead) + 1 :])
+        part: np.ndarray = own[at]
+        return part
+
+    assert config.mesh is not None  # several processes' shards: a mesh
+    sharding = NamedSharding(config.mesh, PartitionSpec(*[None] * len(lead), config.data_axis))
+    return jax.make_array_from_callback((*lead, shards * k, *features), sharding, piece)
+
+
 def _host_cpu() -> Any:
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it): compute the order where it runs
-        return jax.devices()[0]
+        return jax.local_devices()[0]
 
 
 class _Plan:
@@ -451,6 +474,7 @@ class _Plan:
         )
         self.cpu = _host_cpu()
         self.key = jax.device_put(key, self.cpu)
+        self.mine = distributed.local_shards(c.mesh, c.data_axis)  # the shards this process reads
         self.host_config = c._replace(mesh=None)  # each shard's order computed on the host: the same numbers
         if ex is not None and ey is not None:
             size, full, rest = eval_layout(c)
@@ -488,41 +512,43 @@ class _Plan:
     def _train(self, e: int, first: int, order: Callable[[], tuple[np.ndarray, Any]]) -> _Job:
         c = self.config
         index, dropout_key = order()
-        rows = distributed.global_rows(index[first : first + self.per_segment], c.rows)
-        count = rows.shape[0] // c.batch_size
-        xs = self.x.gather(rows).reshape(count, c.batch_size, *self.x.array.shape[1:])
-        ys = self.y.gather(rows).reshape(count, c.batch_size, *self.y.array.shape[1:])
-        return _Job(e, "train", first, (_place(xs, c, 1), _place(ys, c, 1)), dropout_key, rows.shape[0])
+        local = index[first : first + self.per_segment]  # (count, shards, k) each shard's own rows
+        rows = distributed.global_rows(local, c.rows).reshape(local.shape)
+        arrays = (_read(self.x, rows, c, self.mine), _read(self.y, rows, c, self.mine))
+        return _Job(e, "train", first, arrays, dropout_key, rows.size)
 
     def _eval_jobs(self, e: int) -> Iterator[Callable[[], _Job]]:
         assert self.ex is not None and self.ey is not None  # only called with eval data
         ex, ey, c = self.ex, self.ey, self.config
         size = self.eval_size
 
-        def rows(a: _Source, first: int, count: int, per_shard: int | None = None) -> np.ndarray:
+        def rows(a: _Source, first: int, count: int) -> Any:
+            """Full batches ``first .. first + count - 1``, ``(count, size, ...)``, on their way."""
             if c.shards == 1:  # batches of consecutive rows
-                stop = c.eval_rows if per_shard is not None else (first + count) * size
-                return a.slice(first * size, stop)
-            return a.gather(eval_batch_rows(first, count, c, per_shard))  # every shard's rows side by side
+                block = a.slice(first * size, (first + count) * size)
+                return _place(block.reshape(count, size, *block.shape[1:]), c, 1)
+            index = eval_batch_rows(first, count, c).reshape(count, c.shards, size // c.shards)
+            return _read(a, index, c, self.mine)  # every shard's rows side by side
+
+        def last_rows(a: _Source) -> Any:
+            """The last batch (every eval row, when they fit in one), ``(eval_rest, ...)``."""
+            if c.shards == 1:
+                return _place(a.slice(self.eval_full * size, c.eval_rows), c, 0)
+            per_shard = self.eval_rest // c.shards
+            index = eval_batch_rows(self.eval_full, 1, c, per_shard).reshape(c.shards, per_shard)
+            return _read(a, index, c, self.mine)
 
         for first in range(0, self.eval_full, self.eval_per_segment):
             count = min(self.eval_per_segment, self.eval_full - first)
 
             def read(first: int = first, count: int = count) -> _Job:
-                xs = rows(ex, first, count).reshape(count, size, *ex.array.shape[1:])
-                ys = rows(ey, first, count).reshape(count, size, *ey.array.shape[1:])
-                return _Job(e, "eval", first, (_place(xs, c, 1), _place(ys, c, 1)), None, count * size)
+                return _Job(e, "eval", first, (rows(ex, first, count), rows(ey, first, count)), None, count * size)
 
             yield read
         if self.eval_rest:
 
             def last() -> _Job:
-                if self.eval_full == 0:  # every eval row in one batch, in order
-                    xs, ys = ex.slice(0, c.eval_rows), ey.slice(0, c.eval_rows)
-                else:
-                    per_shard = self.eval_rest // c.shards
-                    xs, ys = rows(ex, self.eval_full, 1, per_shard), rows(ey, self.eval_full, 1, per_shard)
-                return _Job(e, "eval last", 0, (_place(xs, c, 0), _place(ys, c, 0)), None, self.eval_rest)
+                return _Job(e, "eval last", 0, (last_rows(ex), last_rows(ey)), None, self.eval_rest)
 
             yield last
 
@@ -612,7 +638,7 @@ def runner(
         if bool(state.stopped) or epoch >= stop:
             return state
         plan.warm(epoch)  # compile the host's order program here, not as a stalled read
-        feed = _Feed(plan.jobs(epoch, stop), c.progress)
+        feed = _Feed(plan.jobs(epoch, stop), c.progress and distributed.is_writer())
         try:
             for e in range(epoch, stop):
                 carry, parts, previous = (state.params, state.opt_state, state.loss_scale), [], None
