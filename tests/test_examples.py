@@ -11,7 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
 
 
-@pytest.mark.parametrize("name", [e for e in EXAMPLES if e not in ("long_run.py", "multihost.py")])  # own tests below
+# Examples whose quick run takes over ~10 s on 2 cores and whose parts have their own tests: slow,
+# so CI stays within its budget (run them with -m slow).
+SLOW = ("char_lm.py", "char_transformer.py", "digits_cnn.py", "digits_resnet.py", "regression.py")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(e, marks=[pytest.mark.slow] if e in SLOW else [])
+        for e in EXAMPLES
+        if e not in ("long_run.py", "multihost.py")  # own tests below
+    ],
+)
 def test_example_runs_quick(name, tmp_path):
     args = [sys.executable, str(ROOT / "examples" / name)]
     if name != "custom_op.py":

@@ -14,7 +14,31 @@ PYTHON = re.findall(r"```python\n(.*?)```", README, re.S)
 BASH = re.findall(r"```bash\n(.*?)```", README, re.S)
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON)))
+# Sections whose blocks each take over ~10 s on 2 cores and repeat what their own test modules
+# check: marked slow, so CI stays within its budget (run them with -m slow).
+SLOW_SECTIONS = (
+    "Layer state",
+    "Attention and the Transformer",
+    "Sweeps compile once",
+    "Long runs",
+    "The optimizer toolbox",
+    "Precision",
+    "Data larger than memory",
+)
+
+
+def _section(index):
+    start = [m.start() for m in re.finditer(r"```python\n", README)][index]
+    return re.findall(r"^#+ (.*)$", README[:start], re.M)[-1]
+
+
+def _slow(index):
+    return _section(index).startswith(SLOW_SECTIONS)
+
+
+@pytest.mark.parametrize(
+    "index", [pytest.param(i, marks=[pytest.mark.slow] if _slow(i) else []) for i in range(len(PYTHON))]
+)
 def test_python_block_runs(index, tmp_path):
     """Run in a fresh interpreter, as a user pasting it would (default JAX settings)."""
     done = subprocess.run(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import funcnet as fn
 
@@ -120,14 +121,25 @@ def test_equal_constructor_calls_give_equal_values():
     assert fn.Layer(init, apply) == fn.Dense(4)
 
 
-def test_a_sweep_with_fresh_equal_nets_and_fresh_optimizers_compiles_nothing_new():
-    for make in OPTIMIZERS.values():  # the first fit of each kind compiles its programs
-        _fit(make(1.0))
+# Three kinds in CI (a plain one, a schedule inside a stateful one, the most numbers); every kind with -m slow.
+KINDS = [
+    pytest.param(kinds, marks=marks)
+    for kinds, marks in (
+        (("sgd", "momentum+decay", "adamw+warmup_cosine"), []),
+        (tuple(OPTIMIZERS), [pytest.mark.slow]),
+    )
+]
+
+
+@pytest.mark.parametrize("kinds", KINDS, ids=["three kinds", "every kind"])
+def test_a_sweep_with_fresh_equal_nets_and_fresh_optimizers_compiles_nothing_new(kinds):
+    for kind in kinds:  # the first fit of each kind compiles its programs
+        _fit(OPTIMIZERS[kind](1.0))
     with compilations() as compiled:
-        results = {(kind, a): _fit(make(a)) for kind, make in OPTIMIZERS.items() for a in POINTS}
+        results = {(kind, a): _fit(OPTIMIZERS[kind](a)) for kind in kinds for a in POINTS}
     assert compiled == []
     # the numbers took effect: every point of a kind trained differently
-    for kind in OPTIMIZERS:
+    for kind in kinds:
         finals = [np.asarray(results[kind, a].params[0].W) for a in POINTS]
         assert not np.array_equal(finals[0], finals[1]) and not np.array_equal(finals[0], finals[2])
 
