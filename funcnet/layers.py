@@ -205,17 +205,20 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
     """``init`` as one compiled program per (layer, input shape, key type), cached like ``fit``'s.
 
     Run op by op, a network's ``init`` compiled a small program for every split and every
-    initializer call of a new shape (about 0.3 s each on a CPU); as one program it compiles
-    once. Only a top-level call with a concrete key takes this path: inside a trace (a
-    combinator's children, ``summary``, ``vmap``-ed or jitted inits) the key is a tracer and
-    ``init`` runs as written, traced into the caller's program.
+    initializer call of a new shape (about 0.3 s each on a CPU); as one program per leaf
+    layer it compiles once per layer, and an equal layer in another network (a sweep, a test
+    suite, a notebook rebuilding its model) compiles nothing. A combinator (a spec with
+    ``children``) runs its own init as written, splitting the key, so its children take this
+    path with concrete keys. Only a call with a concrete key compiles: inside a trace (a
+    ``vmap``-ed or jitted init, ``summary``) the key is a tracer and ``init`` runs as written,
+    traced into the caller's program.
     """
 
     @functools.wraps(init)
     def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
         eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
-        if eager or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
-            result: tuple[Any, Params] = init(self, key, input_shape)
+        if eager or self.children or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
+            result: tuple[Any, Params] = init(self, key, input_shape)  # a combinator: its layers compile
             return result
         key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
         try:

@@ -258,10 +258,11 @@ def test_init_only_fields_are_marked_per_field_never_by_name():
     assert fn.Dense(3, dtype=jnp.float16).apply == fn.Dense(3).apply  # Dense's apply reads its params' dtype
 
 
-def test_init_compiles_once_per_network_and_matches_op_by_op_init():
-    """A top-level init is one compiled program, reused by an equal network, whose params are
-    those of the same init run op by op (bit for bit at the default XLA flags; the tests'
-    op-by-op programs compile at another LLVM level, so here up to the last bit)."""
+def test_init_compiles_once_per_layer_and_matches_op_by_op_init():
+    """A layer's init is one compiled program per (layer, input shape), reused by an equal layer
+    in any network (a combinator runs its children's), whose params are those of the same init
+    run op by op (bit for bit at the default XLA flags; the tests' op-by-op programs compile at
+    another LLVM level, so here up to the last bit)."""
     from funcnet import layers
 
     build = lambda: fn.serial(fn.Dense(5, fn.tanh), fn.Dense(3, fn.linear, w_init=fn.normal(0.5)))
@@ -270,7 +271,10 @@ def test_init_compiles_once_per_network_and_matches_op_by_op_init():
     before = layers._init_program.cache_info()
     again_shape, again = build().init(jax.random.PRNGKey(8), (-1, 4))
     after = layers._init_program.cache_info()
-    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    assert (after.hits, after.misses) == (before.hits + 2, before.misses)
+    fn.serial(fn.Dense(5, fn.tanh), fn.Dense(7, fn.linear)).init(key, (-1, 4))  # the first layer is known
+    other = layers._init_program.cache_info()
+    assert (other.hits, other.misses) == (after.hits + 1, after.misses + 1)
     assert again_shape == shape == (-1, 3)
     with jax.disable_jit():
         eager_shape, eager = build().init(key, (-1, 4))
