@@ -223,8 +223,7 @@ def _attention(
     scale: float,
     block_size: int,
 ) -> jax.Array:
-    plan = _plan(q.shape[1], k.shape[1], block_size, is_causal)
-    return _forward(plan, scale, q, k, v, kv_lengths, mask)[0]
+    return _attention_fwd(q, k, v, kv_lengths, mask, is_causal, scale, block_size)[0]  # L unused: dropped
 
 
 def _attention_fwd(

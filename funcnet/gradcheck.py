@@ -123,35 +123,15 @@ def check_vjp(
         )
     if not args:
         raise ValueError("check_vjp: at least one argument to differentiate is needed, got none.")
+    leaves, labels = list(args), [str(i) for i in range(len(args))]
     if any(_is_tree(a) for a in args):
         # Pytree arguments (a layer's params): check every leaf, named by its path.
         paths, treedef = jax.tree_util.tree_flatten_with_path(list(args))
         flat = lambda f: lambda *leaves: f(*jax.tree_util.tree_unflatten(treedef, list(leaves)))
+        fn, reference = flat(fn), flat(reference)
+        leaves = [leaf for _, leaf in paths]
         labels = [f"{p[0].idx}" + (f" ({jax.tree_util.keystr(p[1:])})" if p[1:] else "") for p, _ in paths]
-        return _check_flat(
-            flat(fn),
-            flat(reference),
-            [leaf for _, leaf in paths],
-            labels,
-            rtol,
-            atol,
-            fd_rtol,
-            fd_atol,
-            num_cotangents,
-            seed,
-        )
-    return _check_flat(
-        fn,
-        reference,
-        list(args),
-        [str(i) for i in range(len(args))],
-        rtol,
-        atol,
-        fd_rtol,
-        fd_atol,
-        num_cotangents,
-        seed,
-    )
+    return _check_flat(fn, reference, leaves, labels, rtol, atol, fd_rtol, fd_atol, num_cotangents, seed)
 
 
 def _check_flat(

@@ -518,14 +518,29 @@ def adam(
     clip_value: float | None = None,
 ) -> Optimizer:
     """Adam (Kingma & Ba, 2015) with bias correction."""
-    _checks.real_number("adam", "b1", b1, low=0.0, high=1.0, high_open=True)
-    _checks.real_number("adam", "b2", b2, low=0.0, high=1.0, high_open=True)
-    _checks.real_number("adam", "eps", eps, low=0.0, low_open=True)
-    return _Adam(
+    return _adam_like(_Adam, learning_rate, b1, b2, eps, weight_decay, clip_norm, clip_value)
+
+
+def _adam_like(
+    kind: type[_Adam],
+    learning_rate: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    clip_norm: float | None,
+    clip_value: float | None,
+) -> Optimizer:
+    """``adam``'s and ``adamw``'s checks and spec (``kind.label`` names the function in errors)."""
+    name = kind.label
+    _checks.real_number(name, "b1", b1, low=0.0, high=1.0, high_open=True)
+    _checks.real_number(name, "b2", b2, low=0.0, high=1.0, high_open=True)
+    _checks.real_number(name, "eps", eps, low=0.0, low_open=True)
+    return kind(
         b1=number(b1),
         b2=number(b2),
         eps=number(eps),
-        **_common("adam", learning_rate, weight_decay, clip_norm, clip_value),
+        **_common(name, learning_rate, weight_decay, clip_norm, clip_value),
     ).optimizer()
 
 
@@ -547,15 +562,7 @@ def adamw(
 ) -> Optimizer:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,
     ``p = p - lr * (adam_step + weight_decay * p)``; ``optax.adamw``'s rule."""
-    _checks.real_number("adamw", "b1", b1, low=0.0, high=1.0, high_open=True)
-    _checks.real_number("adamw", "b2", b2, low=0.0, high=1.0, high_open=True)
-    _checks.real_number("adamw", "eps", eps, low=0.0, low_open=True)
-    return _AdamW(
-        b1=number(b1),
-        b2=number(b2),
-        eps=number(eps),
-        **_common("adamw", learning_rate, weight_decay, clip_norm, clip_value),
-    ).optimizer()
+    return _adam_like(_AdamW, learning_rate, b1, b2, eps, weight_decay, clip_norm, clip_value)
 
 
 def _name(optimizer: Optimizer | None) -> str:
