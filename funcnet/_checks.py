@@ -103,6 +103,16 @@ def value_range(value: Any) -> tuple[int, int]:
     return int(host.min()), int(host.max())
 
 
+def class_ids(fn: str, target: Any, classes: int, of: str) -> None:
+    """Concrete integer labels ``target`` must each name one of ``classes`` classes (of ``of``)."""
+    low, high = value_range(target)
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of {of}, got values "
+            f"from {low} to {high}."
+        )
+
+
 def is_concrete(value: Any) -> bool:
     """True when ``value`` holds data we can inspect now (not a tracer under jit/vmap/grad)."""
     return not isinstance(value, jax.core.Tracer)

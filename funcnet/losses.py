@@ -115,13 +115,7 @@ def _labels_in_range(logits: Any, target: Any) -> None:
         return
     if not jnp.issubdtype(target.dtype, jnp.integer) or not _checks.is_concrete(target) or not target.size:
         return
-    low, high = _checks.value_range(target)
-    classes = logits.shape[-1]
-    if low < 0 or high >= classes:
-        raise ValueError(
-            f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of logits, got values "
-            f"from {low} to {high}."
-        )
+    _checks.class_ids(fn, target, logits.shape[-1], "logits")
 
 
 def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:

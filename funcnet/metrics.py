@@ -47,13 +47,7 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
     if prediction.size == 0:
         raise ValueError(f"{fn}: prediction must not be empty, got shape {tuple(prediction.shape)}.")
     if integer and _checks.is_concrete(target):
-        low, high = _checks.value_range(target)
-        classes = prediction.shape[-1]
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of prediction, "
-                f"got values from {low} to {high}."
-            )
+        _checks.class_ids(fn, target, prediction.shape[-1], "prediction")
     labels = target if integer else jnp.argmax(target, axis=-1)
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)

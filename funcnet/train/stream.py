@@ -243,12 +243,16 @@ class _Source:
             rows = _take(self.array, unique) if isinstance(self.array, np.memmap) else np.asarray(self.array[unique])
             block = _take(rows, inverse)
         block = np.asarray(block, self.dtype)
-        if self.floating:
-            finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-            if not finite.all():
-                row = int(index[int(np.argmin(finite))])
-                raise ValueError(f"fit: {self.part} must be finite, got NaN or Inf values (first at row {row}).")
+        self._finite(block, index)
         return block
+
+    def _finite(self, block: np.ndarray, rows: np.ndarray | int) -> None:
+        """A floating ``block`` of rows ``rows`` (their numbers, or the first of consecutive
+        ones) must be finite, else the first bad row is named."""
+        if self.floating and not np.isfinite(block).all():
+            at = int(np.argmin(np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)))
+            row = int(rows) + at if np.ndim(rows) == 0 else int(np.asarray(rows)[at])
+            raise ValueError(f"fit: {self.part} must be finite, got NaN or Inf values (first at row {row}).")
 
     def _advise(self, rows: np.ndarray) -> None:
         """Ask the kernel to read a memmap's ``rows`` (sorted) now, all at once: the page faults of
@@ -275,10 +279,7 @@ class _Source:
         if isinstance(self.array, np.ndarray):
             self._unchanged()
             block = np.array(self.array[start:stop], self.dtype)
-            if self.floating and not np.isfinite(block).all():
-                finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-                row = start + int(np.argmin(finite))
-                raise ValueError(f"fit: {self.part} must be finite, got NaN or Inf values (first at row {row}).")
+            self._finite(block, start)
             return block
         return self.gather(np.arange(start, stop))
 
