@@ -162,6 +162,9 @@ def test_help_of_fit_states_the_early_stopping_rule_without_pointing_into_source
 def _stopping_run(**kwargs):
     kwargs = {"eval_every": 2, **kwargs}
     x, y = _classes(rows=90)
+    rng = np.random.default_rng(1)  # a fifth of the training labels random: the net overfits them
+    noisy = rng.random(60) < 0.2
+    y[:60][noisy] = rng.integers(0, 3, noisy.sum())
     net = _classifier()
     _, params = net.init(KEY, (-1, 4))
     return fn.fit(

@@ -7,7 +7,7 @@ Contract, stated once:
   mesh: one per device of ``data_axis``; without: ``fit(..., shards=n)``, default 1). Under a
   mesh each part lives on its device, placed there once (``place``): data is never replicated.
 * **Each shard's order.** Epoch ``e`` shuffles every shard's own rows, shard ``s`` with the key
-  ``fold_in(order key of (key, e), s)`` (``shard_orders``); with one shard the order is
+  ``permutation(key, rows // shards, e, s)`` (``shard_orders``); with one shard the order is
   ``epoch_order(key, e, rows)`` itself. Global batch ``b`` is every shard's local batch ``b``
   (``batch_size / shards`` rows each) side by side, so a step reads on each device only that
   device's rows (``local_rows``: a ``shard_map`` gather) and moves gradients, not data. A fit
@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _host
-from funcnet.train.shuffle import epoch_order, permutation
+from funcnet.train.shuffle import dropout_key, epoch_order, permutation
 
 __all__ = [
     "agree",
@@ -201,18 +201,20 @@ def shard_orders(
     each device computes and holds only its own shard's order (row ``s`` on device ``s``).
     """
     if shards == 1:
-        order, dropout_key = epoch_order(key, epoch, rows, shuffle)
-        return order[None], dropout_key
-    order_key, dropout_key = jax.random.split(jax.random.fold_in(key, epoch))
+        order, key_for_dropout = epoch_order(key, epoch, rows, shuffle)
+        return order[None], key_for_dropout
     local = rows // shards
     if not shuffle:
         orders = jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local))
     elif mesh is None:
-        orders = jnp.stack([permutation(jax.random.fold_in(order_key, s), local) for s in range(shards)])
+        orders = jnp.stack([permutation(key, local, epoch, s) for s in range(shards)])
     else:
-        own = lambda k: permutation(jax.random.fold_in(k, jax.lax.axis_index(data_axis)), local)[None]
-        orders = jax.shard_map(own, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(data_axis))(order_key)
-    return orders, dropout_key
+        own = lambda k, e: permutation(k, local, e, jax.lax.axis_index(data_axis))[None]
+        specs = (PartitionSpec(), PartitionSpec())
+        orders = jax.shard_map(own, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(data_axis))(
+            key, jnp.asarray(epoch)
+        )
+    return orders, dropout_key(key, epoch)
 
 
 def local_shards(mesh: Mesh | None, data_axis: str) -> tuple[int, ...] | None:
