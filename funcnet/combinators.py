@@ -40,6 +40,7 @@ from funcnet.layers import (
     check_entries,
     check_input_shape,
     check_layers,
+    child_keys,
     init_child,
     layer_spec,
     run_child,
@@ -148,7 +149,7 @@ class _Parallel(_Runs):
         outputs = [
             init_child("parallel", i, layer, k, shape)
             for i, (layer, k, shape) in enumerate(
-                zip(self.layers, jax.random.split(key, len(self.layers)), shapes, strict=True)
+                zip(self.layers, child_keys(key, len(self.layers)), shapes, strict=True)
             )
         ]
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)

@@ -40,8 +40,9 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core  # trace_state_clean: is any trace active?
 
-from funcnet import _checks, _compile, initializers, ops
+from funcnet import _checks, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
 from funcnet.state import has_state, is_state, split_state, state_count
 
@@ -209,15 +210,15 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
     layer it compiles once per layer, and an equal layer in another network (a sweep, a test
     suite, a notebook rebuilding its model) compiles nothing. A combinator (a spec with
     ``children``) runs its own init as written, splitting the key, so its children take this
-    path with concrete keys. Only a call with a concrete key compiles: inside a trace (a
-    ``vmap``-ed or jitted init, ``summary``) the key is a tracer and ``init`` runs as written,
-    traced into the caller's program.
+    path with concrete keys. Only a call with a concrete key outside any trace compiles: inside
+    one (a ``vmap``-ed or jitted init, ``summary``, a concrete key closed over by a user's
+    ``jax.jit``) ``init`` runs as written, traced into the caller's program.
     """
 
     @functools.wraps(init)
     def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
         eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
-        if eager or self.children or not isinstance(key, jax.Array) or not _checks.is_concrete(key):
+        if eager or self.children or not _compilable(key):
             result: tuple[Any, Params] = init(self, key, input_shape)  # a combinator: its layers compile
             return result
         key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
@@ -229,6 +230,31 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
         return program(key)
 
     return run
+
+
+def _compilable(key: Any) -> bool:
+    """A concrete key outside any trace: JAX takes compiler options on a top-level program only."""
+    clean = getattr(jax_core, "trace_state_clean", lambda: True)  # JAX-internal: no trace is active
+    return isinstance(key, jax.Array) and _checks.is_concrete(key) and bool(clean())
+
+
+# Up to this many numbers, an init program compiles with XLA's CPU fusion emitters off.
+_SMALL_INIT = 1 << 22
+
+
+def _init_options(cpu: bool, size: int) -> dict[str, Any] | None:
+    """Compiler options for an init program drawing ``size`` numbers: on a CPU, LLVM level 1 (a
+    third less compile time than the default level into code as fast; bit-identical draws,
+    where level 0 changes the normals' bits) and, for up to ``_SMALL_INIT`` numbers, the
+    classic loop emitter instead of XLA's fusion emitters (a third less compile time again,
+    same bits; its code draws about 1.8x slower, so a layer of 4M numbers loses about 40 ms of
+    running time to the 0.2-0.3 s of compiling it saves, and a bigger one keeps the emitters)."""
+    if not cpu:
+        return None
+    options: dict[str, Any] = {"xla_backend_optimization_level": 1}
+    if size <= _SMALL_INIT:
+        options["xla_cpu_use_fusion_emitters"] = False
+    return options
 
 
 def _frozen(shape: Any) -> Any:
@@ -248,17 +274,16 @@ def _init_program(
         return params
 
     _, _, sharding, _ = key_type
-    # On a CPU, LLVM's level 1 compiles the random draws in a third less time than the default
-    # level 2 into code as fast, with bit-identical params (level 0 changes the normals' bits).
     cpu = all(device.platform == "cpu" for device in sharding.device_set)
-    options: Any = {"xla_backend_optimization_level": 1} if cpu else None
-    # Called like any jitted function (not ahead of time), so params from an uncommitted key stay
-    # uncommitted, as op-by-op ones were: a mesh's train_step may then place them on its devices.
-    program = _compile.jit(params_of, compiler_options=options)
+    program: list[Callable[[jax.Array], Params]] = []
 
     def run(key: jax.Array) -> tuple[Any, Params]:
-        params = program(key)  # traces on the first call, which records the output shape
-        return output_shape[0], params
+        if not program:  # the first call: sizes decide the compiler options
+            size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(jax.eval_shape(params_of, key)))
+            # Called like any jitted function (not ahead of time), so params from an uncommitted
+            # key stay uncommitted, as op-by-op ones were: a mesh's train_step may place them.
+            program.append(jax.jit(params_of, compiler_options=_init_options(cpu, size)))
+        return output_shape[0], program[0](key)
 
     return run
 
@@ -519,7 +544,7 @@ class _Serial(_Runs):
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         params = []
-        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)), strict=True)):
+        for i, (layer, k) in enumerate(zip(self.layers, child_keys(key, len(self.layers)), strict=True)):
             input_shape, p = init_child(self.label, i, layer, k, input_shape)
             params.append(p)
         return input_shape, tuple(params)
@@ -558,6 +583,25 @@ def check_entries(fn: str, params: Any, count: int) -> None:
             f"{fn}: params must be a tuple with one entry per layer ({count}), "
             f"got {got} (params from another network?)."
         )
+
+
+def child_keys(key: jax.Array, count: int) -> tuple[jax.Array, ...]:
+    """A combinator's ``init``: ``jax.random.split(key, count)``, one key per child. A concrete key
+    is split by a program compiled once per count and key type like a layer's init (run op by op,
+    the split and the row-by-row unstacking compiled two programs at the default level)."""
+    eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]
+    if eager or not _compilable(key):
+        return tuple(jax.random.split(key, count))
+    devices: Any = key.sharding.device_set
+    cpu = all(device.platform == "cpu" for device in devices)
+    keys: tuple[jax.Array, ...] = _split_program(count, cpu)(key)
+    return keys
+
+
+@functools.lru_cache(maxsize=64)
+def _split_program(count: int, cpu: bool) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    options = _init_options(cpu, count)
+    return jax.jit(lambda key: tuple(jax.random.split(key, count)), compiler_options=options)
 
 
 def split_key(key: jax.Array | None, count: int) -> list[jax.Array | None]:

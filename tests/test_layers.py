@@ -258,6 +258,17 @@ def test_init_only_fields_are_marked_per_field_never_by_name():
     assert fn.Dense(3, dtype=jnp.float16).apply == fn.Dense(3).apply  # Dense's apply reads its params' dtype
 
 
+def test_init_with_a_concrete_key_inside_a_users_trace_runs_as_written():
+    """A concrete key closed over by a user's jit or vmap: init traces into the user's program
+    (JAX refuses compiler options on a nested program) and draws the same params."""
+    net = fn.serial(fn.Dense(5, fn.tanh), fn.Dense(3, fn.linear))
+    key = jax.random.PRNGKey(3)
+    _, params = net.init(key, (-1, 4))
+    first_w = lambda _: net.init(key, (-1, 4))[1][1].W
+    np.testing.assert_allclose(jax.jit(first_w)(0.0), params[1].W, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(first_w)(jnp.zeros(2))[1], params[1].W, rtol=1e-12)
+
+
 def test_init_compiles_once_per_layer_and_matches_op_by_op_init():
     """A layer's init is one compiled program per (layer, input shape), reused by an equal layer
     in any network (a combinator runs its children's), whose params are those of the same init

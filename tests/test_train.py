@@ -197,29 +197,6 @@ def test_fit_compiles_once_for_new_data_of_the_same_shapes():
     assert train.program.segment._cache_size() == size
 
 
-def test_fits_compile_options_change_no_bit(monkeypatch):
-    """funcnet compiles its programs with ``_compile.OPTIONS`` (faster to compile on a CPU): the
-    same fit compiled with XLA's defaults gives the same params and histories bit for bit. (The
-    comparison catches a real change: fast math at LLVM level 0 changes 3 of 32 params.)"""
-    x, y = _regression(rows=60)
-    net = fn.serial(
-        fn.Dense(8, fn.tanh), fn.Dropout(0.2), fn.Dense(4, fn.sigmoid), fn.BatchNorm(), fn.Dense(1, fn.linear)
-    )
-    _, params = net.init(KEY, (-1, 4))
-    run = lambda: fn.fit(
-        net, fn.mean_squared_error, fn.adam(1e-2), params, (x[:48], y[:48]), (x[48:], y[48:]),
-        epochs=3, eval_every=1, batch_size=10, key=KEY,
-    )  # fmt: skip
-    ours = run()
-    defaults = {"static_argnames": ("static", "config")}
-    monkeypatch.setattr(train.fitting, "segment", jax.jit(train.program._segment, **defaults))
-    monkeypatch.setattr(train.fitting, "fresh_state", jax.jit(train.program._fresh_state, **defaults))
-    plain = run()
-    assert train.program.segment._cache_size() > 0  # the option-compiled program did run before
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_vmap_over_keys_and_learning_rates_equals_separate_fits():
     x, y = _regression()
     net = _mlp()

@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from funcnet import _checks, _compile
+from funcnet import _checks
 from funcnet._values import Static, combine
 from funcnet.layers import train_mode
 from funcnet.optimizers import EmaState, ema_params
@@ -336,7 +336,7 @@ def _fresh_state(
     return replicated
 
 
-fresh_state = _compile.jit(_fresh_state, static_argnames=("static", "config"))
+fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
 
 
 def _means(
@@ -661,7 +661,7 @@ def _segment(
 
 # The state a segment replaces is donated: its buffers hold the new state, so the program's peak
 # memory holds one training state, not two (``benchmarks/bench_memory.py``).
-segment = _compile.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
+segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
@@ -715,4 +715,4 @@ def _last_finite(losses: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(finite), losses[last], jnp.nan)
 
 
-result = _compile.jit(_result, static_argnames=("start_epoch", "config"))
+result = jax.jit(_result, static_argnames=("start_epoch", "config"))

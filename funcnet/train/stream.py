@@ -52,7 +52,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from funcnet import _compile
 from funcnet._values import Static, combine
 from funcnet.train import checks, distributed, progress
 from funcnet.train.program import (
@@ -383,7 +382,7 @@ def _eval_batch(
     return _means(apply, loss, metrics, params, x, y, jnp.dtype(config.dtype))
 
 
-@functools.partial(_compile.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",))
 def _watched(carry: tuple[Params, Any, Any], *, config: Config) -> Params:
     """The params an evaluation sees: the moving average with ``eval_ema``, as ``end_epoch`` picks."""
     params, opt_state, _ = carry
@@ -391,16 +390,16 @@ def _watched(carry: tuple[Params, Any, Any], *, config: Config) -> Params:
     return watched
 
 
-_steps_jit = _compile.jit(_steps, static_argnames=("static", "config"))
-_end_jit = _compile.jit(_end, static_argnames=("config",))
-_eval_block_jit = _compile.jit(_eval_block, static_argnames=("static", "config"))
-_eval_batch_jit = _compile.jit(_eval_batch, static_argnames=("static", "config"))
-_eval_average_jit = _compile.jit(_eval_average, static_argnames=("config",))
-_epoch_batches_jit = _compile.jit(epoch_batches, static_argnames=("config",))
-_no_evaluation_jit = _compile.jit(no_evaluation, static_argnames=("config",))
+_steps_jit = jax.jit(_steps, static_argnames=("static", "config"))
+_end_jit = jax.jit(_end, static_argnames=("config",))
+_eval_block_jit = jax.jit(_eval_block, static_argnames=("static", "config"))
+_eval_batch_jit = jax.jit(_eval_batch, static_argnames=("static", "config"))
+_eval_average_jit = jax.jit(_eval_average, static_argnames=("config",))
+_epoch_batches_jit = jax.jit(epoch_batches, static_argnames=("config",))
+_no_evaluation_jit = jax.jit(no_evaluation, static_argnames=("config",))
 
 
-@_compile.jit
+@jax.jit
 def _zeros(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
     zeros: dict[str, jax.Array] = jax.tree_util.tree_map(jnp.zeros_like, values)
     return zeros
