@@ -104,7 +104,7 @@ def fit(
       eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
         when the monitored value beats the best by more than ``min_delta``; a non-finite loss
         stops training too (``result.diverged``).
-      key: a ``jax.random`` key; epoch ``e`` uses ``fold_in(key, e)``.
+      key: a ``jax.random`` key; epoch ``e``'s order and dropout keys come from ``(key, e)`` alone (``epoch_order``).
       shuffle: a fresh order every epoch (else the data order).
       drop_last: drop the remainder rows each epoch instead of a smaller last batch.
       progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses

@@ -13,7 +13,7 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
   compiled program serves a whole run, every checkpointed segment, and the shorter last one.
   Under ``vmap`` the loop runs until every member is done and stopped members ride along
   frozen.
-* Epoch ``e`` draws its order and dropout keys from ``fold_in(key, e)`` alone (``shuffle.py``),
+* Epoch ``e`` draws its order and dropout keys from ``(key, e)`` alone (``shuffle.py``),
   each of ``config.shards`` parts of the rows in its own order (``distributed.py``). Under a mesh
   every state and result the programs return is replicated, so every process can read it.
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last

@@ -25,8 +25,8 @@ And a tiny domain mixes poorly, so it has at least ``2**_MIN_BITS``. The domain 
 ``4 * rows`` elements for any ``rows`` above 64, so the cost is a few elementwise passes over it.
 ``tests/test_shuffle.py`` checks uniformity with chi-square tests: over every ordering of 4,
 5 and 6 rows, where each of 37, 100, 254 and 256 rows lands, and how often each of 1,797
-rows precedes the next; the same tests catch the network cut to one round, and round keys
-hashed from the key alone (the same order every epoch).
+rows precedes the next; the same tests catch the network cut to one round. Another test there
+catches round keys hashed from the key alone (the same order every epoch).
 """
 
 from __future__ import annotations
