@@ -217,8 +217,7 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(init)
     def run(self: LayerSpec, key: Any, input_shape: Any) -> tuple[Any, Params]:
-        eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # jit turned off means eager
-        if eager or self.children or not _compilable(key):
+        if self.children or not _compilable(key):
             result: tuple[Any, Params] = init(self, key, input_shape)  # a combinator: its layers compile
             return result
         key_type = (key.shape, key.dtype, key.sharding, jax.config.jax_enable_x64)  # type: ignore[attr-defined]
@@ -233,9 +232,15 @@ def _compiled_init(init: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _compilable(key: Any) -> bool:
-    """A concrete key outside any trace: JAX takes compiler options on a top-level program only."""
+    """A concrete key outside any trace, with jit on (turned off, init runs op by op): JAX takes
+    compiler options on a top-level program only."""
+    eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]
     clean = getattr(jax_core, "trace_state_clean", lambda: True)  # JAX-internal: no trace is active
-    return isinstance(key, jax.Array) and _checks.is_concrete(key) and bool(clean())
+    return not eager and isinstance(key, jax.Array) and _checks.is_concrete(key) and bool(clean())
+
+
+def _on_cpu(sharding: Any) -> bool:
+    return all(device.platform == "cpu" for device in sharding.device_set)
 
 
 # Up to this many numbers, an init program compiles with XLA's CPU fusion emitters off.
@@ -273,8 +278,7 @@ def _init_program(
         output_shape.append(shape)  # static: recorded once, while tracing
         return params
 
-    _, _, sharding, _ = key_type
-    cpu = all(device.platform == "cpu" for device in sharding.device_set)
+    cpu = _on_cpu(key_type[2])
     program: list[Callable[[jax.Array], Params]] = []
 
     def run(key: jax.Array) -> tuple[Any, Params]:
@@ -589,12 +593,9 @@ def child_keys(key: jax.Array, count: int) -> tuple[jax.Array, ...]:
     """A combinator's ``init``: ``jax.random.split(key, count)``, one key per child. A concrete key
     is split by a program compiled once per count and key type like a layer's init (run op by op,
     the split and the row-by-row unstacking compiled two programs at the default level)."""
-    eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]
-    if eager or not _compilable(key):
+    if not _compilable(key):
         return tuple(jax.random.split(key, count))
-    devices: Any = key.sharding.device_set
-    cpu = all(device.platform == "cpu" for device in devices)
-    keys: tuple[jax.Array, ...] = _split_program(count, cpu)(key)
+    keys: tuple[jax.Array, ...] = _split_program(count, _on_cpu(key.sharding))(key)
     return keys
 
 

@@ -200,12 +200,11 @@ def shard_orders(
     With one shard, ``epoch_order(key, epoch, rows, shuffle)`` itself (as one row). Under a mesh
     each device computes and holds only its own shard's order (row ``s`` on device ``s``).
     """
-    if shards == 1:
-        order, key_for_dropout = epoch_order(key, epoch, rows, shuffle)
-        return order[None], key_for_dropout
     local = rows // shards
     if not shuffle:
         orders = jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local))
+    elif shards == 1:
+        orders = epoch_order(key, epoch, rows)[0][None]
     elif mesh is None:
         orders = jnp.stack([permutation(key, local, epoch, s) for s in range(shards)])
     else:
