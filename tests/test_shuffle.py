@@ -41,6 +41,15 @@ def test_the_order_is_a_function_of_key_and_epoch_alone():
     np.testing.assert_array_equal(np.sort(np.asarray(order(typed, 3, 50)[0])), np.arange(50))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 254, 1200, 2046])
+def test_the_sort_and_nonzero_keep_the_same_values_in_the_same_order(monkeypatch, rows):
+    keys = jax.random.split(KEY, 4)
+    orders = lambda: np.asarray(jax.vmap(lambda k: permutation(k, rows, 7))(keys))
+    sorted_ = orders()  # domains up to 2,048 gather the kept values with one sort
+    monkeypatch.setattr(shuffle, "_SORT_BITS", 0)
+    np.testing.assert_array_equal(sorted_, orders())
+
+
 def _orders(rows, draws):
     keys = jax.random.split(jax.random.PRNGKey(12345), draws)
     return np.asarray(jax.jit(jax.vmap(lambda k: permutation(k, rows)))(keys))
