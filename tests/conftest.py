@@ -3,21 +3,32 @@
 As in Equinox's test suite, strict dtype promotion and rank promotion="raise" make any
 silent broadcast or float32/float64 mix inside funcnet fail loudly here.
 
-The tests compile with XLA's backend optimisations off (``--xla_backend_optimization_level=0``),
-which cuts the suite's compile time by a third: they check what the programs compute, which
-XLA's optimisations preserve. Examples run by tests inherit it; the README's blocks run as a
-user pastes them, and the benchmarks as users run fits, fully optimised.
+The tests compile with XLA's backend optimisations off (``--xla_backend_optimization_level=0``,
+which cut the suite's compile time by a third) and, on the CPU, with the classic loop emitter
+in place of XLA's fusion emitters (``--xla_cpu_use_fusion_emitters=false``, which cut it by
+about another third): they check what the programs compute, which neither changes beyond
+rounding. Examples run by tests inherit both; the README's blocks run as a user pastes them,
+and the benchmarks as users run fits, fully optimised.
 ``FUNCNET_TEST_OPTIMIZED=1 pytest`` runs every test fully optimised too.
+
+A test that compares two different programs bit for bit (the streamed fit against the device
+one) calls ``with_fusion_emitters(request)`` first: the loop emitter may round a fused
+expression differently in two programs where XLA's fusion emitters, as users compile, do not,
+so that test reruns itself in a fresh process with the fusion emitters on.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_LOOP_EMITTER = "--xla_cpu_use_fusion_emitters=false"
 if not os.environ.get("FUNCNET_TEST_OPTIMIZED"):  # before JAX starts; subprocesses inherit it
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    flags = "--xla_backend_optimization_level=0"
+    if not os.environ.get("FUNCNET_TEST_FUSION_EMITTERS"):
+        flags += f" {_LOOP_EMITTER}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
-import jax
-from hypothesis import settings
+import jax  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -34,3 +45,19 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/book_reference.py
+
+
+def with_fusion_emitters(request) -> bool:
+    """Rerun the calling test in a fresh pytest process with XLA's fusion emitters on (as users
+    compile) and return True once it passed there; return False in that process (and whenever the
+    emitters are on already), where the test body runs."""
+    if _LOOP_EMITTER not in os.environ.get("XLA_FLAGS", "").split():
+        return False
+    import subprocess
+
+    env = dict(os.environ, FUNCNET_TEST_FUSION_EMITTERS="1")
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if f != _LOOP_EMITTER)
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", request.node.nodeid]
+    done = subprocess.run(command, env=env, cwd=request.config.rootpath, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    return True
