@@ -11,6 +11,13 @@ rounding. Examples run by tests inherit both; the README's blocks run as a user 
 and the benchmarks as users run fits, fully optimised.
 ``FUNCNET_TEST_OPTIMIZED=1 pytest`` runs every test fully optimised too.
 
+The session's processes (the test workers, and the examples and multi-process tests they
+start) share one persistent compilation cache in a fresh temporary directory, removed at the
+end: a program compiled by one is loaded by the others (op-by-op primitives, equal fits in
+different modules), which cut a sample of four modules from 103 s to 84 s. It starts empty, so
+a test never sees a program from an earlier session; ``JAX_COMPILATION_CACHE_DIR`` set
+beforehand is used instead.
+
 A test that compares two different programs bit for bit (the streamed fit against the device
 one) calls ``with_fusion_emitters(request)`` first: the loop emitter may round a fused
 expression differently in two programs where XLA's fusion emitters, as users compile, do not,
@@ -26,6 +33,18 @@ if not os.environ.get("FUNCNET_TEST_OPTIMIZED"):  # before JAX starts; subproces
     if not os.environ.get("FUNCNET_TEST_FUSION_EMITTERS"):
         flags += f" {_LOOP_EMITTER}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one cache for the session's processes, then gone
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="funcnet-test-xla-cache-")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    atexit.register(shutil.rmtree, _cache, True)
 
 import jax  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -246,7 +246,6 @@ MEMORY_CASE = """
 import os, threading, time, sys
 import numpy as np, jax
 import funcnet as fn
-from conftest import with_fusion_emitters
 from funcnet.train import stream
 
 def anon():
