@@ -79,7 +79,8 @@ def permutation(key: jax.Array, rows: int, *salt: int | jax.Array) -> jax.Array:
         left, right = right, left
     if bits <= _SORT_BITS:  # one sort of (position, value) packed into 32 bits: the kept values in order
         packed = jnp.where(x < rows, jnp.arange(2**bits, dtype=jnp.uint32) << bits | x, jnp.uint32(2**32 - 1))
-        return (jnp.sort(packed)[:rows] & jnp.uint32(2**bits - 1)).astype(jnp.int32)
+        order: jax.Array = (jnp.sort(packed)[:rows] & jnp.uint32(2**bits - 1)).astype(jnp.int32)
+        return order
     kept = jnp.nonzero(x < rows, size=rows)[0]
     return x[kept].astype(jnp.int32)
 
