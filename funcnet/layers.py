@@ -415,8 +415,9 @@ def activation_name(activation: Callable[..., Any]) -> str:
 
 
 def default_dtype(dtype: Any) -> np.dtype:
-    """``dtype``, or JAX's default float (float32 unless x64 is on) for ``None``."""
-    return jnp.dtype(dtype or jnp.zeros(()).dtype)
+    """``dtype``, or JAX's default float (float32 unless x64 is on) for ``None``: read from the
+    config, not from a made array (``jnp.zeros(())`` compiled a program when building a layer)."""
+    return jnp.dtype(dtype or jax.dtypes.canonicalize_dtype(np.float64))
 
 
 def check_params(name: str, params: Any, kind: type, form: str) -> None:
