@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as jax_core  # trace_state_clean: is any trace active?
 
-from funcnet import _checks, initializers, ops
+from funcnet import _checks, _host_split, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
 from funcnet.state import has_state, is_state, split_state, state_count
 
@@ -591,13 +591,24 @@ def check_entries(fn: str, params: Any, count: int) -> None:
 
 
 def child_keys(key: jax.Array, count: int) -> tuple[jax.Array, ...]:
-    """A combinator's ``init``: ``jax.random.split(key, count)``, one key per child. A concrete key
-    is split by a program compiled once per count and key type like a layer's init (run op by op,
-    the split and the row-by-row unstacking compiled two programs at the default level)."""
+    """A combinator's ``init``: ``jax.random.split(key, count)``, one key per child. A concrete raw
+    threefry key (``jax.random.PRNGKey``'s) is split on the host, bit for bit (``_host_split``),
+    and its children placed where it lives; another concrete key by a program compiled once per
+    count and key type like a layer's init (run op by op, the split and the row-by-row unstacking
+    compiled two programs at the default level)."""
     if not _compilable(key):
         return tuple(jax.random.split(key, count))
+    if _raw_threefry(key):
+        place = (lambda a: jax.device_put(a, key.sharding)) if key.committed else jax.device_put
+        return tuple(place(words) for words in _host_split.split(np.asarray(key), count))
     keys: tuple[jax.Array, ...] = _split_program(count, _on_cpu(key.sharding))(key)
     return keys
+
+
+def _raw_threefry(key: jax.Array) -> bool:
+    """A raw uint32 key of the default implementation, threefry2x32."""
+    impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
+    return key.dtype == np.uint32 and key.shape == (2,) and impl == "threefry2x32"
 
 
 @functools.lru_cache(maxsize=64)

@@ -269,6 +269,23 @@ def test_init_with_a_concrete_key_inside_a_users_trace_runs_as_written():
     np.testing.assert_allclose(jax.vmap(first_w)(jnp.zeros(2))[1], params[1].W, rtol=1e-12)
 
 
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_a_combinators_host_split_is_jax_random_split_bit_for_bit(partitionable):
+    """A concrete raw key's children come from NumPy's threefry (``funcnet/_host_split.py``):
+    the very words of ``jax.random.split``, under either threefry setting, placed like the key."""
+    from funcnet import layers
+
+    with jax.threefry_partitionable(partitionable):
+        key = jax.random.PRNGKey(2**31 - 1)
+        for count in (1, 2, 3, 8):
+            key = jax.random.split(key)[1]
+            children = layers.child_keys(key, count)
+            np.testing.assert_array_equal(np.stack(children), jax.random.split(key, count))
+            assert all(not child.committed for child in children)
+        committed = jax.device_put(key, jax.devices()[0])
+        assert all(child.committed for child in layers.child_keys(committed, 2))
+
+
 def test_init_compiles_once_per_layer_and_matches_op_by_op_init():
     """A layer's init is one compiled program per (layer, input shape), reused by an equal layer
     in any network (a combinator runs its children's), whose params are those of the same init
