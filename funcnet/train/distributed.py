@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _host
-from funcnet.train.shuffle import dropout_key, epoch_order, permutation
+from funcnet.train.shuffle import dropout_key, permutation
 
 __all__ = [
     "agree",
@@ -204,7 +204,7 @@ def shard_orders(
     if not shuffle:
         orders = jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local))
     elif shards == 1:
-        orders = epoch_order(key, epoch, rows)[0][None]
+        orders = permutation(key, rows, epoch)[None]  # epoch_order's order; the dropout key once, below
     elif mesh is None:
         orders = jnp.stack([permutation(key, local, epoch, s) for s in range(shards)])
     else:
