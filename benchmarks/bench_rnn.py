@@ -7,7 +7,12 @@ Workloads:
     the very same lax.scan forward without the custom rule and, where PyTorch is installed,
     against torch.nn.RNN / LSTM / GRU (CPU, torch.set_num_threads(2); its GRU is the
     reset-after variant, the same matmuls) doing the same forward and backward (`backward(g)`,
-    gradients of the weights and x). Timed in alternation, medians.
+    gradients of the weights and x). torch is timed twice: as it runs by default (its CPU
+    LSTM is oneDNN's fused RNN primitive, ``mkldnn_rnn_layer``: the matmuls and the gate
+    arithmetic of a step in one vendor kernel) and with oneDNN turned off
+    (``torch.backends.mkldnn.flags(enabled=False)``: ATen's own LSTM, a matmul and a fused
+    cell kernel per step, the structure funcnet's scan has). Its RNN and GRU run the same code
+    either way. Timed in alternation, medians.
   char model: examples/char_lm.py's LSTM model (one-hot 103 characters -> LSTM(256) ->
     TimeDistributed(Dense(103))), batch 32, sequences of 25, Adam with clip_value=2: fit's
     training steps per second over 2 epochs of 3,200 sequences (compile excluded).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,14 +43,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import char_lm
 
 
-def _torch_step(cell: str, batch: int, time_: int, inputs: int, hidden: int) -> Callable[[], Any] | None:
-    """One forward + backward of torch.nn's cell on the same workload (CPU, 2 threads); None without torch."""
+def _torch_step(
+    cell: str, batch: int, time_: int, inputs: int, hidden: int, onednn: bool = True
+) -> Callable[[], Any] | None:
+    """One forward + backward of torch.nn's cell on the same workload (CPU, 2 threads), with or
+    without oneDNN; None without torch."""
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # the flags' own notice
     module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](inputs, hidden, batch_first=True)
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((batch, time_, inputs)).astype(np.float32), requires_grad=True)
@@ -53,8 +63,9 @@ def _torch_step(cell: str, batch: int, time_: int, inputs: int, hidden: int) -> 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        out, _ = module(x)
-        out.backward(g)
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            out, _ = module(x)
+            out.backward(g)
 
     return step
 
@@ -76,9 +87,10 @@ def bptt(cell: str, batch: int, time_: int, inputs: int, hidden: int, rounds: in
         "hand": lambda: jax.block_until_ready(hand(params, x)),
         "auto": lambda: jax.block_until_ready(auto(params, x)),
     }
-    torch_step = _torch_step(cell, batch, time_, inputs, hidden)
-    if torch_step is not None:
-        variants["torch"] = torch_step
+    for name, onednn in (("torch", True), ("torch, no oneDNN", False)):
+        torch_step = _torch_step(cell, batch, time_, inputs, hidden, onednn)
+        if torch_step is not None:
+            variants[name] = torch_step
     times: dict[str, list[float]] = {name: [] for name in variants}
     for run in variants.values():  # compile, warm up
         run()
@@ -131,11 +143,12 @@ def main() -> None:
         with_torch = "torch" in t
         row = [cell.upper(), f"{1e3 * t['hand']:.2f}", f"{1e3 * t['auto']:.2f}", f"{t['hand'] / t['auto']:.3f}"]
         if with_torch:
-            row += [f"{1e3 * t['torch']:.2f}", f"{t['hand'] / t['torch']:.3f}"]
+            for name in ("torch", "torch, no oneDNN"):
+                row += [f"{1e3 * t[name]:.2f}", f"{t['hand'] / t[name]:.3f}"]
         rows.append(row)
     headers = ["cell", "hand-derived BPTT", "autodiff of the same scan", "hand / autodiff"]
     if with_torch:
-        headers += ["torch.nn (CPU, 2 threads)", "hand / torch"]
+        headers += ["torch.nn (CPU, 2 threads)", "hand / torch", "torch.nn, oneDNN off", "hand / torch, oneDNN off"]
     print(f"BPTT, batch {shape[0]}, time {shape[1]}, {shape[2]} -> {shape[3]}, forward + backward (median ms)")
     print(table(headers, rows))
     rate = char_model_steps_per_second(64 if args.quick else 3200, 1 if args.quick else 2)
