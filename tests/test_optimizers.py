@@ -647,6 +647,7 @@ def test_a_sweep_over_the_moving_averages_decay_compiles_nothing_new():
     assert not np.array_equal(results[0].ema_params[0].W, results[1].ema_params[0].W)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a bare vmap of fit: no "donated buffers" warning
 def test_a_vmapped_ensemble_over_the_new_numbers_equals_separate_fits():
     def member(peak, decay, steps):
         optimizer = fn.accumulate(fn.adamw(fn.warmup_cosine_decay(0.0, peak, 2, 20), weight_decay=0.1), steps)

@@ -249,6 +249,7 @@ def test_checkpoints_and_resume_carry_the_statistics_bit_for_bit(tmp_path, monke
     assert not np.allclose(resumed.params[1].stats.var, 1.0)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a bare vmap of fit: no "donated buffers" warning
 def test_a_vmap_ensemble_carries_each_members_statistics():
     net = _first_layer_net()
     _, params = net.init(KEY, (-1, 3))

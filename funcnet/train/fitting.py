@@ -36,6 +36,7 @@ from funcnet.train.program import (
     fresh_state,
     result,
     segment,
+    traced_segment,
 )
 from funcnet.train.progress import bar
 
@@ -316,7 +317,12 @@ def fit(
                     ("eval_data y", eval_y),
                 )
             )
-        run = lambda state, stop: segment(
+        inside = not all(
+            _checks.is_concrete(a)
+            for a in jax.tree_util.tree_leaves((state, hyper, x, y, eval_x, eval_y, key, min_delta))
+        )
+        program = traced_segment if inside else segment
+        run = lambda state, stop: program(
             state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
         )
     show = config.progress and distributed.is_writer()  # one bar, from process 0

@@ -675,8 +675,12 @@ def _segment(
 
 
 # The state a segment replaces is donated: its buffers hold the new state, so the program's peak
-# memory holds one training state, not two (``benchmarks/bench_memory.py``).
+# memory holds one training state, not two (``benchmarks/bench_memory.py``). A fit inside a
+# transformation runs ``traced_segment``: under ``jit`` donation means nothing, and under a bare
+# ``vmap`` the batched program could not reuse the buffers of its unbatched inputs, and JAX
+# warned the user so ("Some donated buffers were not usable").
 segment = jax.jit(_segment, static_argnames=("static", "config"), donate_argnames=("state",))
+traced_segment = jax.jit(_segment, static_argnames=("static", "config"))
 
 
 def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult:
