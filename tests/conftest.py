@@ -6,9 +6,12 @@ silent broadcast or float32/float64 mix inside funcnet fail loudly here.
 The tests compile with XLA's backend optimisations off (``--xla_backend_optimization_level=0``,
 which cut the suite's compile time by a third) and, on the CPU, with the classic loop emitter
 in place of XLA's fusion emitters (``--xla_cpu_use_fusion_emitters=false``, which cut it by
-about another third): they check what the programs compute, which neither changes beyond
-rounding. Examples run by tests inherit both; the README's blocks run as a user pastes them,
-and the benchmarks as users run fits, fully optimised.
+about another third), each program's code generated in one piece
+(``--xla_cpu_parallel_codegen_split_count=1``: the two test workers already keep both cores
+busy, and splitting small programs for parallel codegen made three modules 8-15% slower): they
+check what the programs compute, which none of these changes beyond rounding. Examples run by
+tests inherit all three; the README's blocks run as a user pastes them, and the benchmarks as
+users run fits, fully optimised.
 ``FUNCNET_TEST_OPTIMIZED=1 pytest`` runs every test fully optimised too.
 
 The session's processes (the test workers, and the examples and multi-process tests they
@@ -29,7 +32,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _LOOP_EMITTER = "--xla_cpu_use_fusion_emitters=false"
 if not os.environ.get("FUNCNET_TEST_OPTIMIZED"):  # before JAX starts; subprocesses inherit it
-    flags = "--xla_backend_optimization_level=0"
+    flags = "--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1"
     if not os.environ.get("FUNCNET_TEST_FUSION_EMITTERS"):
         flags += f" {_LOOP_EMITTER}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()

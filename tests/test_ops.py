@@ -75,8 +75,8 @@ def test_op_under_jit_vmap_scan_and_second_order(name):
 
     np.testing.assert_allclose(jax.grad(scanned(op))(args[0]), jax.grad(scanned(reference))(args[0]), rtol=1e-10)
     # second order: reverse-over-reverse through the hand-written backward
-    h = jax.jacrev(jax.grad(lambda a0: scalar(a0, *args[1:])))(args[0])
-    h_ref = jax.jacrev(jax.grad(lambda a0: scalar_ref(a0, *args[1:])))(args[0])
+    h = jax.jit(jax.jacrev(jax.grad(lambda a0: scalar(a0, *args[1:]))))(args[0])
+    h_ref = jax.jit(jax.jacrev(jax.grad(lambda a0: scalar_ref(a0, *args[1:]))))(args[0])
     np.testing.assert_allclose(h, h_ref, rtol=1e-9, atol=1e-12)
 
 
