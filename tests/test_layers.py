@@ -64,8 +64,8 @@ def test_network_gradient_equals_plain_jnp_and_finite_differences(activation, lo
         y = np.eye(3)[rng.integers(0, 3, 10)]
         loss_fn = fn.softmax_cross_entropy
         plain_loss = lambda p, t: -jnp.sum(t * jax.nn.log_softmax(p, axis=1)) / p.shape[0]
-    ours = jax.grad(lambda p: loss_fn(net.apply(p, x), y))(params)
-    plain = jax.grad(lambda p: plain_loss(_plain_net([(q.W, q.B) for q in p], x, plain_act), y))(params)
+    ours = jax.jit(jax.grad(lambda p: loss_fn(net.apply(p, x), y)))(params)
+    plain = jax.jit(jax.grad(lambda p: plain_loss(_plain_net([(q.W, q.B) for q in p], x, plain_act), y)))(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), ours, plain)
     # finite differences along random directions in the whole parameter tree
     flat, unravel = ravel_pytree(params)
