@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core  # trace_state_clean: is any trace active?
 
 from funcnet import _host
 
@@ -116,6 +117,13 @@ def class_ids(fn: str, target: Any, classes: int, of: str) -> None:
 def is_concrete(value: Any) -> bool:
     """True when ``value`` holds data we can inspect now (not a tracer under jit/vmap/grad)."""
     return not isinstance(value, jax.core.Tracer)
+
+
+def tracing() -> bool:
+    """True while a transformation (jit, vmap, grad) traces the current call into a larger
+    program; False at the top level. JAX-internal: without it, False."""
+    clean = getattr(jax_core, "trace_state_clean", lambda: True)
+    return not clean()
 
 
 def real_number(

@@ -40,7 +40,6 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core  # trace_state_clean: is any trace active?
 
 from funcnet import _checks, _host_split, initializers, ops
 from funcnet._values import Method, T, dataclass_transform, number
@@ -235,8 +234,7 @@ def _compilable(key: Any) -> bool:
     """A concrete key outside any trace, with jit on (turned off, init runs op by op): JAX takes
     compiler options on a top-level program only."""
     eager = jax.config.jax_disable_jit  # type: ignore[attr-defined]
-    clean = getattr(jax_core, "trace_state_clean", lambda: True)  # JAX-internal: no trace is active
-    return not eager and isinstance(key, jax.Array) and _checks.is_concrete(key) and bool(clean())
+    return not eager and isinstance(key, jax.Array) and _checks.is_concrete(key) and not _checks.tracing()
 
 
 def _on_cpu(sharding: Any) -> bool:

@@ -317,11 +317,7 @@ def fit(
                     ("eval_data y", eval_y),
                 )
             )
-        inside = not all(
-            _checks.is_concrete(a)
-            for a in jax.tree_util.tree_leaves((state, hyper, x, y, eval_x, eval_y, key, min_delta))
-        )
-        program = traced_segment if inside else segment
+        program = traced_segment if _checks.tracing() else segment
         run = lambda state, stop: program(
             state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
         )
