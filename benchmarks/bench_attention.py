@@ -25,7 +25,7 @@ import numpy as np
 from _timing import machine, table
 
 import funcnet as fn
-from funcnet.attention import DEFAULT_BLOCK_SIZE
+from funcnet.attention.kernel import DEFAULT_BLOCK_SIZE
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 64
 

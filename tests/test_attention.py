@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import funcnet as fn
-from funcnet import attention, ops
+from funcnet import ops
+from funcnet.attention import kernel as attention
 
 KEY = jax.random.PRNGKey(0)
 B, T, S, N, H, HV = 3, 7, 5, 2, 4, 3  # value_dim differs from head_dim on purpose
