@@ -12,7 +12,8 @@ Contract, stated once:
 * Params: a tuple with one entry per layer (``residual``, ``parallel``), ``()`` for the fan-outs
   and fan-ins. Keys are split per layer or branch, so every branch's dropout draws its own mask.
   In training mode (``funcnet.train_apply``) each child runs in training mode and its updated
-  state comes back in its entry; a batch mask reaches every branch (they share the batch axis).
+  state comes back in its entry; a row mask reaches every branch (they share the batch axis),
+  and so do the inputs beyond ``x`` (``kv_lengths``, ``mask``), each to the layers that take it.
 * ``summary`` lists the layers inside by path (``2.0``, ``2.1``: the branches of the combinator
   at position 2), and an error inside names that path, as ``serial`` does.
 * The plumbing (copies, sums, concatenation) is linear, and its gradient is JAX's own; every
@@ -91,9 +92,16 @@ class _Residual(_Serial):
         return output_shape, params
 
     def run(
-        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+        self,
+        params: Any,
+        x: Any,
+        *,
+        key: jax.Array | None,
+        row_mask: jax.Array | None,
+        train: bool,
+        inputs: dict[str, Any],
     ) -> tuple[Any, Params]:
-        y, params = super().run(params, x, key=key, mask=mask, train=train)
+        y, params = super().run(params, x, key=key, row_mask=row_mask, train=train, inputs=inputs)
         if jnp.shape(y) != jnp.shape(x):
             raise ValueError(
                 f"residual: its layers must keep the input's shape for x + f(x), but they turn "
@@ -155,7 +163,14 @@ class _Parallel(_Runs):
         return tuple(shape for shape, _ in outputs), tuple(params for _, params in outputs)
 
     def run(
-        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+        self,
+        params: Any,
+        x: Any,
+        *,
+        key: jax.Array | None,
+        row_mask: jax.Array | None,
+        train: bool,
+        inputs: dict[str, Any],
     ) -> tuple[Any, Params]:
         check_entries("parallel", params, len(self.layers))
         xs = _inputs("parallel", x, len(self.layers))
@@ -164,7 +179,7 @@ class _Parallel(_Runs):
             zip(self.layers, params, xs, split_key(key, len(self.layers)), strict=True)
         ):
             with blame("parallel", i, layer):
-                y, p = run_child(layer, p, x_i, key=k, mask=mask, train=train)
+                y, p = run_child(layer, p, x_i, key=k, row_mask=row_mask, train=train, inputs=inputs)
             outputs.append(y)
             new.append(p)
         return tuple(outputs), tuple(new)

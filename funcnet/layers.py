@@ -7,17 +7,23 @@ The layer contract, stated once:
 * ``init(key, input_shape) -> (output_shape, params)``. Shapes include the batch dimension
   first, which may be ``-1`` (any). ``params`` is an immutable pytree (a ``NamedTuple`` such
   as ``DenseParams(W, B)``, a tuple, or ``()``); nothing is ever mutated.
-* ``apply(params, x, *, key=None) -> y``. ``key`` is keyword-only; a layer with randomness
-  (``Dropout``) is active only when a key is given, so ``apply(params, x)`` is inference.
+* ``apply(params, x, *, key=None, **inputs) -> y``. ``key`` is keyword-only; a layer with
+  randomness (``Dropout``) is active only when a key is given, so ``apply(params, x)`` is inference.
+* Inputs beyond ``x``: a layer that needs more than ``x`` per example (attention's padding:
+  ``kv_lengths``, ``mask``) takes them as keywords of ``apply`` and names them in its spec's
+  ``inputs``. Combinators take the union of their children's and pass each child the ones it
+  takes, so ``serial(...).apply(params, x, kv_lengths=lengths)`` reaches every attention layer
+  inside; an input no layer takes is a ``TypeError`` (a misspelled name never vanishes). A
+  ``Layer`` of closures takes the keywords its ``apply`` declares (all, with ``**kwargs``).
 * Layer state (``funcnet.state``): non-trained variables, such as BatchNorm's running
   statistics, live inside ``params`` as typed subtrees. ``apply`` uses them (inference).
-  ``train_apply(layer)`` is training mode, ``(params, x, *, key=None, mask=None) -> (y,
-  params)``, the params with their state updated; ``mask: (batch,)`` bool marks the rows that
-  may enter batch statistics (``fit``'s padded last batch). A layer without state returns its
-  params unchanged. funcnet's combinators thread it through their children; a spec of one's
-  own with stateful children overrides ``LayerSpec.train_apply`` (calling ``train_apply`` on
-  them). A ``Layer`` of closures cannot: ``train_apply`` refuses params of one that hold state,
-  rather than run its BatchNorm in inference mode.
+  ``train_apply(layer)`` is training mode, ``(params, x, *, key=None, row_mask=None, **inputs)
+  -> (y, params)``, the params with their state updated; ``row_mask: (batch,)`` bool marks the
+  rows that may enter batch statistics (``fit``'s padded last batch). A layer without state
+  returns its params unchanged. funcnet's combinators thread it through their children; a
+  spec of one's own with stateful children overrides ``LayerSpec.train_apply`` (calling
+  ``train_apply`` on them). A ``Layer`` of closures cannot: ``train_apply`` refuses params of one
+  that hold state, rather than run its BatchNorm in inference mode.
 * Names: CamelCase for layer constructors (``Dense``, ``Dropout``), snake_case for the rest
   (``serial``, ``summary``), as in stax.
 * Layers are values: funcnet's constructors return a ``Layer`` whose ``init``/``apply`` compare
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import numbers
 import re
 from collections.abc import Callable, Sequence
@@ -51,6 +58,7 @@ __all__ = [
     "Dropout",
     "Layer",
     "LayerSpec",
+    "layer_inputs",
     "layer_name",
     "layer_spec",
     "named",
@@ -126,6 +134,12 @@ class LayerSpec:
         """The layers inside a combinator (for ``summary`` and error paths); ``()`` for a leaf layer."""
         return ()
 
+    @property
+    def inputs(self) -> frozenset[str] | None:
+        """The inputs beyond ``x`` that ``apply`` takes as keywords (``kv_lengths``, ``mask``); a
+        combinator's are its children's (``None``: any, a child of closures with ``**kwargs``)."""
+        return _union(self.children)
+
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
         raise NotImplementedError
 
@@ -133,13 +147,13 @@ class LayerSpec:
         raise NotImplementedError
 
     def train_apply(
-        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Params, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Params]:
         """Training mode, ``(y, params)``. This default serves a layer without state, returning
         its params unchanged; a layer with state, or with stateful children, overrides it."""
-        del mask  # no batch statistics here
+        del row_mask  # no batch statistics here
         refuse_hidden_state(self.name, params)
-        return self.apply(params, x, key=key), params
+        return self.apply(params, x, key=key, **inputs), params
 
     def method_key(self, name: str) -> Any:
         """What ``Method(self, name)`` compares by: the whole spec for ``init``; for ``apply``,
@@ -305,13 +319,17 @@ class _Named(LayerSpec):
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Params]:
         return self.inner.init(key, input_shape)
 
+    @property
+    def inputs(self) -> frozenset[str] | None:
+        return layer_inputs(self.inner)
+
     def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
         return self.inner.apply(params, x, **kwargs)
 
     def train_apply(
-        self, params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Params, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Params]:
-        return train_mode(self.inner.apply)(params, x, key=key, mask=mask)
+        return train_mode(self.inner.apply)(params, x, key=key, row_mask=row_mask, **inputs)
 
 
 def named(name: str, layer: Layer) -> Layer:
@@ -348,21 +366,22 @@ def train_mode(apply: Callable[..., Any]) -> Callable[..., tuple[Any, Params]]:
     name = getattr(apply, "__name__", type(apply).__name__)
 
     def closure_train_apply(
-        params: Params, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        params: Params, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Params]:
-        del mask
+        del row_mask
         refuse_hidden_state(f"the Layer of closures {name!r}", params)
-        return apply(params, x, key=key), params
+        return apply(params, x, key=key, **inputs), params
 
     return closure_train_apply
 
 
 def train_apply(layer: Layer) -> Callable[..., tuple[Any, Params]]:
-    """Training mode of ``layer``: ``(params, x, *, key=None, mask=None) -> (y, params)``.
+    """Training mode of ``layer``: ``(params, x, *, key=None, row_mask=None, **inputs) -> (y, params)``.
 
     BatchNorm normalises with the batch's statistics and returns params with its running
-    statistics updated; every other layer returns its params unchanged. ``mask: (batch,)`` bool
-    keeps rows (False) out of batch statistics. ``layer.apply(params, x)`` stays inference.
+    statistics updated; every other layer returns its params unchanged. ``row_mask: (batch,)``
+    bool keeps rows (False) out of batch statistics. ``inputs`` (``kv_lengths``, ``mask``)
+    reach the layers that take them, as in ``apply``. ``layer.apply(params, x)`` stays inference.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"train_apply: layer must be a Layer(init, apply), got {type(layer).__name__}.")
@@ -370,12 +389,65 @@ def train_apply(layer: Layer) -> Callable[..., tuple[Any, Params]]:
 
 
 def run_child(
-    layer: Layer, params: Params, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+    layer: Layer,
+    params: Params,
+    x: Any,
+    *,
+    key: jax.Array | None,
+    row_mask: jax.Array | None,
+    train: bool,
+    inputs: dict[str, Any],
 ) -> tuple[Any, Params]:
-    """A combinator's child in inference (``(apply(...), params)``) or training mode."""
+    """A combinator's child in inference (``(apply(...), params)``) or training mode, given the
+    inputs beyond ``x`` that it takes."""
+    takes = layer_inputs(layer)
+    own = inputs if takes is None else {name: value for name, value in inputs.items() if name in takes}
     if train:
-        return train_mode(layer.apply)(params, x, key=key, mask=mask)
-    return layer.apply(params, x, key=key), params
+        return train_mode(layer.apply)(params, x, key=key, row_mask=row_mask, **own)
+    return layer.apply(params, x, key=key, **own), params
+
+
+def layer_inputs(layer: Layer) -> frozenset[str] | None:
+    """The inputs beyond ``x`` that ``layer.apply`` takes as keywords (``None``: any). A spec says
+    so itself (``LayerSpec.inputs``); a Layer of closures by its ``apply``'s signature."""
+    spec = spec_of(layer)
+    if spec is not None:
+        return spec.inputs
+    try:
+        parameters = list(inspect.signature(layer.apply).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: takes none
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    return frozenset(p.name for p in named[2:] if p.name != "key")
+
+
+def _union(layers: Sequence[Layer]) -> frozenset[str] | None:
+    """The inputs any of ``layers`` takes (``None`` if one takes any)."""
+    found: set[str] = set()
+    for layer in layers:
+        takes = layer_inputs(layer)
+        if takes is None:
+            return None
+        found |= takes
+    return frozenset(found)
+
+
+def given_inputs(name: str, takes: frozenset[str] | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs given (``None`` values dropped: not given), each of which some layer must take."""
+    given = {key: value for key, value in inputs.items() if value is not None}
+    unknown = sorted(given) if takes is None else sorted(set(given) - takes)
+    if takes is not None and unknown:
+        taken = ", ".join(sorted(takes)) or "none"
+        hint = (
+            " (the rows that enter BatchNorm's batch statistics are row_mask=, not mask=)" if "mask" in unknown else ""
+        )
+        raise TypeError(
+            f"{name}: no layer inside takes {', '.join(u + '=' for u in unknown)}; the inputs its layers "
+            f"take: {taken}{hint}."
+        )
+    return given
 
 
 def spec_of(layer: Layer) -> LayerSpec | None:
@@ -519,20 +591,30 @@ def Dropout(rate: float) -> Layer:
 
 
 class _Runs(LayerSpec):
-    """A combinator whose inference and training modes are one ``run(..., train=...)``."""
+    """A combinator whose inference and training modes are one ``run(..., train=...)``; the
+    inputs beyond ``x`` reach each child that takes them (``run_child``)."""
 
     def run(
-        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+        self,
+        params: Any,
+        x: Any,
+        *,
+        key: jax.Array | None,
+        row_mask: jax.Array | None,
+        train: bool,
+        inputs: dict[str, Any],
     ) -> tuple[Any, Params]:
         raise NotImplementedError
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        return self.run(params, x, key=key, mask=None, train=False)[0]
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None, **inputs: Any) -> Any:
+        given = given_inputs(self.name, self.inputs, inputs)
+        return self.run(params, x, key=key, row_mask=None, train=False, inputs=given)[0]
 
     def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Params]:
-        return self.run(params, x, key=key, mask=mask, train=True)
+        given = given_inputs(self.name, self.inputs, inputs)
+        return self.run(params, x, key=key, row_mask=row_mask, train=True, inputs=given)
 
 
 @layer_spec
@@ -556,14 +638,21 @@ class _Serial(_Runs):
         return input_shape, tuple(params)
 
     def run(
-        self, params: Any, x: Any, *, key: jax.Array | None, mask: jax.Array | None, train: bool
+        self,
+        params: Any,
+        x: Any,
+        *,
+        key: jax.Array | None,
+        row_mask: jax.Array | None,
+        train: bool,
+        inputs: dict[str, Any],
     ) -> tuple[Any, Params]:
         """The layers in order, in inference or training mode: ``(y, params)``."""
         check_entries(self.label, params, len(self.layers))
         new = []
         for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)), strict=True)):
             with blame(self.label, i, layer):
-                x, p = run_child(layer, p, x, key=k, mask=mask, train=train)
+                x, p = run_child(layer, p, x, key=k, row_mask=row_mask, train=train, inputs=inputs)
             new.append(p)
         return x, tuple(new)
 

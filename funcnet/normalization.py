@@ -42,7 +42,16 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet._values import number
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    check_input_shape,
+    check_params,
+    default_dtype,
+    given_inputs,
+    init_only,
+    layer_spec,
+)
 from funcnet.state import register_state
 
 __all__ = ["BatchNorm", "BatchNormParams", "BatchNormStats", "LayerNorm", "LayerNormParams", "batch_norm", "layer_norm"]
@@ -350,14 +359,15 @@ class _BatchNorm(LayerSpec):
         return (x.astype(dtype) * _features(x, scale) + _features(x, shift)).astype(x.dtype)
 
     def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Any]:
         """Training: normalise with the batch's statistics and update the running ones:
         ``running = momentum * running + (1 - momentum) * batch``, the unbiased variance for ``var``."""
         del key
+        given_inputs(self.name, self.inputs, inputs)  # none: a misspelled keyword is an error
         self._check(params, x)
-        y, mean, var = batch_norm(x, params.gamma, params.beta, eps=self.eps, mask=mask)
-        n = jnp.asarray(x.shape[0] if mask is None else jnp.sum(mask), var.dtype) * math.prod(x.shape[1:-1])
+        y, mean, var = batch_norm(x, params.gamma, params.beta, eps=self.eps, mask=row_mask)
+        n = jnp.asarray(x.shape[0] if row_mask is None else jnp.sum(row_mask), var.dtype) * math.prod(x.shape[1:-1])
         unbiased = var * n / (n - 1)
         old = params.stats
 

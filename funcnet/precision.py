@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks
-from funcnet.layers import Layer, LayerSpec, layer_name, layer_spec, spec_of, train_mode
+from funcnet.layers import Layer, LayerSpec, layer_inputs, layer_name, layer_spec, spec_of, train_mode
 from funcnet.state import merge_state, split_state
 
 __all__ = ["DynamicLossScale", "LossScaleState", "mixed_precision"]
@@ -67,15 +67,20 @@ class _MixedPrecision(LayerSpec):
         trainable, state = split_state(params)
         return merge_state(_cast(trainable, self.compute_dtype), state)
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        y = self.inner.apply(self._low(params), _cast(x, self.compute_dtype), key=key)
+    @property
+    def inputs(self) -> frozenset[str] | None:
+        return layer_inputs(self.inner)
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None, **inputs: Any) -> Any:
+        y = self.inner.apply(self._low(params), _cast(x, self.compute_dtype), key=key, **inputs)
         return _cast(y, jnp.float32)
 
     def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Any]:
         """Training mode of the inner layer; its updated state comes back, the master params stay."""
-        y, new = train_mode(self.inner.apply)(self._low(params), _cast(x, self.compute_dtype), key=key, mask=mask)
+        low_x = _cast(x, self.compute_dtype)
+        y, new = train_mode(self.inner.apply)(self._low(params), low_x, key=key, row_mask=row_mask, **inputs)
         return _cast(y, jnp.float32), merge_state(split_state(params)[0], split_state(new)[1])
 
 

@@ -49,6 +49,7 @@ from funcnet.layers import (
     check_input_shape,
     check_params,
     default_dtype,
+    given_inputs,
     init_only,
     layer_name,
     layer_spec,
@@ -618,6 +619,11 @@ class _TimeDistributed(LayerSpec):
         spec = spec_of(self.inner)
         return (self.inner,) if spec is not None and spec.children else ()
 
+    @property
+    def inputs(self) -> frozenset[str]:
+        """None: every step is a row of its own, where a sequence's padding means nothing."""
+        return frozenset()
+
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, time, features...)")
         if len(shape) < 3:
@@ -637,17 +643,18 @@ class _TimeDistributed(LayerSpec):
         return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
 
     def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Any]:
         """Training mode: the inner layer's, on every (row, step) as a row; a row mask covers its steps."""
+        given_inputs(self.name, self.inputs, inputs)
         _checks.array(self.name, "x", x)
         if x.ndim < 3:
             raise ValueError(
                 f"{self.name}: x must be at least 3-D (batch, time, features...), got shape {tuple(x.shape)}."
             )
-        steps = None if mask is None else jnp.repeat(mask, x.shape[1])
+        steps = None if row_mask is None else jnp.repeat(row_mask, x.shape[1])
         y, params = train_mode(self.inner.apply)(
-            params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key, mask=steps
+            params, x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), key=key, row_mask=steps
         )
         return y.reshape(x.shape[0], x.shape[1], *y.shape[1:]), params
 

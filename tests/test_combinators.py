@@ -164,3 +164,56 @@ BAD = [
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _lengths_layer():
+    """A Layer of closures that takes ``kv_lengths``: zeroes the steps at or beyond each row's length."""
+
+    def init(key, input_shape):
+        del key
+        return input_shape, ()
+
+    def apply(params, x, *, key=None, kv_lengths=None):
+        del params, key
+        if kv_lengths is None:
+            return x
+        keep = jnp.arange(x.shape[1])[None, :] < kv_lengths[:, None]
+        return jnp.where(keep[..., None], x, 0.0)
+
+    return fn.Layer(init, apply)
+
+
+def test_inputs_beyond_x_reach_the_layers_that_take_them_through_every_combinator():
+    x = jnp.ones((2, 4, 3))
+    lengths = jnp.array([1, 3])
+    seen = _lengths_layer()
+    nets = [
+        fn.serial(fn.TimeDistributed(fn.Dense(3, fn.linear, w_init=lambda k, s, d: jnp.ones(s, d))), seen),
+        fn.serial(fn.residual(seen), fn.serial(seen)),
+        fn.serial(fn.FanOut(2), fn.parallel(seen, fn.named("plain", seen)), fn.FanInSum()),
+    ]
+    for net in nets:
+        assert fn.layer_inputs(net) == frozenset({"kv_lengths"})
+        _, params = net.init(KEY, (-1, 4, 3))
+        y = net.apply(params, x, kv_lengths=lengths)
+        assert float(jnp.abs(y[0, 1:]).max()) == 0.0 and float(jnp.abs(y[1, 3:]).max()) == 0.0
+        assert float(jnp.abs(y[1, :3]).min()) > 0
+        y_train, _ = fn.train_apply(net)(params, x, kv_lengths=lengths)
+        assert jnp.array_equal(y, y_train)
+        # Without the input the layer sees no padding: the test above can fail.
+        assert float(jnp.abs(net.apply(params, x)[0, 1:]).max()) > 0
+
+
+def test_an_input_no_layer_takes_is_a_type_error_naming_it():
+    net = fn.serial(fn.TimeDistributed(fn.Dense(3, fn.linear)), _lengths_layer())
+    _, params = net.init(KEY, (-1, 4, 3))
+    with pytest.raises(TypeError, match=r"no layer inside takes mask=.*kv_lengths.*row_mask="):
+        net.apply(params, jnp.ones((2, 4, 3)), mask=jnp.ones((2, 1, 4, 4), bool))
+    with pytest.raises(TypeError, match="no layer inside takes kv_length="):
+        fn.train_apply(net)(params, jnp.ones((2, 4, 3)), kv_length=jnp.array([1, 2]))
+    plain = fn.serial(fn.Dense(3, fn.linear))
+    _, params = plain.init(KEY, (-1, 3))
+    assert fn.layer_inputs(plain) == frozenset()
+    with pytest.raises(TypeError, match="inputs its layers take: none"):
+        plain.apply(params, jnp.ones((2, 3)), kv_lengths=jnp.array([1, 2]))
+    plain.apply(params, jnp.ones((2, 3)), kv_lengths=None)  # None: not given

@@ -214,7 +214,7 @@ def test_training_updates_running_statistics_by_hand_and_apply_uses_them():
     _, params = layer.init(KEY, (-1, 2, 3))
     params = jax.tree_util.tree_map(lambda a: a.astype(np.float64), params)
     mask = np.array([True] * 5 + [False] * 2)
-    y, new = fn.train_apply(layer)(params, x, mask=jnp.asarray(mask))
+    y, new = fn.train_apply(layer)(params, x, row_mask=jnp.asarray(mask))
     rows = x[mask].reshape(-1, 3)
     np.testing.assert_allclose(new.stats.mean, 0.2 * rows.mean(0), rtol=1e-12)
     np.testing.assert_allclose(new.stats.var, 0.8 + 0.2 * rows.var(0, ddof=1), rtol=1e-12)

@@ -61,7 +61,7 @@ def test_time_distributed_threads_the_state_and_the_row_mask_covers_every_step()
     _, params = net.init(KEY, (-1, 4, 2))
     x = jnp.asarray(rng.standard_normal((5, 4, 2)))
     mask = jnp.array([True, True, False, True, False])
-    _, new = fn.train_apply(net)(params, x, mask=mask)
+    _, new = fn.train_apply(net)(params, x, row_mask=mask)
     steps = np.asarray(x)[np.asarray(mask)].reshape(-1, 2)  # the 3 real rows' 4 steps each
     dense = np.tanh(steps @ np.asarray(params[0][0].W) + np.asarray(params[0][0].B))
     np.testing.assert_allclose(new[0][1].stats.mean, dense.mean(0), rtol=1e-12)  # momentum 0: the batch's

@@ -230,7 +230,7 @@ def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable
     def batch_loss(
         trainable: Params, state: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None
     ) -> tuple[jax.Array, Params]:
-        prediction, params = train(merge_state(trainable, state), x, key=key, mask=mask)
+        prediction, params = train(merge_state(trainable, state), x, key=key, row_mask=mask)
         if not masked:
             return loss(prediction, y), params
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
