@@ -17,12 +17,17 @@ Contract, stated once:
   that it was given one number per place. Closures a user wrote are static leaves that hash by
   identity: they compile once per object. A callable that is itself a pytree
   (``jax.tree_util.Partial(f, 0.5)``) is split like any tree: its numbers are data, ``f`` static.
+* A ``functools.partial`` of hashable parts (``partial(fn.softmax_cross_entropy,
+  ignore_index=-1)``) selects programs by its function and arguments, not by identity, so a
+  rebuilt partial finds the compiled program; one with an unhashable argument still compiles
+  per object.
 * A number that is traced when the spec is built (an optimizer made inside ``vmap``) makes the
   spec unhashable; ``Method`` then compares by identity, which is all a trace needs.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -115,11 +120,38 @@ class Static(NamedTuple):
     leaves: tuple[Any, ...]
 
 
+class _Partial:
+    """A ``functools.partial`` in a ``Static``, equal to another of the same function and arguments."""
+
+    __slots__ = ("key", "partial")
+
+    def __init__(self, partial: functools.partial[Any]):
+        self.partial = partial
+        self.key = (partial.func, partial.args, tuple(sorted(partial.keywords.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Partial) and bool(self.key == other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _static(leaf: Any) -> Any:
+    """A leaf as the static part holds it: a partial of hashable parts by value, the rest as is."""
+    if type(leaf) is functools.partial:
+        try:
+            hash(_Partial(leaf))
+        except TypeError:  # an unhashable argument: by identity
+            return leaf
+        return _Partial(leaf)
+    return leaf
+
+
 def partition(tree: Any) -> tuple[list[Any], Static]:
     """Split ``tree`` into its number leaves and the hashable rest."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     data = [leaf for leaf in leaves if _is_data(leaf)]
-    return data, Static(treedef, tuple(None if _is_data(leaf) else leaf for leaf in leaves))
+    return data, Static(treedef, tuple(None if _is_data(leaf) else _static(leaf) for leaf in leaves))
 
 
 def combine(data: list[Any], static: Static) -> Any:
@@ -131,5 +163,9 @@ def combine(data: list[Any], static: Static) -> Any:
         )
     numbers_ = iter(data)
     return jax.tree_util.tree_unflatten(
-        static.treedef, [next(numbers_) if leaf is None else leaf for leaf in static.leaves]
+        static.treedef,
+        [
+            next(numbers_) if leaf is None else leaf.partial if isinstance(leaf, _Partial) else leaf
+            for leaf in static.leaves
+        ],
     )

@@ -10,6 +10,14 @@ rows of a last, smaller batch out of the loss (it evaluates the loss one row at 
 ``vmap`` and averages over the real rows). Gradients flow to ``prediction`` and ``target``;
 integer class labels get the symbolic zero cotangent ``float0``.
 
+Padded targets: with integer class labels, ``ignore_index=k`` (a static Python int) drops every
+position whose label is ``k``: it adds nothing to the loss or the gradient, and the mean runs
+over the kept positions only (torch's ``ignore_index`` with ``reduction='mean'``). ``k`` is
+exempt from the label range check, so ``-1``, ``-100`` or a padding class all work. Where
+nothing is kept the loss and its gradient are 0, never NaN (torch returns NaN), so an all-padding
+row evaluated alone (the trainer's last batch) is harmless. ``funcnet.accuracy`` takes the same
+``ignore_index``.
+
 Precision: the sum over positions is taken in at least float32 and the mean cast back to the
 prediction's dtype, so a float16 loss of a large batch is its mean, not an overflowed total.
 Each loss follows the ops' idiom (``ops.py``): a private ``custom_vjp`` of the plain forward and a
@@ -25,13 +33,16 @@ and that the book's forward does not match its own backward.
 
 from __future__ import annotations
 
+import functools
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet import _checks
+from funcnet import _checks, _host
 
 Array = jax.Array
 
@@ -107,18 +118,83 @@ def _one_hot_target(logits: Array, target: Array) -> Array:
     return target
 
 
-def _labels_in_range(logits: Any, target: Any) -> None:
-    """Integer labels must name a class: checked whenever they are concrete. Malformed logits are
-    left to the shape checks inside, which name them."""
+def _ignore_index(fn: str, target: Any, ignore_index: Any) -> int | None:
+    """``ignore_index`` as a Python int (or None). It names a label value, so it is static: a
+    traced one (a ``jit`` argument, a number inside ``jax.tree_util.Partial``) is refused."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        hint = (
+            " It must be static: bind it with functools.partial(..., ignore_index=k), or mark it "
+            "static_argnames='ignore_index' under jax.jit."
+            if isinstance(ignore_index, jax.core.Tracer)
+            else ""
+        )
+        raise TypeError(f"{fn}: ignore_index must be an int or None, got {type(ignore_index).__name__}.{hint}")
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(
+            f"{fn}: ignore_index applies to integer class labels only, got a {target.dtype} target "
+            "(one-hot rows). Pass integer labels, or drop ignore_index."
+        )
+    return int(ignore_index)
+
+
+def _kept(target: Array, ignore_index: int) -> Array:
+    """The positions whose label is not ``ignore_index`` (all of them if the dtype cannot hold it)."""
+    info = jnp.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return jnp.ones(target.shape, bool)
+    kept: Array = target != jnp.asarray(ignore_index, target.dtype)
+    return kept
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_min_max(ignore_index: int) -> Callable[[Array], tuple[Array, Array, Array]]:
+    """A reduction for ``_host.reduce_to_host``: (any kept, smallest kept, largest kept)."""
+
+    def reduce(target: Array) -> tuple[Array, Array, Array]:
+        info, keep = jnp.iinfo(target.dtype), _kept(target, ignore_index)
+        low = jnp.min(jnp.where(keep, target, jnp.asarray(info.max, target.dtype)))
+        high = jnp.max(jnp.where(keep, target, jnp.asarray(info.min, target.dtype)))
+        return jnp.any(keep), low, high
+
+    return reduce
+
+
+def _class_ids(fn: str, target: Any, classes: int, of: str, ignore_index: int | None) -> None:
+    """Concrete integer labels must each name one of ``classes`` classes or equal ``ignore_index``."""
+    if ignore_index is None:
+        _checks.class_ids(fn, target, classes, of)
+        return
+    if _host.is_global(target):  # spans processes: reduced where it lives, never fetched whole
+        found, low, high = (x.item() for x in _host.reduce_to_host(_kept_min_max(ignore_index), target))
+        if not found:
+            return
+    else:
+        host = np.asarray(target)
+        kept = host[host != ignore_index]
+        if not kept.size:
+            return
+        low, high = kept.min(), kept.max()
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"{fn}: integer target must lie in [0, {classes}) for the {classes} classes of {of}, or equal "
+            f"ignore_index={ignore_index}, got other values from {int(low)} to {int(high)}."
+        )
+
+
+def _labels_in_range(logits: Any, target: Any, ignore_index: int | None) -> None:
+    """Integer labels must name a class (or be ``ignore_index``): checked whenever they are
+    concrete. Malformed logits are left to the shape checks inside, which name them."""
     fn = "softmax_cross_entropy"
     if not (_checks.is_array(logits) and _checks.is_array(target)) or logits.ndim < 2 or logits.size == 0:
         return
     if not jnp.issubdtype(target.dtype, jnp.integer) or not _checks.is_concrete(target) or not target.size:
         return
-    _checks.class_ids(fn, target, logits.shape[-1], "logits")
+    _class_ids(fn, target, logits.shape[-1], "logits", ignore_index)
 
 
-def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
+def softmax_cross_entropy(logits: jax.Array, target: jax.Array, *, ignore_index: int | None = None) -> jax.Array:
     """Mean over positions of ``-sum(target * log_softmax(logits))``. Book: SoftmaxCrossEntropy.
 
     Args:
@@ -126,14 +202,22 @@ def softmax_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
         scores, stable for any finite magnitude.
       target: float one-hot (or any probability) rows of the logits' shape, or integer class
         indices of the logits' shape without the class axis, in ``[0, classes)`` (checked when
-        the labels are concrete).
+        the labels are concrete; unchecked traced labels outside it get a zero one-hot row).
+      ignore_index: integer labels only: positions whose label equals it (padding) add nothing,
+        and the mean runs over the others, as torch's ``cross_entropy(..., ignore_index=k)``;
+        this label is exempt from the range check. A static Python int: bind it with
+        ``functools.partial(softmax_cross_entropy, ignore_index=k)`` to use it in ``fit``.
     Returns:
-      The scalar loss. Its hand gradient is ``(softmax(logits) - target) / positions``.
+      The scalar loss. Its hand gradient is ``(softmax(logits) - target) / positions``; with
+      ``ignore_index``, that at the kept positions divided by their count instead, and 0 at the
+      ignored ones. If every position is ignored the loss and its gradient are 0 (torch: NaN).
     """
+    fn = "softmax_cross_entropy"
     _check_logits(logits)
     _one_hot_target(logits, target)
-    _labels_in_range(logits, target)
-    return _softmax_cross_entropy_vjp(logits, target)
+    ignore_index = _ignore_index(fn, target, ignore_index)
+    _labels_in_range(logits, target, ignore_index)
+    return _softmax_cross_entropy_vjp(logits, target, ignore_index)
 
 
 def _check_logits(logits: Any) -> None:
@@ -145,26 +229,43 @@ def _check_logits(logits: Any) -> None:
         raise ValueError(f"{fn}: logits must have at least one row and one class, got shape {tuple(logits.shape)}.")
 
 
-def _cross_entropy(log_probs: Array, one_hot: Array) -> Array:
-    """The mean over positions, summed in at least float32 and cast back to the logits' dtype."""
-    wide = _checks.wide(log_probs.dtype)
-    total = -jnp.sum(one_hot.astype(wide) * log_probs.astype(wide))
-    return (total / _positions(log_probs.shape)).astype(log_probs.dtype)
-
-
-def _softmax_cross_entropy(logits: Array, target: Array) -> Array:
-    return _cross_entropy(jax.nn.log_softmax(logits, axis=-1), _one_hot_target(logits, target))
-
-
-def _ce_fwd(logits: Array, target: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+def _targets(logits: Array, target: Array, ignore_index: int | None) -> tuple[Array, Array | None, Array | int]:
+    """The one-hot rows (zero at ignored positions), the kept positions (None: all) and their
+    count, at least 1 (in the accumulation dtype), so that nothing kept gives 0, not NaN."""
     one_hot = _one_hot_target(logits, target)
+    if ignore_index is None:
+        return one_hot, None, _positions(logits.shape)
+    keep = _kept(target, ignore_index)
+    count = jnp.maximum(jnp.sum(keep, dtype=jnp.int32), 1).astype(_checks.wide(logits.dtype))
+    return jnp.where(keep[..., None], one_hot, jnp.zeros((), one_hot.dtype)), keep, count
+
+
+def _cross_entropy(log_probs: Array, one_hot: Array, count: Array | int) -> Array:
+    """The mean over (kept) positions, summed in at least float32 and cast back to the logits' dtype."""
+    wide = _checks.wide(log_probs.dtype)
+    total = jnp.sum(one_hot.astype(wide) * -log_probs.astype(wide))  # +0.0 when nothing is kept
+    return (total / count).astype(log_probs.dtype)
+
+
+def _softmax_cross_entropy(logits: Array, target: Array, ignore_index: int | None) -> Array:
+    one_hot, _, count = _targets(logits, target, ignore_index)
+    return _cross_entropy(jax.nn.log_softmax(logits, axis=-1), one_hot, count)
+
+
+def _ce_fwd(logits: Array, target: Array, ignore_index: int | None) -> tuple[Array, tuple[Array, Array]]:
+    one_hot, _, count = _targets(logits, target, ignore_index)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return _cross_entropy(log_probs, one_hot), (log_probs, one_hot, target)
+    return _cross_entropy(log_probs, one_hot, count), (log_probs, target)
 
 
-def _ce_bwd(residuals: tuple[Array, Array, Array], output_grad: Array) -> tuple[Array, Any]:
-    log_probs, one_hot, target = residuals
-    scale = output_grad / _positions(log_probs.shape)
+def _ce_bwd(ignore_index: int | None, residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Any]:
+    log_probs, target = residuals
+    one_hot, keep, count = _targets(log_probs, target, ignore_index)  # recomputed: one-hot rows are cheap
+    if keep is None:
+        scale: Array = output_grad / count
+    else:  # (softmax - one_hot) * kept / count; ignored positions get 0
+        weight = keep.astype(_checks.wide(log_probs.dtype)) / count
+        scale = output_grad * weight.astype(log_probs.dtype)[..., None]
     input_grad = scale * (jnp.exp(log_probs) - one_hot)
     if jnp.issubdtype(target.dtype, jnp.integer):
         target_grad: Any = np.zeros(target.shape, dtype=jax.dtypes.float0)
@@ -173,5 +274,5 @@ def _ce_bwd(residuals: tuple[Array, Array, Array], output_grad: Array) -> tuple[
     return input_grad, target_grad
 
 
-_softmax_cross_entropy_vjp = jax.custom_vjp(_softmax_cross_entropy)
+_softmax_cross_entropy_vjp = jax.custom_vjp(_softmax_cross_entropy, nondiff_argnums=(2,))
 _softmax_cross_entropy_vjp.defvjp(_ce_fwd, _ce_bwd)

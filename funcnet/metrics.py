@@ -3,6 +3,10 @@
 Like the losses, a metric is a mean over every leading position (rows, and time steps of a
 sequence), so ``fit`` can evaluate it in batches and weight the batch means by their rows.
 Metrics are not differentiated, so they are plain functions, not ``custom_vjp``s.
+
+Padded targets follow the losses' rule (``funcnet.losses``): with integer class labels,
+``ignore_index=k`` (a static Python int) leaves every position labelled ``k`` out, and the mean
+runs over the others; with none left the metric is 0, never NaN.
 """
 
 from __future__ import annotations
@@ -11,17 +15,22 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
+from funcnet.losses import _class_ids, _ignore_index, _kept
 
 __all__ = ["accuracy"]
 
 
-def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
+def accuracy(prediction: jax.Array, target: jax.Array, *, ignore_index: int | None = None) -> jax.Array:
     """The fraction of positions whose arg-max class is the target's.
 
     Args:
       prediction: ``(..., classes)`` scores (logits or probabilities).
       target: ``(...)`` integer class indices in ``[0, classes)`` (checked when concrete), or
         ``(..., classes)`` one-hot (or probability) rows.
+      ignore_index: integer labels only: positions whose label equals it (padding) are left
+        out, and the fraction is over the others (0 if there are none). This label is exempt
+        from the range check. A static Python int: use ``functools.partial(accuracy,
+        ignore_index=k)`` as a metric in ``fit``.
     Returns:
       A scalar in ``[0, 1]`` in the prediction's dtype.
     """
@@ -46,10 +55,16 @@ def accuracy(prediction: jax.Array, target: jax.Array) -> jax.Array:
         )
     if prediction.size == 0:
         raise ValueError(f"{fn}: prediction must not be empty, got shape {tuple(prediction.shape)}.")
+    ignore_index = _ignore_index(fn, target, ignore_index)
     if integer and _checks.is_concrete(target):
-        _checks.class_ids(fn, target, prediction.shape[-1], "prediction")
+        _class_ids(fn, target, prediction.shape[-1], "prediction", ignore_index)
     labels = target if integer else jnp.argmax(target, axis=-1)
     predicted = jnp.argmax(prediction, axis=-1)
     hits = predicted == labels.astype(predicted.dtype)
     # The mean is taken in at least float32 (float16 counts stop at 2048) and cast back.
-    return jnp.mean(hits.astype(_checks.wide(prediction.dtype))).astype(prediction.dtype)
+    wide = _checks.wide(prediction.dtype)
+    if ignore_index is None:
+        return jnp.mean(hits.astype(wide)).astype(prediction.dtype)
+    keep = _kept(target, ignore_index)
+    count = jnp.maximum(jnp.sum(keep, dtype=jnp.int32), 1).astype(wide)
+    return (jnp.sum(hits & keep, dtype=wide) / count).astype(prediction.dtype)

@@ -1,5 +1,8 @@
 """Losses against plain jnp references, autodiff and finite differences."""
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +209,280 @@ def test_concrete_labels_closed_over_inside_jit_are_checked_not_traced():
     shifted = labels + 1
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
         jax.jit(lambda logits: fn.softmax_cross_entropy(logits, shifted))(jnp.ones((3, 3)))
+
+
+# ignore_index: padded targets leave the loss (torch's cross_entropy(..., ignore_index=k) semantics)
+
+
+def ce_ignore_reference(ignore_index):
+    """Plain jnp: the mean over kept positions of -log_softmax at the label; 0 if none is kept."""
+
+    def reference(logits, labels):
+        keep = labels != ignore_index
+        one_hot = jax.nn.one_hot(jnp.where(keep, labels, 0), logits.shape[-1], dtype=logits.dtype)
+        picked = jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        count = jnp.maximum(jnp.sum(keep), 1).astype(logits.dtype)
+        return -jnp.sum(jnp.where(keep, picked, jnp.zeros((), logits.dtype))) / count
+
+    return reference
+
+
+def _padded(shape, classes, dtype, ignore_index, ignored, seed=3):
+    """Logits of ``shape + (classes,)`` and labels of ``shape`` with ``ignored`` positions padded:
+    "some" (about a third, and a whole sequence or row), "none" or "all"."""
+    rng = np.random.default_rng(seed)
+    logits = (3 * rng.standard_normal((*shape, classes))).astype(dtype)
+    labels = rng.integers(0, classes, shape).astype(np.int32)
+    if ignored == "some":
+        labels[rng.random(shape) < 0.35] = ignore_index
+        labels[0] = ignore_index  # a whole row (sequence) of padding
+        labels.flat[-1] = 1 if ignore_index != 1 else 2  # and at least one kept position
+    elif ignored == "all":
+        labels[...] = ignore_index
+    return logits, labels
+
+
+SHAPES = [(6,), (1,), (3, 5), (2, 1)]  # (batch,) or (batch, time), classes appended
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ignored", ["some", "none", "all"])
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0])
+def test_ignore_index_matches_reference_and_finite_differences(dtype, shape, ignored, ignore_index):
+    logits, labels = _padded(shape, 4, dtype, ignore_index, ignored if shape != (1,) or ignored != "some" else "all")
+    loss = functools.partial(fn.softmax_cross_entropy, ignore_index=ignore_index)
+    reference = ce_ignore_reference(ignore_index)
+    np.testing.assert_allclose(
+        loss(logits, labels), reference(logits, labels), rtol=1e-6 if dtype == np.float32 else 1e-12
+    )
+    fn.check_vjp(loss, reference, logits, labels)
+    if ignored == "none" and ignore_index < 0:  # nothing to ignore: the plain loss, bit for bit
+        np.testing.assert_array_equal(loss(logits, labels), fn.softmax_cross_entropy(logits, labels))
+
+
+def test_ignore_index_gradient_is_softmax_minus_onehot_over_the_kept_count():
+    logits, labels = _padded((4, 6), 5, np.float64, -1, "some")
+    keep = labels != -1
+    grad = jax.grad(fn.softmax_cross_entropy)(logits, labels, ignore_index=-1)
+    one_hot = np.eye(5)[np.where(keep, labels, 0)]
+    expected = (np.asarray(jax.nn.softmax(logits, axis=-1)) - one_hot) * keep[..., None] / keep.sum()
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15)
+    assert np.all(grad[~keep] == 0)
+
+
+def test_all_ignored_gives_zero_and_a_zero_gradient_never_nan():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)))
+    labels = jnp.full((2, 3), -100, jnp.int32)
+    value, grad = jax.value_and_grad(fn.softmax_cross_entropy)(logits, labels, ignore_index=-100)
+    assert float(value) == 0.0 and not np.signbit(value)
+    np.testing.assert_array_equal(grad, np.zeros((2, 3, 4)))
+
+
+def test_ignore_index_equal_to_a_class_and_an_unrepresentable_one():
+    """A padding class inside [0, classes) is dropped too; -1 with uint8 labels ignores nothing."""
+    logits, labels = _padded((3, 4), 5, np.float64, 0, "some")
+    kept = labels != 0
+    np.testing.assert_allclose(
+        fn.softmax_cross_entropy(logits, labels, ignore_index=0),
+        fn.softmax_cross_entropy(logits[kept], labels[kept]),
+        rtol=1e-12,
+    )
+    unsigned = labels.astype(np.uint8)
+    np.testing.assert_array_equal(
+        fn.softmax_cross_entropy(logits, unsigned, ignore_index=-1), fn.softmax_cross_entropy(logits, unsigned)
+    )
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 2])
+@pytest.mark.parametrize("shape", [(4, 6), (5,)])
+def test_ignore_index_against_torch(ignore_index, shape):
+    """torch.nn.functional.cross_entropy(ignore_index=k, reduction='mean') as an independent oracle,
+    float64: loss and logits gradient (torch wants the classes on axis 1)."""
+    torch = pytest.importorskip("torch")
+    logits, labels = _padded(shape, 5, np.float64, ignore_index, "some", seed=7)
+    value, grad = jax.value_and_grad(fn.softmax_cross_entropy)(logits, labels, ignore_index=ignore_index)
+    t_logits = torch.tensor(logits, requires_grad=True)
+    t_value = torch.nn.functional.cross_entropy(
+        torch.movedim(t_logits, -1, 1), torch.tensor(labels, dtype=torch.int64), ignore_index=ignore_index
+    )
+    t_value.backward()
+    np.testing.assert_allclose(value, t_value.item(), rtol=1e-12)
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+def test_all_ignored_is_where_funcnet_and_torch_differ():
+    """torch's mean over no positions is 0/0 = NaN; funcnet's is 0 (documented)."""
+    torch = pytest.importorskip("torch")
+    logits = np.ones((2, 3, 4))
+    t_value = torch.nn.functional.cross_entropy(
+        torch.movedim(torch.tensor(logits), -1, 1), torch.full((2, 3), -1), ignore_index=-1
+    )
+    assert np.isnan(t_value.item())
+    assert float(fn.softmax_cross_entropy(logits, np.full((2, 3), -1, np.int32), ignore_index=-1)) == 0.0
+
+
+def _wrong_ignoring_loss(mistake):
+    """The right forward with a backward that makes one of the mistakes someone would make."""
+    reference = ce_ignore_reference(-1)
+
+    @jax.custom_vjp
+    def loss(logits, labels):
+        return reference(logits, labels)
+
+    def fwd(logits, labels):
+        return reference(logits, labels), (logits, labels)
+
+    def bwd(residuals, output_grad):
+        logits, labels = residuals
+        keep = labels != -1
+        one_hot = jax.nn.one_hot(jnp.where(keep, labels, 0), logits.shape[-1], dtype=logits.dtype)
+        diff = jax.nn.softmax(logits, axis=-1) - one_hot
+        if mistake == "divides by every position":
+            grad = jnp.where(keep[..., None], diff, 0) / labels.size
+        elif mistake == "keeps the ignored rows":
+            grad = diff / jnp.sum(keep).astype(logits.dtype)
+        else:  # "unmasked one-hot": ignored rows get softmax alone (one_hot(-1) is a zero row)
+            grad = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+            grad = grad / jnp.sum(keep).astype(logits.dtype)
+        return output_grad * grad, np.zeros(labels.shape, jax.dtypes.float0)
+
+    loss.defvjp(fwd, bwd)
+    return loss, reference
+
+
+@pytest.mark.parametrize("mistake", ["divides by every position", "keeps the ignored rows", "unmasked one-hot"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_check_vjp_catches_a_wrong_ignoring_backward(mistake, dtype):
+    logits, labels = _padded((3, 5), 4, dtype, -1, "some")
+    wrong, reference = _wrong_ignoring_loss(mistake)
+    with pytest.raises(AssertionError, match="argument 0 disagree"):
+        fn.check_vjp(wrong, reference, logits, labels)
+    fn.check_vjp(functools.partial(fn.softmax_cross_entropy, ignore_index=-1), reference, logits, labels)
+
+
+def test_ignore_index_under_jit_vmap_and_second_order():
+    logits, labels = _padded((4, 3), 5, np.float64, -1, "some")
+    loss = functools.partial(fn.softmax_cross_entropy, ignore_index=-1)
+    reference = ce_ignore_reference(-1)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(logits, labels), jax.grad(reference)(logits, labels), rtol=1e-12)
+    static = jax.jit(fn.softmax_cross_entropy, static_argnames="ignore_index")
+    np.testing.assert_allclose(static(logits, labels, ignore_index=-1), reference(logits, labels), rtol=1e-12)
+    # fit's padded last batch: the loss of one row at a time under vmap; row 0 is all padding
+    per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(logits, labels)
+    np.testing.assert_allclose(
+        per_row, [reference(p[None], t[None]) for p, t in zip(logits, labels, strict=True)], rtol=1e-12
+    )
+    assert float(per_row[0]) == 0.0
+    grads = jax.vmap(jax.grad(lambda p, t: loss(p[None], t[None])))(logits, labels)
+    np.testing.assert_array_equal(grads[0], np.zeros_like(grads[0]))
+    np.testing.assert_allclose(
+        jax.jit(jax.jacrev(jax.grad(loss)))(logits, labels),
+        jax.hessian(reference)(logits, labels),
+        rtol=1e-9,
+        atol=1e-14,
+    )
+
+
+def test_two_equal_partials_give_the_same_loss_and_are_static():
+    logits, labels = _padded((3, 4), 5, np.float64, -1, "some")
+    first = functools.partial(fn.softmax_cross_entropy, ignore_index=-1)
+    second = functools.partial(fn.softmax_cross_entropy, ignore_index=np.int64(-1))  # NumPy ints become ints
+    np.testing.assert_array_equal(jax.jit(first)(logits, labels), jax.jit(second)(logits, labels))
+    jaxpr = jax.make_jaxpr(first)(logits, labels)
+    assert len(jaxpr.in_avals) == 2  # ignore_index is not an input of the program
+
+
+def test_fit_with_ignore_index_compiles_once_and_keeps_padding_out_of_the_last_batch():
+    """A padded last batch (7 rows, batches of 4) holding an ignored row: finite, and a second fit
+    with the same partial compiles nothing. (fit's own label check refuses labels outside
+    [0, classes), so a padding class inside it is used here.)"""
+    rng = np.random.default_rng(0)
+    net = fn.serial(fn.Dense(5, fn.linear))
+    x = rng.standard_normal((7, 3))
+    y = rng.integers(1, 5, 7).astype(np.int32)
+    y[[3, 6]] = 0
+    params = net.init(jax.random.PRNGKey(0), (-1, 3))[1]
+    loss = functools.partial(fn.softmax_cross_entropy, ignore_index=0)
+    run = lambda: fn.fit(net, loss, fn.sgd(0.1), params, (x, y), epochs=2, batch_size=4, key=jax.random.PRNGKey(1))
+    first = run()
+    assert np.all(np.isfinite(first.history.train_loss))
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda record: (
+        compiled.append(record.getMessage()) if record.getMessage().startswith("Compiling") else None
+    )
+    logging.getLogger("jax").addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        second = run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax").removeHandler(handler)
+    assert compiled == []
+    np.testing.assert_array_equal(first.history.train_loss, second.history.train_loss)
+
+
+IGNORE_BAD = [
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32), ignore_index=1.0),
+        TypeError,
+        "softmax_cross_entropy: ignore_index must be an int or None, got float",
+    ),
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32), ignore_index=True),
+        TypeError,
+        "ignore_index must be an int or None, got bool",
+    ),
+    (
+        lambda: fn.softmax_cross_entropy(jnp.ones((4, 3)), jnp.zeros((4, 3)), ignore_index=-1),
+        TypeError,
+        "ignore_index applies to integer class labels only, got a float64 target",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,message", IGNORE_BAD)
+@pytest.mark.parametrize("jit", [False, True])
+def test_bad_ignore_index_gets_a_clear_error(call, error, message, jit):
+    with pytest.raises(error, match=message):
+        jax.jit(call)() if jit else call()
+
+
+def test_a_traced_ignore_index_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"ignore_index must be an int or None, got .*Tracer.*functools.partial"):
+        jax.jit(fn.softmax_cross_entropy)(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32), ignore_index=-1)
+
+
+def test_out_of_range_labels_other_than_ignore_index_are_still_caught():
+    logits = jnp.ones((4, 3))
+    np.testing.assert_allclose(
+        fn.softmax_cross_entropy(logits, jnp.array([0, -100, 2, -100]), ignore_index=-100), np.log(3), rtol=1e-12
+    )
+    with pytest.raises(
+        ValueError, match=r"must lie in \[0, 3\) .* or equal ignore_index=-1, got other values from 0 to 3"
+    ):
+        fn.softmax_cross_entropy(logits, jnp.array([0, -1, 3, 1]), ignore_index=-1)
+    with pytest.raises(ValueError, match=r"or equal ignore_index=-100, got other values from -1 to 2"):
+        fn.softmax_cross_entropy(logits, jnp.array([0, -1, 2, -100]), ignore_index=-100)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\) for the 3 classes of logits, got values from -1"):
+        fn.softmax_cross_entropy(logits, jnp.array([0, -1, 2, 1]))  # without ignore_index, -1 is out of range
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_ignore_index_in_low_precision_accumulates_in_float32(dtype):
+    """check_vjp with its low-precision tolerances against the reference computed in float32 and
+    cast back; and a float16 sum of 70,000 kept positions (past float16's 65,504) stays a mean."""
+    logits, labels = _padded((4, 6), 5, np.float32, -1, "some")
+    reference = ce_ignore_reference(-1)
+    fn.check_vjp(
+        functools.partial(fn.softmax_cross_entropy, ignore_index=-1),
+        lambda p, t: reference(p.astype(jnp.float32), t).astype(dtype),
+        jnp.asarray(logits, dtype),
+        labels,
+    )
+    many = np.zeros((70_000, 2), np.int32)
+    many[::2] = -1
+    value = fn.softmax_cross_entropy(jnp.zeros((70_000, 2, 3), dtype), many, ignore_index=-1)
+    assert value.dtype == dtype
+    np.testing.assert_allclose(float(value), np.log(3), rtol=1e-2)

@@ -223,3 +223,27 @@ def test_networks_that_differ_only_in_their_initializers_share_programs():
     with compilations() as compiled:
         _fit(fn.sgd(0.1), net=glorot)
     assert compiled == []
+
+
+def test_equal_partials_of_a_loss_and_a_metric_compile_once():
+    """``functools.partial(fn.softmax_cross_entropy, ignore_index=...)``, rebuilt for every run (as a
+    sweep does), selects the program by its function and arguments; another argument compiles."""
+    import functools
+
+    def run(ignore):
+        loss = functools.partial(fn.softmax_cross_entropy, ignore_index=ignore)
+        metric = functools.partial(fn.accuracy, ignore_index=ignore)
+        net = _net()
+        _, params = net.init(KEY, (-1, 6))
+        return fn.fit(
+            net, loss, fn.sgd(0.1), params, (X, LABELS), (X[:30], LABELS[:30]),
+            epochs=2, batch_size=16, eval_every=2, key=KEY, metrics={"accuracy": metric},
+        )  # fmt: skip
+
+    run(-1)
+    with compilations() as compiled:
+        run(-1)
+    assert compiled == []
+    with compilations() as compiled:
+        run(-100)
+    assert any("_segment" in name for name in compiled)
