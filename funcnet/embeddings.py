@@ -13,20 +13,47 @@ forward and backward alike, so an id of ``vocab + 3`` reads and trains the last 
 (batch, T, features)`` and ``W: (max_length, features)``. A sequence longer than ``max_length``
 is an error (at ``init`` and at ``apply``). Its gradient is the sum over the batch of the output
 gradient, a slice and an add: JAX's own, as for the combinators' plumbing.
+
+``rotary_embedding(x, positions, *, base=10000.0)`` is rotary position embedding (RoPE, RoFormer)
+on ``x: (batch, T, heads, head_dim)``, ``head_dim`` even, with ``positions`` of shape ``(T,)`` or
+``(batch, T)`` (integer or float, traced or not: a decoding step passes its offset positions). It
+uses the split-halves pairing of GPT-NeoX and of Hugging Face's LLaMA (``rotate_half``): for ``i <
+head_dim / 2`` the pair ``(x[..., i], x[..., i + head_dim / 2])`` is rotated by the angle
+``positions * base ** (-2 i / head_dim)``. Meta's original LLaMA and GPT-J checkpoints pair
+neighbours ``(2i, 2i + 1)`` instead (interleaved); to use such a checkpoint, permute the columns
+of ``W_q`` and ``W_k`` (and their biases, if any) within each head by ``perm = [0, 2, 4, ...,
+head_dim - 2, 1, 3, ..., head_dim - 1]`` (column ``j`` of a head takes its old column
+``perm[j]``): the rotated q and k are then the
+interleaved ones permuted alike, so every attention score is unchanged (this is Hugging Face's
+``convert_llama_weights_to_hf`` permutation). Hugging Face checkpoints already use halves. The
+angles are computed in float32 at least (float16 and bfloat16 ``x`` are rotated in float32 and
+cast back). The backward is the inverse rotation (by minus the angle) of the output gradient;
+positions are not differentiable: integer positions get a ``float0`` cotangent and float
+positions a zero one (``jax.grad`` with respect to them is 0).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from funcnet import _checks, initializers
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 
-__all__ = ["Embedding", "EmbeddingParams", "PositionalEmbedding", "PositionalEmbeddingParams", "embedding"]
+__all__ = [
+    "Embedding",
+    "EmbeddingParams",
+    "PositionalEmbedding",
+    "PositionalEmbeddingParams",
+    "embedding",
+    "rotary_embedding",
+]
 
 
 def _embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
@@ -171,3 +198,86 @@ def PositionalEmbedding(
     _checks.positive_int(name, "max_length", max_length)
     _checks.callable_(name, "w_init", w_init)
     return _PositionalEmbedding(int(max_length), w_init, default_dtype(dtype)).layer()
+
+
+# --- Rotary position embedding (RoPE) --------------------------------------------------------
+
+
+def _rotary_angles(positions: jax.Array, head_dim: int, base: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of ``positions * base ** (-2i / head_dim)``, shaped to broadcast against
+    ``(batch, T, heads, head_dim // 2)``: ``(1 or batch, T, 1, head_dim // 2)``, in ``dtype``."""
+    inverse_frequency = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # exact on the host
+    inverse_frequency = inverse_frequency.reshape((1,) * positions.ndim + (-1,))  # same rank, no promotion
+    angles = positions.astype(dtype)[..., None] * jnp.asarray(inverse_frequency, dtype)
+    angles = angles[None, :, None, :] if positions.ndim == 1 else angles[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate each pair ``(x[..., i], x[..., i + half])`` by the angle whose cos and sin are given."""
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
+def _rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    wide = _checks.wide(x.dtype)
+    cos, sin = _rotary_angles(positions, x.shape[-1], base, wide)
+    return _rotate(x.astype(wide), cos, sin).astype(x.dtype)
+
+
+def _rotary_embedding_fwd(x: jax.Array, positions: jax.Array, base: float) -> tuple[jax.Array, jax.Array]:
+    return _rotary_embedding(x, positions, base), positions  # the angles are recomputed, not stored
+
+
+def _rotary_embedding_bwd(base: float, positions: jax.Array, output_grad: jax.Array) -> tuple[jax.Array, Any]:
+    # A rotation is orthogonal: its transpose, the rotation by minus the angle, carries the
+    # gradient back. Positions are not differentiable.
+    wide = _checks.wide(output_grad.dtype)
+    cos, sin = _rotary_angles(positions, output_grad.shape[-1], base, wide)
+    input_grad = _rotate(output_grad.astype(wide), cos, -sin).astype(output_grad.dtype)
+    if jnp.issubdtype(positions.dtype, jnp.integer):
+        return input_grad, np.zeros(positions.shape, dtype=jax.dtypes.float0)
+    return input_grad, jnp.zeros_like(positions)
+
+
+_rotary_embedding_vjp = jax.custom_vjp(_rotary_embedding, nondiff_argnums=(2,))
+_rotary_embedding_vjp.defvjp(_rotary_embedding_fwd, _rotary_embedding_bwd)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array | np.ndarray, *, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (split-halves pairing; see the module docstring).
+
+    Args:
+      x: queries or keys, ``(batch, T, heads, head_dim)``, floating, ``head_dim`` even.
+      positions: each step's position, ``(T,)`` (shared by the batch) or ``(batch, T)``; an
+        integer or float array, possibly traced (a decoding offset). Not differentiated.
+      base: the frequency base, a Python number > 0 (10000 in RoFormer and LLaMA).
+    Returns:
+      ``x`` with each pair ``(x[..., i], x[..., i + head_dim // 2])`` rotated by
+      ``positions * base ** (-2 i / head_dim)``, in ``x``'s shape and dtype.
+    """
+    fn = "rotary_embedding"
+    _checks.floating(fn, "x", x)
+    _checks.rank(fn, "x", x, 4, "(batch, T, heads, head_dim)")
+    if x.shape[-1] % 2:
+        raise ValueError(
+            f"{fn}: x's head_dim (its last axis) must be even, since rope rotates pairs of features, "
+            f"got head_dim {x.shape[-1]} (x.shape={tuple(x.shape)})."
+        )
+    _checks.array(fn, "positions", positions)
+    if not (jnp.issubdtype(positions.dtype, jnp.integer) or jnp.issubdtype(positions.dtype, jnp.floating)):
+        raise TypeError(f"{fn}: positions must have an integer or floating dtype, got {positions.dtype}.")
+    batch, steps = x.shape[0], x.shape[1]
+    if tuple(positions.shape) not in ((steps,), (batch, steps)):
+        raise ValueError(
+            f"{fn}: positions must have shape (T,) = ({steps},) or (batch, T) = ({batch}, {steps}) for "
+            f"x.shape={tuple(x.shape)}, got {tuple(positions.shape)}."
+        )
+    if isinstance(base, bool) or not isinstance(base, numbers.Real):
+        raise TypeError(f"{fn}: base must be a Python number (fixed when traced), got {type(base).__name__} {base!r}.")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"{fn}: base must be a finite number > 0, got {base}.")
+    if jnp.issubdtype(positions.dtype, jnp.floating):
+        positions = lax.stop_gradient(positions)  # documented: positions are not differentiable
+    return _rotary_embedding_vjp(x, positions, float(base))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import funcnet as fn
+from funcnet import embeddings, ops
 
 LOW = [jnp.float16, jnp.bfloat16]
 KEY = jax.random.PRNGKey(0)
@@ -112,6 +113,14 @@ def _layer_norm_reference(x, gamma, beta):
     return (x - mean) / jnp.sqrt(var + 1e-5) * gamma[None] + beta[None]
 
 
+def _rotary_reference(x, positions):
+    """Rotary embedding (split halves) as Hugging Face writes it: x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    angles = positions.astype(x.dtype)[:, None] * jnp.asarray(10000.0 ** (-np.arange(half)[None] / half), x.dtype)
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    return x * jnp.cos(angles) + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * jnp.sin(angles)
+
+
 def _cases(dtype):
     rng = np.random.default_rng(0)
     a = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
@@ -122,6 +131,13 @@ def _cases(dtype):
         "sigmoid": (fn.sigmoid, jax.nn.sigmoid, (a(4, 3),)),
         "tanh": (fn.tanh, jnp.tanh, (a(4, 3),)),
         "relu": (fn.relu, jax.nn.relu, (away(4, 3),)),
+        "gelu": (ops.gelu, lambda x: jax.nn.gelu(x, approximate=False), (a(4, 3) * 2,)),
+        "gelu_tanh": (ops.gelu_tanh, lambda x: jax.nn.gelu(x, approximate=True), (a(4, 3) * 2,)),
+        "rotary_embedding": (
+            embeddings.rotary_embedding,
+            lambda x, p: _rotary_reference(x, p),
+            (a(2, 5, 2, 6), jnp.asarray([0, 1, 7, 300, 4000], jnp.int32)),
+        ),
         "layer_norm": (fn.layer_norm, _layer_norm_reference, (a(4, 6) * 3, a(6), a(6))),
         "mean_squared_error": (
             fn.mean_squared_error,
