@@ -10,7 +10,8 @@ Contract, stated once:
   durable.
 * Each file's metadata holds the run's *fingerprint* (``fingerprint``): the network, loss,
   optimizer with its hyperparameters, metrics, monitor and mode, the params' shapes and a
-  digest of their initial values (and of a given ``opt_state``), the data's shapes and dtypes,
+  digest of their initial values (and of a given ``opt_state``), the data's shapes and dtypes
+  (with the inputs beyond x by name, when the data carries them),
   a digest of the data's values (computed in the pass that checks them for NaN, ``checks.py``),
   the key, and every argument of ``fit`` that changes the result but ``epochs``: a run asked
   for more epochs continues from its checkpoint and equals a run of the new length from the
@@ -159,8 +160,8 @@ def fingerprint(
     metrics: dict[str, Any],
     params: Any,
     opt_state: Any,
-    train_data: tuple[Any, Any],
-    eval_data: tuple[Any, Any] | None,
+    train_data: tuple[Any, ...],
+    eval_data: tuple[Any, ...] | None,
     data_digests: tuple[str | None, str | None],
     key: jax.Array,
     run_name: str | None,
@@ -169,10 +170,14 @@ def fingerprint(
     """What identifies a run: two calls with equal fingerprints compute the same training."""
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
-    def data(pair: tuple[Any, Any] | None, digest: str | None) -> str:
+    def data(pair: tuple[Any, ...] | None, digest: str | None) -> str:
+        """``(x, y)``, or ``(x, y, inputs)`` with the inputs beyond x by name (none: as a pair)."""
         if pair is None:
             return "none"
-        return " / ".join(f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair) + f", values {digest}"
+        shapes = [f"{np.dtype(a.dtype)}{list(a.shape)}" for a in pair[:2]]
+        inputs = pair[2] if len(pair) > 2 else {}
+        shapes += [f"{name} {np.dtype(a.dtype)}{list(a.shape)}" for name, a in sorted(inputs.items())]
+        return " / ".join(shapes) + f", values {digest}"
 
     unprovable: list[str] = []
     described = {

@@ -18,18 +18,20 @@ import numpy as np
 
 from funcnet import _checks, _host
 from funcnet._values import Static, combine, partition
-from funcnet.layers import Layer, train_mode
+from funcnet.layers import Layer, given_inputs, layer_inputs, train_mode
 from funcnet.optimizers import Optimizer
 
 __all__ = [
     "check_data",
     "check_fits_network",
     "check_flags",
+    "check_inputs",
     "check_key",
     "check_labels",
     "check_metrics",
     "check_params",
     "check_parts",
+    "split_data",
 ]
 
 
@@ -45,15 +47,73 @@ def check_parts(fn: str, net: Any, loss: Any, optimizer: Any) -> None:
         )
 
 
-def check_data(name: str, data: Any) -> tuple[Any, Any, str | None]:
-    """``data`` must be a pair ``(x, y)`` of arrays with matching rows, at least one, finite.
+# Keywords ``fit`` passes to the network itself: an input of these names would collide with them.
+_RESERVED = ("params", "x", "key", "row_mask")
 
-    Returns ``(x, y, digest)``: the digest of both arrays' values (None for traced data), which
-    a checkpoint's fingerprint holds."""
+
+def split_data(name: str, data: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(x, y, inputs)`` of ``fit``'s data: a pair ``(x, y)`` (no inputs) or a triple ``(x, y,
+    inputs)`` whose ``inputs`` is a dict ``{name: array}`` of the inputs beyond ``x`` (``None``
+    values count as not given). Checks the form only, not the arrays."""
     fn = "fit"
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"{fn}: {name} must be a pair (x, y) of arrays, got {type(data).__name__}.")
-    x, y = data
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        got = f"a {type(data).__name__} of {len(data)}" if isinstance(data, (tuple, list)) else type(data).__name__
+        raise TypeError(
+            f"{fn}: {name} must be a pair (x, y) of arrays, or a triple (x, y, inputs) with inputs a dict "
+            f"{{name: array}} of the inputs beyond x (e.g. {{'kv_lengths': lengths}}), got {got}."
+        )
+    if len(data) == 2:
+        return data[0], data[1], {}
+    x, y, inputs = data
+    if not isinstance(inputs, dict):
+        raise TypeError(
+            f"{fn}: {name}'s third element must be a dict {{name: array}} of the inputs beyond x, passed to "
+            f"the network as keywords (e.g. {{'kv_lengths': lengths}}), got {type(inputs).__name__}."
+        )
+    for key in inputs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise TypeError(f"{fn}: {name} inputs' names must be keywords of the network's apply, got {key!r}.")
+        if key in _RESERVED:
+            raise ValueError(
+                f"{fn}: {name} inputs may not be named {key!r}: fit passes params, x, key= (dropout) and "
+                "row_mask= (the rows of batch statistics) to the network itself."
+            )
+    return x, y, {key: value for key, value in sorted(inputs.items()) if value is not None}
+
+
+def check_input_rows(fn: str, name: str, inputs: dict[str, Any], rows: int) -> None:
+    """Each input has ``rows`` rows first, as ``x`` has (``name``: how the inputs are called)."""
+    for key, value in inputs.items():
+        shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+        if not shape:
+            raise ValueError(
+                f"{fn}: {name}[{key!r}] must have the rows first, like x ({rows} rows), got a scalar of shape ()."
+            )
+        if shape[0] != rows:
+            raise ValueError(
+                f"{fn}: {name}[{key!r}] has {shape[0]} rows but x has {rows}; each input holds one entry per "
+                "row of x, rows first."
+            )
+
+
+def check_inputs(fn: str, name: str, net: Layer, inputs: dict[str, Any], rows: int | None = None) -> dict[str, Any]:
+    """The inputs given (``None`` dropped), each one the network takes (``funcnet.layers.layer_inputs``;
+    else the layers' ``TypeError``, prefixed with ``fn`` and ``name``) and, with ``rows``, each
+    with that many rows."""
+    given = given_inputs(f"{fn}: {name}", layer_inputs(net), inputs)
+    if rows is not None:
+        check_input_rows(fn, name, given, rows)
+    return given
+
+
+def check_data(name: str, data: Any) -> tuple[Any, Any, str | None, dict[str, Any]]:
+    """``data`` must be a pair ``(x, y)`` of arrays with matching rows, at least one, finite; or a
+    triple ``(x, y, inputs)`` (``split_data``) whose inputs are arrays with those rows too.
+
+    Returns ``(x, y, digest, inputs)``: the digest of every array's values (None for traced
+    data), which a checkpoint's fingerprint holds."""
+    fn = "fit"
+    x, y, inputs = split_data(name, data)
     for part, array in ((f"{name} x", x), (f"{name} y", y)):
         _checks.array(fn, part, array)
         if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
@@ -71,15 +131,27 @@ def check_data(name: str, data: Any) -> tuple[Any, Any, str | None]:
         raise ValueError(f"{fn}: {name} x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
     if x.shape[0] == 0:
         raise ValueError(f"{fn}: {name} must have at least one row, got 0.")
+    for key, value in inputs.items():
+        part = f"{name} inputs[{key!r}]"
+        _checks.array(fn, part, value)
+        if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == np.bool_):
+            raise TypeError(f"{fn}: {part} must have a numeric or bool dtype, got {value.dtype}.")
+    check_input_rows(fn, f"{name} inputs", inputs, x.shape[0])
+    parts = ((f"{name} x", x), (f"{name} y", y), *((f"{name} inputs[{k!r}]", v) for k, v in inputs.items()))
     digests: list[str] = []
-    for part, array in ((f"{name} x", x), (f"{name} y", y)):
+    for part, array in parts:
         if not _checks.is_concrete(array):
             continue  # traced data (fit under vmap of the data) cannot be inspected here
         bad, digest = _inspect(array)
         if bad is not None:
             raise ValueError(f"{fn}: {part} must be finite, got NaN or Inf values (first at row {bad}).")
         digests.append(digest)
-    return x, y, "/".join(digests) if len(digests) == 2 else None
+    return x, y, data_digest(digests, inputs) if len(digests) == len(parts) else None, inputs
+
+
+def data_digest(digests: list[str], inputs: dict[str, Any]) -> str:
+    """One data set's digest: ``x``'s and ``y``'s, then each input's by name (none: as without inputs)."""
+    return "/".join([*digests[:2], *(f"{key}={d}" for key, d in zip(inputs, digests[2:], strict=True))])
 
 
 def _inspect(array: Any) -> tuple[int | None, str]:
@@ -167,9 +239,11 @@ def check_fits_network(
     batch: int,
     *,
     train: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> jax.ShapeDtypeStruct:
     """Trace (not compile) the network, loss and metrics on one batch's shapes; re-raise clearly.
-    With ``train``, the network runs in training mode (``funcnet.train_apply``).
+    With ``train``, the network runs in training mode (``funcnet.train_apply``); ``inputs``
+    (the batch's inputs beyond ``x``, rows first) reach it as keywords.
 
     Returns the loss's shape and dtype. The answer depends on shapes and on the building blocks
     alone, so it is remembered: a sweep that calls ``fit`` again with equal ones traces nothing.
@@ -181,14 +255,22 @@ def check_fits_network(
     # The numbers inside the building blocks (a ``Partial``'s arguments) take part as abstract
     # values: the answer depends on their shapes and dtypes only.
     shaped = tuple(jax.ShapeDtypeStruct(np.shape(n), jnp.result_type(n), weak_type=_weak(n)) for n in numbers)
+    extra = tuple((k, spec(a)) for k, a in sorted((inputs or {}).items()))
     try:
         hash(static)
     except TypeError:  # a building block holding an unhashable leaf: trace every time
-        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y), train)
+        value, prediction = _trace_network(name, static, shaped, abstract, spec(x), spec(y), train, extra)
     else:
-        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y), train)
-    check_labels(name, prediction, y)
+        value, prediction = _remembered(name, static, shaped, treedef, tuple(leaves), spec(x), spec(y), train, extra)
+    check_labels(name, prediction, y, _ignored_label(loss))
     return value
+
+
+def _ignored_label(loss: Any) -> int | None:
+    """The label a loss leaves out (``functools.partial(fn.softmax_cross_entropy, ignore_index=k)``'s ``k``)."""
+    keywords = getattr(loss, "keywords", None)
+    ignore = keywords.get("ignore_index") if isinstance(keywords, dict) else None
+    return ignore if isinstance(ignore, int) else None
 
 
 def _weak(number: Any) -> bool:
@@ -205,24 +287,33 @@ def _remembered(
     x: jax.ShapeDtypeStruct,
     y: jax.ShapeDtypeStruct,
     train: bool,
+    inputs: tuple[tuple[str, jax.ShapeDtypeStruct], ...],
 ) -> tuple[jax.ShapeDtypeStruct, Any]:
-    return _trace_network(name, static, numbers, jax.tree_util.tree_unflatten(treedef, leaves), x, y, train)
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _trace_network(name, static, numbers, params, x, y, train, inputs)
 
 
 def _trace_network(
-    name: str, static: Static, numbers: tuple[Any, ...], params: Any, x: Any, y: Any, train: bool
+    name: str,
+    static: Static,
+    numbers: tuple[Any, ...],
+    params: Any,
+    x: Any,
+    y: Any,
+    train: bool,
+    inputs: tuple[tuple[str, Any], ...] = (),
 ) -> tuple[jax.ShapeDtypeStruct, Any]:
     """The loss's shape and dtype, and the prediction's (both abstract)."""
 
     def run(
-        numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array
+        numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array, ib: dict[str, jax.Array]
     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         apply, loss, metrics = combine(list(numbers), static)
-        prediction = train_mode(apply)(p, xb)[0] if train else apply(p, xb)
+        prediction = train_mode(apply)(p, xb, **ib)[0] if train else apply(p, xb, **ib)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}, prediction
 
     try:
-        value, values, prediction = jax.eval_shape(run, numbers, params, x, y)
+        value, values, prediction = jax.eval_shape(run, numbers, params, x, y, dict(inputs))
     except (ValueError, TypeError) as error:
         raise type(error)(f"fit: {name} does not fit the network and loss: {error}") from error
     for what, out in (("loss", value), *((f"metric {n!r}", v) for n, v in values.items())):
@@ -235,10 +326,11 @@ def _trace_network(
     return shape_dtype, prediction
 
 
-def check_labels(name: str, prediction: Any, y: Any) -> None:
+def check_labels(name: str, prediction: Any, y: Any, ignore: int | None = None) -> None:
     """Integer ``y`` shaped like the prediction without its last axis are class indices into that
     axis (the convention of ``softmax_cross_entropy`` and ``accuracy``), so they must lie in
-    ``[0, classes)``. Checked on the data before anything compiles, whenever ``y`` is concrete: under
+    ``[0, classes)``, or equal the loss's ``ignore_index`` (``ignore``: padded targets). Checked on
+    the data before anything compiles, whenever ``y`` is concrete: under
     ``jit`` a loss sees traced labels and ``one_hot`` would turn a stray label into a zero row,
     which trains silently on a wrong target and reports an eval loss of 0."""
     if not isinstance(prediction, jax.ShapeDtypeStruct) or not jnp.issubdtype(y.dtype, jnp.integer):
@@ -249,7 +341,7 @@ def check_labels(name: str, prediction: Any, y: Any) -> None:
     if not _checks.is_concrete(y):
         return  # traced labels (fit under vmap of the data) cannot be inspected here
     classes = int(prediction.shape[-1])
-    low, high = _label_range(y)
+    low, high = _label_range(y, ignore)
     if low < 0 or high >= classes:
         hint = (
             f"shift them to start at 0 (y - {low})"
@@ -259,22 +351,25 @@ def check_labels(name: str, prediction: Any, y: Any) -> None:
         raise ValueError(
             f"fit: {name} y holds integer class labels from {low} to {high}, but the network has {classes} "
             f"classes (its output's last axis), so they must lie in [0, {classes}); {hint}. Targets that "
-            "are not class indices must be floating."
+            "are not class indices must be floating; padded targets are left out by the loss's ignore_index, "
+            "e.g. functools.partial(fn.softmax_cross_entropy, ignore_index=-1)."
         )
 
 
-def _label_range(y: Any) -> tuple[int, int]:
-    """The smallest and largest label, on the host when the data are there (compiling nothing)."""
+def _label_range(y: Any, ignore: int | None = None) -> tuple[int, int]:
+    """The smallest and largest label other than ``ignore`` (0 stands in for it), on the host when
+    the data are there (compiling nothing)."""
+    kept = lambda a: a if ignore is None else np.where(a == ignore, 0, a)
     if not _checks.is_array(y):  # a streamed object indexable by rows: read 65,536 rows at a time
         ranges = [
-            _checks.value_range(np.asarray(y[np.arange(start, min(start + 65_536, y.shape[0]))]))
+            _checks.value_range(kept(np.asarray(y[np.arange(start, min(start + 65_536, y.shape[0]))])))
             for start in range(0, y.shape[0], 65_536)
         ]
         return min(low for low, _ in ranges), max(high for _, high in ranges)
     if isinstance(y, (np.ndarray, np.generic)) or y.is_fully_addressable:
-        return _checks.value_range(y)
+        return _checks.value_range(kept(np.asarray(y)))
     with jax.ensure_compile_time_eval():  # a global array over several processes
-        low, high = _min_max(y)
+        low, high = _min_max(y if ignore is None else jnp.where(y == ignore, 0, y))
     return int(low), int(high)
 
 

@@ -6,6 +6,7 @@ Contract, stated once:
 * **Shards.** ``fit`` splits the training rows into ``shards`` equal, contiguous parts (under a
   mesh: one per device of ``data_axis``; without: ``fit(..., shards=n)``, default 1). Under a
   mesh each part lives on its device, placed there once (``place``): data is never replicated.
+  The inputs beyond x (``fit``'s ``(x, y, inputs)``) are rows like x's and are split alike.
 * **Each shard's order.** Epoch ``e`` shuffles every shard's own rows, shard ``s`` with the key
   ``permutation(key, rows // shards, e, s)`` (``shard_orders``); with one shard the order is
   ``epoch_order(key, e, rows)`` itself. Global batch ``b`` is every shard's local batch ``b``

@@ -36,7 +36,9 @@ from funcnet.train.program import (
     fresh_state,
     result,
     segment,
+    split_inputs,
     traced_segment,
+    with_inputs,
 )
 from funcnet.train.progress import bar
 
@@ -52,8 +54,8 @@ def fit(
     loss: Loss,
     optimizer: Optimizer,
     params: Params,
-    train_data: tuple[jax.Array, jax.Array],
-    eval_data: tuple[jax.Array, jax.Array] | None = None,
+    train_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]],
+    eval_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]] | None = None,
     *,
     epochs: int,
     batch_size: int = 32,
@@ -98,7 +100,14 @@ def fit(
         over rows) and the optimizer.
       params: initial params, e.g. ``net.init(key, input_shape)[1]``.
       train_data, eval_data: pairs ``(x, y)`` with rows first; x floating (or integer token
-        ids), y floating or integer labels.
+        ids), y floating or integer labels. Or triples ``(x, y, inputs)``: ``inputs`` is a dict
+        ``{name: array}`` of the inputs beyond x that the network's layers take as keywords
+        (padding's ``kv_lengths`` ``(rows,)``, an attention ``mask`` ``(rows, heads or 1, T, S)``),
+        each with the rows first like x. Their rows go wherever x's rows go (shuffled, batched,
+        the last batch padded, sharded over a mesh, streamed, placed per process, digested into
+        the checkpoint's fingerprint) and each batch's slice reaches the network, in training
+        (``train_apply(net)(params, x, key=..., row_mask=..., **inputs)``) and in evaluation
+        (``net.apply(params, x, **inputs)``). A name no layer takes is a ``TypeError``.
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
       eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
@@ -198,23 +207,34 @@ def fit(
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
     streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
     check_data = streaming.check_host_data if streamed else checks.check_data
-    x, y, train_digest = check_data("train_data", train_data)
+    x, y, train_digest, inputs = check_data("train_data", train_data)
+    inputs = checks.check_inputs("fit", "train_data inputs", net, inputs)
     rows = x.shape[0]
     if batch_size > rows:
         raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
-    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size, train=True)
+    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size, train=True, inputs=inputs)
     if rows % batch_size == 1 and not drop_last and has_state(params):
         try:  # the last batch's one real row: enough values for batch statistics only in images or sequences
-            checks.check_fits_network("train_data", net, loss, {}, params, x, y, 1, train=True)
+            checks.check_fits_network("train_data", net, loss, {}, params, x, y, 1, train=True, inputs=inputs)
         except ValueError as error:
             raise ValueError(
                 f"fit: the last batch holds 1 row ({rows} rows, batch_size {batch_size}), too few for "
                 f"the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
             ) from error
+    eval_inputs: dict[str, Any] = {}
     if eval_data is not None:
-        eval_x, eval_y, eval_digest = check_data("eval_data", eval_data)
+        eval_x, eval_y, eval_digest, eval_inputs = check_data("eval_data", eval_data)
+        eval_inputs = checks.check_inputs("fit", "eval_data inputs", net, eval_inputs)
         checks.check_fits_network(
-            "eval_data", net, loss, metrics, params, eval_x, eval_y, min(eval_x.shape[0], eval_batch_size)
+            "eval_data",
+            net,
+            loss,
+            metrics,
+            params,
+            eval_x,
+            eval_y,
+            min(eval_x.shape[0], eval_batch_size),
+            inputs=eval_inputs,
         )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
             raise ValueError(
@@ -240,7 +260,12 @@ def fit(
         shards = devices
     else:
         shards = _checks.positive_int("fit", "shards", 1 if shards is None else shards)
-        for name, array in (("train_data", x), ("eval_data", eval_x)):
+        for name, array in (
+            ("train_data", x),
+            ("eval_data", eval_x),
+            *((f"train_data inputs[{k!r}]", a) for k, a in inputs.items()),
+            *((f"eval_data inputs[{k!r}]", a) for k, a in eval_inputs.items()),
+        ):
             distributed.check_global_without_mesh("fit", name, array)
     if shards > 1:
         where = f"the {shards} devices of mesh axis {data_axis!r}" if mesh is not None else f"shards={shards}"
@@ -255,7 +280,16 @@ def fit(
         traced = [
             a
             for a in jax.tree_util.tree_leaves(
-                (params, opt_state, x, y, eval_x, eval_y, key, min_delta, partition(optimizer)[0], ema_decay)
+                (
+                    params,
+                    opt_state,
+                    (x, y, inputs),
+                    (eval_x, eval_y, eval_inputs),
+                    key,
+                    min_delta,
+                    partition(optimizer)[0],
+                    ema_decay,
+                )
             )
             if not _checks.is_concrete(a)
         ]
@@ -296,30 +330,23 @@ def fit(
     if mesh is not None:  # every process places its own copy
         params, opt_state = distributed.put_replicated((params, opt_state), mesh)
     state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
+    # The inputs beyond x ride with x (``program.WithInputs``): every row operation maps over them.
+    features, eval_features = with_inputs(x, inputs), None if eval_x is None else with_inputs(eval_x, eval_inputs)
     if streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
-        eval_pair = None if eval_x is None else (eval_x, eval_y)
-        run = streaming.runner(hyper, (x, y), eval_pair, key, min_delta, static=static, config=config)
+        eval_pair = None if eval_x is None else (eval_features, eval_y)
+        run = streaming.runner(hyper, (features, y), eval_pair, key, min_delta, static=static, config=config)
         if directory is not None:  # one pass over the data, in bounded memory, for the fingerprint
-            train_digest = streaming.digest(x, y)
-            eval_digest = None if eval_x is None else streaming.digest(eval_x, eval_y)
+            train_digest = streaming.digest(x, y, inputs)
+            eval_digest = None if eval_x is None else streaming.digest(eval_x, eval_y, eval_inputs)
         x, y, eval_x, eval_y = (None if a is None else streaming.shape_of(a) for a in (x, y, eval_x, eval_y))
+        inputs, eval_inputs = ({k: streaming.shape_of(a) for k, a in i.items()} for i in (inputs, eval_inputs))
     else:
-        # Device arrays once, so segments move no data; the user's arrays are not touched.
-        if mesh is None:
-            x, y, eval_x, eval_y = (None if a is None else _on_device(a) for a in (x, y, eval_x, eval_y))
-        else:  # each device receives its own rows only (multi-host: they are already there)
-            x, y, eval_x, eval_y = (
-                None if a is None else distributed.place("fit", name, a, mesh, data_axis)
-                for name, a in (
-                    ("train_data x", x),
-                    ("train_data y", y),
-                    ("eval_data x", eval_x),
-                    ("eval_data y", eval_y),
-                )
-            )
+        features, y = _on_devices("train_data", features, y, mesh, data_axis)
+        if eval_features is not None:
+            eval_features, eval_y = _on_devices("eval_data", eval_features, eval_y, mesh, data_axis)
         program = traced_segment if _checks.tracing() else segment
         run = lambda state, stop: program(
-            state, hyper, x, y, eval_x, eval_y, key, min_delta, stop, static=static, config=config
+            state, hyper, features, y, eval_features, eval_y, key, min_delta, stop, static=static, config=config
         )
     show = config.progress and distributed.is_writer()  # one bar, from process 0
     if directory is None:
@@ -336,8 +363,8 @@ def fit(
         metrics=metrics,
         params=params,
         opt_state=opt_state,
-        train_data=(x, y),
-        eval_data=None if eval_x is None else (eval_x, eval_y),
+        train_data=(x, y, inputs),
+        eval_data=None if eval_x is None else (eval_x, eval_y, eval_inputs),
         data_digests=(train_digest, eval_digest),
         key=key,
         run_name=run_name,
@@ -398,6 +425,20 @@ def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | 
     if resumed is not None:
         finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
     return finished
+
+
+def _on_devices(name: str, features: Any, y: Any, mesh: Mesh | None, data_axis: str) -> tuple[Any, Any]:
+    """A data set's ``features`` (``x``, or ``WithInputs``) and ``y`` as device arrays, once, so
+    segments move no data (the user's arrays are not touched): without a mesh on the default
+    device; under one each array's rows along ``data_axis``, each device receiving its own rows
+    only (multi-host: they are already there)."""
+    x, inputs = split_inputs(features)
+    parts = {f"{name} x": x, f"{name} y": y, **{f"{name} inputs[{k!r}]": a for k, a in inputs.items()}}
+    if mesh is None:
+        placed = [_on_device(a) for a in parts.values()]
+    else:
+        placed = [distributed.place("fit", part, a, mesh, data_axis) for part, a in parts.items()]
+    return with_inputs(placed[0], dict(zip(inputs, placed[2:], strict=True))), placed[1]
 
 
 def _on_device(a: Any) -> jax.Array:

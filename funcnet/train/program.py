@@ -19,6 +19,11 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
+* Inputs beyond ``x`` (``fit``'s data ``(x, y, inputs)``: padding's ``kv_lengths``, an attention
+  ``mask``) ride with ``x`` as one pytree, ``WithInputs(x, inputs)``: every row operation
+  (gather, pad, shard, slice into eval batches) maps over it, and each batch's slice reaches the
+  network as keywords, ``apply(params, x, **inputs)`` and in training mode. Without inputs the
+  data is ``x`` itself, so those programs are unchanged.
 * Training runs the network in training mode (``funcnet.train_apply``): params carry their
   layer state (BatchNorm's running statistics), the optimizer sees only the trainable part
   (``split_state``; its state is ``optimizer.init`` of that part) and the state the training
@@ -53,13 +58,14 @@ from funcnet.optimizers import EmaState, ema_params
 from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.state import merge_state, split_state
 from funcnet.train import distributed, progress
-from funcnet.train.checks import check_parts
+from funcnet.train.checks import check_inputs, check_parts
 
 __all__ = [
     "Config",
     "FitResult",
     "History",
     "TrainState",
+    "WithInputs",
     "batch_sharding",
     "check_divisible",
     "check_opt_state",
@@ -70,9 +76,12 @@ __all__ = [
     "fresh_state",
     "no_evaluation",
     "result",
+    "rows_map",
     "segment",
+    "split_inputs",
     "train_step",
     "train_steps",
+    "with_inputs",
 ]
 
 Params = Any
@@ -201,6 +210,31 @@ class TrainState(NamedTuple):
     loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
 
 
+class WithInputs(NamedTuple):
+    """``x`` with the inputs beyond it that travel with its rows (``{name: array}``, rows first):
+    a pytree, so shuffling, batching, padding, sharding and streaming map over both alike."""
+
+    x: Any
+    inputs: dict[str, Any]
+
+
+def with_inputs(x: Any, inputs: dict[str, Any] | None) -> Any:
+    """The data a program carries for ``x`` and ``inputs``: ``x`` itself when there are none."""
+    return WithInputs(x, dict(inputs)) if inputs else x
+
+
+def split_inputs(features: Any) -> tuple[Any, dict[str, Any]]:
+    """``(x, inputs)`` of ``with_inputs``'s value."""
+    if isinstance(features, WithInputs):
+        return features.x, features.inputs
+    return features, {}
+
+
+def rows_map(fn: Callable[[Any], Any], features: Any) -> Any:
+    """``fn`` applied to ``x`` and to every input alike (each has the rows first)."""
+    return jax.tree_util.tree_map(fn, features)
+
+
 def batch_sharding(fn: str, mesh: Any, data_axis: str) -> Callable[[jax.Array], jax.Array] | None:
     """A function constraining a batch's rows to ``data_axis`` of ``mesh`` (None: no mesh)."""
     if mesh is None:
@@ -223,14 +257,16 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
 
 
 def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., tuple[jax.Array, Params]]:
-    """``(trainable, state, x, y, mask, key) -> (loss, params)``, in training mode: ``params``
-    with their state updated; with ``masked``, a mean over the real rows only."""
+    """``(trainable, state, features, y, mask, key) -> (loss, params)``, in training mode (``features``:
+    ``x`` or ``WithInputs``): ``params`` with their state updated; with ``masked``, a mean over the
+    real rows only."""
     train = train_mode(apply)
 
     def batch_loss(
-        trainable: Params, state: Params, x: jax.Array, y: jax.Array, mask: Any, key: jax.Array | None
+        trainable: Params, state: Params, features: Any, y: jax.Array, mask: Any, key: jax.Array | None
     ) -> tuple[jax.Array, Params]:
-        prediction, params = train(merge_state(trainable, state), x, key=key, row_mask=mask)
+        x, inputs = split_inputs(features)
+        prediction, params = train(merge_state(trainable, state), x, key=key, row_mask=mask, **inputs)
         if not masked:
             return loss(prediction, y), params
         per_row = jax.vmap(lambda p, t: loss(p[None], t[None]))(prediction, y)
@@ -260,9 +296,13 @@ def _averaged(opt_state: Any, params: Params) -> Params:
 
 def train_step(
     net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None, data_axis: str = "data"
-) -> Callable[[Params, Any, jax.Array, jax.Array, jax.Array | None], tuple[Params, Any, jax.Array]]:
-    """A pure ``step(params, opt_state, x, y, key) -> (params, opt_state, loss)``. Book: one
+) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """A pure ``step(params, opt_state, x, y, key, **inputs) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
+
+    ``inputs`` are the batch's inputs beyond ``x`` (``kv_lengths=``, ``mask=``: arrays with the
+    batch's rows first), passed to the network's training mode; a name no layer takes is a
+    ``TypeError``.
 
     ``key`` drives dropout; ``None`` trains without it. The network runs in training mode
     (``funcnet.train_apply``), so the returned params hold updated layer state (BatchNorm's
@@ -276,14 +316,16 @@ def train_step(
     shard = batch_sharding("train_step", mesh, data_axis)
 
     def step(
-        params: Params, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None
+        params: Params, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None, **inputs: Any
     ) -> tuple[Params, Any, jax.Array]:
+        inputs = check_inputs("train_step", "inputs", net, inputs, np.shape(x)[0])
+        features = with_inputs(x, inputs)
         if shard is not None and mesh is not None:
             check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
-            x, y = shard(x), shard(y)
+            features, y = rows_map(shard, features), shard(y)
         check_opt_state("train_step", optimizer, params, opt_state)
         trainable, state = split_state(params)
-        (value, new), grads = value_and_grad(trainable, state, x, y, None, key)
+        (value, new), grads = value_and_grad(trainable, state, features, y, None, key)
         trainable, opt_state = optimizer.update(grads, opt_state, trainable)
         replicated: tuple[Params, Any, jax.Array] = distributed.replicate(
             (merge_state(trainable, split_state(new)[1]), opt_state, value), mesh
@@ -353,12 +395,14 @@ def _means(
     loss: Loss,
     metrics: dict[str, Loss],
     params: Params,
-    x: jax.Array,
+    features: Any,
     y: jax.Array,
     dtype: Any,
 ) -> dict[str, jax.Array]:
-    """The loss and each metric on one eval batch (means over its rows)."""
-    prediction = apply(params, x)
+    """The loss and each metric on one eval batch (means over its rows); ``features``: its ``x``
+    or ``WithInputs``, whose inputs reach the network."""
+    x, inputs = split_inputs(features)
+    prediction = apply(params, x, **inputs)
     values = {"loss": loss(prediction, y), **{name: metric(prediction, y) for name, metric in metrics.items()}}
     return {name: jnp.asarray(value).astype(dtype) for name, value in values.items()}
 
@@ -369,15 +413,15 @@ def _eval_totals(
     metrics: dict[str, Loss],
     params: Params,
     total: dict[str, jax.Array],
-    xs: jax.Array,
+    xs: Any,
     ys: jax.Array,
     config: Config,
 ) -> dict[str, jax.Array]:
-    """``total`` plus each full eval batch's means times its rows, batch by batch (``xs``: batches
-    first, each of ``eval_layout(config)[0]`` rows)."""
-    size, dtype = xs.shape[1], jnp.dtype(config.dtype)
+    """``total`` plus each full eval batch's means times its rows, batch by batch (``xs``, ``ys``:
+    batches first, each of ``eval_layout(config)[0]`` rows; ``xs`` may carry inputs)."""
+    size, dtype = ys.shape[1], jnp.dtype(config.dtype)
 
-    def add(total: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> tuple[dict[str, jax.Array], None]:
+    def add(total: dict[str, jax.Array], batch: tuple[Any, jax.Array]) -> tuple[dict[str, jax.Array], None]:
         means = _means(apply, loss, metrics, params, *batch, dtype)
         return jax.tree_util.tree_map(lambda t, v: t + v * size, total, means), None
 
@@ -431,16 +475,15 @@ def _evaluate(
     size, full, rest = eval_layout(config)
     zero = {name: jnp.zeros((), dtype) for name in ("loss", *config.metrics)}
     if shards == 1:
-        batched = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
+        batched = lambda t: rows_map(lambda a: a[: full * size].reshape(full, size, *a.shape[1:]), t)
+        rest_of = lambda t: rows_map(lambda a: a[full * size :], t)
         total = _eval_totals(apply, loss, metrics, params, zero, batched(eval_x), batched(eval_y), config)
-        last = (
-            _means(apply, loss, metrics, params, eval_x[full * size :], eval_y[full * size :], dtype) if rest else None
-        )
+        last = _means(apply, loss, metrics, params, rest_of(eval_x), rest_of(eval_y), dtype) if rest else None
         return _eval_average(total, last, config)
     # several shards: each batch gathered where its rows live (``distributed.local_rows``)
     k = size // shards
     rows_of = lambda start, n: jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (shards, n))
-    gather = lambda a, index: distributed.local_rows(a, index, config.mesh, config.data_axis)
+    gather = lambda t, index: rows_map(lambda a: distributed.local_rows(a, index, config.mesh, config.data_axis), t)
 
     def add_local(total: dict[str, jax.Array], j: jax.Array) -> tuple[dict[str, jax.Array], None]:
         index = rows_of(j * jnp.int32(k), k)
@@ -492,12 +535,13 @@ def train_steps(
     carry: tuple[Params, Any, Any],
     batches: tuple[Any, jax.Array],
     dropout_key: jax.Array,
-    fetch: Callable[[Any], tuple[jax.Array, jax.Array]],
+    fetch: Callable[[Any], tuple[Any, jax.Array]],
     *,
     static: Static,
     config: Config,
 ) -> tuple[tuple[Params, Any, Any], jax.Array]:
-    """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``.
+    """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``: its
+    ``(x, y)``, ``x`` carrying the batch's inputs beyond it (``WithInputs``) if the fit has any.
 
     ``carry`` is ``(params, opt_state, loss_scale)``. Returns the carry after the steps and each
     batch's loss times its real rows. The device-resident fit fetches rows of the device data
@@ -530,7 +574,7 @@ def train_steps(
         mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
         # The optimizer updates the trainable part, training mode the layer state.
         trainable, state = split_state(params)
-        args = (trainable, state, shard(xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
+        args = (trainable, state, rows_map(shard, xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
         if c.loss_scale is None:
             (value, new), grads = value_and_grad(*args)
             trainable, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -633,9 +677,9 @@ def no_evaluation(config: Config) -> dict[str, jax.Array]:
 def _segment(
     state: TrainState,
     hyper: list[Any],
-    x: jax.Array,
+    x: Any,
     y: jax.Array,
-    eval_x: jax.Array | None,
+    eval_x: Any,
     eval_y: jax.Array | None,
     key: jax.Array,
     min_delta: Any,
@@ -644,6 +688,8 @@ def _segment(
     static: Static,
     config: Config,
 ) -> TrainState:
+    """Epochs ``state.epoch`` to ``stop - 1`` (the module's contract); ``x`` and ``eval_x`` are
+    arrays, or ``WithInputs`` with the inputs beyond them."""
     c = config
     apply, loss, _, metrics = combine(hyper, static)
 
@@ -652,7 +698,7 @@ def _segment(
         values: dict[str, jax.Array] = lax.cond(is_eval, scheduled, lambda p: no_evaluation(c), params)
         return values
 
-    gather = lambda a, index: distributed.local_rows(a, index, c.mesh, c.data_axis)
+    gather = lambda t, index: rows_map(lambda a: distributed.local_rows(a, index, c.mesh, c.data_axis), t)
 
     def train_epoch(s: TrainState) -> TrainState:
         batches, dropout_key = epoch_batches(key, s.epoch, c)

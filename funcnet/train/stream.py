@@ -15,6 +15,9 @@ Contract, stated once:
   ``program._evaluate`` adds them (``program.eval_layout``). So a streamed fit equals the
   device-resident one bit for bit: params, optimizer state, history, metrics, early stopping,
   a masked last batch, and checkpoints (the checkpoints of one resume the other).
+* **Inputs beyond x.** ``(x, y, inputs)`` data streams its inputs (each a host array with the
+  rows first) as it streams ``x``: the same rows are read from each, and the segment carries them
+  as ``program.WithInputs``, which ``program.train_steps`` and the evaluation pass to the network.
 * **Double buffering.** One worker thread gathers segment ``i + 1`` and starts its transfer
   while the device runs segment ``i``; the host waits for segment ``i - 1`` before it asks for
   ``i + 2``, so at most three segments (``SEGMENT_BYTES`` each, 16 MiB) are held at once,
@@ -66,7 +69,10 @@ from funcnet.train.program import (
     eval_batch_rows,
     eval_layout,
     no_evaluation,
+    rows_map,
+    split_inputs,
     train_steps,
+    with_inputs,
 )
 
 __all__ = ["SEGMENT_BYTES", "STALL_SECONDS", "check_host_data", "chooses_stream", "digest", "runner", "shape_of"]
@@ -90,8 +96,15 @@ def default_threshold() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def _parts(*pairs: Any) -> list[Any]:
-    return [a for pair in pairs if isinstance(pair, (tuple, list)) and len(pair) == 2 for a in pair]
+def _parts(*datas: Any) -> list[Any]:
+    """The arrays of data sets ``(x, y)`` or ``(x, y, inputs)``."""
+    parts = []
+    for data in datas:
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            parts += [data[0], data[1]]
+            if len(data) == 3 and isinstance(data[2], dict):
+                parts += [a for a in data[2].values() if a is not None]
+    return parts
 
 
 def chooses_stream(stream: Any, threshold: Any, train_data: Any, eval_data: Any) -> bool:
@@ -118,14 +131,15 @@ def chooses_stream(stream: Any, threshold: Any, train_data: Any, eval_data: Any)
 # --- checks ------------------------------------------------------------------------------------
 
 
-def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
+def check_host_data(name: str, data: Any) -> tuple[Any, Any, None, dict[str, Any]]:
     """``check_data``'s promises for data that stays on the host, without reading it: a pair
-    ``(x, y)`` with shapes, dtypes and matching rows, each indexable by an array of rows."""
+    ``(x, y)`` or a triple ``(x, y, inputs)`` (``checks.split_data``) with shapes, dtypes and
+    matching rows, each array indexable by an array of rows. Returns ``(x, y, None, inputs)``."""
     fn = "fit"
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"{fn}: {name} must be a pair (x, y) of arrays, got {type(data).__name__}.")
-    x, y = data
-    for part, array in ((f"{name} x", x), (f"{name} y", y)):
+    x, y, inputs = checks.split_data(name, data)
+    named = {f"{name} inputs[{key!r}]": value for key, value in inputs.items()}
+    parts = ((f"{name} x", x), (f"{name} y", y), *named.items())
+    for part, array in parts:
         if isinstance(array, jax.Array):
             raise TypeError(
                 f"{fn}: stream=True streams host data (NumPy arrays, np.memmap, or objects indexable by "
@@ -138,7 +152,10 @@ def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
                 f"of row indices to stream, got {type(array).__name__}."
             )
         dtype = np.dtype(dtype)
-        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        if part in named:
+            if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+                raise TypeError(f"{fn}: {part} must have a numeric or bool dtype, got {dtype}.")
+        elif not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
             raise TypeError(
                 f"{fn}: {part} must have a floating or integer dtype (integers: labels or token ids), got {dtype}."
             )
@@ -152,7 +169,8 @@ def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
         raise ValueError(f"{fn}: {name} x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
     if x.shape[0] == 0:
         raise ValueError(f"{fn}: {name} must have at least one row, got 0.")
-    for part, array in ((f"{name} x", x), (f"{name} y", y)):
+    checks.check_input_rows(fn, f"{name} inputs", inputs, x.shape[0])
+    for part, array in parts:
         rows = np.array([0, array.shape[0] - 1])
         try:
             probe = np.asarray(array[rows])
@@ -167,13 +185,14 @@ def check_host_data(name: str, data: Any) -> tuple[Any, Any, None]:
                 f"{fn}: {part} ({type(array).__name__}) indexed by an array of 2 row indices must give shape "
                 f"{(2, *array.shape[1:])}, got {probe.shape}; streaming needs NumPy-style row indexing."
             )
-    return x, y, None  # the digest of the values (``digest``) is taken only when a checkpoint needs it
+    return x, y, None, inputs  # the digest of the values (``digest``) is taken only when a checkpoint needs it
 
 
-def digest(x: Any, y: Any) -> str:
-    """``checks.check_data``'s digest of ``(x, y)``'s values, computed a segment of rows at a time
-    (bounded memory), so a streamed run's checkpoints and a device-resident run's match."""
-    return f"{_array_digest(x)}/{_array_digest(y)}"
+def digest(x: Any, y: Any, inputs: dict[str, Any] | None = None) -> str:
+    """``checks.check_data``'s digest of ``(x, y, inputs)``'s values, computed a segment of rows at a
+    time (bounded memory), so a streamed run's checkpoints and a device-resident run's match."""
+    inputs = inputs or {}
+    return checks.data_digest([_array_digest(a) for a in (x, y, *inputs.values())], inputs)
 
 
 def _array_digest(array: Any) -> str:
@@ -198,6 +217,18 @@ def _array_digest(array: Any) -> str:
 def shape_of(array: Any) -> jax.ShapeDtypeStruct:
     """The shape and dtype ``array`` has on the device (the checkpoint fingerprint compares these)."""
     return jax.ShapeDtypeStruct(tuple(array.shape), jax.dtypes.canonicalize_dtype(np.dtype(array.dtype)))
+
+
+def _sources(name: str, features: Any) -> Any:
+    """A ``_Source`` for ``x`` (and, in ``WithInputs``, one for each input beyond it)."""
+    x, inputs = split_inputs(features)
+    source = _Source(f"{name} x", x)
+    return with_inputs(source, {key: _Source(f"{name} inputs[{key!r}]", a) for key, a in inputs.items()})
+
+
+def _row_bytes(sources: Any) -> int:
+    """One row's bytes of ``x`` and its inputs together."""
+    return sum(source.row_bytes() for source in jax.tree_util.tree_leaves(sources))
 
 
 class _Source:
@@ -331,7 +362,7 @@ def _file_layout(array: Any) -> tuple[int, int, int] | None:
 def _steps(
     carry: tuple[Params, Any, Any],
     hyper: list[Any],
-    xs: jax.Array,
+    xs: Any,
     ys: jax.Array,
     first: jax.Array,
     dropout_key: jax.Array,
@@ -339,9 +370,10 @@ def _steps(
     static: Static,
     config: Config,
 ) -> tuple[tuple[Params, Any, Any], jax.Array]:
-    """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``;
-    ``carry`` is ``(params, opt_state, loss_scale)``, as ``program.train_steps`` takes it."""
-    numbers = jnp.arange(xs.shape[0])  # the device fit's batch numbers are jnp.arange's dtype too
+    """Batches ``first`` onwards of an epoch, their rows given: ``xs``/``ys`` are ``(batches, batch_size, ...)``
+    (``xs`` with the inputs beyond x, ``program.WithInputs``, if any); ``carry`` is ``(params,
+    opt_state, loss_scale)``, as ``program.train_steps`` takes it."""
+    numbers = jnp.arange(ys.shape[0])  # the device fit's batch numbers are jnp.arange's dtype too
     numbers = numbers + first.astype(numbers.dtype)
     after, sums = train_steps(
         hyper, carry, ((xs, ys), numbers), dropout_key, lambda rows: rows, static=static, config=config
@@ -365,7 +397,7 @@ def _eval_block(
     params: Params,
     total: dict[str, jax.Array],
     hyper: list[Any],
-    xs: jax.Array,
+    xs: Any,
     ys: jax.Array,
     *,
     static: Static,
@@ -376,7 +408,7 @@ def _eval_block(
 
 
 def _eval_batch(
-    params: Params, hyper: list[Any], x: jax.Array, y: jax.Array, *, static: Static, config: Config
+    params: Params, hyper: list[Any], x: Any, y: jax.Array, *, static: Static, config: Config
 ) -> dict[str, jax.Array]:
     apply, loss, _, metrics = combine(hyper, static)
     return _means(apply, loss, metrics, params, x, y, jnp.dtype(config.dtype))
@@ -412,7 +444,7 @@ class _Job(NamedTuple):
     epoch: int
     kind: str  # "train": batches first..; "eval": full eval batches; "eval last": the partial one
     first: int
-    arrays: tuple[Any, Any]  # on the device once gathered
+    arrays: tuple[Any, Any]  # (x, y) on the device once gathered, x with the inputs beyond it if any
     dropout_key: Any
     rows: int  # rows read
 
@@ -467,11 +499,12 @@ def _host_cpu() -> Any:
 class _Plan:
     """The segments to read, in the order the training loop uses them, from ``epoch`` to ``stop``."""
 
-    def __init__(self, x: _Source, y: _Source, ex: _Source | None, ey: _Source | None, key: jax.Array, config: Config):
+    def __init__(self, x: Any, y: _Source, ex: Any, ey: _Source | None, key: jax.Array, config: Config):
+        """``x``, ``ex``: a ``_Source``, or ``WithInputs`` of them (the inputs beyond x read alike)."""
         self.x, self.y, self.ex, self.ey, self.config = x, y, ex, ey, config
         c = config
         self.per_segment = max(
-            1, min(c.batches, SEGMENT_BYTES // max(1, c.batch_size * (x.row_bytes() + y.row_bytes())))
+            1, min(c.batches, SEGMENT_BYTES // max(1, c.batch_size * (_row_bytes(x) + y.row_bytes())))
         )
         self.cpu = _host_cpu()
         self.key = jax.device_put(key, self.cpu)
@@ -481,7 +514,7 @@ class _Plan:
             size, full, rest = eval_layout(c)
             self.eval_size = size
             self.eval_full, self.eval_rest = (full, rest) if c.eval_rows > c.eval_batch_size else (0, c.eval_rows)
-            per = SEGMENT_BYTES // max(1, size * (ex.row_bytes() + ey.row_bytes()))
+            per = SEGMENT_BYTES // max(1, size * (_row_bytes(ex) + ey.row_bytes()))
             self.eval_per_segment = max(1, min(max(self.eval_full, 1), per))
 
     def warm(self, epoch: int) -> None:
@@ -515,7 +548,7 @@ class _Plan:
         index, dropout_key = order()
         local = index[first : first + self.per_segment]  # (count, shards, k) each shard's own rows
         rows = distributed.global_rows(local, c.rows).reshape(local.shape)
-        arrays = (_read(self.x, rows, c, self.mine), _read(self.y, rows, c, self.mine))
+        arrays = (rows_map(lambda a: _read(a, rows, c, self.mine), self.x), _read(self.y, rows, c, self.mine))
         return _Job(e, "train", first, arrays, dropout_key, rows.size)
 
     def _eval_jobs(self, e: int) -> Iterator[Callable[[], _Job]]:
@@ -523,16 +556,22 @@ class _Plan:
         ex, ey, c = self.ex, self.ey, self.config
         size = self.eval_size
 
-        def rows(a: _Source, first: int, count: int) -> Any:
+        def rows(sources: Any, first: int, count: int) -> Any:
             """Full batches ``first .. first + count - 1``, ``(count, size, ...)``, on their way."""
+            return rows_map(lambda a: rows_of(a, first, count), sources)
+
+        def rows_of(a: _Source, first: int, count: int) -> Any:
             if c.shards == 1:  # batches of consecutive rows
                 block = a.slice(first * size, (first + count) * size)
                 return _place(block.reshape(count, size, *block.shape[1:]), c, 1)
             index = eval_batch_rows(first, count, c).reshape(count, c.shards, size // c.shards)
             return _read(a, index, c, self.mine)  # every shard's rows side by side
 
-        def last_rows(a: _Source) -> Any:
+        def last_rows(sources: Any) -> Any:
             """The last batch (every eval row, when they fit in one), ``(eval_rest, ...)``."""
+            return rows_map(last_rows_of, sources)
+
+        def last_rows_of(a: _Source) -> Any:
             if c.shards == 1:
                 return _place(a.slice(self.eval_full * size, c.eval_rows), c, 0)
             per_shard = self.eval_rest // c.shards
@@ -612,12 +651,13 @@ def runner(
     config: Config,
 ) -> Callable[[TrainState, int], TrainState]:
     """``run(state, stop)``: ``program.segment``'s contract (train epochs ``state.epoch`` to
-    ``stop - 1`` unless stopped), with the data streamed from the host."""
+    ``stop - 1`` unless stopped), with the data streamed from the host. Each ``x`` is a host
+    array, or ``program.WithInputs`` of host arrays (the inputs beyond x, read row by row alike)."""
     c = config
-    x, y = _Source("train_data x", train_data[0]), _Source("train_data y", train_data[1])
+    x, y = _sources("train_data", train_data[0]), _Source("train_data y", train_data[1])
     ex = ey = None
     if eval_data is not None:
-        ex, ey = _Source("eval_data x", eval_data[0]), _Source("eval_data y", eval_data[1])
+        ex, ey = _sources("eval_data", eval_data[0]), _Source("eval_data y", eval_data[1])
     plan = _Plan(x, y, ex, ey, key, c)
 
     def evaluate(feed: _Feed, e: int, params: Params) -> dict[str, jax.Array]:
