@@ -17,22 +17,32 @@ Contract, stated once:
   accumulated gradients) and its constants (``eps``, ``b1``, ...) live there, and only the new
   params are cast back (one rounding). float16 and bfloat16 params therefore get float32 state.
 * Wrappers take optimizers: ``accumulate`` (the mean gradient of ``steps`` calls, applied every
-  ``steps``-th call) and ``multi_optimizer`` (parameter groups, ``None`` freezing one).
+  ``steps``-th call) and ``multi_optimizer`` (parameter groups, ``None`` freezing one), whose
+  groups can be chosen by what a parameter is, its field name (``labels_by_field``; the
+  weight-decay recipe ``decay_labels``: weights ``W``/``W_*``, not biases, norms).
+* A ``GradientTransform(init, update)`` changes gradients, not params:
+  ``update(grads, state, params) -> (new_grads, new_state)``. ``chain(*transforms, optimizer)``
+  is the ``Optimizer`` that feeds ``optimizer`` the transformed gradients (state
+  ``ChainState(step, transforms, inner)``); ``clip_by_global_norm(max_norm)`` is the one
+  transform, so ``chain(clip_by_global_norm(1.0), multi_optimizer(...))`` clips by the norm
+  over every group together (``optax.chain(optax.clip_by_global_norm(1.0), ...)``).
 * Optimizers and schedules are values: equal calls give equal, equally hashed objects, and
   their numbers are pytree data. ``fit`` hands the numbers to its compiled program as traced
   arguments, so a sweep over learning rates, momenta, Adam's ``b1``/``b2``/``eps``,
   ``weight_decay``, ``clip_norm``, ``clip_value``, a schedule's ``initial``, ``peak``,
-  ``final``, ``steps``, ``warmup_steps``, ``decay_steps`` and ``every``, or ``accumulate``'s
-  ``steps`` compiles once. Static (a change compiles a new program): the optimizer's kind,
-  whether ``weight_decay`` is zero, whether ``clip_norm``/``clip_value`` are set, the
-  schedule's kind (constant, linear, exponential, cosine, warmup-cosine, or a function of
-  your own, which compiles once per function object), ``multi_optimizer``'s groups and labels.
+  ``final``, ``steps``, ``warmup_steps``, ``decay_steps`` and ``every``, ``accumulate``'s
+  ``steps`` or ``clip_by_global_norm``'s ``max_norm`` compiles once. Static (a change compiles
+  a new program): the optimizer's kind, whether ``weight_decay`` is zero, whether
+  ``clip_norm``/``clip_value`` are set, which transforms ``chain`` holds, the schedule's kind
+  (constant, linear, exponential, cosine, warmup-cosine, or a function of your own, which
+  compiles once per function object), ``multi_optimizer``'s groups and labels.
 * Nothing is mutated; unused arguments are ``del``-ed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -47,6 +57,8 @@ __all__ = [
     "AccumulateState",
     "AdagradState",
     "AdamState",
+    "ChainState",
+    "GradientTransform",
     "MomentumState",
     "MultiState",
     "Optimizer",
@@ -56,9 +68,13 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "chain",
+    "clip_by_global_norm",
     "constant",
     "cosine_decay",
+    "decay_labels",
     "exponential_decay",
+    "labels_by_field",
     "linear_decay",
     "momentum",
     "multi_optimizer",
@@ -327,7 +343,8 @@ def _clip_norm(grads: Params, clip_norm: Any) -> Params:
         return grads
     dtype = max((_wide(g) for g in leaves), key=lambda d: d.itemsize)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(dtype))) for g in leaves))
-    scale = jnp.minimum(1.0, jnp.asarray(clip_norm).astype(dtype) / jnp.maximum(norm, 1e-30))
+    limit = jnp.asarray(clip_norm).astype(dtype)
+    scale = limit / jnp.maximum(norm, limit)  # min(1, limit / norm), and 1 for a zero gradient
     return _tree_map(lambda g: g * scale.astype(g.dtype), grads)
 
 
@@ -565,7 +582,7 @@ def adamw(
     return _adam_like(_AdamW, learning_rate, b1, b2, eps, weight_decay, clip_norm, clip_value)
 
 
-def _name(optimizer: Optimizer | None) -> str:
+def _name(optimizer: Optimizer | GradientTransform | None) -> str:
     """``adam(...)`` for a funcnet optimizer (its spec's repr), else the pair's repr."""
     init = getattr(optimizer, "init", None)
     return repr(init.owner) if isinstance(init, Method) else repr(optimizer)
@@ -719,10 +736,13 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
       labels: each param's group name, as a pytree of strings with the params' structure (e.g.
         ``jax.tree_util.tree_map(lambda _: "head", params)``, edited), or a function called
         with each param's key path (as ``jax.tree_util.tree_map_with_path`` passes it) that
-        returns its group name. A function is compared by identity.
+        returns its group name. A function is compared by identity. ``labels_by_field``
+        builds the tree from the params' field names, ``decay_labels`` the weight-decay groups
+        (``"decay"``: the weights; ``"no_decay"``: biases, norms).
 
     Each group's optimizer sees only its own params (the others are ``None``): its clipping
-    norm and state cover that group alone, as in ``optax.multi_transform``.
+    norm and state cover that group alone, as in ``optax.multi_transform``. For one global norm
+    over every group, ``chain(clip_by_global_norm(max_norm), multi_optimizer(...))``.
     """
     fn = "multi_optimizer"
     if not isinstance(optimizers, dict) or not optimizers:
@@ -745,6 +765,224 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
                 )
         labels = tuple((jax.tree_util.keystr(path), name) for path, name in pairs)
     spec = _Multi(groups=tuple(sorted(optimizers.items())), labels=labels)
+    return Optimizer(Method(spec, "init"), Method(spec, "update"))
+
+
+# --- Parameter groups by what a parameter is: its field name, not its rank ---------------------
+
+
+def _field(key: Any) -> str | None:
+    """The name a key path's last key gives its leaf: a ``NamedTuple``'s field, a dict's key."""
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return str(key.name)
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    return None  # a tuple's or list's position, a custom node's flattened index: no name
+
+
+def _parent_type(params: Params, path: tuple[Any, ...]) -> str | None:
+    """The class name of the node holding the leaf at ``path`` (``DenseParams``), if it can be found."""
+    node = params
+    for key in path[:-1]:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            node = getattr(node, key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            node = node[key.idx]
+        elif isinstance(key, jax.tree_util.DictKey):
+            node = node[key.key]
+        else:  # a custom node's flattened index: no way back to the child
+            return None
+    return type(node).__name__
+
+
+def _is_state(node: Any) -> bool:
+    from funcnet.state import is_state  # deferred: the optimizers need nothing else from the layers
+
+    return is_state(node)
+
+
+def labels_by_field(params: Params, fields: dict[str, str], *, default: str | None = None) -> Params:
+    """``multi_optimizer``'s labels chosen by what each parameter is: its field name.
+
+    Args:
+      params: the network's params (e.g. ``net.init(key, shape)[1]``); only their structure is read.
+      fields: ``{pattern: group}``. A pattern is a field name (``"W"``, ``"gamma"``), or a class
+        name and a field (``"EmbeddingParams.W"``), either with ``fnmatch`` wildcards (``"W_*"``,
+        ``"*Embedding*.W"``). A leaf's field is its ``NamedTuple`` field (``DenseParams.W``) or
+        its dict key; a leaf in a plain tuple or list has none. The patterns with a class name
+        are tried first, then the others, each kind in the dict's order; the first match names
+        the leaf's group.
+      default: the group of a leaf no pattern matches; without it such a leaf is a ``ValueError``
+        naming its path, so a parameter never lands in a group by accident.
+
+    Returns:
+      A tree of group names with the params' structure, ``None`` in place of layer state
+      (BatchNorm's statistics, which no optimizer sees), ready for ``multi_optimizer``. Equal
+      structures give equal labels, so equal ``multi_optimizer`` calls stay equal values.
+
+    funcnet's params name their fields: weights ``W`` (``Dense``, ``Conv2D``, ``RNN``, and the
+    embeddings' tables ``EmbeddingParams.W``, ``PositionalEmbeddingParams.W``) and ``W_*``
+    (attention's ``W_q``, ``W_k``, ``W_v``, ``W_o``; LSTM's and GRU's gates), biases ``B`` and
+    ``B_*`` (shape ``(1, n)``: a rule by rank would take them for matrices), norms ``gamma`` and
+    ``beta``. ``decay_labels`` is the weight-decay recipe built on this.
+    """
+    fn = "labels_by_field"
+    if not isinstance(fields, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+        raise TypeError(f"{fn}: fields must be a dict from field pattern to group name (str to str), got {fields!r}.")
+    if default is not None and not isinstance(default, str):
+        raise TypeError(f"{fn}: default must be a group name (str) or None, got {type(default).__name__}.")
+    qualified = [(pattern, group) for pattern, group in fields.items() if "." in pattern]
+    plain = [(pattern, group) for pattern, group in fields.items() if "." not in pattern]
+
+    def label(path: tuple[Any, ...], leaf: Any) -> str | None:
+        if _is_state(leaf):
+            return None
+        field = _field(path[-1]) if path else None
+        owner = _parent_type(params, path) if field is not None else None
+        for patterns, name in ((qualified, f"{owner}.{field}" if owner else None), (plain, field)):
+            for pattern, group in patterns:
+                if name is not None and fnmatch.fnmatchcase(name, pattern):
+                    return group
+        if default is None:
+            where = f" ({owner}.{field})" if owner else ""
+            raise ValueError(
+                f"{fn}: params{jax.tree_util.keystr(path)}{where} matches none of the fields "
+                f"{list(fields)}; add its field or pass default=."
+            )
+        return default
+
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_state)
+
+
+_EMBEDDINGS = ("EmbeddingParams.W", "PositionalEmbeddingParams.W")
+
+
+def decay_labels(params: Params, *, embeddings: bool = True) -> Params:
+    """Weight-decay groups by what a parameter is: ``"decay"`` for the weights, ``"no_decay"``
+    for the rest, as labels for ``multi_optimizer``.
+
+    Weights are the fields named ``W`` or ``W_*`` (``Dense``, attention's ``W_q``/``W_k``/``W_v``/
+    ``W_o``, convolution and recurrent kernels, and the embedding tables); biases (``B``,
+    ``B_*``), norms (``gamma``, ``beta``) and any other field are not decayed. This is nanoGPT's
+    rule (decay the matrices, embeddings included; not the biases or LayerNorm's weights), written
+    by name because funcnet's biases are ``(1, n)`` matrices. ``embeddings=False`` keeps the
+    embedding tables (``EmbeddingParams.W``, ``PositionalEmbeddingParams.W``) out of the decay.
+
+    The nanoGPT optimizer::
+
+        labels = decay_labels(params)
+        optimizer = chain(
+            clip_by_global_norm(1.0),
+            multi_optimizer(
+                {"decay": adamw(schedule, 0.9, 0.95, weight_decay=0.1),
+                 "no_decay": adamw(schedule, 0.9, 0.95, weight_decay=0.0)},
+                labels,
+            ),
+        )
+
+    (``labels_by_field(params, {...}, default=...)`` spells other rules.)
+    """
+    if not isinstance(embeddings, bool):
+        raise TypeError(f"decay_labels: embeddings must be a bool, got {type(embeddings).__name__}.")
+    excluded = {} if embeddings else dict.fromkeys(_EMBEDDINGS, "no_decay")
+    return labels_by_field(params, {**excluded, "W": "decay", "W_*": "decay"}, default="no_decay")
+
+
+# --- Gradient transforms before an optimizer: global-norm clipping, chain ----------------------
+
+
+class GradientTransform(NamedTuple):
+    """``init(params) -> state``; ``update(grads, state, params) -> (new_grads, new_state)``:
+    a step that changes the gradients before an optimizer uses them (see ``chain``)."""
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+
+
+class ChainState(NamedTuple):
+    step: jax.Array
+    transforms: tuple[Any, ...]  # each gradient transform's state, in order
+    inner: Any  # the optimizer's state
+
+
+@_hyperparameters
+class _ClipByGlobalNorm:
+    max_norm: Any
+
+    def init(self, params: Params) -> tuple[()]:
+        del params
+        return ()
+
+    def update(self, grads: Params, state: tuple[()], params: Params) -> tuple[Params, tuple[()]]:
+        _check_trees("clip_by_global_norm", grads, params)
+        grads = _tree_map(lambda g, p: jnp.asarray(g).astype(_wide(p)), grads, params)
+        return _clip_norm(grads, self.max_norm), state
+
+    def __repr__(self) -> str:
+        return f"clip_by_global_norm({self.max_norm!r})"
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransform:
+    """Scale the whole gradient tree down to a global norm of at most ``max_norm``:
+    ``g * max_norm / max(norm, max_norm)`` with ``norm = sqrt(sum of every leaf's squares)``
+    (``optax.clip_by_global_norm``; ``torch.nn.utils.clip_grad_norm_`` without its eps).
+
+    The norm is computed in at least float32 and the gradients come back in their optimizer's
+    precision (the params' dtype, at least float32), so a low-precision update is still rounded
+    once. Before ``multi_optimizer``, ``chain(clip_by_global_norm(1.0), multi_optimizer(...))``
+    clips by the norm over all groups together, as nanoGPT does; an optimizer's own
+    ``clip_norm=`` inside a group covers that group alone. ``max_norm`` is traced (a sweep over
+    it compiles once); a traced value is not checked.
+    """
+    _checks.real_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
+    spec = _ClipByGlobalNorm(max_norm=number(max_norm))
+    return GradientTransform(Method(spec, "init"), Method(spec, "update"))
+
+
+@_hyperparameters
+class _Chain:
+    transforms: tuple[GradientTransform, ...]
+    optimizer: Optimizer
+
+    def init(self, params: Params) -> ChainState:
+        states = tuple(transform.init(params) for transform in self.transforms)
+        return ChainState(jnp.zeros((), jnp.int32), states, self.optimizer.init(params))
+
+    def update(self, grads: Params, state: ChainState, params: Params) -> tuple[Params, ChainState]:
+        _check_trees("chain", grads, params)
+        states = []
+        for transform, transform_state in zip(self.transforms, state.transforms, strict=True):
+            grads, transform_state = transform.update(grads, transform_state, params)
+            states.append(transform_state)
+        new_params, inner = self.optimizer.update(grads, state.inner, params)
+        return new_params, ChainState(state.step + 1, tuple(states), inner)
+
+    def __repr__(self) -> str:
+        return f"chain({', '.join([*map(_name, self.transforms), _name(self.optimizer)])})"
+
+
+def chain(*parts: GradientTransform | Optimizer) -> Optimizer:
+    """``chain(*transforms, optimizer)``: the optimizer, fed the gradients as the transforms
+    leave them, in order (``optax.chain(*transforms, optimizer)``).
+
+    The result is an ``Optimizer`` whose state is ``ChainState(step, transforms, inner)``, so it
+    goes wherever an optimizer does: ``fit``, ``accumulate``, a group of ``multi_optimizer``.
+    Mind the order with ``accumulate``: ``accumulate(chain(clip_by_global_norm(1.0), adam(...)),
+    k)`` clips the mean gradient of ``k`` calls (nanoGPT's order, and ``optax.MultiSteps``'s),
+    ``chain(clip_by_global_norm(1.0), accumulate(adam(...), k))`` each call's gradient.
+    """
+    fn = "chain"
+    if not parts:
+        raise TypeError(f"{fn}: give the gradient transforms and then an Optimizer, got nothing.")
+    *transforms, optimizer = parts
+    for i, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransform):
+            raise TypeError(
+                f"{fn}: every argument before the last must be a GradientTransform, e.g. "
+                f"clip_by_global_norm(1.0), got {type(transform).__name__} at position {i}."
+            )
+    _check_optimizer(fn, "the last argument", optimizer)
+    spec = _Chain(transforms=tuple(transforms), optimizer=optimizer)  # type: ignore[arg-type]  # checked above
     return Optimizer(Method(spec, "init"), Method(spec, "update"))
 
 

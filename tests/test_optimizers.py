@@ -355,6 +355,7 @@ def test_the_optax_oracle_catches_a_second_moment_bias_correction_with_b1(monkey
 
 LOW = [jnp.float16, jnp.bfloat16]
 ALL_KINDS = {
+    "chain": lambda: fn.optimizers.chain(fn.optimizers.clip_by_global_norm(0.1), fn.adam(1e-3)),
     "sgd": lambda: fn.sgd(0.01, weight_decay=1e-3, clip_norm=1.0, clip_value=5.0),
     "momentum": lambda: fn.momentum(0.01, 0.9),
     "adagrad": lambda: fn.adagrad(0.01),
@@ -381,12 +382,16 @@ def test_state_lives_in_at_least_float32_and_params_keep_their_dtype(kind, dtype
         assert leaf.dtype == dtype and bool(jnp.all(jnp.isfinite(leaf)))
 
 
+@pytest.mark.parametrize("clip", ["clip_norm", "clip_by_global_norm"])
 @pytest.mark.parametrize("dtype", LOW)
-def test_the_clip_norm_is_computed_in_float32(dtype):
+def test_the_clip_norm_is_computed_in_float32(dtype, clip):
     """float16's largest value is 65504: the squared norm of 16 gradients of 300 overflowed it,
     the scale became 0 and nothing was updated."""
     params = {"W": jnp.ones((4, 4), dtype)}
-    optimizer = fn.sgd(0.1, clip_norm=1.0)
+    if clip == "clip_norm":
+        optimizer = fn.sgd(0.1, clip_norm=1.0)
+    else:
+        optimizer = fn.optimizers.chain(fn.optimizers.clip_by_global_norm(1.0), fn.sgd(0.1))
     new, _ = optimizer.update({"W": jnp.full((4, 4), 300.0, dtype)}, optimizer.init(params), params)
     np.testing.assert_allclose(np.asarray(new["W"], np.float32), 1 - 0.1 / 4, rtol=2e-3)
 
@@ -659,3 +664,370 @@ def test_a_vmapped_ensemble_over_the_new_numbers_equals_separate_fits():
         alone = member(float(peaks[i]), float(decays[i]), 2)
         for got, want in ((ensemble.params, alone.params), (ensemble.ema_params, alone.ema_params)):
             jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-9), got, want)
+
+
+# --- A global-norm clip chained before an optimizer; weight-decay groups by field name ----------
+
+from funcnet.optimizers import (  # noqa: E402  # the names this section adds, from their module
+    ChainState,
+    GradientTransform,
+    chain,
+    clip_by_global_norm,
+    decay_labels,
+    labels_by_field,
+)
+
+DECAY_BY_KEY = {"W": 0.1, "b": 0.0}  # START's groups: the matrix decays, the bias does not
+GROUPS = {"W": "decay", "b": "no_decay"}
+RIGHT_CLIP = fn.optimizers._clip_norm
+
+
+def _grouped_adamw(max_norm, lr=0.05, b1=0.9, b2=0.95):
+    """nanoGPT's optimizer on START: one global clip, then AdamW decaying only ``W``."""
+    groups = {"decay": fn.adamw(lr, b1, b2, weight_decay=0.1), "no_decay": fn.adamw(lr, b1, b2, weight_decay=0.0)}
+    return chain(clip_by_global_norm(max_norm), fn.multi_optimizer(groups, GROUPS))
+
+
+def _grouped_adamw_rule(max_norm, lr=0.05, b1=0.9, b2=0.95, eps=1e-8):
+    """The same, written apart in NumPy: the norm over every group's gradients together."""
+
+    def rule(t, p, g, state):
+        norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+        g = {k: v * max_norm / max(norm, max_norm) for k, v in g.items()}
+        m, v = state or (_zeros(), _zeros())
+        m = {k: b1 * m[k] + (1 - b1) * g[k] for k in p}
+        v = {k: b2 * v[k] + (1 - b2) * g[k] ** 2 for k in p}
+        step = {k: (m[k] / (1 - b1 ** (t + 1))) / (np.sqrt(v[k] / (1 - b2 ** (t + 1))) + eps) for k in p}
+        return {k: p[k] - lr * (step[k] + DECAY_BY_KEY[k] * p[k]) for k in p}, (m, v)
+
+    return rule
+
+
+def _grouped_adamw_optax(max_norm, lr=0.05, b1=0.9, b2=0.95):
+    optax = pytest.importorskip("optax")
+    groups = {
+        "decay": optax.adamw(lr, b1, b2, weight_decay=0.1),
+        "no_decay": optax.adamw(lr, b1, b2, weight_decay=0.0),
+    }
+    return optax.chain(optax.clip_by_global_norm(max_norm), optax.multi_transform(groups, GROUPS))
+
+
+def _run_in(dtype, update_step, init_state, steps=20):
+    """START trained ``steps`` steps in ``dtype`` by ``update_step(grads, state, params)``."""
+    params = {k: jnp.asarray(v, dtype) for k, v in START.items()}
+    state, trajectory = init_state(params), []
+    for t in range(steps):
+        grads = {k: jnp.asarray(v, dtype) for k, v in _grad({k: np.asarray(v) for k, v in params.items()}, t).items()}
+        params, state = update_step(grads, state, params)
+        trajectory.append({k: np.asarray(v) for k, v in params.items()})
+    return trajectory
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 6.0, 1e3])  # clipping every step, some steps, never
+def test_a_global_clip_before_parameter_groups_follows_its_formula(max_norm):
+    ours, theirs = _run_funcnet(_grouped_adamw(max_norm)), _run_reference(_grouped_adamw_rule(max_norm))
+    _assert_same_trajectory(ours, theirs)
+    if max_norm == 6.0:  # the parametrisation covers both branches of the clip
+        norms = [np.sqrt(sum(np.sum(v**2) for v in _grad(p, t).values())) for t, p in enumerate([START, *theirs[:-1]])]
+        assert min(norms) < 6.0 < max(norms)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 6.0, 1e3])
+def test_a_global_clip_before_parameter_groups_equals_optax_chain(max_norm):
+    _assert_same_trajectory(_run_funcnet(_grouped_adamw(max_norm)), _run_optax(_grouped_adamw_optax(max_norm)))
+
+
+def test_a_global_clip_equals_optax_in_float32():
+    """In float32 (params, gradients, state) both libraries round alike up to a few ulps per step."""
+    optax = pytest.importorskip("optax")
+    ours = _grouped_adamw(1.0)
+    theirs = _grouped_adamw_optax(1.0)
+    step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(*theirs.update(g, s, p)))
+    with jax.numpy_dtype_promotion("standard"):
+        expected = _run_in(jnp.float32, step, theirs.init)
+    got = _run_in(jnp.float32, jax.jit(ours.update), ours.init)
+    for t, (a, b) in enumerate(zip(got, expected, strict=True)):
+        for k in a:
+            assert a[k].dtype == np.float32
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=f"step {t + 1}, {k}")
+
+
+def test_the_oracles_catch_a_clip_per_group_instead_of_over_all_groups():
+    """A check that cannot fail proves nothing: the same AdamW groups, each clipping its own
+    gradients (``clip_norm=`` inside the group, which is what funcnet offered before), differ."""
+    groups = {
+        "decay": fn.adamw(0.05, 0.9, 0.95, weight_decay=0.1, clip_norm=1.0),
+        "no_decay": fn.adamw(0.05, 0.9, 0.95, weight_decay=0.0, clip_norm=1.0),
+    }
+    per_group = _run_funcnet(fn.multi_optimizer(groups, GROUPS), steps=10)
+    with pytest.raises(AssertionError, match="step"):
+        _assert_same_trajectory(per_group, _run_reference(_grouped_adamw_rule(1.0), steps=10))
+    try:
+        theirs = _run_optax(_grouped_adamw_optax(1.0), steps=10)
+    except pytest.skip.Exception:
+        return
+    with pytest.raises(AssertionError, match="step"):
+        _assert_same_trajectory(per_group, theirs)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        # each leaf scaled by its own norm
+        lambda grads, limit: jax.tree_util.tree_map(lambda g: RIGHT_CLIP(g, limit), grads),
+        # the squared norm taken for the norm
+        lambda grads, limit: jax.tree_util.tree_map(
+            lambda g: g * jnp.minimum(1.0, limit / sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(grads))),
+            grads,
+        ),
+        # clipped to 1 whatever max_norm says
+        lambda grads, limit: RIGHT_CLIP(grads, 1.0),
+    ],
+    ids=["per-leaf norm", "squared norm", "max_norm ignored"],
+)
+def test_the_formula_check_catches_a_wrong_global_norm(monkeypatch, wrong):
+    monkeypatch.setattr(fn.optimizers, "_clip_norm", wrong)
+    with jax.disable_jit(), pytest.raises(AssertionError, match="step"):
+        _assert_same_trajectory(_run_funcnet(_grouped_adamw(3.0), steps=5), _run_reference(_grouped_adamw_rule(3.0), 5))
+
+
+def test_the_clip_state_and_repr():
+    params = {k: jnp.asarray(v) for k, v in START.items()}
+    optimizer = _grouped_adamw(1.0)
+    state = optimizer.init(params)
+    assert isinstance(state, ChainState) and state.transforms == ((),) and int(state.step) == 0
+    _, state = optimizer.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+    assert int(state.step) == 1 and int(state.inner.states["decay"].step) == 1
+    assert repr(clip_by_global_norm(0.5).update) == "clip_by_global_norm(0.5).update"
+    assert repr(chain(clip_by_global_norm(0.5), fn.sgd(0.1)).init) == (
+        "chain(clip_by_global_norm(0.5), sgd(learning_rate=0.1)).init"
+    )
+    assert isinstance(clip_by_global_norm(1.0), GradientTransform)
+
+
+def test_the_clip_alone_is_optax_clip_by_global_norm_and_leaves_a_zero_gradient_alone():
+    clip = clip_by_global_norm(2.0)
+    grads = {k: jnp.asarray(v) for k, v in GRADS.items()}
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    clipped, state = clip.update(grads, clip.init(params), params)
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in GRADS.values()))
+    for k in GRADS:
+        np.testing.assert_allclose(clipped[k], np.asarray(GRADS[k]) * 2.0 / norm, rtol=1e-6)
+    assert state == ()
+    zero = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, clip.update(zero, (), params)[0], zero)  # no 0/0
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_the_clip_hands_low_precision_gradients_on_in_float32_scaled_once(dtype):
+    """The optimizer after it computes in float32 anyway: a clip that rounded the scaled gradient
+    back to float16 would round the update twice."""
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5], dtype)}
+    grads = {"w": jnp.asarray([0.3, -0.2, 0.1], dtype)}
+    wide = {"w": grads["w"].astype(jnp.float32)}
+    clip = clip_by_global_norm(0.1)
+    low, _ = clip.update(grads, clip.init(params), params)
+    high, _ = clip.update(wide, clip.init(wide), {"w": params["w"].astype(jnp.float32)})
+    assert low["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(low["w"]), np.asarray(high["w"]))
+    assert not np.array_equal(np.asarray(low["w"]), np.asarray(high["w"].astype(dtype)).astype(np.float32))
+
+
+def test_chain_and_clip_are_values_with_max_norm_as_data():
+    from funcnet._values import partition
+
+    make = lambda m: chain(clip_by_global_norm(m), fn.multi_optimizer({"a": fn.adamw(1e-3), "b": None}, GROUPS_AB))
+    assert make(1.0) == make(1.0) and hash(make(1.0)) == hash(make(1.0)) and make(1.0) is not make(1.0)
+    assert make(1.0) != make(2.0)
+    assert clip_by_global_norm(1.0) == clip_by_global_norm(1.0) != clip_by_global_norm(0.5)
+    assert chain(clip_by_global_norm(1.0), fn.sgd(0.1)) != chain(fn.sgd(0.1))
+    (data_1, static_1), (data_2, static_2) = partition(make(1.0)), partition(make(2.0))
+    assert static_1 == static_2 and 1.0 in data_1 and 2.0 in data_2  # max_norm is traced, the rest selects
+
+
+GROUPS_AB = {"W": "a", "b": "b"}
+
+
+def test_a_vmap_over_max_norm_equals_separate_updates():
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    grads = {k: jnp.asarray(v) for k, v in GRADS.items()}
+
+    def step(max_norm):
+        optimizer = chain(clip_by_global_norm(max_norm), fn.sgd(0.1))
+        return optimizer.update(grads, optimizer.init(params), params)[0]
+
+    norms = jnp.asarray([0.5, 3.0, 100.0])
+    together = jax.vmap(step)(norms)
+    for i, m in enumerate([0.5, 3.0, 100.0]):
+        jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-12), together, step(m))
+
+
+def test_a_sweep_over_max_norm_compiles_nothing_new():
+    from test_sweep import compilations
+
+    labels = decay_labels(FIT_PARAMS)
+    make = lambda m: chain(
+        clip_by_global_norm(m), fn.multi_optimizer({"decay": fn.adamw(0.05), "no_decay": fn.adam(0.05)}, labels)
+    )
+    _fit(make(0.5), epochs=1)
+    with compilations() as compiled:
+        results = [_fit(make(m), epochs=1) for m in (0.05, 50.0)]
+    assert compiled == []
+    assert not np.array_equal(results[0].params[0].W, results[1].params[0].W)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_bad_max_norm(value):
+    with pytest.raises(ValueError, match=r"clip_by_global_norm: max_norm must be (> 0|finite)"):
+        clip_by_global_norm(value)
+    with pytest.raises(TypeError, match="clip_by_global_norm: max_norm must be a real number"):
+        clip_by_global_norm("1.0")
+
+
+def test_bad_chains():
+    with pytest.raises(TypeError, match="chain: give the gradient transforms and then an Optimizer"):
+        chain()
+    with pytest.raises(
+        TypeError,
+        match=r"chain: every argument before the last must be a GradientTransform.*got Optimizer at position 0",
+    ):
+        chain(fn.adam(1e-3), fn.sgd(0.1))
+    with pytest.raises(TypeError, match="chain: the last argument must be an Optimizer"):
+        chain(clip_by_global_norm(1.0))
+    params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    optimizer = chain(clip_by_global_norm(1.0), fn.sgd(0.1))
+    with pytest.raises(ValueError, match=r"chain: grads\['B'\] must have shape \(1, 2\)"):
+        optimizer.update({"W": params["W"], "B": jnp.ones(2)}, optimizer.init(params), params)
+
+
+# The network of a GPT block's parts, each parameter kind once
+GPT_PARTS = fn.serial(
+    fn.Embedding(11, 8),
+    fn.PositionalEmbedding(4),
+    fn.MultiHeadAttention(2),
+    fn.LayerNorm(),
+    fn.TimeDistributed(fn.Dense(5, fn.linear)),
+)
+GPT_PARAMS = GPT_PARTS.init(jax.random.PRNGKey(0), (-1, 4))[1]
+WEIGHTS = {"[2].W_q", "[2].W_k", "[2].W_v", "[2].W_o", "[4].W"}
+EMBEDDINGS = {"[0].W", "[1].W"}
+OTHERS = {"[2].B_q", "[2].B_k", "[2].B_v", "[2].B_o", "[3].gamma", "[3].beta", "[4].B"}
+
+
+def _by_label(labels):
+    found = {}
+    for path, label in jax.tree_util.tree_leaves_with_path(labels):
+        found.setdefault(label, set()).add(jax.tree_util.keystr(path))
+    return found
+
+
+def test_decay_labels_select_exactly_the_weights_not_the_biases_norms_or_chosen_embeddings():
+    assert _by_label(decay_labels(GPT_PARAMS)) == {"decay": WEIGHTS | EMBEDDINGS, "no_decay": OTHERS}  # nanoGPT
+    assert _by_label(decay_labels(GPT_PARAMS, embeddings=False)) == {"decay": WEIGHTS, "no_decay": OTHERS | EMBEDDINGS}
+    # what a rule by rank picks: funcnet's (1, n) biases too
+    by_rank = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(GPT_PARAMS) if x.ndim >= 2}
+    assert by_rank - WEIGHTS - EMBEDDINGS == {"[2].B_q", "[2].B_k", "[2].B_v", "[2].B_o", "[4].B"}
+    assert decay_labels(GPT_PARAMS) == decay_labels(GPT_PARTS.init(jax.random.PRNGKey(1), (-1, 4))[1])
+
+
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_adamw_on_the_decay_group_alone_leaves_everything_else_undecayed(embeddings):
+    """With zero gradients Adam's step is 0, so only the decay moves a param: the decayed ones
+    shrink by exactly ``1 - lr * weight_decay``, the others stay bit for bit (the zero gradient's
+    global norm is 0: no 0/0 either)."""
+    lr, wd = 0.1, 0.5
+    optimizer = chain(
+        clip_by_global_norm(1.0),
+        fn.multi_optimizer(
+            {"decay": fn.adamw(lr, weight_decay=wd), "no_decay": fn.adamw(lr, weight_decay=0.0)},
+            decay_labels(GPT_PARAMS, embeddings=embeddings),
+        ),
+    )
+    zero = jax.tree_util.tree_map(jnp.zeros_like, GPT_PARAMS)
+    new, _ = jax.jit(optimizer.update)(zero, optimizer.init(GPT_PARAMS), GPT_PARAMS)
+    decayed = WEIGHTS | (EMBEDDINGS if embeddings else set())
+    for (path, after), before in zip(
+        jax.tree_util.tree_leaves_with_path(new), jax.tree_util.tree_leaves(GPT_PARAMS), strict=True
+    ):
+        if jax.tree_util.keystr(path) in decayed:
+            np.testing.assert_allclose(after, before * (1 - lr * wd), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_decay_groups_train_like_optax_adamw_with_its_mask():
+    """nanoGPT's optimizer on the network, against optax's own spelling of it (one adamw with a
+    decay mask, after a global clip), float64, a few steps of random gradients."""
+    optax = pytest.importorskip("optax")
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), GPT_PARAMS)
+    labels = decay_labels(params, embeddings=False)
+    ours = chain(
+        clip_by_global_norm(1.0),
+        fn.multi_optimizer(
+            {
+                "decay": fn.adamw(0.01, 0.9, 0.95, weight_decay=0.1),
+                "no_decay": fn.adamw(0.01, 0.9, 0.95, weight_decay=0.0),
+            },
+            labels,
+        ),
+    )
+    mask = jax.tree_util.tree_map(lambda label: label == "decay", labels)
+    theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, 0.9, 0.95, weight_decay=0.1, mask=mask))
+    ours_p, ours_s, their_p, their_s = params, ours.init(params), params, theirs.init(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), 5)
+    for key in keys:
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        grads = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jax.random.normal(k, x.shape, x.dtype)
+                for k, x in zip(jax.random.split(key, len(leaves)), leaves, strict=True)
+            ],
+        )
+        ours_p, ours_s = ours.update(grads, ours_s, ours_p)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, their_s = theirs.update(grads, their_s, their_p)
+            their_p = optax.apply_updates(their_p, updates)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), ours_p, their_p)
+
+
+def test_labels_by_field_matches_class_qualified_patterns_first_then_fields():
+    labels = labels_by_field(GPT_PARAMS, {"W*": "weights", "*Embedding*.W": "tables", "gamma": "norm"}, default="rest")
+    assert _by_label(labels) == {
+        "tables": EMBEDDINGS,  # the qualified pattern wins though "W*" comes first
+        "weights": WEIGHTS,
+        "norm": {"[3].gamma"},
+        "rest": OTHERS - {"[3].gamma"},
+    }
+    # dict keys are fields too; the labels work as multi_optimizer's
+    params = {k: jnp.asarray(v) for k, v in START.items()}
+    assert labels_by_field(params, {"W": "decay"}, default="no_decay") == GROUPS
+    optimizer = fn.multi_optimizer({"decay": fn.sgd(0.1), "no_decay": None}, labels_by_field(params, GROUPS))
+    new, _ = optimizer.update(params, optimizer.init(params), params)
+    np.testing.assert_array_equal(new["b"], params["b"])
+    np.testing.assert_allclose(new["W"], 0.9 * params["W"], rtol=1e-12)
+
+
+def test_labels_by_field_leaves_layer_state_out_like_split_state():
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.BatchNorm(), fn.Dense(2, fn.linear))
+    params = net.init(jax.random.PRNGKey(0), (-1, 3))[1]
+    labels = decay_labels(params)
+    assert labels[1] == fn.BatchNormParams(gamma="no_decay", beta="no_decay", stats=None)
+    trainable = fn.split_state(params)[0]
+    optimizer = fn.multi_optimizer({"decay": fn.adamw(0.1, weight_decay=0.5), "no_decay": fn.adam(0.1)}, labels)
+    new, _ = optimizer.update(jax.tree_util.tree_map(jnp.zeros_like, trainable), optimizer.init(trainable), trainable)
+    np.testing.assert_allclose(new[0].W, trainable[0].W * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(new[1].gamma, trainable[1].gamma)
+
+
+def test_labels_by_field_names_a_param_no_pattern_matches():
+    with pytest.raises(
+        ValueError, match=r"labels_by_field: params\[3\]\.gamma \(LayerNormParams\.gamma\) matches none"
+    ):
+        labels_by_field(GPT_PARAMS, {"W*": "decay", "B*": "no_decay"})
+    with pytest.raises(ValueError, match=r"labels_by_field: params\[0\] matches none of the fields \['W'\]"):
+        labels_by_field((jnp.ones(2),), {"W": "a"})
+    with pytest.raises(TypeError, match="labels_by_field: fields must be a dict from field pattern to group name"):
+        labels_by_field(GPT_PARAMS, {"W": 1})
+    with pytest.raises(TypeError, match="decay_labels: embeddings must be a bool"):
+        decay_labels(GPT_PARAMS, embeddings="no")
