@@ -23,6 +23,16 @@ prediction's dtype, so a float16 loss of a large batch is its mean, not an overf
 Each loss follows the ops' idiom (``ops.py``): a private ``custom_vjp`` of the plain forward and a
 public function that checks its arguments and calls it.
 
+Binary cross-entropy on logits, ``sigmoid_binary_cross_entropy(logits, target)``, is the one
+loss whose per-position term is a *mean* over the last axis: it averages
+``max(z, 0) - z t + log1p(exp(-|z|))`` over every element, as torch's
+``binary_cross_entropy_with_logits(reduction='mean')`` does, so each of several independent
+binary outputs weighs the same for any number of them. Averaged over rows one at a time, as the
+trainer does, it is still the mean over every element. Its hand gradient is
+``(sigmoid(z) - t) / n`` for the logits and ``-z / n`` for the targets, ``n`` the number of
+elements; the form above never exponentiates a positive number, so it is finite for any finite
+logits (``±1000`` included).
+
 Note on the book's ``SoftmaxCrossEntropy``: its forward sums
 ``-target * log(p) - (1 - target) * log(1 - p)`` (a binary-style sum over classes) while its
 backward is ``(softmax - target) / rows``, which is the gradient of the *categorical*
@@ -46,7 +56,7 @@ from funcnet import _checks, _host
 
 Array = jax.Array
 
-__all__ = ["mean_squared_error", "softmax_cross_entropy"]
+__all__ = ["mean_squared_error", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"]
 
 
 def _positions(shape: tuple[int, ...]) -> int:
@@ -276,3 +286,72 @@ def _ce_bwd(ignore_index: int | None, residuals: tuple[Array, Array], output_gra
 
 _softmax_cross_entropy_vjp = jax.custom_vjp(_softmax_cross_entropy, nondiff_argnums=(2,))
 _softmax_cross_entropy_vjp.defvjp(_ce_fwd, _ce_bwd)
+
+
+# --- Binary cross-entropy on logits -------------------------------------------------------------
+
+
+def _binary_terms(logits: Array, target: Array) -> Array:
+    """``max(z, 0) - z t + log1p(exp(-|z|))`` per element, in at least float32: never an
+    exponential of a positive number, so finite for any finite logits."""
+    wide = _checks.wide(logits.dtype)
+    z, t = logits.astype(wide), target.astype(wide)
+    return jnp.maximum(z, jnp.zeros((), wide)) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+def _sigmoid_binary_cross_entropy(logits: Array, target: Array) -> Array:
+    return (jnp.sum(_binary_terms(logits, target)) / logits.size).astype(logits.dtype)
+
+
+def _bce_fwd(logits: Array, target: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _sigmoid_binary_cross_entropy(logits, target), (logits, target)
+
+
+def _bce_bwd(residuals: tuple[Array, Array], output_grad: Array) -> tuple[Array, Array]:
+    logits, target = residuals
+    wide = _checks.wide(logits.dtype)
+    z, t = logits.astype(wide), target.astype(wide)
+    scale = output_grad.astype(wide) / logits.size
+    input_grad = scale * (jax.nn.sigmoid(z) - t)  # the book's sigmoid, minus the target, over n
+    target_grad = -scale * z
+    return input_grad.astype(logits.dtype), target_grad.astype(target.dtype)
+
+
+_sigmoid_binary_cross_entropy_vjp = jax.custom_vjp(_sigmoid_binary_cross_entropy)
+_sigmoid_binary_cross_entropy_vjp.defvjp(_bce_fwd, _bce_bwd)
+
+
+def sigmoid_binary_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean over every element of ``-(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z)))``.
+
+    torch's ``binary_cross_entropy_with_logits(logits, target)`` (``reduction='mean'``): the
+    mean runs over every element, the last axis included (see the module docstring), computed
+    as ``max(z, 0) - z t + log1p(exp(-|z|))``, finite for any finite logits.
+
+    Args:
+      logits: at least 1-D ``(batch, ...)``, floating, not empty: one score per binary output.
+      target: floats of the logits' shape and dtype, probabilities in ``[0, 1]`` (0/1 labels or
+        soft ones). Their values are not checked: outside ``[0, 1]`` the formula's value comes
+        back, as torch's does.
+    Returns:
+      The scalar loss, of the logits' dtype (summed in at least float32). Its hand gradient is
+      ``(sigmoid(logits) - target) / n`` for the logits and ``-logits / n`` for the target, with
+      ``n = logits.size``.
+    """
+    fn = "sigmoid_binary_cross_entropy"
+    _checks.floating(fn, "logits", logits)
+    _checks.array(fn, "target", target)
+    if not jnp.issubdtype(target.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: target must have a floating dtype (probabilities in [0, 1]), got {target.dtype}. "
+            f"Cast the labels first, e.g. target.astype(logits.dtype)."
+        )
+    _checks.same_dtype(fn, ("logits", "target"), logits, target)
+    if logits.ndim == 0 or logits.shape != target.shape:
+        raise ValueError(
+            f"{fn}: logits and target must have the same shape with a row axis first, got "
+            f"logits.shape={tuple(logits.shape)}, target.shape={tuple(target.shape)}."
+        )
+    if logits.size == 0:
+        raise ValueError(f"{fn}: logits must not be empty, got shape {tuple(logits.shape)}.")
+    return _sigmoid_binary_cross_entropy_vjp(logits, target)

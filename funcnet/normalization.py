@@ -14,6 +14,18 @@ axis. The forward saves ``x̂``, ``1 / sqrt(var + eps)`` and ``gamma``.
 Precision: the mean, the variance and the backward's means are computed in at least float32
 (float16's ``300**2`` overflows) and the results cast back to ``x``'s dtype.
 
+``LayerNorm(use_bias=False)`` (nanoGPT's ``bias=False``) has no ``beta``: its params are
+``LayerNormScaleParams(gamma)`` and it calls the same op with ``beta`` a constant zero.
+
+RMS normalisation, ``rms_norm(x, gamma, *, eps)``, scales ``x`` over its last axis by its root
+mean square, without centring: with ``r = 1 / sqrt(mean(x**2) + eps)`` and ``x̂ = x r``,
+``y = gamma * x̂`` (torch's ``nn.RMSNorm``, LLaMA's and T5's norm). Its backward, written out:
+``dgamma = sum(g x̂)`` over the leading axes; ``dx̂ = g gamma``; and, through ``r`` (whose
+derivative is ``dr/dx = -r**3 x / N = -r x̂ / N``),
+``dx = r (dx̂ - x̂ mean(dx̂ x̂))``, the mean over the last axis: layer_norm's ``dx`` without the
+mean's term. The forward saves ``x̂``, ``r`` and ``gamma``; ``mean(x**2)`` and the backward's
+mean accumulate in at least float32.
+
 Batch normalisation, ``batch_norm(x, gamma, beta, *, eps, mask)``, normalises over every axis
 but the last (rows ``(N, C)``, NHWC images over N, H, W, sequences over batch and time) with the
 batch's statistics, and returns them: ``(y, mean, var)``, ``var`` biased. ``mask: (batch,)``
@@ -54,7 +66,19 @@ from funcnet.layers import (
 )
 from funcnet.state import register_state
 
-__all__ = ["BatchNorm", "BatchNormParams", "BatchNormStats", "LayerNorm", "LayerNormParams", "batch_norm", "layer_norm"]
+__all__ = [
+    "BatchNorm",
+    "BatchNormParams",
+    "BatchNormStats",
+    "LayerNorm",
+    "LayerNormParams",
+    "LayerNormScaleParams",
+    "RMSNorm",
+    "RMSNormParams",
+    "batch_norm",
+    "layer_norm",
+    "rms_norm",
+]
 
 
 def _features(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -144,33 +168,157 @@ class LayerNormParams(NamedTuple):
     beta: jax.Array
 
 
+class LayerNormScaleParams(NamedTuple):
+    """``LayerNorm(use_bias=False)``'s params: ``gamma: (features,)``, initialised to ones."""
+
+    gamma: jax.Array
+
+
+def _feature_shape(name: str, input_shape: Any) -> tuple[int, ...]:
+    """A normalisation layer's input shape, at least 2-D ``(batch, ..., features)``."""
+    shape = check_input_shape(name, input_shape, None, "(batch, ..., features)")
+    if len(shape) < 2:
+        raise ValueError(f"{name}: input_shape must be at least 2-D (batch, ..., features), got {shape}.")
+    return shape
+
+
 @layer_spec
 class _LayerNorm(LayerSpec):
+    eps: float
+    dtype: Any = init_only()
+    use_bias: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"LayerNorm(eps={self.eps})" if self.use_bias else f"LayerNorm(eps={self.eps}, use_bias=False)"
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
+        del key
+        shape = _feature_shape(self.name, input_shape)
+        gamma = jnp.ones(shape[-1:], self.dtype)
+        if not self.use_bias:
+            return shape, LayerNormScaleParams(gamma)
+        return shape, LayerNormParams(gamma, jnp.zeros(shape[-1:], self.dtype))
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        del key
+        if not self.use_bias:
+            check_params(self.name, params, LayerNormScaleParams, "LayerNormScaleParams(gamma)")
+            gamma = params.gamma
+            _checks.array(self.name, "params.gamma", gamma)
+            return layer_norm(x, gamma, jnp.zeros(np.shape(gamma), gamma.dtype), eps=self.eps)
+        check_params(self.name, params, LayerNormParams, "LayerNormParams(gamma, beta)")
+        return layer_norm(x, params.gamma, params.beta, eps=self.eps)
+
+
+def LayerNorm(eps: float = 1e-5, *, use_bias: bool = True, dtype: Any = None) -> Layer:
+    """``layer_norm`` over the last axis (features, or channels of NHWC images) with learned
+    ``gamma`` (ones) and ``beta`` (zeros): ``LayerNormParams(gamma, beta)``. With
+    ``use_bias=False`` (nanoGPT's ``bias=False``) there is no ``beta``:
+    ``LayerNormScaleParams(gamma)``, and the shift is a constant zero."""
+    _checks.real_number("LayerNorm", "eps", eps, low=0.0, low_open=True)
+    if not isinstance(use_bias, bool):
+        raise TypeError(f"LayerNorm: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}.")
+    return _LayerNorm(float(number(eps)), default_dtype(dtype), use_bias).layer()
+
+
+# --- RMS normalisation --------------------------------------------------------------------------
+
+
+def _rms_normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """``x̂ = x r`` and ``r = 1 / sqrt(mean(x**2) + eps)``, both in at least float32."""
+    wide = x.astype(_checks.wide(x.dtype))
+    inverse = lax.rsqrt(jnp.mean(wide * wide, axis=-1, keepdims=True) + jnp.asarray(eps, wide.dtype))
+    return wide * inverse, inverse
+
+
+def _rms_norm(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+    x_hat, _ = _rms_normalise(x, eps)
+    return (x_hat * _features(x_hat, gamma.astype(x_hat.dtype))).astype(x.dtype)
+
+
+def _rms_norm_fwd(
+    x: jax.Array, gamma: jax.Array, eps: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    x_hat, inverse = _rms_normalise(x, eps)
+    y = (x_hat * _features(x_hat, gamma.astype(x_hat.dtype))).astype(x.dtype)
+    return y, (x_hat.astype(x.dtype), inverse, gamma)
+
+
+def _rms_norm_bwd(
+    eps: float, residuals: tuple[jax.Array, jax.Array, jax.Array], output_grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    del eps
+    x_hat, inverse, gamma = residuals
+    dtype, wide = x_hat.dtype, inverse.dtype
+    x_hat, g = x_hat.astype(wide), output_grad.astype(wide)
+    d_hat = g * _features(x_hat, gamma.astype(wide))
+    input_grad = inverse * (d_hat - x_hat * jnp.mean(d_hat * x_hat, axis=-1, keepdims=True))
+    gamma_grad = jnp.sum(g * x_hat, axis=_leading(x_hat))
+    return input_grad.astype(dtype), gamma_grad.astype(dtype)
+
+
+_rms_norm_vjp = jax.custom_vjp(_rms_norm, nondiff_argnums=(2,))
+_rms_norm_vjp.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+    """``gamma * x / sqrt(mean(x**2) + eps)`` over the last axis of ``x: (..., features)``:
+    torch's ``nn.RMSNorm(features, eps=eps)``. The backward is the module docstring's.
+
+    Args:
+      x: at least 1-D, floating; normalised over its last axis.
+      gamma: ``(features,)``, the scale, of x's dtype.
+      eps: added to the mean square, > 0 (static).
+    """
+    fn = "rms_norm"
+    for name, value in (("x", x), ("gamma", gamma)):
+        _checks.floating(fn, name, value)
+        _checks.same_dtype(fn, ("x", name), x, value)
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{fn}: x must have a non-empty last axis of features, got shape {tuple(x.shape)}.")
+    if gamma.shape != (x.shape[-1],):
+        raise ValueError(
+            f"{fn}: gamma must have shape (features,) = ({x.shape[-1]},) for x.shape={tuple(x.shape)}, "
+            f"got {tuple(gamma.shape)}."
+        )
+    _checks.real_number(fn, "eps", eps, low=0.0, low_open=True)
+    if not _checks.is_concrete(eps):
+        raise TypeError(f"{fn}: eps must be a concrete number (it is static), got a traced value.")
+    return _rms_norm_vjp(x, gamma, float(eps))
+
+
+class RMSNormParams(NamedTuple):
+    """``gamma: (features,)``, initialised to ones (torch's ``RMSNorm.weight``)."""
+
+    gamma: jax.Array
+
+
+@layer_spec
+class _RMSNorm(LayerSpec):
     eps: float
     dtype: Any = init_only()
 
     @property
     def name(self) -> str:
-        return f"LayerNorm(eps={self.eps})"
+        return f"RMSNorm(eps={self.eps})"
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         del key
-        shape = check_input_shape(self.name, input_shape, None, "(batch, ..., features)")
-        if len(shape) < 2:
-            raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., features), got {shape}.")
-        return shape, LayerNormParams(jnp.ones(shape[-1:], self.dtype), jnp.zeros(shape[-1:], self.dtype))
+        shape = _feature_shape(self.name, input_shape)
+        return shape, RMSNormParams(jnp.ones(shape[-1:], self.dtype))
 
     def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key
-        check_params(self.name, params, LayerNormParams, "LayerNormParams(gamma, beta)")
-        return layer_norm(x, params.gamma, params.beta, eps=self.eps)
+        check_params(self.name, params, RMSNormParams, "RMSNormParams(gamma)")
+        return rms_norm(x, params.gamma, eps=self.eps)
 
 
-def LayerNorm(eps: float = 1e-5, *, dtype: Any = None) -> Layer:
-    """``layer_norm`` over the last axis (features, or channels of NHWC images) with learned
-    ``gamma`` (ones) and ``beta`` (zeros)."""
-    _checks.real_number("LayerNorm", "eps", eps, low=0.0, low_open=True)
-    return _LayerNorm(float(number(eps)), default_dtype(dtype)).layer()
+def RMSNorm(eps: float = 1e-6, *, dtype: Any = None) -> Layer:
+    """``rms_norm`` over the last axis with a learned ``gamma`` (ones): ``RMSNormParams(gamma)``,
+    torch's ``nn.RMSNorm(features, eps=eps)``."""
+    _checks.real_number("RMSNorm", "eps", eps, low=0.0, low_open=True)
+    return _RMSNorm(float(number(eps)), default_dtype(dtype)).layer()
 
 
 # --- Batch normalisation (with layer state) -----------------------------------------------------

@@ -280,7 +280,8 @@ _gelu_vjp.defvjp(_gelu_fwd, _gelu_bwd)
 
 def _gelu_tanh_u(wide: Array) -> Array:
     clipped: Array = jnp.clip(wide, -_TANH_CLIP, _TANH_CLIP)
-    return (clipped + _TANH_CUBIC * clipped * clipped * clipped) * _SQRT_2_OVER_PI
+    u: Array = (clipped + _TANH_CUBIC * clipped * clipped * clipped) * _SQRT_2_OVER_PI
+    return u
 
 
 def _gelu_tanh(x: Array) -> Array:

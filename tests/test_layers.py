@@ -7,6 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import funcnet as fn
+from funcnet.layers import Activation, WeightParams
 
 KEY = jax.random.PRNGKey(0)
 ACTIVATIONS = {
@@ -33,6 +34,8 @@ NETS = {
     "dropout": lambda: fn.Dropout(0.3),
     "serial": lambda: fn.serial(fn.Dense(5, fn.tanh), fn.Dropout(0.5), fn.Dense(3, fn.linear)),
     "nested": lambda: fn.serial(fn.Dense(4), fn.serial(fn.Dense(6, fn.relu), fn.serial(fn.Dense(2)))),
+    "no-bias": lambda: fn.serial(fn.Dense(5, fn.tanh, use_bias=False), Activation(fn.relu)),
+    "activation": lambda: Activation(jnp.tanh),
 }
 
 
@@ -140,12 +143,15 @@ BAD = [
     (
         lambda: fn.Dense(3).init(KEY, (5,)),
         ValueError,
-        r"Dense\(3, sigmoid\): input_shape must be 2-D \(batch, num_in\), got \(5,\)",
+        r"Dense\(3, sigmoid\): input_shape must be at least 2-D \(batch, ..., num_in\), got \(5,\)",
     ),
     (lambda: fn.Dense(0), ValueError, "neurons must be >= 1, got 0"),
     (lambda: fn.Dense(-2), ValueError, "neurons must be >= 1, got -2"),
     (lambda: fn.Dense(2.5), TypeError, "neurons must be an int"),
     (lambda: fn.Dense(3, activation="tanh"), TypeError, "activation must be a callable"),
+    (lambda: fn.Dense(3, use_bias=0), TypeError, r"Dense\(3, sigmoid\): use_bias must be a bool, got int 0"),
+    (lambda: Activation("relu"), TypeError, "Activation: fn must be a callable, got str"),
+    (lambda: Activation(fn.relu).init(KEY, (-1, 0)), ValueError, r"Activation\(relu\): input_shape sizes must be"),
     (lambda: fn.Dropout(1.0), ValueError, r"Dropout: rate must be >= 0.0 and < 1.0, got 1.0"),
     (lambda: fn.Dropout(-0.1), ValueError, "rate must be >= 0.0"),
     (lambda: fn.serial(fn.Dense(2), "relu"), TypeError, "serial: layer 1 must be a Layer"),
@@ -310,3 +316,163 @@ def test_init_compiles_once_per_layer_and_matches_op_by_op_init():
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(eager), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=0)
     assert not np.array_equal(np.asarray(params[1].W), np.asarray(again[1].W))  # the key is an input
+
+
+# --- Dense over the last axis, Dense(use_bias=False), Activation ------------------------------
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("input_shape", [(-1, 3), (2, 5, 3), (-1, 4, 2, 3), (1, 1, 3)])
+def test_dense_over_the_last_axis_of_any_rank(input_shape, use_bias):
+    layer = fn.Dense(4, fn.tanh, use_bias=use_bias)
+    _check_shape_agreement(layer, input_shape)
+    output_shape, params = layer.init(KEY, input_shape)
+    assert output_shape == (*input_shape[:-1], 4)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(tuple(4 if d == -1 else d for d in input_shape)))
+    product = x @ params.W
+    expected = jnp.tanh(product + params.B.reshape((1,) * (x.ndim - 2) + (1, 4)) if use_bias else product)
+    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-12)
+    # the same params on the rows, one by one: every leading index is a row
+    rows = layer.apply(params, x.reshape(-1, 3))
+    np.testing.assert_allclose(layer.apply(params, x).reshape(-1, 4), rows, rtol=1e-12)
+
+
+def test_dense_on_a_sequence_equals_time_distributed_dense_values_and_gradients():
+    dense = fn.Dense(5, fn.tanh, w_init=fn.glorot_normal)
+    distributed = fn.TimeDistributed(dense)
+    shape, params = dense.init(KEY, (-1, 6, 3))
+    assert shape == distributed.init(KEY, (-1, 6, 3))[0] == (-1, 6, 5)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, distributed.init(KEY, (-1, 6, 3))[1])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 3)))
+    np.testing.assert_allclose(dense.apply(params, x), distributed.apply(params, x), rtol=1e-12)
+    loss = lambda layer: lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
+    ours, theirs = (jax.grad(loss(layer), argnums=(0, 1))(params, x) for layer in (dense, distributed))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), ours, theirs)
+    plain = lambda p, x: jnp.sum(jnp.sin(jnp.tanh(x @ p.W + p.B[None])))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), ours, jax.grad(plain, argnums=(0, 1))(params, x)
+    )
+    with pytest.raises(ValueError, match=r"Dense\(5, tanh\): x has 4 features but W expects 3 \(x.shape=\(2, 6, 4\)"):
+        dense.apply(params, jnp.ones((2, 6, 4)))
+
+
+def test_dense_without_bias_has_weights_only_and_works_with_param_count_optimizers_and_checkpoints(tmp_path):
+    layer = fn.Dense(3, fn.linear, use_bias=False)
+    _, params = layer.init(KEY, (-1, 4))
+    assert isinstance(params, WeightParams) and params._fields == ("W",) and params.W.shape == (4, 3)
+    assert fn.param_count(params) == 12
+    _, with_bias = fn.Dense(3, fn.linear).init(KEY, (-1, 4))
+    assert isinstance(with_bias, fn.DenseParams)  # use_bias=True keeps the book's params
+    np.testing.assert_array_equal(params.W, with_bias.W)  # the same key draws the same W
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((5, 4)))
+    np.testing.assert_allclose(layer.apply(params, x), x @ params.W, rtol=1e-12)
+    net = fn.serial(layer, fn.Dense(2, fn.linear, use_bias=False))
+    _, net_params = net.init(KEY, (-1, 4))
+    assert "Total params: 18" in fn.summary(net, (-1, 4)) and "Dense(3, linear, use_bias=False)" in fn.summary(
+        net, (-1, 4)
+    )
+    y = jnp.ones((5, 2))
+    optimizer = fn.adam(0.01)
+    step = fn.train_step(net, fn.mean_squared_error, optimizer)
+    state = optimizer.init(net_params)
+    new, state, _ = step(net_params, state, x, y, KEY)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(net_params)
+    assert not np.allclose(new[0].W, net_params[0].W)
+    fn.save(tmp_path / "p.safetensors", new)
+    loaded = fn.load(tmp_path / "p.safetensors", net_params)
+    assert isinstance(loaded[1], WeightParams)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, new)
+    assert fn.Dense(3, use_bias=False) == fn.Dense(3, use_bias=False) != fn.Dense(3)
+    assert fn.Dense(3, use_bias=False).apply != fn.Dense(3).apply  # apply reads use_bias
+    with pytest.raises(TypeError, match=r"params must be WeightParams\(W\) \(use_bias=False\), got DenseParams"):
+        layer.apply(with_bias, x)
+    with pytest.raises(TypeError, match=r"Dense\(3, linear\): params must be DenseParams\(W, B\), got WeightParams"):
+        fn.Dense(3, fn.linear).apply(params, x)
+
+
+def test_activation_is_a_value_without_params():
+    from funcnet import ops
+
+    for f, plain in [(fn.relu, jax.nn.relu), (fn.sigmoid, jax.nn.sigmoid), (fn.tanh, jnp.tanh), (ops.gelu, None)]:
+        layer = Activation(f)
+        shape, params = layer.init(KEY, (-1, 3, 2))
+        assert shape == (-1, 3, 2) and params == ()
+        x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 2)))
+        np.testing.assert_array_equal(layer.apply((), x), f(x))
+        if plain is not None:
+            np.testing.assert_allclose(layer.apply((), x), plain(x), rtol=1e-12)
+    assert Activation(fn.relu) == Activation(fn.relu) != Activation(fn.tanh)
+    assert hash(Activation(fn.relu)) == hash(Activation(fn.relu))
+    assert Activation(fn.relu).apply == Activation(fn.relu).apply
+    assert repr(Activation(fn.relu).init.owner) == "Activation(relu)"
+    conv = fn.serial(fn.Conv2D(4, 3), fn.BatchNorm(), Activation(fn.relu), fn.Flatten(), fn.Dense(2, fn.linear))
+    _check_shape_agreement(conv, (-1, 6, 6, 2))
+    text = fn.summary(conv, (-1, 6, 6, 2))
+    assert "Activation(relu)" in text
+    with pytest.raises(TypeError, match=r"Activation\(relu\): params must be \(\), got tuple"):
+        Activation(fn.relu).apply((jnp.ones(2),), jnp.ones((2, 2)))
+
+
+# --- summary counts every parameter, a combinator's own included -------------------------------
+
+
+def _scaled_block():
+    """A combinator with children that also owns a parameter: ``scale * serial(layers)(x)``."""
+    import dataclasses
+
+    from funcnet.layers import LayerSpec, check_layers, child_keys, init_child, layer_spec
+
+    @layer_spec
+    class _ScaledBlock(LayerSpec):
+        layers: tuple
+
+        @property
+        def name(self):
+            return "ScaledBlock"
+
+        @property
+        def children(self):
+            return self.layers
+
+        def init(self, key, input_shape):
+            keys = child_keys(key, len(self.layers) + 1)
+            inner = []
+            for i, (layer, k) in enumerate(zip(self.layers, keys[1:], strict=True)):
+                input_shape, p = init_child("ScaledBlock", i, layer, k, input_shape)
+                inner.append(p)
+            return input_shape, (jnp.ones(input_shape[-1:]), tuple(inner))
+
+        def apply(self, params, x, *, key=None):
+            scale, inner = params
+            for layer, p in zip(self.layers, inner, strict=True):
+                x = layer.apply(p, x)
+            return x * scale[None]
+
+    assert dataclasses.is_dataclass(_ScaledBlock)
+    return lambda *layers: _ScaledBlock(check_layers("ScaledBlock", layers)).layer()
+
+
+def test_summary_counts_the_parameters_a_combinator_owns_besides_its_layers():
+    block = _scaled_block()
+    net = fn.serial(fn.Dense(6), block(fn.Dense(4, fn.tanh), block(fn.Dense(3), fn.BatchNorm())), fn.Dense(2))
+    _, params = net.init(KEY, (-1, 5))
+    _check_shape_agreement(net, (-1, 5))
+    text = fn.summary(net, (-1, 5))
+    count = fn.param_count(params)
+    assert count == 36 + 3 + (28 + 3 + (15 + 6)) + 8  # each block owns a scale of 3
+    assert f"Total params: {count:,}" in text, text
+    assert f"State (not trained): {fn.param_count(params, state=True):,}" in text
+    lines = text.splitlines()
+    own = [line for line in lines if "(own)" in line]
+    assert len(own) == 2, text
+    assert own[0].split()[:2] == ["1", "ScaledBlock"] and own[0].split()[-2:] == ["3", "0"]
+    assert own[1].split()[:2] == ["1.1", "ScaledBlock"] and own[1].split()[-2:] == ["3", "0"]
+    # the own row leads its block's rows
+    assert lines.index(own[0]) + 1 == next(i for i, line in enumerate(lines) if line.startswith("1.0 "))
+    # a combinator owning nothing beyond its layers gets no such row
+    assert "(own)" not in fn.summary(fn.serial(fn.Dense(3), fn.serial(fn.Dense(2))), (-1, 4))
+    # at the top too
+    top = block(fn.Dense(3), fn.Dense(2))
+    _, top_params = top.init(KEY, (-1, 4))
+    assert f"Total params: {fn.param_count(top_params):,}" in fn.summary(top, (-1, 4))
+    assert "ScaledBlock (own)" in fn.summary(top, (-1, 4))

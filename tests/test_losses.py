@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcnet as fn
+from funcnet import losses
+from funcnet.losses import sigmoid_binary_cross_entropy
 
 
 def _data(batch, classes, dtype, seed=0):
@@ -486,3 +488,167 @@ def test_ignore_index_in_low_precision_accumulates_in_float32(dtype):
     value = fn.softmax_cross_entropy(jnp.zeros((70_000, 2, 3), dtype), many, ignore_index=-1)
     assert value.dtype == dtype
     np.testing.assert_allclose(float(value), np.log(3), rtol=1e-2)
+
+
+# --- sigmoid_binary_cross_entropy (torch's binary_cross_entropy_with_logits, reduction='mean')
+
+
+def bce_reference(logits, target):
+    """The textbook form, -(t log p + (1 - t) log(1 - p)), averaged over every element."""
+    p = jax.nn.sigmoid(logits)
+    return -jnp.mean(target * jnp.log(p) + (1 - target) * jnp.log1p(-p))
+
+
+def _binary(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (3 * rng.standard_normal(shape)).astype(dtype), rng.random(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 4), (2, 5, 3), (7,)])
+def test_binary_cross_entropy_matches_the_reference_and_finite_differences(shape, dtype):
+    logits, target = _binary(shape, dtype)
+    np.testing.assert_allclose(
+        sigmoid_binary_cross_entropy(logits, target), bce_reference(logits, target), rtol=1e-6, atol=1e-7
+    )
+    fn.check_vjp(sigmoid_binary_cross_entropy, bce_reference, logits, target)
+    hard = np.round(target)  # 0/1 labels
+    fn.check_vjp(sigmoid_binary_cross_entropy, bce_reference, logits, hard)
+
+
+def test_binary_cross_entropy_hand_gradient_is_sigmoid_minus_target_over_elements():
+    logits, target = _binary((4, 3), np.float64)
+    d_logits, d_target = jax.grad(sigmoid_binary_cross_entropy, argnums=(0, 1))(logits, target)
+    np.testing.assert_allclose(d_logits, (jax.nn.sigmoid(logits) - target) / 12, rtol=1e-12)
+    np.testing.assert_allclose(d_target, -logits / 12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 4, 3), (6,)])
+def test_binary_cross_entropy_against_torch(shape):
+    """torch.nn.functional.binary_cross_entropy_with_logits (reduction='mean') in float64: the
+    loss, and the gradients of the logits and of the targets."""
+    torch = pytest.importorskip("torch")
+    logits, target = _binary(shape, np.float64, seed=3)
+    logits.flat[:2] = 1000.0, -1000.0  # both stable: torch's form is the same
+    t_logits, t_target = torch.tensor(logits, requires_grad=True), torch.tensor(target, requires_grad=True)
+    t_value = torch.nn.functional.binary_cross_entropy_with_logits(t_logits, t_target)
+    t_value.backward()
+    value, (d_logits, d_target) = jax.value_and_grad(sigmoid_binary_cross_entropy, argnums=(0, 1))(logits, target)
+    np.testing.assert_allclose(value, t_value.item(), rtol=1e-12)
+    np.testing.assert_allclose(d_logits, t_logits.grad.numpy(), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(d_target, t_target.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16, jnp.float16])
+def test_binary_cross_entropy_is_finite_for_huge_logits(dtype):
+    """At |z| = 1000, exp(z) overflows and sigmoid rounds to 0 or 1 (log(0) = -inf in the textbook
+    form); the stable form gives the exact loss and gradient, no inf, no NaN."""
+    logits = jnp.asarray([[1000.0, -1000.0], [1000.0, -1000.0]], dtype)
+    target = jnp.asarray([[1.0, 0.0], [0.0, 1.0]], dtype)
+    value, (d_logits, d_target) = jax.value_and_grad(sigmoid_binary_cross_entropy, argnums=(0, 1))(logits, target)
+    assert value.dtype == dtype and d_logits.dtype == d_target.dtype == dtype
+    np.testing.assert_allclose(float(value), 500.0, rtol=1e-2)  # two right (0), two wrong by 1000; / 4
+    np.testing.assert_allclose(np.asarray(d_logits, np.float64), [[0, 0], [0.25, -0.25]], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_target, np.float64), [[-250, 250], [-250, 250]], rtol=1e-2)
+    assert not np.isfinite(float(bce_reference(logits.astype(jnp.float32), target.astype(jnp.float32))))
+
+
+def _bce_without_the_mean(residuals, output_grad):
+    """The mistake: the per-element gradient, not divided by the element count."""
+    logits, target = residuals
+    return output_grad * (jax.nn.sigmoid(logits) - target), -output_grad * logits
+
+
+def _bce_per_row_mean(residuals, output_grad):
+    """The mistake: divided by the rows (softmax_cross_entropy's positions), not by every element."""
+    logits, target = residuals
+    rows = logits.shape[0]
+    return output_grad * (jax.nn.sigmoid(logits) - target) / rows, -output_grad * logits / rows
+
+
+def _bce_target_sign(residuals, output_grad):
+    """The mistake: the target's gradient with the wrong sign (+z/n)."""
+    d_logits, d_target = losses._bce_bwd(residuals, output_grad)
+    return d_logits, -d_target
+
+
+@pytest.mark.parametrize(
+    "mistake,argument",
+    [(_bce_without_the_mean, 0), (_bce_per_row_mean, 0), (_bce_target_sign, 1)],
+    ids=["no-mean", "per-row", "target-sign"],
+)
+def test_check_vjp_catches_a_wrong_binary_cross_entropy_backward(mistake, argument):
+    wrong = jax.custom_vjp(losses._sigmoid_binary_cross_entropy)
+    wrong.defvjp(losses._bce_fwd, mistake)
+    args = _binary((5, 3), np.float64)
+    fn.check_vjp(sigmoid_binary_cross_entropy, bce_reference, *args)  # the right one passes
+    with pytest.raises(AssertionError, match=f"argument {argument} disagree"):
+        fn.check_vjp(wrong, bce_reference, *args)
+
+
+def test_binary_cross_entropy_under_jit_vmap_and_second_order():
+    logits, target = _binary((4, 3), np.float64)
+    loss = sigmoid_binary_cross_entropy
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(loss))(logits, target), jax.grad(bce_reference)(logits, target), rtol=1e-12
+    )
+    batched = jax.jit(jax.vmap(jax.grad(loss)))(logits[:, None], target[:, None])
+    np.testing.assert_allclose(batched, jax.vmap(jax.grad(bce_reference))(logits[:, None], target[:, None]), rtol=1e-12)
+    for argnum in (0, 1):
+        np.testing.assert_allclose(
+            jax.jit(jax.jacrev(jax.grad(loss, argnum), argnum))(logits, target),
+            jax.jit(jax.hessian(bce_reference, argnum))(logits, target),
+            rtol=1e-9,
+            atol=1e-14,
+        )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_binary_cross_entropy_of_a_large_batch_is_its_mean_in_float32(dtype):
+    """70,000 elements of loss near 10: the total (~7e5) overflows float16 (max 65,504)."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(70_000, 1)) * 20, dtype)
+    target = jnp.asarray(rng.random((70_000, 1)) < 0.5, dtype)
+    value = sigmoid_binary_cross_entropy(logits, target)
+    z, t = np.asarray(logits, np.float64), np.asarray(target, np.float64)
+    expected = np.mean(np.logaddexp(0, z) - z * t)  # log(1 + e^z) - z t, in float64 on the host
+    assert value.dtype == dtype
+    np.testing.assert_allclose(float(value), expected, rtol=2e-2)
+
+
+BCE_BAD = [
+    (
+        lambda: sigmoid_binary_cross_entropy(jnp.ones((4, 2)), jnp.ones((4, 1))),
+        ValueError,
+        r"sigmoid_binary_cross_entropy: logits and target must have the same shape .*\(4, 2\).*\(4, 1\)",
+    ),
+    (
+        lambda: sigmoid_binary_cross_entropy(jnp.ones((4,)), jnp.ones((4,), jnp.int32)),
+        TypeError,
+        r"target must have a floating dtype \(probabilities in \[0, 1\]\), got int32. Cast the labels",
+    ),
+    (
+        lambda: sigmoid_binary_cross_entropy(jnp.ones((4,), jnp.int32), jnp.ones((4,))),
+        TypeError,
+        "sigmoid_binary_cross_entropy: logits must have a floating dtype",
+    ),
+    (
+        lambda: sigmoid_binary_cross_entropy(jnp.ones((4,), jnp.float32), jnp.ones((4,))),
+        TypeError,
+        "logits and target must share a dtype, got float32 and float64",
+    ),
+    (
+        lambda: sigmoid_binary_cross_entropy(jnp.ones(()), jnp.ones(())),
+        ValueError,
+        "must have the same shape with a row axis first",
+    ),
+    (lambda: sigmoid_binary_cross_entropy(jnp.ones((0, 3)), jnp.ones((0, 3))), ValueError, "must not be empty"),
+    (lambda: sigmoid_binary_cross_entropy(jnp.ones(2), [1.0, 0.0]), TypeError, "target must be an array"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BCE_BAD)
+@pytest.mark.parametrize("jit", [False, True])
+def test_binary_cross_entropy_bad_input_gets_a_clear_error(call, error, message, jit):
+    with pytest.raises(error, match=message):
+        jax.jit(call)() if jit else call()

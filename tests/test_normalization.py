@@ -7,6 +7,7 @@ import pytest
 
 import funcnet as fn
 from funcnet import normalization
+from funcnet.normalization import LayerNormScaleParams, RMSNorm, RMSNormParams, rms_norm
 
 KEY = jax.random.PRNGKey(0)
 
@@ -272,3 +273,211 @@ BN_BAD = [
 def test_batch_norm_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --- rms_norm / RMSNorm -----------------------------------------------------------------------
+
+
+def rms_reference(x, gamma, eps=1e-6):
+    shape = (1,) * (x.ndim - 1) + gamma.shape
+    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * gamma.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 4), (7,), (1, 1)])
+def test_rms_norm_matches_the_reference_and_finite_differences(shape, dtype):
+    x, gamma, _ = _args(shape, dtype)
+    np.testing.assert_allclose(rms_norm(x, gamma), rms_reference(x, gamma), rtol=1e-5, atol=1e-6)
+    fn.check_vjp(rms_norm, rms_reference, x, gamma)
+    fn.check_vjp(lambda x, g: rms_norm(x, g, eps=0.5), lambda x, g: rms_reference(x, g, 0.5), x, gamma)
+
+
+def test_rms_norm_hand_gradient_is_the_docstrings_formula():
+    x, gamma, _ = _args((4, 5), np.float64)
+    g = np.random.default_rng(9).standard_normal((4, 5))
+    _, vjp = jax.vjp(rms_norm, x, gamma)
+    dx, dgamma = vjp(g)
+    r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    x_hat = x * r
+    d_hat = g * gamma
+    np.testing.assert_allclose(dx, r * (d_hat - x_hat * np.mean(d_hat * x_hat, axis=-1, keepdims=True)), rtol=1e-12)
+    np.testing.assert_allclose(dgamma, np.sum(g * x_hat, axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_rms_norm_against_torch(shape, eps):
+    """torch.nn.RMSNorm(features, eps=eps) in float64: the output, and the gradients of x and
+    of the weight for a random output gradient."""
+    torch = pytest.importorskip("torch")
+    x, gamma, _ = _args(shape, np.float64, seed=2)
+    g = np.random.default_rng(5).standard_normal(shape)
+    module = torch.nn.RMSNorm(shape[-1], eps=eps, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor(gamma))
+    t_x = torch.tensor(x, requires_grad=True)
+    t_y = module(t_x)
+    t_y.backward(torch.tensor(g))
+    y, vjp = jax.vjp(lambda x, gamma: rms_norm(x, gamma, eps=eps), x, gamma)
+    dx, dgamma = vjp(g)
+    np.testing.assert_allclose(y, t_y.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, t_x.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dgamma, module.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _rms_without_the_mean_term(eps, residuals, output_grad):
+    """The mistake: dx = r g gamma, as if r did not depend on x (no - x̂ mean(dx̂ x̂))."""
+    x_hat, inverse, gamma = residuals
+    right = normalization._rms_norm_bwd(eps, residuals, output_grad)
+    return inverse * output_grad * normalization._features(x_hat, gamma), right[1]
+
+
+def _rms_perturbed_gamma(eps, residuals, output_grad):
+    """The other argument wrong by 0.1%: dgamma scaled by 1.001."""
+    dx, dgamma = normalization._rms_norm_bwd(eps, residuals, output_grad)
+    return dx, dgamma * 1.001
+
+
+@pytest.mark.parametrize(
+    "mistake,argument", [(_rms_without_the_mean_term, 0), (_rms_perturbed_gamma, 1)], ids=["mean", "gamma"]
+)
+def test_check_vjp_catches_a_wrong_rms_norm_backward(mistake, argument):
+    wrong = jax.custom_vjp(normalization._rms_norm, nondiff_argnums=(2,))
+    wrong.defvjp(normalization._rms_norm_fwd, mistake)
+    args = _args((4, 5), np.float64)[:2]
+    fn.check_vjp(rms_norm, rms_reference, *args)  # the right one passes the same check
+    with pytest.raises(AssertionError, match=f"argument {argument} disagree"):
+        fn.check_vjp(lambda x, g: wrong(x, g, 1e-6), rms_reference, *args)
+
+
+def test_rms_norm_under_jit_vmap_and_second_order():
+    x, g, _ = _args((3, 4), np.float64)
+    for argnum in (0, 1):
+        scalar = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+        np.testing.assert_allclose(
+            jax.jit(jax.jacrev(jax.grad(scalar(rms_norm), argnum), argnum))(x, g),
+            jax.jit(jax.hessian(scalar(rms_reference), argnum))(x, g),
+            rtol=1e-8,
+            atol=1e-10,
+        )
+    xs = np.stack([x, 2 * x - 1])
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(rms_norm(x, g))))))(xs),
+        jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(rms_reference(x, g)))))(xs),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_rms_norm_mean_square_accumulates_in_float32(dtype):
+    """float16's 300**2 * 4 overflows: the mean square would be inf and every output 0."""
+    x = jnp.asarray([[300.0, -300.0, 100.0, -100.0]], dtype)
+    y = rms_norm(x, jnp.ones((4,), dtype))
+    assert y.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32)[0], [300, -300, 100, -100] / np.sqrt(50_000), rtol=1e-2)
+    grads = jax.grad(lambda x: jnp.sum(rms_norm(x, jnp.ones((4,), dtype)) * jnp.arange(4)[None].astype(dtype)))(x)
+    assert grads.dtype == dtype and np.all(np.isfinite(np.asarray(grads, np.float32)))
+
+
+def test_rms_norm_layer_shapes_values_and_equality():
+    layer = RMSNorm()
+    for shape in [(-1, 6), (2, 5, 5, 3), (1, 1)]:
+        output_shape, params = layer.init(KEY, shape)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal(tuple(4 if d == -1 else d for d in shape)))
+        y = layer.apply(params, x)
+        assert y.shape == jax.eval_shape(layer.apply, params, x).shape == x.shape
+        assert output_shape == shape
+        np.testing.assert_allclose(y, rms_reference(x, params.gamma), rtol=1e-12)
+    assert isinstance(params, RMSNormParams) and params.gamma.shape == (1,)
+    np.testing.assert_array_equal(layer.init(KEY, (-1, 3))[1].gamma, np.ones(3))
+    assert RMSNorm(1e-5) == RMSNorm(1e-5) != RMSNorm() and hash(RMSNorm(1e-5)) == hash(RMSNorm(1e-5))
+    assert RMSNorm(dtype=jnp.float16).apply == RMSNorm().apply  # dtype is init-only
+    assert "RMSNorm(eps=1e-06)" in fn.summary(fn.serial(fn.Dense(3), RMSNorm()), (-1, 2))
+
+
+# --- LayerNorm(use_bias=False) ----------------------------------------------------------------
+
+
+def test_layer_norm_without_bias_has_no_beta_and_is_layer_norm_with_zero_beta():
+    layer = fn.LayerNorm(use_bias=False)
+    shape, params = layer.init(KEY, (-1, 5, 4))
+    assert shape == (-1, 5, 4) and isinstance(params, LayerNormScaleParams) and params._fields == ("gamma",)
+    assert fn.param_count(params) == 4
+    _, with_bias = fn.LayerNorm().init(KEY, (-1, 5, 4))
+    assert isinstance(with_bias, fn.LayerNormParams) and with_bias._fields == ("gamma", "beta")  # unchanged
+    x, gamma, _ = _args((3, 5, 4), np.float64)
+    params = LayerNormScaleParams(jnp.asarray(gamma))
+    y = layer.apply(params, x)
+    assert y.shape == jax.eval_shape(layer.apply, params, x).shape == x.shape
+    np.testing.assert_allclose(y, reference(x, gamma, np.zeros(4)), rtol=1e-12)
+    grads = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x))))(params)
+    expected = jax.grad(lambda g: jnp.sum(jnp.sin(reference(x, g, jnp.zeros(4)))))(params.gamma)
+    assert isinstance(grads, LayerNormScaleParams)
+    np.testing.assert_allclose(grads.gamma, expected, rtol=1e-10)
+    assert layer == fn.LayerNorm(use_bias=False) != fn.LayerNorm()
+    assert layer.apply != fn.LayerNorm().apply  # apply reads use_bias: different programs
+    assert "LayerNorm(eps=1e-05, use_bias=False)" in fn.summary(fn.serial(layer), (-1, 4))
+
+
+def test_layer_norm_without_bias_against_torch():
+    """torch.nn.LayerNorm(features, bias=False) in float64: output and every gradient."""
+    torch = pytest.importorskip("torch")
+    x, gamma, _ = _args((3, 2, 6), np.float64, seed=4)
+    g = np.random.default_rng(6).standard_normal(x.shape)
+    module = torch.nn.LayerNorm(6, eps=1e-5, bias=False, dtype=torch.float64)
+    assert module.bias is None
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor(gamma))
+    t_x = torch.tensor(x, requires_grad=True)
+    t_y = module(t_x)
+    t_y.backward(torch.tensor(g))
+    layer = fn.LayerNorm(use_bias=False)
+    y, vjp = jax.vjp(layer.apply, LayerNormScaleParams(jnp.asarray(gamma)), x)
+    dparams, dx = vjp(g)
+    np.testing.assert_allclose(y, t_y.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, t_x.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dparams.gamma, module.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+RMS_BAD = [
+    (
+        lambda: rms_norm(jnp.ones((2, 4)), jnp.ones(3)),
+        ValueError,
+        r"rms_norm: gamma must have shape \(features,\) = \(4,\) for x.shape=\(2, 4\), got \(3,\)",
+    ),
+    (lambda: rms_norm(jnp.ones((2, 4)), jnp.ones(4), eps=0.0), ValueError, "rms_norm: eps must be > 0.0, got 0.0"),
+    (lambda: rms_norm(jnp.ones((2, 4), jnp.int32), jnp.ones(4)), TypeError, "rms_norm: x must have a floating dtype"),
+    (
+        lambda: rms_norm(jnp.ones((2, 4), jnp.float32), jnp.ones(4)),
+        TypeError,
+        "rms_norm: x and gamma must share a dtype, got float32 and float64",
+    ),
+    (lambda: rms_norm(jnp.ones((2, 0)), jnp.ones(0)), ValueError, "rms_norm: x must have a non-empty last axis"),
+    (lambda: rms_norm([[1.0, 2.0]], jnp.ones(2)), TypeError, "rms_norm: x must be an array"),
+    (lambda: RMSNorm().init(KEY, (5,)), ValueError, r"RMSNorm\(eps=1e-06\): input_shape must be at least 2-D"),
+    (lambda: RMSNorm(0.0), ValueError, "RMSNorm: eps must be > 0.0"),
+    (
+        lambda: RMSNorm().apply(fn.LayerNorm().init(KEY, (-1, 3))[1], jnp.ones((2, 3))),
+        TypeError,
+        r"RMSNorm\(eps=1e-06\): params must be RMSNormParams\(gamma\), got LayerNormParams",
+    ),
+    (
+        lambda: fn.LayerNorm(use_bias=False).apply(fn.LayerNorm().init(KEY, (-1, 3))[1], jnp.ones((2, 3))),
+        TypeError,
+        r"LayerNorm\(eps=1e-05, use_bias=False\): params must be LayerNormScaleParams\(gamma\), got LayerNormParams",
+    ),
+    (
+        lambda: fn.LayerNorm().apply(fn.LayerNorm(use_bias=False).init(KEY, (-1, 3))[1], jnp.ones((2, 3))),
+        TypeError,
+        r"LayerNorm\(eps=1e-05\): params must be LayerNormParams\(gamma, beta\), got LayerNormScaleParams",
+    ),
+    (lambda: fn.LayerNorm(use_bias=1), TypeError, "LayerNorm: use_bias must be a bool, got int 1"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", RMS_BAD)
+@pytest.mark.parametrize("jit", [False, True])
+def test_rms_norm_bad_input_gets_a_clear_error(call, error, message, jit):
+    with pytest.raises(error, match=message):
+        jax.jit(call)() if jit else call()

@@ -11,6 +11,8 @@ import pytest
 
 import funcnet as fn
 from funcnet import embeddings, ops
+from funcnet.losses import sigmoid_binary_cross_entropy
+from funcnet.normalization import rms_norm
 
 LOW = [jnp.float16, jnp.bfloat16]
 KEY = jax.random.PRNGKey(0)
@@ -139,6 +141,11 @@ def _cases(dtype):
             (a(2, 5, 2, 6), jnp.asarray([0, 1, 7, 300, 4000], jnp.int32)),
         ),
         "layer_norm": (fn.layer_norm, _layer_norm_reference, (a(4, 6) * 3, a(6), a(6))),
+        "rms_norm": (
+            rms_norm,
+            lambda x, g: x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g[None],
+            (a(4, 6) * 3 + 1, a(6)),
+        ),
         "mean_squared_error": (
             fn.mean_squared_error,
             lambda p, t: jnp.sum((p - t) ** 2) / p.shape[0],
@@ -148,6 +155,11 @@ def _cases(dtype):
             fn.softmax_cross_entropy,
             lambda z, t: -jnp.sum(t * jax.nn.log_softmax(z)) / z.shape[0],
             (a(8, 3), jax.nn.one_hot(jnp.arange(8) % 3, 3, dtype=dtype)),
+        ),
+        "sigmoid_binary_cross_entropy": (
+            sigmoid_binary_cross_entropy,
+            lambda z, t: jnp.mean(jnp.logaddexp(0, z) - z * t),
+            (a(8, 3) * 3, jnp.asarray(rng.random((8, 3)), dtype)),
         ),
     }
 
