@@ -42,6 +42,8 @@ from funcnet.layers import (
     check_input_shape,
     check_layers,
     child_keys,
+    decode_child,
+    given_inputs,
     init_child,
     layer_spec,
     run_child,
@@ -108,6 +110,10 @@ class _Residual(_Serial):
                 f"{jnp.shape(x)} into {jnp.shape(y)}."
             )
         return x + y, params
+
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        y, cache = super().decode(params, cache, x, offset=offset, **inputs)
+        return x + y, cache
 
 
 def residual(*layers: Layer) -> Layer:
@@ -183,6 +189,18 @@ class _Parallel(_Runs):
             outputs.append(y)
             new.append(p)
         return tuple(outputs), tuple(new)
+
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        check_entries("parallel", params, len(self.layers))
+        xs = _inputs("parallel", x, len(self.layers))
+        given = given_inputs(self.name, self.inputs, inputs)
+        outputs, caches = [], []
+        for i, (layer, p, c, x_i) in enumerate(zip(self.layers, params, cache, xs, strict=True)):
+            with blame("parallel", i, layer):
+                y, c = decode_child(layer, p, c, x_i, offset=offset, inputs=given)
+            outputs.append(y)
+            caches.append(c)
+        return tuple(outputs), tuple(caches)
 
 
 def parallel(*layers: Layer) -> Layer:

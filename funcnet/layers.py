@@ -53,11 +53,13 @@ from funcnet._values import Method, T, dataclass_transform, number
 from funcnet.state import has_state, is_state, split_state, state_count
 
 __all__ = [
+    "Activation",
     "Dense",
     "DenseParams",
     "Dropout",
     "Layer",
     "LayerSpec",
+    "WeightParams",
     "layer_inputs",
     "layer_name",
     "layer_spec",
@@ -84,6 +86,12 @@ class DenseParams(NamedTuple):
 
     W: jax.Array
     B: jax.Array
+
+
+class WeightParams(NamedTuple):
+    """``Dense(..., use_bias=False)``'s params: ``W: (num_in, neurons)`` alone."""
+
+    W: jax.Array
 
 
 INIT_ONLY = "funcnet.init_only"
@@ -154,6 +162,21 @@ class LayerSpec:
         del row_mask  # no batch statistics here
         refuse_hidden_state(self.name, params)
         return self.apply(params, x, key=key, **inputs), params
+
+    def init_cache(self, params: Params, batch: int, max_length: int) -> Any:
+        """Decoding (``funcnet.decoding``): this layer's empty cache for ``batch`` sequences of up
+        to ``max_length`` positions; ``()`` for a layer that keeps nothing between steps."""
+        del params, batch, max_length
+        return ()
+
+    def decode(self, params: Params, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        """Decoding: ``x`` holds the positions ``offset[b] ..`` of each sequence ``b`` (``offset:
+        (batch,)`` counts those before them); returns ``(y, cache)``. This default serves a layer
+        that treats every position on its own (``Dense``, ``LayerNorm``, ``Embedding``): its
+        ``apply``. A layer that mixes positions overrides it (attention keeps keys and values in
+        its cache, learned positions read ``W[offset + t]``) or refuses."""
+        del offset
+        return self.apply(params, x, **inputs), cache
 
     def method_key(self, name: str) -> Any:
         """What ``Method(self, name)`` compares by: the whole spec for ``init``; for ``apply``,
@@ -326,6 +349,12 @@ class _Named(LayerSpec):
     def apply(self, params: Params, x: Any, **kwargs: Any) -> Any:
         return self.inner.apply(params, x, **kwargs)
 
+    def init_cache(self, params: Params, batch: int, max_length: int) -> Any:
+        return cache_of(self.inner, params, batch, max_length)
+
+    def decode(self, params: Params, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        return decode_child(self.inner, params, cache, x, offset=offset, inputs=inputs)
+
     def train_apply(
         self, params: Params, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
     ) -> tuple[Any, Params]:
@@ -405,6 +434,25 @@ def run_child(
     if train:
         return train_mode(layer.apply)(params, x, key=key, row_mask=row_mask, **own)
     return layer.apply(params, x, key=key, **own), params
+
+
+def cache_of(layer: Layer, params: Params, batch: int, max_length: int) -> Any:
+    """A child's empty decoding cache (``()`` for a Layer of closures: it keeps nothing)."""
+    spec = spec_of(layer)
+    return () if spec is None else spec.init_cache(params, batch, max_length)
+
+
+def decode_child(
+    layer: Layer, params: Params, cache: Any, x: Any, *, offset: jax.Array, inputs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """A combinator's child in decoding mode, given the inputs beyond ``x`` that it takes. A Layer of
+    closures is taken to treat every position on its own (its ``apply``)."""
+    takes = layer_inputs(layer)
+    own = inputs if takes is None else {name: value for name, value in inputs.items() if name in takes}
+    spec = spec_of(layer)
+    if spec is None:
+        return layer.apply(params, x, **own), cache
+    return spec.decode(params, cache, x, offset=offset, **own)
 
 
 def layer_inputs(layer: Layer) -> frozenset[str] | None:
@@ -506,46 +554,71 @@ class _Dense(LayerSpec):
     w_init: initializers.Initializer = init_only()
     b_init: initializers.Initializer = init_only()
     dtype: np.dtype = init_only()
+    use_bias: bool = True
 
     @property
     def name(self) -> str:
-        return f"Dense({self.neurons}, {activation_name(self.activation)})"
+        bias = "" if self.use_bias else ", use_bias=False"
+        return f"Dense({self.neurons}, {activation_name(self.activation)}{bias})"
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
-        batch, num_in = check_input_shape(self.name, input_shape, 2, "(batch, num_in)")
+        shape = check_input_shape(self.name, input_shape, None, "(batch, ..., num_in)")
+        if len(shape) < 2:
+            raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., num_in), got {shape}.")
         k_w, k_b = jax.random.split(key)
-        return (batch, self.neurons), DenseParams(
-            self.w_init(k_w, (num_in, self.neurons), self.dtype), self.b_init(k_b, (1, self.neurons), self.dtype)
-        )
+        W = self.w_init(k_w, (shape[-1], self.neurons), self.dtype)
+        params = DenseParams(W, self.b_init(k_b, (1, self.neurons), self.dtype)) if self.use_bias else WeightParams(W)
+        return (*shape[:-1], self.neurons), params
 
     def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
         del key  # deterministic
-        check_params(self.name, params, DenseParams, "DenseParams(W, B)")
+        if self.use_bias:
+            check_params(self.name, params, DenseParams, "DenseParams(W, B)")
+        else:
+            check_params(self.name, params, WeightParams, "WeightParams(W) (use_bias=False)")
         if np.shape(params.W)[-1:] != (self.neurons,):
             raise ValueError(
                 f"{self.name}: params.W must have {self.neurons} output columns, got shape "
                 f"{np.shape(params.W)} (params from another network?)."
             )
-        return self.activation(ops.bias_add(ops.weight_multiply(x, params.W), params.B))
+        leading = None
+        if _checks.is_array(x) and x.ndim > 2:  # (batch, ..., num_in): the ops see rows
+            if np.ndim(params.W) == 2 and x.shape[-1] != np.shape(params.W)[0]:
+                raise ValueError(
+                    f"{self.name}: x has {x.shape[-1]} features but W expects {np.shape(params.W)[0]} "
+                    f"(x.shape={tuple(x.shape)}, W.shape={np.shape(params.W)})."
+                )
+            leading, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        y = ops.weight_multiply(x, params.W)
+        if self.use_bias:
+            y = ops.bias_add(y, params.B)
+        y = self.activation(y)
+        return y if leading is None else y.reshape(*leading, y.shape[-1])
 
 
 def Dense(
     neurons: int,
     activation: Callable[[jax.Array], jax.Array] = ops.sigmoid,
     *,
+    use_bias: bool = True,
     w_init: initializers.Initializer = initializers.standard_normal,
     b_init: initializers.Initializer = initializers.standard_normal,
     dtype: Any = None,
 ) -> Layer:
-    """``activation(bias_add(weight_multiply(x, W), B))``. Book: Dense.
+    """``activation(bias_add(weight_multiply(x, W), B))`` over the last axis of x. Book: Dense.
 
-    The defaults are the book's (chapter 3): a sigmoid, and W and B drawn from N(0, 1). They
-    saturate wide layers; the recurrent layers default to glorot weights and zero biases
-    instead. For those here: ``Dense(n, tanh, w_init=glorot_normal, b_init=zeros)``.
+    ``x: (batch, num_in)`` as in the book, or ``(batch, ..., num_in)``: every leading index is a
+    row (a sequence's time steps), so ``Dense`` on ``(batch, time, num_in)`` equals
+    ``TimeDistributed(Dense)``. The defaults are the book's (chapter 3): a sigmoid, and W and B
+    drawn from N(0, 1). They saturate wide layers; the recurrent layers default to glorot
+    weights and zero biases instead. For those here:
+    ``Dense(n, tanh, w_init=glorot_normal, b_init=zeros)``.
 
     Args:
       neurons: output units.
       activation: any ``array -> array``; default ``sigmoid`` (the book's).
+      use_bias: with False, no ``B``: ``activation(weight_multiply(x, W))`` and params
+        ``WeightParams(W)`` (nanoGPT's ``bias=False``); with True, ``DenseParams(W, B)``.
       w_init, b_init: initializers ``(key, shape, dtype)``; default ``standard_normal`` for both
         (the book's N(0, 1)); ``glorot_normal`` and ``zeros`` are the modern choice.
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
@@ -553,7 +626,40 @@ def Dense(
     name = f"Dense({neurons}, {activation_name(activation)})"
     _checks.positive_int(name, "neurons", neurons)
     _checks.callable_(name, "activation", activation)
-    return _Dense(int(neurons), activation, w_init, b_init, default_dtype(dtype)).layer()
+    if not isinstance(use_bias, bool):
+        raise TypeError(f"{name}: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}.")
+    return _Dense(int(neurons), activation, w_init, b_init, default_dtype(dtype), use_bias).layer()
+
+
+@layer_spec
+class _Activation(LayerSpec):
+    fn: Callable[[jax.Array], jax.Array]
+
+    @property
+    def name(self) -> str:
+        return f"Activation({activation_name(self.fn)})"
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
+        del key
+        return check_input_shape(self.name, input_shape, None, "(batch, ...)"), ()
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        del key  # deterministic
+        if params != ():
+            raise TypeError(
+                f"{self.name}: params must be (), got {type(params).__name__} (params from another network?)."
+            )
+        _checks.floating(self.name, "x", x)
+        return self.fn(x)
+
+
+def Activation(fn: Callable[[jax.Array], jax.Array]) -> Layer:
+    """``fn(x)`` elementwise, a layer without params: ``serial(Conv2D(...), BatchNorm(),
+    Activation(relu))``. Any ``array -> array`` of the same shape (``relu``, ``sigmoid``, ``tanh``,
+    ``gelu``, a function of one's own); equal functions give equal layers, shown as
+    ``Activation(relu)``."""
+    _checks.callable_("Activation", "fn", fn)
+    return _Activation(fn).layer()
 
 
 @layer_spec
@@ -616,6 +722,10 @@ class _Runs(LayerSpec):
         given = given_inputs(self.name, self.inputs, inputs)
         return self.run(params, x, key=key, row_mask=row_mask, train=True, inputs=given)
 
+    def init_cache(self, params: Params, batch: int, max_length: int) -> Any:
+        check_entries(self.name, params, len(self.children))
+        return tuple(cache_of(c, p, batch, max_length) for c, p in zip(self.children, params, strict=True))
+
 
 @layer_spec
 class _Serial(_Runs):
@@ -655,6 +765,17 @@ class _Serial(_Runs):
                 x, p = run_child(layer, p, x, key=k, row_mask=row_mask, train=train, inputs=inputs)
             new.append(p)
         return x, tuple(new)
+
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        """The layers in order, each with its own cache."""
+        check_entries(self.label, params, len(self.layers))
+        given = given_inputs(self.name, self.inputs, inputs)
+        caches = []
+        for i, (layer, p, c) in enumerate(zip(self.layers, params, cache, strict=True)):
+            with blame(self.label, i, layer):
+                x, c = decode_child(layer, p, c, x, offset=offset, inputs=given)
+            caches.append(c)
+        return x, tuple(caches)
 
 
 def check_layers(fn: str, layers: Sequence[Any], minimum: int = 1) -> tuple[Layer, ...]:
@@ -791,6 +912,28 @@ class _Recorded:
         return output_shape, params
 
 
+class _RecordedOwn(_Init):
+    """A combinator's ``init`` (still its spec's, so ``spec_of`` finds it) that adds a row for the
+    parameters it owns beyond its children's rows, when there are any: a block's own scale, a
+    tied embedding, a learned position table."""
+
+    __slots__ = ("depth", "label", "rows")
+
+    def __init__(self, spec: LayerSpec, label: str, depth: int, rows: list[Row]):
+        super().__init__(spec, "init")
+        self.label, self.depth, self.rows = label, depth, rows
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = len(self.rows)
+        output_shape, params = super().__call__(*args, **kwargs)
+        below = self.rows[start:]
+        own = param_count(params) - sum(row[4] for row in below)
+        own_state = state_count(params) - sum(row[5] for row in below)
+        if own or own_state:
+            self.rows.insert(start, (self.label, self.depth, f"{self.owner.name} (own)", None, own, own_state))
+        return output_shape, params
+
+
 def _recording(layer: Layer, path: tuple[int, ...], rows: list[Row]) -> Layer:
     """``layer`` with every leaf layer below it recording its row: the layer tree is walked through
     each spec's ``children`` and rebuilt with recording leaves, so the rows belong to this call."""
@@ -811,16 +954,19 @@ def _recording(layer: Layer, path: tuple[int, ...], rows: list[Row]) -> Layer:
     fields = {f.name: swap(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}  # type: ignore[arg-type]
     if found != len(children):  # children not held as fields in order: one row for the whole
         return Layer(_Recorded(layer, ".".join(map(str, path)), max(len(path) - 1, 0), rows), layer.apply)
-    return dataclasses.replace(spec, **fields).layer()  # type: ignore[type-var]  # every spec is a dataclass
+    rebuilt: LayerSpec = dataclasses.replace(spec, **fields)  # type: ignore[type-var]  # every spec is a dataclass
+    return Layer(_RecordedOwn(rebuilt, ".".join(map(str, path)), len(path), rows), Method(rebuilt, "apply"))
 
 
 def summary(net: Layer, input_shape: Any) -> str:
     """A text table of each layer's path, name, output shape and parameter count, with the total.
 
     Combinators are not rows themselves: their layers are, numbered by path (``2.1`` is layer 1
-    of the combinator at position 2), branches included. The total is ``param_count`` of the
-    network's params. A network with layer state (BatchNorm) gets a ``state`` column and total
-    too: those scalars are not trained, nor counted in params.
+    of the combinator at position 2), branches included. A combinator that owns parameters
+    beyond its layers' (a block's own scale, a tied embedding) gets a row ``Name (own)`` for
+    them, first among its layers' rows. The total is ``param_count`` of the network's params,
+    always. A network with layer state (BatchNorm) gets a ``state`` column and total too: those
+    scalars are not trained, nor counted in params.
     """
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")
@@ -829,7 +975,7 @@ def summary(net: Layer, input_shape: Any) -> str:
     rows: list[Row] = []
     _shapes(_recording(net, (), rows), tuple(input_shape))
     table = [
-        (label, "  " * depth + name, str(_plain(shape)), count, state)
+        (label, "  " * depth + name, "-" if shape is None else str(_plain(shape)), count, state)
         for label, depth, name, shape, count, state in rows
     ]
     stateful = any(r[4] for r in table)

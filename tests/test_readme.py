@@ -19,6 +19,7 @@ BASH = re.findall(r"```bash\n(.*?)```", README, re.S)
 SLOW_SECTIONS = (
     "Layer state",
     "Attention and the Transformer",
+    "Attention for the models people train",
     "Sweeps compile once",
     "Long runs",
     "The optimizer toolbox",

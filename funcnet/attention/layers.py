@@ -1,7 +1,22 @@
-"""Attention layers: ``MultiHeadAttention`` over the op of ``kernel.py``.
+"""Attention layers over the op of ``kernel.py``: ``MultiHeadAttention`` (self-attention) and
+``CrossAttention`` (queries from ``x``, keys and values from a second input).
 
-Contract, stated once: a layer projects with ``x @ W + B`` as ``Dense`` does, so a
-``torch.nn.MultiheadAttention`` maps onto it by transposing its weights (``AttentionParams``).
+Contract, stated once:
+
+* A layer projects with ``x @ W + B`` as ``Dense`` does (``AttentionParams``), so a
+  ``torch.nn.MultiheadAttention`` maps onto it by transposing its weights. With
+  ``num_kv_heads=K`` (grouped-query attention; ``K = 1``: multi-query) the key and value
+  projections have ``K * head_dim`` columns and query head ``n`` reads key/value head
+  ``n // (num_heads // K)``, as torch's ``enable_gqa`` and jax.nn.
+* Padding reaches the op: ``apply(params, x, *, key=None, kv_lengths=None, mask=None)`` with the
+  op's meanings (``kv_lengths: (batch,)``, key ``s`` visible when ``s < kv_lengths[b]``; ``mask``
+  boolean, True = attend, broadcastable to ``(batch, heads, T, S)``). ``serial``, ``residual``
+  and every combinator pass them on, and ``fit`` carries them with the data (``train_data=(x,
+  y, {"kv_lengths": lengths})``). A result for a real position never depends on padding.
+* ``dropout`` drops attention weights, inside the kernel, only in training (when a ``key`` is
+  given, the switch ``Dropout`` uses); inference is deterministic.
+* ``rope=base`` rotates queries and keys by their positions (``funcnet.rotary_embedding``, its
+  pairing convention said there) before the scores; positions are ``0 .. T - 1``.
 """
 
 from __future__ import annotations
@@ -13,19 +28,25 @@ import numpy as np
 
 from funcnet import _checks, initializers, ops
 from funcnet.attention.kernel import DEFAULT_BLOCK_SIZE, dot_product_attention
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, layer_spec
+from funcnet.embeddings import rotary_embedding
+from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 
-__all__ = ["AttentionParams", "MultiHeadAttention"]
+__all__ = ["AttentionParams", "CrossAttention", "MultiHeadAttention"]
+
+_INPUTS = frozenset({"kv_lengths", "mask"})
 
 
 class AttentionParams(NamedTuple):
-    """Projections ``x @ W + B`` as in ``Dense``: ``W_q, W_k, W_v: (features, heads * head_dim)``,
-    ``W_o: (heads * head_dim, features)``, each ``B`` of shape ``(1, n)``.
+    """Projections ``x @ W + B`` as in ``Dense``: ``W_q: (features, heads * head_dim)``, ``W_k,
+    W_v: (kv_features, kv_heads * head_dim)``, ``W_o: (heads * head_dim, features)``, each ``B``
+    of shape ``(1, n)``.
 
     From ``torch.nn.MultiheadAttention(D, heads, batch_first=True)`` (``head_dim = D // heads``):
     ``W_q = in_proj_weight[:D].T``, ``W_k = in_proj_weight[D:2 * D].T``, ``W_v =
     in_proj_weight[2 * D:].T``, ``B_q = in_proj_bias[None, :D]`` (and so on for ``B_k``,
-    ``B_v``), ``W_o = out_proj.weight.T``, ``B_o = out_proj.bias[None]``.
+    ``B_v``), ``W_o = out_proj.weight.T``, ``B_o = out_proj.bias[None]``. With ``kdim``/``vdim``
+    other than ``D`` (cross-attention) torch keeps ``q_proj_weight``, ``k_proj_weight`` and
+    ``v_proj_weight`` instead: ``W_q = q_proj_weight.T`` and so on.
     """
 
     W_q: jax.Array
@@ -38,20 +59,55 @@ class AttentionParams(NamedTuple):
     B_o: jax.Array
 
 
+class AttentionWeights(NamedTuple):
+    """``AttentionParams`` without biases (``use_bias=False``, nanoGPT's ``bias=False``): ``x @ W``."""
+
+    W_q: jax.Array
+    W_k: jax.Array
+    W_v: jax.Array
+    W_o: jax.Array
+
+
 @layer_spec
-class _MultiHeadAttention(LayerSpec):
+class _Attention(LayerSpec):
+    """What self- and cross-attention share: the heads, the projections, the call of the op."""
+
     num_heads: int
     head_dim: int | None
+    num_kv_heads: int | None
     is_causal: bool
+    rope: float | None
+    dropout: float
     block_size: int
-    w_init: initializers.Initializer
-    b_init: initializers.Initializer
-    dtype: Any
+    use_bias: bool
+    w_init: initializers.Initializer = init_only()
+    b_init: initializers.Initializer = init_only()
+    o_init: initializers.Initializer | None = init_only()
+    dtype: Any = init_only()
+
+    kind = "attention"
 
     @property
     def name(self) -> str:
         extra = "" if self.head_dim is None else f", head_dim={self.head_dim}"
-        return f"MultiHeadAttention({self.num_heads}{extra}{', is_causal=True' if self.is_causal else ''})"
+        if self.num_kv_heads is not None:
+            extra += f", num_kv_heads={self.num_kv_heads}"
+        if self.is_causal:
+            extra += ", is_causal=True"
+        if self.rope is not None:
+            extra += f", rope={self.rope}"
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
+        if not self.use_bias:
+            extra += ", use_bias=False"
+        return f"{self.kind}({self.num_heads}{extra})"
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        return _INPUTS
+
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def _head_dim(self, features: int) -> int:
         if self.head_dim is not None:
@@ -61,85 +117,284 @@ class _MultiHeadAttention(LayerSpec):
                 f"{self.name}: num_heads {self.num_heads} must divide the features {features} "
                 f"(or give head_dim), got {features} % {self.num_heads} = {features % self.num_heads}."
             )
-        return features // self.num_heads
+        head_dim = features // self.num_heads
+        if self.rope is not None and head_dim % 2:
+            raise ValueError(
+                f"{self.name}: rope rotates pairs of features, so head_dim must be even, got {head_dim} "
+                f"({features} features / {self.num_heads} heads); give an even head_dim."
+            )
+        return head_dim
+
+    def _params(self, key: jax.Array, features: int, kv_features: int) -> AttentionParams | AttentionWeights:
+        head_dim = self._head_dim(features)
+        inner, kv_inner = self.num_heads * head_dim, self.kv_heads() * head_dim
+        shapes = [(features, inner), (1, inner), (kv_features, kv_inner), (1, kv_inner)]
+        shapes += [(kv_features, kv_inner), (1, kv_inner), (inner, features), (1, features)]
+        keys = jax.random.split(key, 8)
+        inits = [self.w_init, self.b_init] * 3 + [self.o_init or self.w_init, self.b_init]
+        params = [init(k, s, self.dtype) for init, k, s in zip(inits, keys, shapes, strict=True)]
+        return AttentionParams(*params) if self.use_bias else AttentionWeights(*params[::2])
+
+    def _check(self, params: Any, x: Any, what: str, context: Any) -> int:
+        """The params must be this layer's for these inputs; returns head_dim."""
+        if self.use_bias:
+            check_params(self.name, params, AttentionParams, "AttentionParams(W_q, B_q, W_k, B_k, W_v, B_v, W_o, B_o)")
+        else:
+            check_params(self.name, params, AttentionWeights, "AttentionWeights(W_q, W_k, W_v, W_o) (use_bias=False)")
+        for name, value in ((what, x), ("context", context)):
+            _checks.floating(self.name, name, value)
+            _checks.rank(self.name, name, value, 3, "(batch, time, features)")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{self.name}: x and context must share the batch size, got x.shape={tuple(x.shape)}, "
+                f"context.shape={tuple(context.shape)}."
+            )
+        features, kv_features = x.shape[-1], context.shape[-1]
+        head_dim = self._head_dim(features)
+        expected = {
+            "W_q": (features, self.num_heads * head_dim),
+            "W_k": (kv_features, self.kv_heads() * head_dim),
+            "W_v": (kv_features, self.kv_heads() * head_dim),
+        }
+        for field, shape in expected.items():
+            if np.shape(getattr(params, field)) != shape:
+                raise ValueError(
+                    f"{self.name}: params.{field} must have shape {shape} for inputs of {features} and "
+                    f"{kv_features} features, got {np.shape(getattr(params, field))} (params from another network?)."
+                )
+        return head_dim
+
+    def attend(
+        self,
+        params: Any,
+        x: jax.Array,
+        context: jax.Array,
+        *,
+        key: jax.Array | None,
+        kv_lengths: Any,
+        mask: Any,
+        is_causal: bool,
+    ) -> jax.Array:
+        head_dim = self._head_dim(x.shape[-1])
+
+        bias = lambda name: getattr(params, name) if self.use_bias else None
+
+        def project(rows: jax.Array, W: jax.Array, B: jax.Array | None) -> jax.Array:
+            out: jax.Array = ops.weight_multiply(rows, W)
+            return out if B is None else ops.bias_add(out, B)
+
+        def heads(a: jax.Array, field: str, count: int) -> jax.Array:
+            batch, time, features = a.shape
+            projected = project(a.reshape(batch * time, features), getattr(params, "W" + field), bias("B" + field))
+            return projected.reshape(batch, time, count, head_dim)
+
+        q = heads(x, "_q", self.num_heads)
+        k = heads(context, "_k", self.kv_heads())
+        v = heads(context, "_v", self.kv_heads())
+        if self.rope is not None:
+            q = rotary_embedding(q, np.arange(q.shape[1], dtype=np.int32), base=self.rope)
+            k = rotary_embedding(k, np.arange(k.shape[1], dtype=np.int32), base=self.rope)
+        training = key is not None and self.dropout > 0
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=is_causal,
+            kv_lengths=kv_lengths,
+            mask=mask,
+            dropout_rate=self.dropout if training else 0.0,
+            dropout_key=key if training else None,
+            block_size=self.block_size,
+        )
+        batch, time = x.shape[:2]
+        y = project(out.reshape(batch * time, -1), params.W_o, bias("B_o"))
+        return y.reshape(batch, time, y.shape[-1])
+
+
+@layer_spec
+class _MultiHeadAttention(_Attention):
+    kind = "MultiHeadAttention"
 
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
-        features = shape[2]
-        inner = self.num_heads * self._head_dim(features)
-        keys = jax.random.split(key, 8)
-        shapes = [(features, inner), (1, inner)] * 3 + [(inner, features), (1, features)]
-        params = [(self.w_init if n % 2 == 0 else self.b_init)(keys[n], s, self.dtype) for n, s in enumerate(shapes)]
-        return shape, AttentionParams(*params)
+        return shape, self._params(key, shape[2], shape[2])
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
-        del key  # deterministic
-        check_params(self.name, params, AttentionParams, "AttentionParams(W_q, B_q, W_k, B_k, W_v, B_v, W_o, B_o)")
-        _checks.floating(self.name, "x", x)
-        _checks.rank(self.name, "x", x, 3, "(batch, time, features)")
-        batch, time, features = x.shape
-        if np.ndim(params.W_q) != 2 or np.shape(params.W_q)[0] != features:
-            raise ValueError(
-                f"{self.name}: x has {features} features but params.W_q expects shape (features, heads * head_dim), "
-                f"got x.shape={tuple(x.shape)}, W_q.shape={np.shape(params.W_q)} (params from another network?)."
+    def apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
+    ) -> Any:
+        self._check(params, x, "x", x)
+        return self.attend(params, x, x, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal)
+
+
+@layer_spec
+class _CrossAttention(_Attention):
+    kind = "CrossAttention"
+
+    def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
+        if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 2):
+            raise TypeError(
+                f"{self.name}: input_shape must be a pair of shapes (x, context), e.g. from FanOut(2) and "
+                f"parallel, got {input_shape!r}."
             )
-        inner = np.shape(params.W_q)[-1]
-        head_dim = self._head_dim(features)
-        if inner != self.num_heads * head_dim:
-            raise ValueError(
-                f"{self.name}: params.W_q must have num_heads * head_dim = {self.num_heads * head_dim} "
-                f"columns, got shape {np.shape(params.W_q)} (params from another network?)."
+        x_shape = check_input_shape(self.name, input_shape[0], 3, "(batch, T, features)")
+        context_shape = check_input_shape(self.name, input_shape[1], 3, "(batch, S, context_features)")
+        return x_shape, self._params(key, x_shape[2], context_shape[2])
+
+    def apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
+    ) -> Any:
+        if not (isinstance(x, (tuple, list)) and len(x) == 2):
+            raise TypeError(
+                f"{self.name}: x must be a pair (x, context), queries from x and keys and values from "
+                f"context, got {type(x).__name__}."
             )
-        rows = x.reshape(batch * time, features)
+        x, context = x
+        self._check(params, x, "x", context)
+        return self.attend(params, x, context, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=False)
 
-        def heads(W: jax.Array, B: jax.Array) -> jax.Array:
-            projected: jax.Array = ops.bias_add(ops.weight_multiply(rows, W), B)
-            return projected.reshape(batch, time, self.num_heads, head_dim)
 
-        out = dot_product_attention(
-            heads(params.W_q, params.B_q),
-            heads(params.W_k, params.B_k),
-            heads(params.W_v, params.B_v),
-            is_causal=self.is_causal,
-            block_size=self.block_size,
-        )
-        y = ops.bias_add(ops.weight_multiply(out.reshape(batch * time, inner), params.W_o), params.B_o)
-        return y.reshape(batch, time, y.shape[-1])
+def _arguments(
+    name: str,
+    num_heads: int,
+    head_dim: int | None,
+    num_kv_heads: int | None,
+    rope: float | None,
+    dropout: float,
+    block_size: int,
+    use_bias: bool,
+    w_init: initializers.Initializer,
+    b_init: initializers.Initializer,
+    o_init: initializers.Initializer | None,
+) -> tuple[int, int | None, int | None, float | None, float, int]:
+    """The constructors' shared checks, before anything is built."""
+    num_heads = _checks.positive_int(name, "num_heads", num_heads)
+    if head_dim is not None:
+        head_dim = _checks.positive_int(name, "head_dim", head_dim)
+    if num_kv_heads is not None:
+        num_kv_heads = _checks.positive_int(name, "num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{name}: num_kv_heads must divide num_heads ({num_heads}) so that each key/value head "
+                f"serves a whole group of query heads, got {num_kv_heads}."
+            )
+    if rope is not None:
+        if isinstance(rope, bool):
+            raise TypeError(f"{name}: rope is the rotary base, a number such as 10000.0 (or None), got {rope!r}.")
+        _checks.real_number(name, "rope", rope, low=0.0, low_open=True)
+        rope = float(rope)
+        if head_dim is not None and head_dim % 2:
+            raise ValueError(f"{name}: rope rotates pairs of features, so head_dim must be even, got {head_dim}.")
+    _checks.real_number(name, "dropout", dropout, low=0.0, high=1.0, high_open=True)
+    block_size = _checks.positive_int(name, "block_size", block_size)
+    if not isinstance(use_bias, (bool, np.bool_)):
+        raise TypeError(f"{name}: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}.")
+    _checks.callable_(name, "w_init", w_init)
+    _checks.callable_(name, "b_init", b_init)
+    if o_init is not None:
+        _checks.callable_(name, "o_init", o_init)
+    return num_heads, head_dim, num_kv_heads, rope, float(dropout), block_size
 
 
 def MultiHeadAttention(
     num_heads: int,
     head_dim: int | None = None,
     *,
+    num_kv_heads: int | None = None,
     is_causal: bool = False,
+    rope: float | None = None,
+    dropout: float = 0.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    use_bias: bool = True,
     w_init: initializers.Initializer = initializers.glorot_normal,
     b_init: initializers.Initializer = initializers.zeros,
+    o_init: initializers.Initializer | None = None,
     dtype: Any = None,
 ) -> Layer:
     """Self-attention on ``(batch, time, features)``, returning ``(batch, time, features)``.
 
-    ``q, k, v = x W_q + B_q, x W_k + B_k, x W_v + B_v`` split into ``num_heads`` heads of
-    ``head_dim`` (``features // num_heads`` by default, which must then divide), then
-    ``dot_product_attention`` per head (causal if asked), the heads concatenated and projected
-    back, ``@ W_o + B_o``. Params ``AttentionParams`` (glorot weights, zero biases by default);
-    a ``torch.nn.MultiheadAttention`` maps onto them as that class's docstring says.
+    ``q, k, v = x W_q + B_q, x W_k + B_k, x W_v + B_v`` split into heads of ``head_dim``
+    (``features // num_heads`` by default, which must then divide), then
+    ``dot_product_attention`` per head, the heads concatenated and projected back, ``@ W_o +
+    B_o``. Params ``AttentionParams`` (glorot weights, zero biases by default). ``apply(params, x,
+    *, key=None, kv_lengths=None, mask=None)``: the module docstring's padding, dropout and rope.
+
+    Args:
+      num_heads: query heads.
+      head_dim: features per head (default ``features // num_heads``).
+      num_kv_heads: key/value heads, dividing ``num_heads`` (grouped-query attention; default
+        ``num_heads``, ``1``: multi-query).
+      is_causal: position ``t`` attends to positions ``<= t`` only.
+      rope: the rotary base (e.g. ``10000.0``) to rotate queries and keys by their positions, or None.
+      dropout: the rate at which attention weights are dropped in training (a ``key`` given).
+      block_size: the kernel's tile (memory and speed, never the result).
+      use_bias: with False, no biases (``AttentionWeights``), nanoGPT's ``bias=False``.
+      w_init, b_init: the projections' weight and bias initializers (glorot, zeros).
+      o_init: the output projection's weight initializer, if not ``w_init`` (GPT-2 scales it by
+        ``1 / sqrt(2 * layers)``: ``fn.normal(0.02 / math.sqrt(2 * layers))``).
+      dtype: the params' dtype (JAX's default float if None).
     """
     name = f"MultiHeadAttention({num_heads})"
-    _checks.positive_int(name, "num_heads", num_heads)
-    if head_dim is not None:
-        _checks.positive_int(name, "head_dim", head_dim)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"{name}: is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
-    _checks.positive_int(name, "block_size", block_size)
-    _checks.callable_(name, "w_init", w_init)
-    _checks.callable_(name, "b_init", b_init)
+    checked = _arguments(
+        name, num_heads, head_dim, num_kv_heads, rope, dropout, block_size, use_bias, w_init, b_init, o_init
+    )
+    num_heads, head_dim, num_kv_heads, rope, dropout, block_size = checked
     return _MultiHeadAttention(
-        int(num_heads),
-        None if head_dim is None else int(head_dim),
+        num_heads,
+        head_dim,
+        num_kv_heads,
         bool(is_causal),
-        int(block_size),
+        rope,
+        dropout,
+        block_size,
+        bool(use_bias),
         w_init,
         b_init,
+        o_init,
+        default_dtype(dtype),
+    ).layer()
+
+
+def CrossAttention(
+    num_heads: int,
+    head_dim: int | None = None,
+    *,
+    num_kv_heads: int | None = None,
+    rope: float | None = None,
+    dropout: float = 0.0,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    use_bias: bool = True,
+    w_init: initializers.Initializer = initializers.glorot_normal,
+    b_init: initializers.Initializer = initializers.zeros,
+    o_init: initializers.Initializer | None = None,
+    dtype: Any = None,
+) -> Layer:
+    """Cross-attention for encoder-decoder models: over a pair ``(x, context)`` (as ``FanOut`` and
+    ``parallel`` produce), queries from ``x: (batch, T, features)``, keys and values from
+    ``context: (batch, S, context_features)``; returns ``x``'s shape.
+
+    ``kv_lengths``/``mask`` are the context's padding. Equals ``torch.nn.MultiheadAttention(
+    features, num_heads, kdim=context_features, vdim=context_features, batch_first=True)(x,
+    context, context)`` with the weights mapped as ``AttentionParams`` says. The arguments are
+    ``MultiHeadAttention``'s (no ``is_causal``: the context is another sequence).
+    """
+    name = f"CrossAttention({num_heads})"
+    checked = _arguments(
+        name, num_heads, head_dim, num_kv_heads, rope, dropout, block_size, use_bias, w_init, b_init, o_init
+    )
+    num_heads, head_dim, num_kv_heads, rope, dropout, block_size = checked
+    return _CrossAttention(
+        num_heads,
+        head_dim,
+        num_kv_heads,
+        False,
+        rope,
+        dropout,
+        block_size,
+        bool(use_bias),
+        w_init,
+        b_init,
+        o_init,
         default_dtype(dtype),
     ).layer()
