@@ -7,6 +7,7 @@ from funcnet.attention import (
     AttentionParams,
     AttentionWeights,
     CrossAttention,
+    KVCache,
     MultiHeadAttention,
     attention_dropout_mask,
     dot_product_attention,
@@ -14,6 +15,7 @@ from funcnet.attention import (
 from funcnet.checkpoint import load, save
 from funcnet.combinators import FanInConcat, FanInSum, FanOut, parallel, residual
 from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, avg_pool2d, conv2d, max_pool2d
+from funcnet.decoding import Cache, decode_step, generate, init_cache, prefill
 from funcnet.embeddings import (
     Embedding,
     EmbeddingParams,
@@ -95,6 +97,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormParams",
     "BatchNormStats",
+    "Cache",
     "ChainState",
     "Conv2D",
     "Conv2DParams",
@@ -114,6 +117,7 @@ __all__ = [
     "GRUParams",
     "GradientTransform",
     "History",
+    "KVCache",
     "LSTMParams",
     "Layer",
     "LayerNorm",
@@ -147,6 +151,7 @@ __all__ = [
     "conv2d",
     "cosine_decay",
     "decay_labels",
+    "decode_step",
     "dot_product_attention",
     "dropout",
     "embedding",
@@ -154,8 +159,10 @@ __all__ = [
     "fit",
     "gelu",
     "gelu_tanh",
+    "generate",
     "glorot_normal",
     "gru",
+    "init_cache",
     "labels_by_field",
     "layer_inputs",
     "layer_norm",
@@ -174,6 +181,7 @@ __all__ = [
     "normal",
     "parallel",
     "param_count",
+    "prefill",
     "read_checkpoint",
     "relu",
     "residual",

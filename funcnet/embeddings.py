@@ -186,6 +186,13 @@ class _PositionalEmbedding(LayerSpec):
         _checks.same_dtype(self.name, ("x", "params.W"), x, params.W)
         return x + params.W[None, : x.shape[1]]
 
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        """Decoding: ``x[b, t] + W[offset[b] + t]``, the positions the new entries hold."""
+        del inputs
+        self.apply(params, x)  # the checks
+        positions = offset[:, None] + jnp.arange(x.shape[1], dtype=offset.dtype)[None, :]
+        return x + jnp.take(params.W, positions, axis=0, mode="clip"), cache
+
 
 _POSITIONS_INIT = initializers.normal(0.02)
 

@@ -28,7 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from funcnet import _checks
-from funcnet.layers import Layer, LayerSpec, layer_inputs, layer_name, layer_spec, spec_of, train_mode
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    cache_of,
+    decode_child,
+    layer_inputs,
+    layer_name,
+    layer_spec,
+    spec_of,
+    train_mode,
+)
 from funcnet.state import merge_state, split_state
 
 __all__ = ["DynamicLossScale", "LossScaleState", "mixed_precision"]
@@ -74,6 +84,14 @@ class _MixedPrecision(LayerSpec):
     def apply(self, params: Any, x: Any, *, key: jax.Array | None = None, **inputs: Any) -> Any:
         y = self.inner.apply(self._low(params), _cast(x, self.compute_dtype), key=key, **inputs)
         return _cast(y, jnp.float32)
+
+    def init_cache(self, params: Any, batch: int, max_length: int) -> Any:
+        return cache_of(self.inner, self._low(params), batch, max_length)
+
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        low_x = _cast(x, self.compute_dtype)
+        y, cache = decode_child(self.inner, self._low(params), cache, low_x, offset=offset, inputs=inputs)
+        return _cast(y, jnp.float32), cache
 
     def train_apply(
         self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any

@@ -498,6 +498,12 @@ class _Recurrent(LayerSpec):
         )
         return (batch, time, self.hidden), params
 
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, Any]:
+        raise TypeError(
+            f"{self.name}: decoding with a cache is written for attention networks; a recurrent layer "
+            "would need its hidden state carried between steps (run the sequence through apply instead)."
+        )
+
     def apply(
         self,
         params: Any,

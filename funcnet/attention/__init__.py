@@ -2,13 +2,14 @@
 layers built on it (``layers.py``)."""
 
 from funcnet.attention.kernel import DEFAULT_BLOCK_SIZE, attention_dropout_mask, dot_product_attention
-from funcnet.attention.layers import AttentionParams, AttentionWeights, CrossAttention, MultiHeadAttention
+from funcnet.attention.layers import AttentionParams, AttentionWeights, CrossAttention, KVCache, MultiHeadAttention
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "AttentionParams",
     "AttentionWeights",
     "CrossAttention",
+    "KVCache",
     "MultiHeadAttention",
     "attention_dropout_mask",
     "dot_product_attention",

@@ -24,14 +24,16 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from funcnet import _checks, initializers, ops
 from funcnet.attention.kernel import DEFAULT_BLOCK_SIZE, dot_product_attention
 from funcnet.embeddings import rotary_embedding
 from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
 
-__all__ = ["AttentionParams", "CrossAttention", "MultiHeadAttention"]
+__all__ = ["AttentionParams", "AttentionWeights", "CrossAttention", "KVCache", "MultiHeadAttention"]
 
 _INPUTS = frozenset({"kv_lengths", "mask"})
 
@@ -57,6 +59,14 @@ class AttentionParams(NamedTuple):
     B_v: jax.Array
     W_o: jax.Array
     B_o: jax.Array
+
+
+class KVCache(NamedTuple):
+    """A self-attention layer's decoding cache: the keys and values of every position so far,
+    ``(batch, max_length, kv_heads, head_dim)`` each (rotary positions already applied)."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 class AttentionWeights(NamedTuple):
@@ -164,6 +174,26 @@ class _Attention(LayerSpec):
                 )
         return head_dim
 
+    def _project(self, params: Any, rows: jax.Array, field: str) -> jax.Array:
+        """``rows @ W + B`` for one projection (``field``: ``_q``, ``_k``, ``_v``, ``_o``)."""
+        out: jax.Array = ops.weight_multiply(rows, getattr(params, "W" + field))
+        return ops.bias_add(out, getattr(params, "B" + field)) if self.use_bias else out
+
+    def heads(self, params: Any, a: jax.Array, field: str, count: int) -> jax.Array:
+        """``(batch, time, features)`` projected and split into ``count`` heads."""
+        batch, time, features = a.shape
+        projected = self._project(params, a.reshape(batch * time, features), field)
+        return projected.reshape(batch, time, count, -1)
+
+    def rotate(self, a: jax.Array, positions: Any) -> jax.Array:
+        return a if self.rope is None else rotary_embedding(a, positions, base=self.rope)
+
+    def output(self, params: Any, out: jax.Array) -> jax.Array:
+        """The heads concatenated and projected back: ``(batch, time, features)``."""
+        batch, time = out.shape[:2]
+        y = self._project(params, out.reshape(batch * time, -1), "_o")
+        return y.reshape(batch, time, y.shape[-1])
+
     def attend(
         self,
         params: Any,
@@ -175,25 +205,9 @@ class _Attention(LayerSpec):
         mask: Any,
         is_causal: bool,
     ) -> jax.Array:
-        head_dim = self._head_dim(x.shape[-1])
-
-        bias = lambda name: getattr(params, name) if self.use_bias else None
-
-        def project(rows: jax.Array, W: jax.Array, B: jax.Array | None) -> jax.Array:
-            out: jax.Array = ops.weight_multiply(rows, W)
-            return out if B is None else ops.bias_add(out, B)
-
-        def heads(a: jax.Array, field: str, count: int) -> jax.Array:
-            batch, time, features = a.shape
-            projected = project(a.reshape(batch * time, features), getattr(params, "W" + field), bias("B" + field))
-            return projected.reshape(batch, time, count, head_dim)
-
-        q = heads(x, "_q", self.num_heads)
-        k = heads(context, "_k", self.kv_heads())
-        v = heads(context, "_v", self.kv_heads())
-        if self.rope is not None:
-            q = rotary_embedding(q, np.arange(q.shape[1], dtype=np.int32), base=self.rope)
-            k = rotary_embedding(k, np.arange(k.shape[1], dtype=np.int32), base=self.rope)
+        q = self.rotate(self.heads(params, x, "_q", self.num_heads), np.arange(x.shape[1], dtype=np.int32))
+        k = self.rotate(self.heads(params, context, "_k", self.kv_heads()), np.arange(context.shape[1], dtype=np.int32))
+        v = self.heads(params, context, "_v", self.kv_heads())
         training = key is not None and self.dropout > 0
         out = dot_product_attention(
             q,
@@ -206,9 +220,7 @@ class _Attention(LayerSpec):
             dropout_key=key if training else None,
             block_size=self.block_size,
         )
-        batch, time = x.shape[:2]
-        y = project(out.reshape(batch * time, -1), params.W_o, bias("B_o"))
-        return y.reshape(batch, time, y.shape[-1])
+        return self.output(params, out)
 
 
 @layer_spec
@@ -224,6 +236,47 @@ class _MultiHeadAttention(_Attention):
     ) -> Any:
         self._check(params, x, "x", x)
         return self.attend(params, x, x, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal)
+
+    def init_cache(self, params: Any, batch: int, max_length: int) -> KVCache:
+        """Zeros for the keys and values of ``max_length`` positions: ``(batch, max_length, kv_heads, head_dim)``."""
+        W_k = params.W_k
+        shape = (batch, max_length, self.kv_heads(), np.shape(W_k)[-1] // self.kv_heads())
+        return KVCache(jnp.zeros(shape, W_k.dtype), jnp.zeros(shape, W_k.dtype))
+
+    def decode(self, params: Any, cache: Any, x: Any, *, offset: jax.Array, **inputs: Any) -> tuple[Any, KVCache]:
+        """The new positions' keys and values written into the cache at ``offset[b]``, their queries
+        attending to every cached key before them (causal from ``q_offset=offset``, rotary
+        positions ``offset[b] + t``): what ``apply`` computes for them on the whole prefix."""
+        if not self.is_causal:
+            raise TypeError(
+                f"{self.name}: decoding extends sequences one position at a time, which needs causal "
+                "self-attention (is_causal=True); without it every position would see the future."
+            )
+        if any(value is not None for value in inputs.values()):
+            raise TypeError(
+                f"{self.name}: decoding reads each sequence's length from the cache's positions; pass no "
+                "kv_lengths or mask (give generate/prefill the prompt lengths instead)."
+            )
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"{self.name}: cache must be a KVCache(k, v) from init_cache, got {type(cache).__name__}.")
+        self._check(params, x, "x", x)
+        time = x.shape[1]
+        positions = offset[:, None] + jnp.arange(time, dtype=offset.dtype)[None, :]
+        q = self.rotate(self.heads(params, x, "_q", self.num_heads), positions)
+        k = self.rotate(self.heads(params, x, "_k", self.kv_heads()), positions)
+        v = self.heads(params, x, "_v", self.kv_heads())
+        write = jax.vmap(lambda c, new, at: lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), at, axis=0))
+        cache = KVCache(write(cache.k, k, offset), write(cache.v, v, offset))
+        out = dot_product_attention(
+            q,
+            cache.k,
+            cache.v,
+            is_causal=True,
+            q_offset=offset,
+            kv_lengths=offset + time,
+            block_size=self.block_size,
+        )
+        return self.output(params, out), cache
 
 
 @layer_spec
