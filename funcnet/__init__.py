@@ -13,7 +13,7 @@ from funcnet.attention import (
     dot_product_attention,
 )
 from funcnet.checkpoint import load, save
-from funcnet.combinators import FanInConcat, FanInSum, FanOut, parallel, residual
+from funcnet.combinators import FanInConcat, FanInSum, FanOut, parallel, remat, residual, tied
 from funcnet.conv import AvgPool2D, Conv2D, Conv2DParams, Flatten, MaxPool2D, avg_pool2d, conv2d, max_pool2d
 from funcnet.decoding import Cache, decode_step, generate, init_cache, prefill
 from funcnet.embeddings import (
@@ -184,6 +184,7 @@ __all__ = [
     "prefill",
     "read_checkpoint",
     "relu",
+    "remat",
     "residual",
     "rms_norm",
     "rnn",
@@ -198,6 +199,7 @@ __all__ = [
     "standard_normal",
     "summary",
     "tanh",
+    "tied",
     "train_apply",
     "train_step",
     "warmup_cosine_decay",

@@ -1,5 +1,7 @@
 """Branching networks: residual, FanOut, parallel, FanInSum, FanInConcat, with stax's semantics."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +219,316 @@ def test_an_input_no_layer_takes_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="inputs its layers take: none"):
         plain.apply(params, jnp.ones((2, 3)), kv_lengths=jnp.array([1, 2]))
     plain.apply(params, jnp.ones((2, 3)), kv_lengths=None)  # None: not given
+
+
+# --- remat ----------------------------------------------------------------------------------
+
+from funcnet.combinators import remat, tied  # noqa: E402
+from funcnet.layers import spec_of  # noqa: E402
+
+_close = lambda a, b: jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), a, b
+)
+
+
+def _block(d=8, heads=2):
+    """A GPT block: attention and an MLP, each residual after a LayerNorm, with dropout."""
+    return fn.serial(
+        fn.residual(fn.LayerNorm(), fn.MultiHeadAttention(heads, is_causal=True)),
+        fn.residual(fn.LayerNorm(), fn.Dense(2 * d, fn.gelu), fn.Dropout(0.3), fn.Dense(d, fn.linear)),
+    )
+
+
+def _gpt(wrap, vocab=11, d=8, blocks=2):
+    return fn.serial(
+        fn.Embedding(vocab, d),
+        fn.PositionalEmbedding(16),
+        *[wrap(_block(d)) for _ in range(blocks)],
+        fn.LayerNorm(),
+        fn.Dense(vocab, fn.linear),
+    )
+
+
+def _tokens(shape, vocab=11, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
+
+
+def test_remat_gives_its_layers_outputs_and_gradients_under_jit_and_vmap():
+    plain, rematted = _gpt(lambda b: b, blocks=1), _gpt(remat, blocks=1)
+    _, params = plain.init(KEY, (-1, 6))
+    assert jax.tree_util.tree_structure(rematted.init(KEY, (-1, 6))[1]) == jax.tree_util.tree_structure(params)
+    x, y, lengths = _tokens((3, 6)), _tokens((3, 6), seed=1), jnp.array([6, 2, 4])
+
+    def loss(net):
+        def f(params, x, y, key, lengths):
+            logits, new = fn.train_apply(net)(params, x, key=key, kv_lengths=lengths)
+            return fn.softmax_cross_entropy(logits, y), new
+
+        return f
+
+    for key in [None, KEY]:  # inference, and training mode with dropout (the same masks recomputed)
+        args = (params, x, y, key, lengths)
+        (value, new), grads = jax.jit(jax.value_and_grad(loss(plain), has_aux=True))(*args)
+        (value_r, new_r), grads_r = jax.jit(jax.value_and_grad(loss(rematted), has_aux=True))(*args)
+        _close((value, new, grads), (value_r, new_r, grads_r))
+    apply = lambda net: jax.jit(lambda p, x, lengths: net.apply(p, x, kv_lengths=lengths))
+    _close(apply(plain)(params, x, lengths), apply(rematted)(params, x, lengths))
+    # vmap: per-example gradients (a batch of one each), as an ensemble or DP-SGD would take them
+    per_example = lambda net: jax.jit(
+        jax.vmap(jax.grad(lambda p, x, y: loss(net)(p, x[None], y[None], KEY, None)[0]), in_axes=(None, 0, 0))
+    )
+    _close(per_example(plain)(params, x, y), per_example(rematted)(params, x, y))
+
+
+def test_remat_keeps_the_state_a_stateful_layer_updates_in_training_mode():
+    inner = fn.serial(fn.Dense(5, fn.tanh), fn.BatchNorm(), fn.Dense(3, fn.linear))
+    plain, rematted = fn.serial(inner, fn.Dense(2, fn.linear)), fn.serial(remat(inner), fn.Dense(2, fn.linear))
+    _, params = plain.init(KEY, (-1, 4))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4)))
+    row_mask = jnp.array([True, True, False, True, True, False])
+
+    def loss(net):
+        def f(params):
+            y, new = fn.train_apply(net)(params, x, row_mask=row_mask)
+            return jnp.sum(jnp.sin(y)), new
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    (value, new), grads = loss(plain)(params)
+    (value_r, new_r), grads_r = loss(rematted)(params)
+    _close((value, new, grads), (value_r, new_r, grads_r))
+    assert not np.allclose(new[0][1].stats.mean, params[0][1].stats.mean)  # the state did move
+
+
+@pytest.mark.slow  # the gradients' equality is the jit/vmap test's; this adds fit around it
+def test_remat_inside_fit_equals_the_fit_without_it():
+    plain, rematted = _gpt(lambda b: b), _gpt(remat)
+    _, params = plain.init(KEY, (-1, 6))
+    x, y, lengths = _tokens((10, 6)), _tokens((10, 6), seed=1), jnp.asarray(np.random.default_rng(2).integers(1, 7, 10))
+    run = lambda net: fn.fit(
+        net,
+        fn.softmax_cross_entropy,
+        fn.adam(1e-2),
+        params,
+        (x, y, {"kv_lengths": lengths}),
+        epochs=3,
+        batch_size=4,
+        key=KEY,
+    )
+    ours, theirs = run(rematted), run(plain)
+    _close(ours.params, theirs.params)
+    _close(ours.history.train_loss, theirs.history.train_loss)
+
+
+def test_remat_saves_gradient_memory():
+    """The point of remat: the compiled gradient keeps one input per block, not its activations
+    (a plain jax.checkpoint kept them all on XLA's CPU backend). Sizes as in bench_remat.py, smaller."""
+    d, T, vocab = 32, 64, 32
+    x = _tokens((4, T), vocab)
+
+    def temp(wrap):
+        net = fn.serial(
+            fn.Embedding(vocab, d, dtype=np.float32),
+            *[wrap(_block(d)) for _ in range(2)],
+            fn.Dense(vocab, fn.linear, dtype=np.float32),
+        )
+        params = jax.tree_util.tree_map(lambda a: a.astype(np.float32), net.init(KEY, (-1, T))[1])
+        loss = lambda p: fn.softmax_cross_entropy(net.apply(p, x), x)
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(remat) <= 0.5 * temp(lambda b: b)
+
+
+def test_remat_is_a_value_listed_by_summary_and_decodes_as_its_layer():
+    assert remat(_block()) == remat(_block()) and hash(remat(_block())) == hash(remat(_block()))
+    assert remat(fn.Dense(3)) != remat(fn.Dense(4)) and remat(fn.Dense(3)) != fn.Dense(3)
+    assert fn.layer_inputs(remat(_block())) == fn.layer_inputs(_block()) == frozenset({"kv_lengths", "mask"})
+    assert fn.layer_inputs(remat(fn.Dense(3))) == frozenset()
+    text = fn.summary(fn.serial(fn.Dense(8), remat(_block())), (-1, 5, 3))
+    for row in ["1.0.0.0", "MultiHeadAttention(2", "1.0.1.1", "Dense(16, gelu)", "1.0.1.3", "Dense(8, linear)"]:
+        assert row in text, row
+    _, params = _block().init(KEY, (-1, 5, 8))
+    assert f"Total params: {32 + fn.param_count(params):,}" in text
+    # decoding passes through: the caches and the steps are the block's own
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 8)))
+    plain, rematted = spec_of(_block()), spec_of(remat(_block()))
+    offset = jnp.array([0, 0])
+    cache, cache_r = plain.init_cache(params, 2, 8), rematted.init_cache(params, 2, 8)
+    _close(cache, cache_r)
+    _close(plain.decode(params, cache, x, offset=offset), rematted.decode(params, cache_r, x, offset=offset))
+
+
+def test_remat_bad_input():
+    with pytest.raises(TypeError, match="remat: layer 0 must be a Layer"):
+        remat("block")
+    with pytest.raises(ValueError, match=r"remat: layer 0.1 \(Conv2D\(2, 3x3, linear\)\): input_shape must be 4-D"):
+        remat(fn.serial(fn.Dense(3), fn.Conv2D(2, 3))).init(KEY, (-1, 4))
+    net = remat(fn.Dense(3))
+    _, params = net.init(KEY, (-1, 4))
+    with pytest.raises(TypeError, match=r"remat\(Dense\(3, sigmoid\)\): no layer inside takes kv_lengths="):
+        net.apply(params, jnp.ones((2, 4)), kv_lengths=jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"remat: layer 0 \(Dense\(3, sigmoid\)\): weight_multiply: x has 5 features"):
+        jax.jit(net.apply)(params, jnp.ones((2, 5)))
+
+
+# --- tied -----------------------------------------------------------------------------------
+
+
+def _untied_head(vocab, d):
+    """``h @ W2.T`` with ``W2: (vocab, d)`` of its own, in plain jnp: the untied network's head."""
+
+    def init(key, input_shape):
+        return (*input_shape[:-1], vocab), fn.EmbeddingParams(jax.random.normal(key, (vocab, d)))
+
+    def apply(params, h, *, key=None):
+        del key
+        return h @ params.W.T
+
+    return fn.Layer(init, apply)
+
+
+def _body(d=8):
+    return (fn.PositionalEmbedding(16), _block(d), fn.LayerNorm())
+
+
+def test_the_tied_gradient_is_the_sum_of_the_embeddings_and_the_heads():
+    vocab, d = 11, 8
+    net = tied(fn.Embedding(vocab, d), *_body(d))
+    untied = fn.serial(fn.Embedding(vocab, d), *_body(d), _untied_head(vocab, d))
+    _, params = net.init(KEY, (-1, 6))
+    untied_params = (*params, params[0])  # the head's W2: a copy of W
+    x, y, lengths = _tokens((3, 6), vocab), _tokens((3, 6), vocab, seed=1), jnp.array([6, 3, 5])
+
+    def loss(net):
+        def f(params, key):
+            logits, _ = fn.train_apply(net)(params, x, key=key, kv_lengths=lengths)
+            return fn.softmax_cross_entropy(logits, y)
+
+        return jax.jit(jax.value_and_grad(f))
+
+    for key in [None, KEY]:
+        value, grads = loss(net)(params, key)
+        value_u, grads_u = loss(untied)(untied_params, key)
+        _close(value, value_u)
+        _close(grads[1:], grads_u[1:-1])
+        embedding_share, head_share = grads_u[0].W, grads_u[-1].W
+        _close(grads[0].W, embedding_share + head_share)
+        # each share matters, so a tied W missing either would fail the line above
+        for share in (embedding_share, head_share):
+            assert float(jnp.abs(share).max()) > 1e-2 * float(jnp.abs(grads[0].W).max())
+    _close(jax.jit(net.apply)(params, x), jax.jit(untied.apply)(untied_params, x))
+
+
+def test_tied_threads_state_inputs_and_decoding_like_serial():
+    vocab, d = 13, 8
+    net = tied(fn.Embedding(vocab, d), fn.MultiHeadAttention(2, is_causal=True, rope=10000.0), fn.LayerNorm())
+    output_shape, params = net.init(KEY, (-1, 7))
+    assert output_shape == (-1, 7, vocab)
+    x = _tokens((2, 7), vocab)
+    assert fn.layer_inputs(net) == frozenset({"kv_lengths", "mask"})
+    full = net.apply(params, x)
+    assert full.shape == (2, 7, vocab)
+    # decoding: a prefill of 3 positions, then one at a time, each equal to the full recomputation
+    spec = spec_of(net)
+    decode = jax.jit(lambda params, cache, x, offset: spec.decode(params, cache, x, offset=offset))
+    cache = spec.init_cache(params, 2, 7)
+    logits, cache = decode(params, cache, x[:, :3], jnp.array([0, 0]))
+    steps = [logits]
+    for t in range(3, 7):
+        logits, cache = decode(params, cache, x[:, t : t + 1], jnp.array([t, t]))
+        steps.append(logits)
+    _close(jnp.concatenate(steps, axis=1), full)
+    # a stateful layer in the body: its state comes back in its entry
+    stateful = tied(fn.Embedding(vocab, d), fn.BatchNorm())
+    _, params = stateful.init(KEY, (-1, 7))
+    _, new = fn.train_apply(stateful)(params, x)
+    assert not np.allclose(new[1].stats.mean, params[1].stats.mean)
+
+
+def test_tied_is_a_value_and_summary_counts_W_once():
+    make = lambda: tied(fn.Embedding(11, 8), *_body())
+    assert make() == make() and hash(make()) == hash(make())
+    assert make() != tied(fn.Embedding(12, 8), *_body())
+    assert make() != fn.serial(fn.Embedding(11, 8), *_body())
+    net = make()
+    _, params = net.init(KEY, (-1, 6))
+    text = fn.summary(net, (-1, 6))
+    assert text.count("Embedding(11, 8)") == 1 and "(own)" not in text
+    assert f"Total params: {fn.param_count(params):,}" in text
+    _, untied_params = fn.serial(fn.Embedding(11, 8), *_body(), fn.Dense(11, fn.linear, use_bias=False)).init(
+        KEY, (-1, 6)
+    )
+    assert fn.param_count(untied_params) - fn.param_count(params) == 11 * 8
+    assert re.search(r"^0 +Embedding\(11, 8\) +\(-1, 6, 8\) +88$", text, re.M)
+
+
+TIED_BAD = [
+    (lambda: tied(fn.Dense(8), fn.LayerNorm()), TypeError, r"tied: the first layer must be an Embedding.*Dense\(8"),
+    (lambda: tied(fn.named("wte", fn.Embedding(5, 4))), TypeError, "must be an Embedding.*got wte"),
+    (lambda: tied(), TypeError, "missing 1 required positional argument"),
+    (lambda: tied(fn.Embedding(5, 4), "body"), TypeError, "tied: layer 1 must be a Layer"),
+    (
+        lambda: tied(fn.Embedding(5, 4), fn.Dense(6)).init(KEY, (-1, 3)),
+        ValueError,
+        r"tied\(Embedding\(5, 4\), 1 layers\): the layers' output must have 4 features, the features of "
+        r"Embedding\(5, 4\) whose W.T is the output head, but Dense\(6, sigmoid\) gives shape \(-1, 3, 6\)",
+    ),
+    (
+        lambda: tied(fn.Embedding(5, 4)).apply(tied(fn.Embedding(6, 4)).init(KEY, (-1, 3))[1], jnp.zeros((1, 3), int)),
+        ValueError,
+        r"tied: layer 0 \(Embedding\(5, 4\)\): params.W must have shape \(5, 4\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,message", TIED_BAD)
+def test_tied_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_tied_equals_a_torch_model_with_nanogpts_tie():
+    torch = pytest.importorskip("torch")
+    vocab, d, T = 11, 8, 6
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(vocab, d)
+            self.fc = torch.nn.Linear(d, d)
+            self.ln = torch.nn.LayerNorm(d)
+            self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+            self.lm_head.weight = self.wte.weight  # nanoGPT's weight tying
+
+        def forward(self, ids):
+            return self.lm_head(self.ln(torch.tanh(self.fc(self.wte(ids)))))
+
+    net = tied(fn.Embedding(vocab, d), fn.Dense(d, fn.tanh), fn.LayerNorm())
+    _, params = net.init(KEY, (-1, T))
+    torch.manual_seed(0)
+    model = Tiny().double()
+    with torch.no_grad():
+        model.wte.weight.copy_(torch.tensor(np.asarray(params[0].W)))
+        model.fc.weight.copy_(torch.tensor(np.asarray(params[1].W).T))
+        model.fc.bias.copy_(torch.tensor(np.asarray(params[1].B)[0]))
+        model.ln.weight.copy_(torch.tensor(np.asarray(params[2].gamma)))
+        model.ln.bias.copy_(torch.tensor(np.asarray(params[2].beta)))
+    x, y = _tokens((3, T), vocab), _tokens((3, T), vocab, seed=1)
+    logits_t = model(torch.tensor(np.asarray(x)))
+    torch.nn.functional.cross_entropy(logits_t.reshape(-1, vocab), torch.tensor(np.asarray(y)).reshape(-1)).backward()
+    logits = net.apply(params, x)
+    grads = jax.grad(lambda p: fn.softmax_cross_entropy(net.apply(p, x), y))(params)
+    check = lambda ours, theirs: np.testing.assert_allclose(
+        np.asarray(ours), theirs.detach().numpy(), rtol=1e-10, atol=1e-12
+    )
+    check(logits, logits_t)
+    check(grads[0].W, model.wte.weight.grad)  # both uses' sum, in one tensor
+    check(grads[1].W, model.fc.weight.grad.T)
+
+
+def test_remat_second_order_equals_its_layers():
+    net = fn.serial(fn.Dense(3, fn.tanh), fn.LayerNorm(), fn.Dense(2, fn.linear))
+    _, params = net.init(KEY, (-1, 4))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4)))
+    hessian = lambda net: jax.jit(jax.jacrev(jax.grad(lambda p: jnp.sum(jnp.sin(net.apply(p, x))))))(params)
+    _close(hessian(remat(net)), hessian(net))

@@ -13,7 +13,7 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name
 
 # Examples whose quick run takes over ~10 s on 2 cores and whose parts have their own tests: slow,
 # so CI stays within its budget (run them with -m slow).
-SLOW = ("char_lm.py", "char_transformer.py", "digits_cnn.py", "digits_resnet.py", "regression.py")
+SLOW = ("char_lm.py", "char_transformer.py", "digits_cnn.py", "digits_resnet.py", "gpt.py", "regression.py")
 
 
 @pytest.mark.parametrize(
