@@ -20,6 +20,7 @@ SLOW_SECTIONS = (
     "Layer state",
     "Attention and the Transformer",
     "Attention for the models people train",
+    "A GPT, end to end",
     "Sweeps compile once",
     "Long runs",
     "The optimizer toolbox",
