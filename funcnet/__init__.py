@@ -60,6 +60,7 @@ from funcnet.normalization import (
 from funcnet.ops import bias_add, dropout, gelu, gelu_tanh, linear, relu, sigmoid, tanh, weight_multiply
 from funcnet.optimizers import (
     ChainState,
+    EmaState,
     GradientTransform,
     Optimizer,
     accumulate,
@@ -77,6 +78,7 @@ from funcnet.optimizers import (
     momentum,
     multi_optimizer,
     sgd,
+    start_ema,
     warmup_cosine_decay,
 )
 from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
@@ -106,6 +108,7 @@ __all__ = [
     "DenseParams",
     "Dropout",
     "DynamicLossScale",
+    "EmaState",
     "Embedding",
     "EmbeddingParams",
     "FanInConcat",
@@ -197,6 +200,7 @@ __all__ = [
     "softmax_cross_entropy",
     "split_state",
     "standard_normal",
+    "start_ema",
     "summary",
     "tanh",
     "tied",

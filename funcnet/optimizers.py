@@ -16,6 +16,10 @@ Contract, stated once:
   is cast up first, the clip norm, the state (momentum, Adam's moments, AdaGrad's sum, the
   accumulated gradients) and its constants (``eps``, ``b1``, ...) live there, and only the new
   params are cast back (one rounding). float16 and bfloat16 params therefore get float32 state.
+* Complex params: the gradients are ``jax.grad``'s (what ``fit`` and ``train_step`` hand over),
+  whose conjugate is the descent direction for a real loss, so every optimizer conjugates a
+  complex gradient first; second moments and norms use ``|g|**2`` and live in the real dtype
+  (``optax`` fed ``conj(jax.grad(...))``). ``clip_value`` refuses complex params.
 * Wrappers take optimizers: ``accumulate`` (the mean gradient of ``steps`` calls, applied every
   ``steps``-th call) and ``multi_optimizer`` (parameter groups, ``None`` freezing one), whose
   groups can be chosen by what a parameter is, its field name (``labels_by_field``; the
@@ -31,11 +35,16 @@ Contract, stated once:
   arguments, so a sweep over learning rates, momenta, Adam's ``b1``/``b2``/``eps``,
   ``weight_decay``, ``clip_norm``, ``clip_value``, a schedule's ``initial``, ``peak``,
   ``final``, ``steps``, ``warmup_steps``, ``decay_steps`` and ``every``, ``accumulate``'s
-  ``steps`` or ``clip_by_global_norm``'s ``max_norm`` compiles once. Static (a change compiles
-  a new program): the optimizer's kind, whether ``weight_decay`` is zero, whether
+  ``steps`` or ``clip_by_global_norm``'s ``max_norm`` compiles once. A schedule's step counts are
+  float data, so a count beyond int32 (``cosine_decay(0.1, 10**10)``) is a number like any other.
+  Static (a change compiles a new program): the optimizer's kind, whether ``weight_decay`` is zero, whether
   ``clip_norm``/``clip_value`` are set, which transforms ``chain`` holds, the schedule's kind
   (constant, linear, exponential, cosine, warmup-cosine, or a function of your own, which
   compiles once per function object), ``multi_optimizer``'s groups and labels.
+* ``with_ema`` adds the params' moving average to an optimizer (``fit``'s ``ema_decay``): an
+  ``EmaState(inner, ema, weight)``, updated once per update of the wrapped optimizer (not at
+  ``accumulate``'s calls in between), debiased as ``optax.ema(decay, debias=True)`` by default;
+  ``start_ema`` begins one around an existing optimizer state.
 * Nothing is mutated; unused arguments are ``del``-ed.
 """
 
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -58,6 +68,7 @@ __all__ = [
     "AdagradState",
     "AdamState",
     "ChainState",
+    "EmaState",
     "GradientTransform",
     "MomentumState",
     "MultiState",
@@ -79,11 +90,13 @@ __all__ = [
     "momentum",
     "multi_optimizer",
     "sgd",
+    "start_ema",
     "warmup_cosine_decay",
 ]
 
 Params = Any
 Schedule = Callable[[jax.Array], jax.Array]
+_INT32_MAX = 2**31 - 1
 LearningRate = float | jax.Array | Schedule
 
 
@@ -149,11 +162,35 @@ def _check_schedule(fn: str, initial: Any, final: Any, steps: int, every: int) -
     _checks.positive_int(fn, "every", every)
 
 
-def _progress(step: jax.Array | int, steps: Any, every: Any) -> jax.Array:
-    """Fraction of the transitions done, in the default float dtype (int32 / int is float32)."""
+def _count(value: int) -> float:
+    """A schedule's step count as pytree data: a float, so a count beyond int32 (``10**10``
+    updates) reaches a program as a number (an int leaf would overflow int32 when traced)."""
+    return float(value)
+
+
+def _show(value: Any) -> str:
+    """A step count as it was given: ``10``, not ``10.0`` (a traced count as it is)."""
+    return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def _transitions(step: jax.Array | int, every: Any) -> jax.Array:
+    """``step // every`` in the default float dtype. An integer step is divided in its own dtype,
+    exactly, while ``every`` fits that dtype; a larger ``every`` is never reached (0)."""
     float_ = jnp.result_type(float)
-    done = jnp.minimum(jnp.asarray(step) // every, steps)
-    return done.astype(float_) / jnp.asarray(steps).astype(float_)
+    step, every = jnp.asarray(step), jnp.asarray(every).astype(float_)
+    if not jnp.issubdtype(step.dtype, jnp.integer):
+        return jnp.floor(step.astype(float_) / every)
+    fits = every < float(2 ** (jnp.iinfo(step.dtype).bits - 1))  # a power of two: exact in any float
+    whole = step // jnp.where(fits, every, 1).astype(step.dtype)
+    return jnp.where(fits, whole, 0).astype(float_)
+
+
+def _progress(step: jax.Array | int, steps: Any, every: Any) -> jax.Array:
+    """Fraction of the transitions done, in the default float dtype."""
+    float_ = jnp.result_type(float)
+    count = jnp.asarray(steps).astype(float_)
+    done: jax.Array = jnp.minimum(_transitions(step, every), count) / count
+    return done
 
 
 @_hyperparameters
@@ -185,7 +222,7 @@ class _Decay:
     def __repr__(self) -> str:
         return (
             f"{'exponential' if self.exponential else 'linear'}_decay({self.initial!r}, {self.final!r}, "
-            f"{self.steps!r}, every={self.every!r})"
+            f"{_show(self.steps)}, every={_show(self.every)})"
         )
 
 
@@ -198,7 +235,11 @@ def constant(value: float) -> Schedule:
 def _decay(fn: str, initial: Any, final: Any, steps: Any, every: Any, exponential: bool) -> Schedule:
     _check_schedule(fn, initial, final, steps, every)
     return _Decay(
-        initial=number(initial), final=number(final), steps=int(steps), every=int(every), exponential=exponential
+        initial=number(initial),
+        final=number(final),
+        steps=_count(steps),
+        every=_count(every),
+        exponential=exponential,
     )
 
 
@@ -227,7 +268,7 @@ class _Cosine:
         return jnp.asarray(self.final + (self.initial - self.final) * 0.5 * (1 + jnp.cos(jnp.pi * done)))
 
     def __repr__(self) -> str:
-        return f"cosine_decay({self.initial!r}, {self.steps!r}, final={self.final!r})"
+        return f"cosine_decay({self.initial!r}, {_show(self.steps)}, final={self.final!r})"
 
 
 @_hyperparameters
@@ -240,18 +281,17 @@ class _WarmupCosine:
 
     def __call__(self, step: jax.Array) -> jax.Array:
         float_ = jnp.result_type(float)
-        step, warmup = jnp.asarray(step), jnp.asarray(self.warmup_steps)
-        warm = self.initial + (self.peak - self.initial) * (
-            jnp.minimum(step, warmup).astype(float_) / jnp.maximum(warmup, 1).astype(float_)
-        )
-        done = _progress(jnp.maximum(step - warmup, 0), jnp.asarray(self.decay_steps) - warmup, 1)
+        at = jnp.asarray(step).astype(float_)
+        warmup, decay = (jnp.asarray(n).astype(float_) for n in (self.warmup_steps, self.decay_steps))
+        warm = self.initial + (self.peak - self.initial) * (jnp.minimum(at, warmup) / jnp.maximum(warmup, 1))
+        done = _progress(jnp.maximum(at - warmup, 0), decay - warmup, 1)
         cosine = self.final + (self.peak - self.final) * 0.5 * (1 + jnp.cos(jnp.pi * done))
-        return jnp.where(step < warmup, warm, cosine)
+        return jnp.where(at < warmup, warm, cosine)
 
     def __repr__(self) -> str:
         return (
-            f"warmup_cosine_decay({self.initial!r}, {self.peak!r}, {self.warmup_steps!r}, "
-            f"{self.decay_steps!r}, final={self.final!r})"
+            f"warmup_cosine_decay({self.initial!r}, {self.peak!r}, {_show(self.warmup_steps)}, "
+            f"{_show(self.decay_steps)}, final={self.final!r})"
         )
 
 
@@ -262,7 +302,7 @@ def cosine_decay(initial: float, steps: int, final: float = 0.0) -> Schedule:
     _checks.real_number("cosine_decay", "initial", initial, low=0.0, low_open=True)
     _checks.real_number("cosine_decay", "final", final, low=0.0)
     steps = _checks.positive_int("cosine_decay", "steps", steps)
-    return _Cosine(initial=number(initial), final=number(final), steps=steps)
+    return _Cosine(initial=number(initial), final=number(final), steps=_count(steps))
 
 
 def warmup_cosine_decay(
@@ -285,8 +325,8 @@ def warmup_cosine_decay(
     return _WarmupCosine(
         initial=number(initial),
         peak=number(peak),
-        warmup_steps=warmup_steps,
-        decay_steps=decay_steps,
+        warmup_steps=_count(warmup_steps),
+        decay_steps=_count(decay_steps),
         final=number(final),
     )
 
@@ -336,13 +376,34 @@ def _wide(param: Any) -> Any:
     return dtype if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def _real(dtype: Any) -> Any:
+    """The real dtype of ``dtype``'s numbers: float32 for complex64, ``dtype`` itself when real."""
+    return jnp.dtype(jnp.finfo(dtype).dtype) if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
+
+
+def _abs2(g: jax.Array) -> jax.Array:
+    """``|g|**2``, real: ``g * g`` for real ``g``, ``real(conj(g) * g)`` for complex (optax's ``abs_sq``)."""
+    return (jnp.conj(g) * g).real if jnp.iscomplexobj(g) else g * g
+
+
+def _descent(g: jax.Array) -> jax.Array:
+    """The direction a gradient step goes against. For a real loss of complex params, ``jax.grad``
+    returns the conjugate of the steepest-ascent direction (JAX's convention; PyTorch's autograd and
+    optax's optimizers expect the unconjugated one, ``conj(jax.grad(...))``), so it is conjugated."""
+    return jnp.conj(g) if jnp.iscomplexobj(g) else g
+
+
 def _clip_norm(grads: Params, clip_norm: Any) -> Params:
-    """Scale ``grads`` down to a global norm of at most ``clip_norm``; the norm in at least float32."""
+    """Scale ``grads`` down to a global norm of at most ``clip_norm``; the norm in at least float32
+    (of ``|g|`` for complex gradients)."""
     leaves = jax.tree_util.tree_leaves(grads)
     if not leaves:
         return grads
-    dtype = max((_wide(g) for g in leaves), key=lambda d: d.itemsize)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(dtype))) for g in leaves))
+    dtype = max((_real(_wide(g)) for g in leaves), key=lambda d: d.itemsize)
+    # a complex leaf's |g|**2 in its own precision (at least float32), then the norm's
+    norm = jnp.sqrt(
+        sum(jnp.sum(_abs2(g).astype(dtype) if jnp.iscomplexobj(g) else jnp.square(g.astype(dtype))) for g in leaves)
+    )
     limit = jnp.asarray(clip_norm).astype(dtype)
     scale = limit / jnp.maximum(norm, limit)  # min(1, limit / norm), and 1 for a zero gradient
     return _tree_map(lambda g: g * scale.astype(g.dtype), grads)
@@ -375,7 +436,14 @@ class _Base:
 
     def update(self, grads: Params, state: Any, params: Params) -> tuple[Params, Any]:
         _check_trees(self.label, grads, params)
-        grads = _tree_map(lambda g, p: jnp.asarray(g).astype(_wide(p)), grads, params)
+        if self.clip_value is not None:
+            for path, p in jax.tree_util.tree_leaves_with_path(params):
+                if jnp.iscomplexobj(p):
+                    raise TypeError(
+                        f"{self.label}: clip_value clips real numbers; params{jax.tree_util.keystr(path)} is "
+                        f"{jnp.result_type(p)} (clip_norm, which scales by the norm of |g|, takes complex params)."
+                    )
+        grads = _tree_map(lambda g, p: _descent(jnp.asarray(g).astype(_wide(p))), grads, params)
         if self.clip_value is not None:
             grads = _tree_map(lambda g: jnp.clip(g, -_as(self.clip_value, g), _as(self.clip_value, g)), grads)
         if self.clip_norm is not None:
@@ -413,9 +481,10 @@ def _common(fn: str, learning_rate: LearningRate, weight_decay: Any, clip_norm: 
     )
 
 
-def _zeros_like(params: Params) -> Params:
-    """Zeros for optimizer state: each param's shape, in at least float32."""
-    return _tree_map(lambda p: jnp.zeros(jnp.shape(p), _wide(p)), params)
+def _zeros_like(params: Params, real: bool = False) -> Params:
+    """Zeros for optimizer state: each param's shape, in at least float32 (``real``: the real dtype
+    of a complex param's, for sums of ``|g|**2``)."""
+    return _tree_map(lambda p: jnp.zeros(jnp.shape(p), _real(_wide(p)) if real else _wide(p)), params)
 
 
 @_hyperparameters
@@ -448,11 +517,11 @@ class _Adagrad(_Base):
     eps: Any
 
     def state(self, params: Params) -> tuple[Any, ...]:
-        return (_zeros_like(params),)
+        return (_zeros_like(params, real=True),)
 
     def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
-        sum_square = _tree_map(lambda s, g: s + _as(self.eps, s) + g * g, state.sum_square, grads)
-        return _tree_map(lambda s, g: _as(lr, g) / jnp.sqrt(s) * g, sum_square, grads), (sum_square,)
+        sum_square = _tree_map(lambda s, g: s + _as(self.eps, s) + _abs2(g), state.sum_square, grads)
+        return _tree_map(lambda s, g: (_as(lr, s) / jnp.sqrt(s)).astype(g.dtype) * g, sum_square, grads), (sum_square,)
 
 
 def _bias_corrections(b1: jax.Array, b2: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -469,16 +538,24 @@ class _Adam(_Base):
     eps: Any
 
     def state(self, params: Params) -> tuple[Any, ...]:
-        return _zeros_like(params), _zeros_like(params)
+        return _zeros_like(params), _zeros_like(params, real=True)  # nu: a mean of |g|**2, real
 
     def rule(self, grads: Params, state: Any, lr: jax.Array) -> tuple[Params, tuple[Any, ...]]:
         b1, b2 = jnp.asarray(self.b1), jnp.asarray(self.b2)
         t = (state.step + 1).astype(jnp.result_type(float))
         mu = _tree_map(lambda m, g: _as(b1, m) * m + _as(1 - b1, g) * g, state.mu, grads)
-        nu = _tree_map(lambda v, g: _as(b2, v) * v + _as(1 - b2, g) * g * g, state.nu, grads)
+        nu = _tree_map(
+            lambda v, g: (
+                _as(b2, v) * v + (_as(1 - b2, v) * _abs2(g) if jnp.iscomplexobj(g) else _as(1 - b2, g) * g * g)
+            ),
+            state.nu,
+            grads,
+        )
         c1, c2 = _bias_corrections(b1, b2, t)
         updates = _tree_map(
-            lambda m, v: _as(lr, m) * (m / _as(c1, m)) / (jnp.sqrt(v / _as(c2, v)) + _as(self.eps, v)), mu, nu
+            lambda m, v: _as(lr, m) * (m / _as(c1, m)) / (jnp.sqrt(v / _as(c2, v)) + _as(self.eps, v)).astype(m.dtype),
+            mu,
+            nu,
         )
         return updates, (mu, nu)
 
@@ -649,6 +726,8 @@ def accumulate(optimizer: Optimizer, steps: int) -> Optimizer:
     compiles once)."""
     _check_optimizer("accumulate", "optimizer", optimizer)
     steps = _checks.positive_int("accumulate", "steps", steps)
+    if steps > _INT32_MAX:
+        raise ValueError(f"accumulate: steps must be <= {_INT32_MAX} (the calls are counted in int32), got {steps}.")
     spec = _Accumulate(optimizer=optimizer, steps=steps)
     return Optimizer(Method(spec, "init"), Method(spec, "update"))
 
@@ -685,7 +764,9 @@ class _Multi:
         if got != expected:
             raise TypeError(
                 f"multi_optimizer: labels must have the params' structure: labels name the params "
-                f"{expected}, got params {got}."
+                f"{expected}, got params {got}. The optimizer is given the trainable params, "
+                f"funcnet.split_state(params)[0], as fit and train_step hand them (layer state such as "
+                f"BatchNorm's statistics is not trained: labels given for it are left out)."
             )
         return [name for _, name in self.labels]
 
@@ -734,7 +815,10 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
       optimizers: ``{group name: optimizer or None}``; ``None`` freezes the group (its params
         never change and hold no state; ``optax.set_to_zero()``).
       labels: each param's group name, as a pytree of strings with the params' structure (e.g.
-        ``jax.tree_util.tree_map(lambda _: "head", params)``, edited), or a function called
+        ``jax.tree_util.tree_map(lambda _: "head", params)``, edited; the labels of layer state,
+        such as BatchNorm's statistics, are left out, since the optimizer is given
+        ``funcnet.split_state(params)[0]``, so a tree over the whole params or over the
+        trainable ones both fit), or a function called
         with each param's key path (as ``jax.tree_util.tree_map_with_path`` passes it) that
         returns its group name. A function is compared by identity. ``labels_by_field``
         builds the tree from the params' field names, ``decay_labels`` the weight-decay groups
@@ -756,7 +840,13 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
         if optimizer is not None:
             _check_optimizer(fn, f"optimizers[{name!r}]", optimizer)
     if not callable(labels):
-        pairs = jax.tree_util.tree_leaves_with_path(labels)
+        # labels of layer state (a tree_map over the whole params labels BatchNorm's statistics
+        # too) are left out, as split_state leaves the state out of what the optimizer sees
+        pairs = [
+            (path, name)
+            for path, name in jax.tree_util.tree_leaves_with_path(labels, is_leaf=_is_state)
+            if not _is_state(name)
+        ]
         for path, name in pairs:
             if not isinstance(name, str) or name not in optimizers:
                 raise ValueError(
@@ -987,20 +1077,42 @@ def chain(*parts: GradientTransform | Optimizer) -> Optimizer:
 
 
 class EmaState(NamedTuple):
-    """What ``fit(..., ema_decay=d)`` keeps as its optimizer state: the optimizer's own state and
-    the exponential moving average of the params (in at least float32)."""
+    """What ``fit(..., ema_decay=d)`` keeps as its optimizer state (and returns as
+    ``FitResult.opt_state``, so ``fit(..., opt_state=result.opt_state, start_epoch=...)`` continues
+    the average): the optimizer's own state, the params' exponential moving average (in at least
+    float32) and the average's total weight. A debiased average starts at zeros with weight 0, and
+    after ``t`` optimizer updates its weight is ``1 - d**t``; one started from the params has
+    weight 1 throughout. The averaged params are ``ema / weight`` (``ema_params``)."""
 
     inner: Any
     ema: Params
+    weight: jax.Array
+
+
+def _applied(state: Any) -> jax.Array | None:
+    """Whether the update that returned ``state`` was one of the optimizer's own updates (a
+    traced bool), where a wrapper says so: ``accumulate`` only averages the gradients of the calls
+    in between. ``None``: every call updates."""
+    if isinstance(state, AccumulateState):
+        return state.mini_step == 0
+    if isinstance(state, ChainState | EmaState):
+        return _applied(state.inner)
+    if isinstance(state, MultiState):  # an update when any group updated; a group of every call: always
+        flags = [_applied(group) for group in state.states.values()]
+        known = [flag for flag in flags if flag is not None]
+        if known and len(known) == len(flags):
+            return functools.reduce(lambda a, b: jnp.logical_or(a, b), known)
+    return None
 
 
 @_hyperparameters
 class _Ema:
     optimizer: Optimizer
     decay: Any
+    debias: bool = dataclasses.field(default=True, metadata={"static": True})
 
     def init(self, params: Params) -> EmaState:
-        return EmaState(self.optimizer.init(params), ema_start(params))
+        return start_ema(self.optimizer.init(params), params, debias=self.debias)
 
     def update(self, grads: Params, state: EmaState, params: Params) -> tuple[Params, EmaState]:
         new_params, inner = self.optimizer.update(grads, state.inner, params)
@@ -1009,21 +1121,61 @@ class _Ema:
             state.ema,
             new_params,
         )
-        return new_params, EmaState(inner, ema)
+        # the same update of the weight, as w + (1 - d) (1 - w): a weight of 1 stays exactly 1
+        weight = state.weight + _as(1 - jnp.asarray(self.decay), state.weight) * (1 - state.weight)
+        applied = _applied(inner)
+        if applied is not None:  # accumulate's calls in between leave the average as it is
+            ema = _tree_map(lambda new, old: jnp.where(applied, new, old), ema, state.ema)
+            weight = jnp.where(applied, weight, state.weight)
+        return new_params, EmaState(inner, ema, weight)
+
+    def __repr__(self) -> str:
+        return f"with_ema({_name(self.optimizer)}, {self.decay!r}, debias={self.debias!r})"
 
 
-def with_ema(optimizer: Optimizer, decay: Any) -> Optimizer:
-    """``optimizer``, also keeping ``ema = decay * ema + (1 - decay) * params`` after every update,
-    from the initial params (``fit(..., ema_decay=...)``'s; private)."""
-    spec = _Ema(optimizer=optimizer, decay=number(decay))
+def with_ema(optimizer: Optimizer, decay: Any, *, debias: bool = True) -> Optimizer:
+    """``optimizer``, also keeping the params' moving average ``ema = decay * ema + (1 - decay) *
+    params`` after each of its updates (``fit(..., ema_decay=..., ema_debias=...)``'s). Under
+    ``accumulate`` (also inside ``chain`` or every group of ``multi_optimizer``) the average moves
+    once per update of the wrapped optimizer, as its schedule does, not at every call.
+
+    ``debias=True`` is ``optax.ema(decay, debias=True)``: the average starts at zero and is read
+    as ``ema / (1 - decay**t)`` after ``t`` updates, an average of the trained params alone;
+    ``debias=False`` starts it from the initial params (which then keep weight ``decay**t``)."""
+    if not isinstance(debias, bool):
+        raise TypeError(f"with_ema: debias must be a bool, got {type(debias).__name__}.")
+    spec = _Ema(optimizer=optimizer, decay=number(decay), debias=debias)
     return Optimizer(Method(spec, "init"), Method(spec, "update"))
 
 
-def ema_start(params: Params) -> Params:
-    """The moving average before any update: the params, in at least float32."""
-    return _tree_map(lambda p: jnp.asarray(p).astype(_wide(p)), params)
+def start_ema(opt_state: Any, params: Params, *, debias: bool = True) -> EmaState:
+    """A new moving average of ``params`` around an optimizer's state: the ``opt_state`` that
+    ``fit(..., ema_decay=..., opt_state=...)`` takes to begin an average at a hand resume, as a
+    fresh ``fit`` begins one (to continue an average, pass the ``FitResult.opt_state`` of the run
+    that kept it). ``params`` are the network's (layer state is left out, as the optimizer's
+    ``opt_state`` leaves it out); ``debias`` as ``fit``'s ``ema_debias``."""
+    if not isinstance(debias, bool):
+        raise TypeError(f"start_ema: debias must be a bool, got {type(debias).__name__}.")
+    from funcnet.state import split_state  # deferred: the optimizers need nothing else from the layers
+
+    trainable = split_state(params)[0]
+    wide = _tree_map(lambda p: jnp.asarray(p).astype(_wide(p)), trainable)
+    dtypes = [_real(e.dtype) for e in jax.tree_util.tree_leaves(wide)]
+    weight_dtype = max(dtypes, key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
+    if debias:
+        return EmaState(opt_state, _tree_map(jnp.zeros_like, wide), jnp.zeros((), weight_dtype))
+    return EmaState(opt_state, wide, jnp.ones((), weight_dtype))
 
 
 def ema_params(state: EmaState, like: Params) -> Params:
-    """The averaged params of a ``with_ema`` state, in ``like``'s dtypes."""
-    return _tree_map(lambda e, p: e.astype(jnp.result_type(p)), state.ema, like)
+    """The averaged params of a ``with_ema`` state, ``ema / weight``, in ``like``'s dtypes (``like``
+    itself before the first update of a debiased average, whose weight is still 0)."""
+    started = state.weight > 0
+    divisor = jnp.where(started, state.weight, 1)
+    return _tree_map(
+        lambda e, p: jnp.where(started, e / divisor.astype(e.dtype), jnp.asarray(p).astype(e.dtype)).astype(
+            jnp.result_type(p)
+        ),
+        state.ema,
+        like,
+    )

@@ -568,11 +568,13 @@ def test_fit_with_accumulate_4_and_batch_8_trains_like_batch_32():
 
 
 def test_fit_keeps_the_moving_average_of_the_params_after_every_step():
+    """The average started from the initial params (``ema_debias=False``, the earlier releases'
+    average); ``tests/test_ema.py`` checks the debiased default."""
     d = 0.8
-    averaged = _fit(fn.adam(0.01), shuffle=False, ema_decay=d)
+    averaged = _fit(fn.adam(0.01), shuffle=False, ema_decay=d, ema_debias=False)
     plain = _fit(fn.adam(0.01), shuffle=False)
     jax.tree_util.tree_map(np.testing.assert_array_equal, averaged.params, plain.params)  # training is untouched
-    jax.tree_util.tree_map(np.testing.assert_array_equal, averaged.opt_state, plain.opt_state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, averaged.opt_state.inner, plain.opt_state)
     # the same steps by hand, the average in NumPy
     optimizer = fn.adam(0.01)
     step = jax.jit(fn.train_step(FIT_NET, fn.mean_squared_error, optimizer))
@@ -1031,3 +1033,162 @@ def test_labels_by_field_names_a_param_no_pattern_matches():
         labels_by_field(GPT_PARAMS, {"W": 1})
     with pytest.raises(TypeError, match="decay_labels: embeddings must be a bool"):
         decay_labels(GPT_PARAMS, embeddings="no")
+
+
+# --- Nothing silently wrong, round 4: large step counts, complex params, groups with layer state ---
+
+LARGE = 10**10  # beyond int32
+
+
+def _large_schedules():
+    """(schedule, its formula at a step t, in float64), each with a count beyond int32."""
+    cos = lambda t, n: 0.5 * (1 + np.cos(np.pi * min(t, n) / n))
+    return [
+        (fn.cosine_decay(1000.0, LARGE), lambda t: 1000.0 * cos(t, LARGE)),
+        (fn.cosine_decay(1.0, LARGE, final=0.5), lambda t: 0.5 + 0.5 * cos(t, LARGE)),
+        (fn.linear_decay(1.0, 0.5, LARGE), lambda t: 1.0 - 0.5 * min(t, LARGE) / LARGE),
+        (fn.exponential_decay(1.0, 0.5, LARGE), lambda t: 0.5 ** (min(t, LARGE) / LARGE)),
+        (fn.linear_decay(1.0, 0.5, 4, every=LARGE), lambda t: 1.0 - 0.5 * min(t // LARGE, 4) / 4),
+        (fn.linear_decay(1.0, 0.5, LARGE, every=3), lambda t: 1.0 - 0.5 * min(t // 3, LARGE) / LARGE),
+        (
+            fn.warmup_cosine_decay(0.0, 1.0, LARGE, 2 * LARGE),
+            lambda t: min(t, LARGE) / LARGE if t < LARGE else cos(t - LARGE, LARGE),
+        ),
+        (fn.warmup_cosine_decay(0.0, 1.0, 10, LARGE), lambda t: t / 10 if t < 10 else cos(t - 10, LARGE - 10)),
+    ]
+
+
+def test_schedules_with_step_counts_beyond_int32_evaluate_at_any_step():
+    """A count beyond int32 (10**10 updates) was accepted and every evaluation then raised
+    OverflowError; the counts are float data now, and the updates' own count stays exact."""
+    steps = [0, 1, 7, 10, 2**31 - 1, 5 * 10**9, 3 * LARGE]
+    for schedule, formula in _large_schedules():
+        for t in steps:
+            at = jnp.asarray(t, jnp.int32 if t < 2**31 else jnp.int64)
+            np.testing.assert_allclose(schedule(at), formula(t), rtol=1e-12, atol=1e-15, err_msg=f"{schedule!r} at {t}")
+        traced = jax.jit(schedule)(jnp.asarray(2**31 - 1, jnp.int32))  # the step count an optimizer state holds
+        np.testing.assert_allclose(traced, formula(2**31 - 1), rtol=1e-12, atol=1e-15, err_msg=repr(schedule))
+    assert repr(fn.cosine_decay(0.1, LARGE)) == f"cosine_decay(0.1, {LARGE}, final=0.0)"
+    assert repr(fn.linear_decay(0.1, 0.01, 10, every=3)) == "linear_decay(0.1, 0.01, 10, every=3)"
+    assert fn.cosine_decay(0.1, 100) == fn.cosine_decay(0.1, 100) != fn.cosine_decay(0.1, 101)
+
+
+def test_an_optimizer_with_a_large_schedule_trains_and_a_sweep_over_the_counts_compiles_once():
+    from test_sweep import compilations
+
+    _fit(fn.momentum(fn.cosine_decay(0.05, 100), 0.9), epochs=1)
+    _fit(fn.sgd(fn.linear_decay(0.05, 0.01, 100, every=2)), epochs=1)
+    with compilations() as compiled:
+        cosine = [_fit(fn.momentum(fn.cosine_decay(0.05, n), 0.9), epochs=1) for n in (LARGE, 1000, 2**40)]
+        linear = [_fit(fn.sgd(fn.linear_decay(0.05, 0.01, n, every=e)), epochs=1) for n, e in ((LARGE, LARGE), (3, 2))]
+    assert compiled == []
+    for result in (*cosine, *linear):
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(result.params))
+    # 8 updates of 10**10 barely move the cosine: the run equals a constant learning rate's
+    constant = _fit(fn.momentum(0.05, 0.9), epochs=1)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9), cosine[0].params, constant.params)
+    with pytest.raises(ValueError, match="accumulate: steps must be <= 2147483647"):
+        fn.accumulate(fn.sgd(0.1), LARGE)
+
+
+# Complex params: a real loss's jax.grad is the conjugate of the steepest-descent direction (jax's
+# convention; optax asks for conj(jax.grad)), and the second moments use |g|**2.
+
+C_TARGET = {"z": jnp.asarray([1.0 + 2.0j, -0.5 + 0.3j, 3.0 - 1.0j]), "w": jnp.asarray([[0.5 - 2.0j, 0.1j]])}
+C_SCALE = {"z": jnp.asarray([1.0, 4.0, 0.25]), "w": jnp.asarray([[2.0, 0.5]])}
+
+
+def _complex_loss(params):
+    return sum(jnp.sum(C_SCALE[k] * jnp.abs(params[k] - C_TARGET[k]) ** 2) for k in params)
+
+
+def _complex_run(update, state, steps, conjugate=False):
+    params = jax.tree_util.tree_map(jnp.zeros_like, C_TARGET)
+    update = jax.jit(update)
+    for _ in range(steps):
+        grads = jax.grad(_complex_loss)(params)
+        params, state = update(jax.tree_util.tree_map(jnp.conj, grads) if conjugate else grads, state, params)
+    return params
+
+
+def _complex_twins():
+    optax = pytest.importorskip("optax")
+    return {
+        "sgd": (fn.sgd(0.05), optax.sgd(0.05)),
+        "momentum": (fn.momentum(0.02, 0.9), optax.sgd(0.02, momentum=0.9)),
+        "adam": (fn.adam(0.05, b1=0.8, b2=0.95, eps=1e-6), optax.adam(0.05, b1=0.8, b2=0.95, eps=1e-6)),
+        "adamw": (fn.adamw(0.05, weight_decay=0.1), optax.adamw(0.05, weight_decay=0.1)),
+        "adam+clip_norm": (
+            fn.adam(0.05, clip_norm=0.5),
+            optax.chain(optax.clip_by_global_norm(0.5), optax.adam(0.05)),
+        ),
+        "sgd+weight_decay": (
+            fn.sgd(0.05, weight_decay=0.1),
+            optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw", "adam+clip_norm", "sgd+weight_decay"])
+def test_complex_params_train_like_optax_fed_the_conjugate_gradient(name):
+    import optax
+
+    ours, theirs = _complex_twins()[name]
+    params = jax.tree_util.tree_map(jnp.zeros_like, C_TARGET)
+
+    def optax_update(g, s, p):
+        u, s = theirs.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    got = _complex_run(ours.update, ours.init(params), 40)
+    with jax.numpy_dtype_promotion("standard"):
+        want = _complex_run(optax_update, theirs.init(params), 40, conjugate=True)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        fn.sgd(0.05),
+        fn.momentum(0.02, 0.9),
+        fn.adagrad(0.5),
+        fn.adam(fn.cosine_decay(0.1, 1500)),
+        fn.adamw(fn.cosine_decay(0.1, 1500), weight_decay=0.0),
+    ],
+    ids=repr,
+)
+def test_a_complex_quadratic_converges_to_its_minimum(optimizer):
+    params = jax.tree_util.tree_map(jnp.zeros_like, C_TARGET)
+    got = _complex_run(optimizer.update, optimizer.init(params), 1500)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3), got, C_TARGET)
+    state = fn.adam(0.1).init(params)
+    assert state.nu["z"].dtype == jnp.float64 and state.mu["z"].dtype == jnp.complex128  # |g|**2 is real
+    with pytest.raises(TypeError, match="sgd: clip_value clips real numbers; params\\['w'\\] is complex128"):
+        fn.sgd(0.1, clip_value=1.0).update(C_TARGET, fn.sgd(0.1).init(params), params)
+
+
+# multi_optimizer's labels may have the whole params' shape: layer state's labels are not used.
+
+
+def test_multi_optimizer_takes_labels_of_the_whole_params_with_batchnorm():
+    net = fn.serial(fn.Dense(8, fn.tanh), fn.BatchNorm(), fn.Dense(2, fn.linear))
+    params = net.init(jax.random.PRNGKey(0), (-1, 5))[1]
+    labels = jax.tree_util.tree_map(lambda _: "body", params)  # the recipe of multi_optimizer's docstring
+    labels = (labels[0], labels[1], jax.tree_util.tree_map(lambda _: "head", params[2]))
+    groups = {"body": fn.sgd(0.05), "head": fn.adam(0.01)}
+    run = lambda labels: fn.fit(
+        net,
+        fn.mean_squared_error,
+        fn.multi_optimizer(groups, labels),
+        params,
+        (FIT_X, FIT_Y),
+        epochs=2,
+        batch_size=16,
+        key=FIT_KEY,
+    )
+    whole = run(labels)
+    trainable = run((labels[0], labels[1]._replace(stats=None), labels[2]))  # labels of split_state(params)[0]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, whole.params, trainable.params)
+    assert not np.array_equal(whole.params[1].stats.mean, params[1].stats.mean)  # the statistics moved, untrained
+    with pytest.raises(TypeError, match=r"labels must have the params' structure.*split_state"):
+        fn.multi_optimizer(groups, labels).init(params)  # the optimizer is handed the trainable params only

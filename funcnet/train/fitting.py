@@ -23,7 +23,7 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.precision import DynamicLossScale
-from funcnet.state import has_state, split_state
+from funcnet.state import has_state
 from funcnet.train import checkpointing, checks, distributed
 from funcnet.train import stream as streaming
 from funcnet.train.program import (
@@ -80,6 +80,7 @@ def fit(
     run_name: str | None = None,
     loss_scale: DynamicLossScale | None = None,
     ema_decay: float | None = None,
+    ema_debias: bool = True,
     eval_ema: bool = False,
     stream: bool | None = None,
     stream_threshold: int | None = None,
@@ -120,8 +121,14 @@ def fit(
         and metrics.
       opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
         ``epochs - 1`` from this optimizer state (of the trainable params,
-        ``funcnet.split_state(params)[0]``: the optimizer never sees layer state). Early stopping starts afresh (a
-        ``checkpoint_dir`` resumes it too).
+        ``funcnet.split_state(params)[0]``: the optimizer never sees layer state), e.g. a previous
+        run's ``result.params`` and ``result.opt_state``. Early stopping starts afresh (a
+        ``checkpoint_dir`` resumes it too). With ``ema_decay`` the state carries the moving
+        average: the ``FitResult.opt_state`` of an ``ema_decay`` run is an ``EmaState`` (the
+        optimizer's state, the average and its weight) and the resumed run continues the average
+        as an uninterrupted one would; an ``opt_state`` without one is refused (begin a new average
+        with ``funcnet.start_ema(opt_state, params)``), and so is an ``EmaState`` without
+        ``ema_decay`` (pass ``opt_state.inner`` to drop the average).
       metrics: ``{name: (prediction, target) -> scalar}``, each a mean over rows (e.g.
         ``funcnet.accuracy``), computed on ``eval_data`` at every evaluation into
         ``history.eval_metrics[name]``.
@@ -159,11 +166,22 @@ def fit(
         initializer): without one such a run's checkpoints are never resumed. Two calls with
         the same ``run_name`` must pass building blocks that compute the same thing.
       ema_decay: keep the params' exponential moving average, ``ema = ema_decay * ema +
-        (1 - ema_decay) * params`` after every optimizer step, from the initial params (in at
-        least float32), and return it as ``FitResult.ema_params`` (the average that goes with
-        ``params``: at the best evaluation with ``eval_data``). A checkpoint holds it and a
-        resumed run continues it exactly; resuming by hand (``opt_state``) starts it afresh
-        from ``params``. The number is traced: a sweep over it compiles once.
+        (1 - ema_decay) * params`` after every update of the optimizer (in at least float32), and
+        return it as ``FitResult.ema_params`` (the average that goes with ``params``: at the best
+        evaluation with ``eval_data``). Under ``accumulate(optimizer, k)`` the average moves once
+        per update of the wrapped optimizer (every ``k``-th step), as its schedule does. A
+        checkpoint holds it, and a run resumed from one or by hand (``opt_state``, above)
+        continues it exactly. The number is traced: a sweep over it compiles once.
+      ema_debias: ``True`` (the default) debiases the average as ``optax.ema(ema_decay,
+        debias=True)`` does: it starts at zero and is read as ``ema / (1 - ema_decay**t)`` after
+        ``t`` updates, a weighted average of the trained params alone. ``False`` starts it from
+        the initial params, which keep the weight ``ema_decay**t``: with 0.999 they are still 64%
+        of the average after 440 updates, and such an average of mostly random weights scored 18.6%
+        where the debiased one scored 65.2%. Debiasing is the default because the undebiased
+        average is mostly the random initial weights for the first ``~1 / (1 - ema_decay)``
+        updates while the debiased one averages trained params from the first update on, the two
+        agreeing once ``ema_decay**t`` is negligible; it is also optax's default. The average of
+        earlier releases is ``ema_debias=False``.
       eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
         loss, the metrics, early stopping and the best evaluation kept all watch it.
       stream, stream_threshold: data larger than memory. ``True`` keeps host
@@ -197,7 +215,9 @@ def fit(
         raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
     if run_name is not None and not isinstance(run_name, str):
         raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
-    checks.check_flags(shuffle=shuffle, drop_last=drop_last, progress=progress, eval_ema=eval_ema)
+    checks.check_flags(
+        shuffle=shuffle, drop_last=drop_last, progress=progress, eval_ema=eval_ema, ema_debias=ema_debias
+    )
     if ema_decay is not None:
         _checks.real_number("fit", "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
     elif eval_ema:
@@ -246,8 +266,24 @@ def fit(
     else:
         eval_x = eval_y = eval_digest = None
     eval_rows = 0 if eval_x is None else eval_x.shape[0]
+    program_optimizer = optimizer
+    if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
+        program_optimizer = optimizers.with_ema(optimizer, ema_decay, debias=bool(ema_debias))
+        if opt_state is not None and not isinstance(opt_state, optimizers.EmaState):
+            raise ValueError(
+                "fit: opt_state holds no moving average, so ema_decay would start a new one from these "
+                "params instead of continuing the resumed run's. Pass the FitResult.opt_state of the "
+                "ema_decay run you resume (an EmaState: the optimizer's state and the average), or, to "
+                "start a new average here, opt_state=funcnet.start_ema(opt_state, params)."
+            )
+    elif isinstance(opt_state, optimizers.EmaState):
+        raise ValueError(
+            "fit: opt_state holds a moving average (an EmaState, the FitResult.opt_state of an ema_decay "
+            "run), but ema_decay is None: pass that run's ema_decay to continue the average, or "
+            "opt_state.inner (the optimizer's state alone) to train without one."
+        )
     if opt_state is not None:
-        check_opt_state("fit", optimizer, params, opt_state)
+        check_opt_state("fit", program_optimizer, params, opt_state)
     if mesh is not None:
         batch_sharding("fit", mesh, data_axis)
         check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
@@ -320,12 +356,8 @@ def fit(
         loss_scale=loss_scale,
         shards=shards,
     )
-    program_optimizer = optimizer
-    if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
+    if ema_decay is not None:
         config = config._replace(eval_ema=bool(eval_ema))
-        program_optimizer = optimizers.with_ema(optimizer, ema_decay)
-        if opt_state is not None:
-            opt_state = optimizers.EmaState(opt_state, optimizers.ema_start(split_state(params)[0]))
     hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
     if mesh is not None:  # every process places its own copy
         params, opt_state = distributed.put_replicated((params, opt_state), mesh)
@@ -379,7 +411,11 @@ def fit(
         monitor=monitor,
         mode=mode,
         loss_scale=loss_scale,
-        **({} if ema_decay is None else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema)}),
+        **(
+            {}
+            if ema_decay is None
+            else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema), "ema_debias": bool(ema_debias)}
+        ),
     )
     restored = checkpointing.restore(directory, state, run_id, epochs)
     resumed = start_epoch
@@ -422,6 +458,9 @@ def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | 
     """The ``FitResult`` of a state (the jitted ``result``, typed); ``resumed``: the epoch a
     checkpoint resumed from."""
     finished: FitResult = result(state, start_epoch, config=config)
+    kept = state.best_opt_state if config.eval_rows > 0 else state.opt_state
+    if isinstance(kept, optimizers.EmaState):  # the average goes with the optimizer state, for a resume by hand
+        finished = finished._replace(opt_state=kept._replace(inner=finished.opt_state))
     if resumed is not None:
         finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
     return finished
