@@ -31,7 +31,11 @@ but the last (rows ``(N, C)``, NHWC images over N, H, W, sequences over batch an
 batch's statistics, and returns them: ``(y, mean, var)``, ``var`` biased. ``mask: (batch,)``
 bool keeps rows out of the statistics (fit's padded last batch); with ``w`` the mask and ``n``
 the number of values per channel it counts, ``mean = sum(w x) / n``,
-``var = sum(w (x - mean)**2) / n``. Its backward, written out: with ``s = 1 / sqrt(var + eps)``,
+``var = sum(w (x - mean)**2) / n``. Masked rows are selected out (``jnp.where``), never multiplied
+by 0, in the forward and the backward: a masked row holding NaN leaves the other rows' outputs,
+the statistics and every gradient as they are without it (its own output is NaN, and with a
+zero cotangent, as fit's loss gives it, it adds nothing to ``dgamma`` and gets ``dx = 0``).
+Its backward, written out: with ``s = 1 / sqrt(var + eps)``,
 ``x̂ = (x - mean) s`` and ``g`` the output gradient, sums over all but the last axis,
 ``dbeta = sum(g)``, ``dgamma = sum(g x̂)`` and
 ``dx = gamma s (g - w (sum(g) + x̂ sum(g x̂)) / n)``, which without a mask is the textbook
@@ -330,6 +334,17 @@ def _counted(x: jax.Array, mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.
     return weights, jnp.sum(mask).astype(dtype) * math.prod(x.shape[1:-1])
 
 
+def _rows(mask: jax.Array, a: jax.Array) -> jax.Array:
+    """``mask: (batch,)`` shaped to select rows of ``a: (batch, ...)`` in ``jnp.where``."""
+    return mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+
+
+def _counted_only(mask: jax.Array, a: jax.Array) -> jax.Array:
+    """``a`` in the rows ``mask`` counts and exactly 0 elsewhere: a masked row holding NaN or inf
+    stays out (``w * a`` would be ``0 * NaN = NaN``)."""
+    return jnp.where(_rows(mask, a), a, jnp.zeros((), a.dtype))
+
+
 def _batch_statistics(
     x: jax.Array, mask: jax.Array, eps: float
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -338,9 +353,9 @@ def _batch_statistics(
     wide = x.astype(dtype)
     weights, n = _counted(x, mask, dtype)
     leading = _leading(x)
-    mean = jnp.sum(wide * weights, axis=leading) / n
+    mean = jnp.sum(_counted_only(mask, wide), axis=leading) / n
     centred = wide - _features(wide, mean)
-    var = jnp.sum(weights * centred * centred, axis=leading) / n
+    var = jnp.sum(_counted_only(mask, centred * centred), axis=leading) / n
     inverse = lax.rsqrt(var + jnp.asarray(eps, dtype))
     return centred * _features(wide, inverse), mean, var, inverse, weights, n
 
@@ -368,18 +383,21 @@ def _batch_norm_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
     del eps
     x_hat, inverse, gamma, weights, n, mask = residuals
+    del weights  # the mask selects (jnp.where): a masked row's NaN must not reach a counted one
     output_grad, mean_grad, var_grad = cotangents
     dtype = x_hat.dtype
     g = output_grad.astype(dtype)
     f = lambda v: _features(x_hat, v)
     leading = _leading(x_hat)
     sum_g = jnp.sum(g, axis=leading)  # dbeta
-    sum_g_hat = jnp.sum(g * x_hat, axis=leading)  # dgamma
+    # dgamma: a row's g x̂, where a masked row with a zero cotangent adds exactly 0 (its x̂ may be NaN)
+    counted_or_used = _rows(mask, g) | (g != 0)
+    sum_g_hat = jnp.sum(jnp.where(counted_or_used, g * x_hat, jnp.zeros((), dtype)), axis=leading)
     # dx = gamma s (g - w (sum(g) + x̂ sum(g x̂)) / n), plus the returned statistics' share.
-    input_grad = f(gamma.astype(dtype) * inverse) * (g - weights * (f(sum_g) + x_hat * f(sum_g_hat)) / n)
-    input_grad = (
-        input_grad + weights * (f(mean_grad.astype(dtype)) + 2 * f(var_grad.astype(dtype) / inverse) * x_hat) / n
-    )
+    through_statistics = (f(sum_g) + x_hat * f(sum_g_hat)) / n
+    input_grad = f(gamma.astype(dtype) * inverse) * (g - _counted_only(mask, through_statistics))
+    statistics_share = (f(mean_grad.astype(dtype)) + 2 * f(var_grad.astype(dtype) / inverse) * x_hat) / n
+    input_grad = input_grad + _counted_only(mask, statistics_share)
     return (
         input_grad.astype(gamma.dtype),
         sum_g_hat.astype(gamma.dtype),
@@ -453,7 +471,10 @@ def batch_norm(
 class BatchNormStats(NamedTuple):
     """BatchNorm's running statistics, ``(channels,)`` each: layer state, never trained.
 
-    ``var`` averages the *unbiased* batch variances, as torch's ``running_var`` does.
+    ``var`` averages the *unbiased* batch variances, as torch's ``running_var`` does. They are
+    kept in at least float32 (``BatchNorm(dtype=bfloat16)`` inits them in float32, as flax does):
+    in bfloat16 the update ``(1 - momentum) * (batch - running)`` rounds away near the target and
+    the running mean stalls short of it. Statistics passed in another dtype keep it.
     """
 
     mean: jax.Array
@@ -484,7 +505,10 @@ class _BatchNorm(LayerSpec):
         if len(shape) < 2:
             raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., channels), got {shape}.")
         ones, zeros = jnp.ones(shape[-1:], self.dtype), jnp.zeros(shape[-1:], self.dtype)
-        return shape, BatchNormParams(ones, zeros, BatchNormStats(zeros, ones))
+        wide = _checks.wide(self.dtype)  # a bfloat16 running mean stalls: 0.1 (batch - running) rounds away
+        return shape, BatchNormParams(
+            ones, zeros, BatchNormStats(jnp.zeros(shape[-1:], wide), jnp.ones(shape[-1:], wide))
+        )
 
     def _check(self, params: Any, x: Any) -> None:
         check_params(self.name, params, BatchNormParams, "BatchNormParams(gamma, beta, stats)")

@@ -10,9 +10,16 @@ Contract, stated once:
 * float16's range (6e-8 to 65,504) loses small gradients to underflow. ``DynamicLossScale``
   (``fit(..., loss_scale=DynamicLossScale())``) multiplies the loss by a scale before the
   backward and divides the gradients by it after, as jmp's ``DynamicLossScale`` does: a step
-  whose gradients are not all finite is skipped and the scale halved; after ``period`` finite
-  steps in a row it is doubled. Its state (``LossScaleState``) is part of fit's training state,
-  so checkpoints and resume carry it.
+  whose gradients are not all finite is skipped (params, optimizer state and layer state stay as
+  they were) and the scale halved, never below ``min_scale``; after ``period`` finite steps in a
+  row it is doubled, never above ``max_scale`` (uncapped, it reached ``inf`` after a run of zero
+  gradients and every later step was skipped). The gradients are unscaled in float32 and reach
+  the optimizer in float32, so float16 params do not lose those below float16's smallest number
+  (6e-8); the optimizer updates in float32 and rounds the params back. A step skipped at
+  ``min_scale`` has gradients no scale can make finite: ``fit`` reports it as divergence
+  (``diverged=True``, that epoch's loss NaN), so a run whose steps are all skipped never ends as
+  a silently frozen one. Its state (``LossScaleState``) is part of fit's training state, so
+  checkpoints and resume carry it.
 * bfloat16 has float32's range: it needs no loss scaling.
 * Layer state (BatchNorm's running statistics) is not cast: it stays float32, and training mode
   (``funcnet.train_apply``) passes through to the inner layer and returns its updated state.
@@ -131,16 +138,20 @@ class DynamicLossScale:
     """Dynamic loss scaling for ``fit`` (jmp's ``DynamicLossScale``; the defaults are jmp's).
 
     Args:
-      initial: the first scale (2**15).
+      initial: the first scale (2**15), between ``min_scale`` and ``max_scale``.
       period: finite steps in a row after which the scale is multiplied by ``factor``.
       factor: the growth and shrink factor (2).
-      min_scale: the scale never drops below this (1).
+      min_scale: the scale never drops below this (1). A step whose gradients are not finite
+        even at ``min_scale`` makes ``fit`` report divergence (see the module docstring).
+      max_scale: the scale never grows above this (2**24; at it, scaled float16 gradients up to
+        65,504 / 2**24 = 4e-3 stay finite). Finite in float32: uncapped, the scale reached ``inf``.
     """
 
     initial: float = 2.0**15
     period: int = 2000
     factor: float = 2.0
     min_scale: float = 1.0
+    max_scale: float = 2.0**24
 
     def __post_init__(self) -> None:
         fn = "DynamicLossScale"
@@ -148,26 +159,39 @@ class DynamicLossScale:
         _checks.positive_int(fn, "period", self.period)
         _checks.real_number(fn, "factor", self.factor, low=1.0, low_open=True)
         _checks.real_number(fn, "min_scale", self.min_scale, low=0.0, low_open=True)
+        largest = float(np.finfo(np.float32).max)
+        _checks.real_number(fn, "max_scale", self.max_scale, low=0.0, low_open=True, high=largest)
+        if not float(self.min_scale) <= float(self.initial) <= float(self.max_scale):
+            raise ValueError(
+                f"{fn}: initial must be between min_scale and max_scale, got initial={self.initial}, "
+                f"min_scale={self.min_scale}, max_scale={self.max_scale}; raise max_scale to start higher."
+            )
 
     def init(self) -> LossScaleState:
         return LossScaleState(jnp.asarray(self.initial, jnp.float32), jnp.asarray(0, jnp.int32))
 
     def unscale(self, state: LossScaleState, grads: Any) -> tuple[Any, jax.Array]:
-        """The gradients divided by the scale, and whether all of them are finite."""
+        """The gradients divided by the scale, in at least float32 (a float16 gradient below 6e-8
+        would round to 0), and whether all of them are finite."""
         grads = jax.tree_util.tree_map(
-            lambda g: (g.astype(_checks.wide(g.dtype)) / state.scale.astype(_checks.wide(g.dtype))).astype(g.dtype),
-            grads,
+            lambda g: g.astype(_checks.wide(g.dtype)) / state.scale.astype(_checks.wide(g.dtype)), grads
         )
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         return grads, finite
 
     def adjust(self, state: LossScaleState, finite: jax.Array) -> LossScaleState:
-        """After a step: grow the scale after ``period`` finite steps, halve it on a non-finite one."""
+        """After a step: grow the scale after ``period`` finite steps (to at most ``max_scale``),
+        halve it on a non-finite one (to at least ``min_scale``)."""
         grow = finite & (state.counter + 1 >= self.period)
         scale = jnp.where(
             finite,
-            jnp.where(grow, state.scale * self.factor, state.scale),
+            jnp.where(grow, jnp.minimum(state.scale * self.factor, self.max_scale), state.scale),
             jnp.maximum(state.scale / self.factor, self.min_scale),
         ).astype(jnp.float32)
         counter = jnp.where(finite & ~grow, state.counter + 1, 0).astype(jnp.int32)
         return LossScaleState(scale, counter)
+
+    def exhausted(self, state: LossScaleState, finite: jax.Array) -> jax.Array:
+        """Whether a step with gradients ``finite`` is skipped at ``min_scale``: no smaller scale
+        is left to try, so the gradients themselves are not finite (``fit`` reports divergence)."""
+        return ~finite & (state.scale <= jnp.asarray(self.min_scale, jnp.float32))

@@ -481,3 +481,62 @@ RMS_BAD = [
 def test_rms_norm_bad_input_gets_a_clear_error(call, error, message, jit):
     with pytest.raises(error, match=message):
         jax.jit(call)() if jit else call()
+
+
+# --- issue "Nothing silently wrong, round 4" ---------------------------------------------------
+
+
+def test_low_precision_batch_norm_keeps_its_running_statistics_in_float32():
+    """bfloat16 running statistics stalled: 0.1 * (batch - running) rounds away below bfloat16's
+    resolution, leaving the running mean 1.6% low. They are kept in float32 and converge."""
+    layer = fn.BatchNorm(momentum=0.9, dtype=jnp.bfloat16)
+    _, params = layer.init(KEY, (-1, 2))
+    assert params.gamma.dtype == jnp.bfloat16
+    assert params.stats.mean.dtype == params.stats.var.dtype == jnp.float32
+    x = jnp.asarray(np.random.default_rng(0).normal(10.0, 1.0, size=(64, 2)), jnp.bfloat16)
+
+    def update(params, _):
+        return fn.train_apply(layer)(params, x)[1], None
+
+    params, _ = jax.lax.scan(update, params, None, length=300)
+    rows = np.asarray(x, np.float64)
+    np.testing.assert_allclose(params.stats.mean, rows.mean(0), rtol=1e-3)
+    np.testing.assert_allclose(params.stats.var, rows.var(0, ddof=1), rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 2, 3)])
+def test_nan_in_a_masked_row_stays_out_of_the_outputs_statistics_and_gradients(shape):
+    """A masked row (fit's padded last batch) holding NaN was multiplied by 0, not excluded: every
+    output, both statistics and every gradient were NaN. Now the real rows' results equal those
+    of the batch without that row."""
+    x, gamma, beta = _args(shape, np.float64)
+    x[-1] = np.nan
+    mask = np.ones(shape[0], bool)
+    mask[-1] = False
+    cotangent = np.random.default_rng(1).standard_normal(shape)
+    cotangent[-1] = 0.0  # fit's loss leaves masked rows out: their cotangent is zero
+
+    def loss(x, gamma, beta, mask):
+        y, mean, var = fn.batch_norm(x, gamma, beta, mask=mask)
+        return jnp.sum(y[: shape[0] - 1] * cotangent[:-1]) + jnp.sum(mean) + 2 * jnp.sum(var)
+
+    masked = fn.batch_norm(jnp.asarray(x), gamma, beta, mask=jnp.asarray(mask))
+    clean = fn.batch_norm(jnp.asarray(x[:-1]), gamma, beta)
+    np.testing.assert_allclose(masked[0][:-1], clean[0], rtol=1e-12)
+    for a, b in zip(masked[1:], clean[1:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), gamma, beta, jnp.asarray(mask))
+    without = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x[:-1]), gamma, beta, jnp.ones(shape[0] - 1, bool))
+    np.testing.assert_allclose(grads[0][:-1], without[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(grads[0][-1], 0.0)
+    for a, b in zip(grads[1:], without[1:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # the layer: its output's real rows and its running statistics
+    layer = fn.BatchNorm(momentum=0.8)
+    params = jax.tree_util.tree_map(lambda a: a.astype(np.float64), layer.init(KEY, (-1, *shape[1:]))[1])
+    y, new = fn.train_apply(layer)(params, jnp.asarray(x), row_mask=jnp.asarray(mask))
+    y_clean, new_clean = fn.train_apply(layer)(params, jnp.asarray(x[:-1]))
+    np.testing.assert_allclose(y[:-1], y_clean, rtol=1e-12)
+    for a, b in zip(new.stats, new_clean.stats, strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-12)

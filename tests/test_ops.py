@@ -330,3 +330,53 @@ BAD = [
 def test_bad_input_gets_a_clear_error(call, error, message, jit):
     with pytest.raises(error, match=message):
         jax.jit(call)() if jit else call()
+
+
+# --- check_vjp in float32 without x64 (issue "Nothing silently wrong, round 4") ----------------
+
+# (features, rows, seed): networks whose float32 finite differences with the step 1e-2 (1 + max|x|)
+# disagreed with the correct backward by 4% to 100%.
+_FLOAT32_NETS = [(4, 1, 3), (8, 1, 3), (16, 4, 0), (16, 32, 1), (16, 32, 2)]
+
+
+def _float32_net(features, rows, seed):
+    net = fn.serial(fn.Dense(8, fn.tanh), fn.Dense(3, fn.linear))  # the book's default init
+    _, params = net.init(jax.random.PRNGKey(seed), (-1, features))
+    return net, params, jax.random.normal(jax.random.PRNGKey(100 + seed), (rows, features))
+
+
+@pytest.mark.parametrize("features, rows, seed", _FLOAT32_NETS)
+def test_float32_finite_differences_pass_a_correct_network_backward(features, rows, seed):
+    """Without x64 the finite differences run in float32: a correct backward must pass."""
+    with jax.enable_x64(False):
+        net, params, x = _float32_net(features, rows, seed)
+        fn.check_vjp(net.apply, net.apply, params, x, seed=seed)
+
+
+def _tanh_with(backward):
+    @jax.custom_vjp
+    def tanh(x):
+        return jnp.tanh(x)
+
+    tanh.defvjp(lambda x: (jnp.tanh(x), jnp.tanh(x)), lambda y, g: (backward(y, g),))
+    return tanh
+
+
+@pytest.mark.parametrize("features, rows, seed", _FLOAT32_NETS)
+def test_float32_check_vjp_still_catches_a_wrong_network_backward(features, rows, seed):
+    """A 0.1% perturbation (the vjp oracle), and a missing term shared by fn and reference (only
+    the finite differences can see it: tanh's derivative without its ``- y**2``)."""
+    with jax.enable_x64(False):
+        _, params, x = _float32_net(features, rows, seed)
+
+        def network(tanh):
+            return lambda p, x: tanh(x @ p[0].W + p[0].B) @ p[1].W + p[1].B
+
+        right = network(_tanh_with(lambda y, g: g * (1 - y * y)))
+        perturbed = network(_tanh_with(lambda y, g: g * (1 - y * y) * 1.001))
+        missing = network(_tanh_with(lambda y, g: g))
+        fn.check_vjp(right, right, params, x, seed=seed)
+        with pytest.raises(AssertionError, match="vjp of fn and of reference"):
+            fn.check_vjp(perturbed, right, params, x, seed=seed)
+        with pytest.raises(AssertionError, match="finite differences and vjp"):
+            fn.check_vjp(missing, missing, params, x, seed=seed)

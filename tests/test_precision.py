@@ -4,6 +4,8 @@ Each test is one of issue #23's failures, tried in both low-precision dtypes; ea
 code before the fix (``benchmarks/precision_table.py`` prints them side by side).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,23 @@ def _rotary_reference(x, positions):
     return x * jnp.cos(angles) + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * jnp.sin(angles)
 
 
+def _attention_reference(q, k, v, q_offset=None):
+    """Softmax attention written out: kv head n // (heads // kv_heads) for query head n, and with
+    ``q_offset`` ((batch,) or an int) causal, query t seeing keys s <= t + q_offset."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    if q_offset is not None:
+        T, S = q.shape[1], k.shape[1]
+        offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1, 1, 1, 1))
+        seen = (
+            jnp.arange(S, dtype=jnp.int32)[None, None, None]
+            <= jnp.arange(T, dtype=jnp.int32)[None, None, :, None] + offset
+        )
+        scores = jnp.where(seen, scores, -jnp.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
 def _cases(dtype):
     rng = np.random.default_rng(0)
     a = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
@@ -139,6 +158,21 @@ def _cases(dtype):
             embeddings.rotary_embedding,
             lambda x, p: _rotary_reference(x, p),
             (a(2, 5, 2, 6), jnp.asarray([0, 1, 7, 300, 4000], jnp.int32)),
+        ),
+        "dot_product_attention (grouped-query)": (
+            lambda q, k, v: fn.dot_product_attention(q, k, v, block_size=3),  # tiles with remainders
+            _attention_reference,
+            (a(2, 5, 4, 8), a(2, 7, 2, 8), a(2, 7, 2, 8)),
+        ),
+        "dot_product_attention (causal, q_offset per row)": (
+            lambda q, k, v, o: fn.dot_product_attention(q, k, v, is_causal=True, q_offset=o, block_size=2),
+            _attention_reference,
+            (a(2, 3, 2, 8), a(2, 6, 1, 8), a(2, 6, 1, 8), jnp.asarray([3, 1], jnp.int32)),  # one kv head
+        ),
+        "dot_product_attention (causal, q_offset=S-T)": (
+            lambda q, k, v: fn.dot_product_attention(q, k, v, is_causal=True, q_offset=3, block_size=2),
+            lambda q, k, v: _attention_reference(q, k, v, q_offset=3),
+            (a(2, 3, 4, 8), a(2, 6, 2, 8), a(2, 6, 2, 8)),
         ),
         "layer_norm": (fn.layer_norm, _layer_norm_reference, (a(4, 6) * 3, a(6), a(6))),
         "rms_norm": (
@@ -280,7 +314,7 @@ def test_dynamic_loss_scale_skips_and_halves_on_a_non_finite_gradient_and_grows_
     state = scaling.init()
     grads, finite = scaling.unscale(state, {"w": jnp.asarray([8.0, 16.0], jnp.float16)})
     np.testing.assert_array_equal(grads["w"], [1.0, 2.0])
-    assert grads["w"].dtype == jnp.float16 and bool(finite)
+    assert grads["w"].dtype == jnp.float32 and bool(finite)  # unscaled in float32, for the optimizer
     assert not bool(scaling.unscale(state, {"w": jnp.asarray([jnp.inf, 1.0], jnp.float16)})[1])
     states = [state]
     for ok in [True, True, True, False, False, True]:
@@ -296,6 +330,147 @@ def test_fit_skips_the_steps_a_too_large_scale_overflows_and_trains_on():
     until it fits, and the run trains (never reported diverged)."""
     half = fn.mixed_precision(_digits_net(), jnp.float16)
     accuracy, _ = _digits_accuracy(
-        half, fn.softmax_cross_entropy, fn.momentum(0.05, 0.9), 5, loss_scale=fn.DynamicLossScale(initial=2.0**40)
+        half,
+        fn.softmax_cross_entropy,
+        fn.momentum(0.05, 0.9),
+        5,
+        loss_scale=fn.DynamicLossScale(initial=2.0**40, max_scale=2.0**40),
     )
     assert accuracy > 0.85
+
+
+# --- issue "Nothing silently wrong, round 4" ---------------------------------------------------
+
+
+def test_dynamic_loss_scale_never_grows_past_its_max_scale():
+    """Growing without a cap reached inf after 113 doublings; from then on every step was skipped
+    (inf / 2 is inf), the loss froze, and nothing was reported."""
+    scaling = fn.DynamicLossScale(period=1)
+    state = scaling.init()
+    for _ in range(200):
+        state = scaling.adjust(state, jnp.asarray(True))
+    assert float(state.scale) == 2.0**24
+    capped = fn.DynamicLossScale(initial=4.0, period=1, max_scale=16.0)
+    state = capped.init()
+    scales = []
+    for ok in [True, True, True, False, True]:
+        state = capped.adjust(state, jnp.asarray(ok))
+        scales.append(float(state.scale))
+    assert scales == [8, 16, 16, 8, 16]
+    with pytest.raises(ValueError, match="DynamicLossScale: initial must be between min_scale"):
+        fn.DynamicLossScale(initial=2.0**30)
+
+
+def _small_regression(dtype, rows=64):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 4))
+    return jnp.asarray(x, dtype), jnp.asarray(x @ rng.normal(size=(4, 1)), dtype)
+
+
+def nan_gradient_loss(prediction, target):
+    """A finite loss whose gradient is NaN at every point (0 * the derivative of sqrt at 0)."""
+    return fn.mean_squared_error(prediction, target) + 0 * jnp.mean(jnp.sqrt(0 * prediction))
+
+
+def test_a_run_whose_every_step_is_skipped_is_reported_diverged():
+    """Gradients non-finite even at min_scale: no scale can help; the run never trains, and it
+    used to end with diverged=False and a frozen, finite loss."""
+    x, y = _small_regression(jnp.float32)
+    net = fn.mixed_precision(fn.Dense(1, fn.linear), jnp.float16)
+    _, params = net.init(KEY, (-1, 4))
+    out = fn.fit(
+        net,
+        nan_gradient_loss,
+        fn.sgd(0.01),
+        params,
+        (x, y),
+        epochs=5,
+        batch_size=16,
+        key=KEY,
+        loss_scale=fn.DynamicLossScale(initial=4.0),
+    )
+    assert bool(out.diverged)
+    assert int(out.stopped_epoch) < 5
+    for a, b in zip(jax.tree_util.tree_leaves(out.params), jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_skipped_step_keeps_params_optimizer_state_and_layer_state():
+    """A step whose gradients are not finite changes nothing but the scale."""
+    x, y = _small_regression(jnp.float16)
+    net = fn.serial(
+        fn.Dense(4, fn.tanh, dtype=jnp.float16),
+        fn.BatchNorm(dtype=jnp.float16),
+        fn.Dense(1, fn.linear, dtype=jnp.float16),
+    )
+    _, params = net.init(KEY, (-1, 4))
+    optimizer = fn.momentum(0.01)
+    out = fn.fit(
+        net,
+        nan_gradient_loss,
+        optimizer,
+        params,
+        (x, y),
+        epochs=1,
+        batch_size=64,  # one step
+        key=KEY,
+        loss_scale=fn.DynamicLossScale(initial=2.0**10),  # above min_scale: skipped, not diverged
+    )
+    assert not bool(out.diverged)
+    for a, b in zip(jax.tree_util.tree_leaves(out.params), jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    expected = optimizer.init(fn.split_state(params)[0])
+    for a, b in zip(jax.tree_util.tree_leaves(out.opt_state), jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unscaled_gradients_of_float16_params_stay_in_float32():
+    """Unscaled gradients were rounded back to float16, where one below 6e-8 is 0."""
+    scaling = fn.DynamicLossScale()
+    grads, finite = scaling.unscale(scaling.init(), {"w": jnp.asarray([2.0**-12, 1.0], jnp.float16)})
+    assert bool(finite) and grads["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(grads["w"], [2.0**-27, 2.0**-15])
+
+
+def test_float16_params_train_on_gradients_below_float16s_smallest_number():
+    """float16 params, a loss 2**-30 times smaller and a learning rate 2**30 times larger: the
+    unscaled gradients (~1e-9) reach the optimizer in float32 and the params move."""
+    x, y = _small_regression(jnp.float16)
+    net = fn.Dense(1, fn.linear, w_init=fn.zeros, b_init=fn.zeros, dtype=jnp.float16)
+    _, params = net.init(KEY, (-1, 4))
+    # in float32 (2**-30 is 0 in float16); the backward hands float16 gradients ~1e-5 to the params
+    tiny = lambda p, t: fn.mean_squared_error(p.astype(jnp.float32), t.astype(jnp.float32)) * 2.0**-30
+    out = fn.fit(
+        net,
+        tiny,
+        fn.sgd(0.05 * 2.0**30),
+        params,
+        (x, y),
+        epochs=3,
+        batch_size=16,
+        key=KEY,
+        loss_scale=fn.DynamicLossScale(),
+    )
+    assert not bool(out.diverged)
+    assert float(jnp.max(jnp.abs(out.params.W.astype(jnp.float32)))) > 0.1
+
+
+def test_mixed_precision_training_mode_updates_layer_state():
+    """mixed_precision's training mode returns the inner layer's updated running statistics."""
+    net = fn.mixed_precision(fn.serial(fn.Dense(3, fn.tanh), fn.BatchNorm(momentum=0.5)), jnp.bfloat16)
+    _, params = net.init(KEY, (-1, 4))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    _, new = fn.train_apply(net)(params, x)
+    assert new[1].stats.mean.dtype == jnp.float32
+    hidden = np.asarray(
+        fn.Dense(3, fn.tanh).apply(
+            jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params[0]), x.astype(jnp.bfloat16)
+        ),
+        np.float64,
+    )
+    np.testing.assert_allclose(new[1].stats.mean, 0.5 * hidden.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new[1].stats.var, 0.5 + 0.5 * hidden.var(0, ddof=1), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new[0]), jax.tree_util.tree_leaves(params[0]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the trainable master params stay
+    out = fn.fit(net, fn.mean_squared_error, fn.sgd(0.01), params, (x, x[:, :3]), epochs=2, batch_size=4, key=KEY)
+    assert not np.allclose(out.params[1].stats.mean, 0.0)

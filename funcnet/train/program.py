@@ -27,7 +27,9 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
 * Training runs the network in training mode (``funcnet.train_apply``): params carry their
   layer state (BatchNorm's running statistics), the optimizer sees only the trainable part
   (``split_state``; its state is ``optimizer.init`` of that part) and the state the training
-  mode returns replaces the old (a step that loss scaling skips keeps the old). A padded last
+  mode returns replaces the old (a step that loss scaling skips keeps the old params, optimizer
+  state and layer state; one it skips at ``min_scale`` counts as a NaN loss, so the run stops as
+  diverged: ``precision.DynamicLossScale``). A padded last
   batch's mask keeps padded rows out of batch statistics too. Under a mesh, batch statistics
   are means over the global batch. The moving average (``ema_decay``) averages the trainable
   part; averaged params carry the current state.
@@ -117,7 +119,8 @@ class FitResult(NamedTuple):
       best_epoch: epochs trained when ``params`` was taken, so ``fit(..., epochs=best_epoch)``
         without ``eval_data`` and with the same key reproduces ``params``.
       stopped_epoch: epochs trained when training stopped (``epochs`` if it never stopped).
-      diverged: True when a training or eval loss was not finite (``params`` stay finite).
+      diverged: True when a training or eval loss was not finite (``params`` stay finite), or,
+        with ``loss_scale``, when a step's gradients were not finite even at ``min_scale``.
       best_eval: ``{"loss": ..., metric: ...}`` at the evaluation ``params`` come from (NaN
         without ``eval_data``, or when no evaluation improved on the start).
       last_train_loss: the training loss of the last epoch whose loss was finite (NaN if
@@ -581,9 +584,12 @@ def train_steps(
             state = split_state(new)[1]
         else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
             (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
-            grads, finite = c.loss_scale.unscale(scaling, grads)
+            grads, finite = c.loss_scale.unscale(scaling, grads)  # in float32, to the optimizer
             stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
             trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
+            # non-finite even at min_scale: a diverged step (its NaN loss stops the run), never
+            # a silently frozen one
+            value = jnp.where(c.loss_scale.exhausted(scaling, finite), jnp.nan, value).astype(value.dtype)
             scaling = c.loss_scale.adjust(scaling, finite)
         params = merge_state(trainable, state)
         return (params, opt_state, scaling), value.astype(dtype) * (
