@@ -15,9 +15,20 @@ time the training loop waited for rows, the peak RssAnon of the process (sampled
 page cache does not count), the rows' bytes per second, and what the process read from storage
 (/proc/self/io). The file is deleted afterwards.
 
+Memory of the model: 3 x Dense(4,096, tanh) + Dense(10) on 4,096 float32 features, momentum: a
+384 MiB training state (192 MiB of params, as much again of velocity), 64 rows in batches of 8,
+2 epochs, each in a fresh process after a compiling fit. Reported: the peak RssAnon above the
+process's before the fit (which holds the caller's params and the data), in MiB and in copies
+of the training state, the device-resident fit and the streamed one side by side, without and
+with eval data; the streamed fit runs segments of 2 batches, so an epoch spans 4 (every
+donation path runs). For the streamed fit, the bytes XLA's ``memory_analysis()`` reports its
+segment program aliasing (outputs written into donated inputs). Target: streamed peak <= 1.1x
+the device-resident fit's.
+
     python benchmarks/bench_stream.py           # the tables (needs ~3.1 GiB of free disk)
     python benchmarks/bench_stream.py --quick   # tiny sizes, to check it runs
     python benchmarks/bench_stream.py --skip-memmap            # only the throughput table
+    python benchmarks/bench_stream.py --only-state             # only the model-memory table
     python benchmarks/bench_stream.py --memmap-rows 131072     # a 0.5 GiB memmap instead
 """
 
@@ -248,23 +259,151 @@ def larger_than_memory(quick: bool, rows: int | None) -> None:
     print(f"(bound: peak RssAnon under 1 GiB; train loss {report['train_loss']:.4f})")
 
 
+def state_child(variant: str, width: int, with_eval: bool) -> None:
+    """One fit of the model-memory table, measured in this (fresh) process."""
+    import ctypes
+    import gc
+
+    rows, batch = 64, 8
+    rng = np.random.default_rng(0)
+    host_x = rng.standard_normal((rows, width)).astype(np.float32)
+    host_y = rng.integers(0, 10, rows).astype(np.int32)
+    net = fn.serial(*[fn.Dense(width, fn.tanh, dtype=np.float32) for _ in range(3)], fn.Dense(10, fn.linear))
+    _, params = net.init(jax.random.PRNGKey(0), (-1, width))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    params_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    streamed = variant == "streamed"
+    data = (host_x, host_y) if streamed else (jnp.asarray(host_x), jnp.asarray(host_y))
+    stream.SEGMENT_BYTES = 2 * batch * (width * 4 + 4)  # 2 batches a segment: 4 segments an epoch
+    aliased = [0.0]
+    if streamed:  # the segment program's aliasing, as XLA compiled it (captured from the first call)
+        steps = stream._steps_jit
+
+        def capture(*args: Any, **kw: Any) -> Any:
+            if not aliased[0]:
+                shapes = jax.tree_util.tree_map(
+                    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a, args
+                )
+                aliased[0] = steps.lower(*shapes, **kw).compile().memory_analysis().alias_size_in_bytes
+            return steps(*args, **kw)
+
+        stream._steps_jit = capture
+
+    def fit() -> Any:
+        return fn.fit(
+            net,
+            fn.softmax_cross_entropy,
+            fn.momentum(0.01, 0.9),
+            params,
+            data,
+            data if with_eval else None,
+            epochs=2,
+            batch_size=batch,
+            eval_every=1,
+            key=jax.random.PRNGKey(1),
+            stream=streamed,
+        )
+
+    jax.block_until_ready(fit())  # compiles; what is measured below is the buffers of a warm fit
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: the base is what is held
+    base, peak, done = anon_bytes(), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_bytes())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = jax.block_until_ready(fit())
+    done.set()
+    watcher.join()
+    report = {
+        "state": 2 * params_bytes,  # params and momentum's velocity
+        "above_base": max(peak[0], anon_bytes()) - base,
+        "aliased": aliased[0],
+        "loss": float(np.asarray(result.history.train_loss)[-1]),
+    }
+    print(json.dumps(report))
+
+
+def state_memory(quick: bool) -> None:
+    width = 512 if quick else 4096
+    rows, reports = [], {}
+    for with_eval in (False, True):
+        for variant in ("device-resident", "streamed"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--state-child", variant, str(width), str(int(with_eval))],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"bench_stream: the {variant} fit failed:\n{done.stderr[-4000:]}")
+            reports[variant, with_eval] = report = json.loads(done.stdout.strip().splitlines()[-1])
+            base = reports["device-resident", with_eval]["above_base"]
+            rows.append(
+                [
+                    variant,
+                    "yes" if with_eval else "no",
+                    f"{report['above_base'] / 2**20:,.0f}",
+                    f"{report['above_base'] / report['state']:.2f}",
+                    f"{report['above_base'] / base:.2f}x",
+                    f"{report['aliased'] / 2**20:,.0f}" if variant == "streamed" else "",
+                ]
+            )
+        same = reports["device-resident", with_eval]["loss"] == reports["streamed", with_eval]["loss"]
+        if not same:
+            print("bench_stream: the streamed fit's training loss differs from the device fit's", file=sys.stderr)
+    state = reports["device-resident", False]["state"]
+    print(
+        f"\nMemory of the model: 3 x Dense({width:,}, tanh) + Dense(10), momentum, a {state / 2**20:,.0f} MiB "
+        "training state, 64 rows in batches of 8, 2 epochs (streamed: 4 segments an epoch); peak RssAnon "
+        "above the process's before the fit, a warm fit in a fresh process"
+    )
+    print(
+        table(
+            [
+                "fit",
+                "eval data",
+                "peak above base MiB",
+                "copies of the state",
+                "vs device-resident",
+                "segment program aliased MiB",
+            ],
+            rows,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--skip-memmap", action="store_true", help="only the throughput table")
     parser.add_argument("--skip-throughput", action="store_true", help="only the memmap epoch")
     parser.add_argument("--memmap-rows", type=int, help="rows of the memmap (default 786,432: 3 GiB)")
+    parser.add_argument("--only-state", action="store_true", help="only the model-memory table")
     parser.add_argument("--memmap-child", nargs=3, metavar=("PATH", "ROWS", "FEATURES"), help=argparse.SUPPRESS)
+    parser.add_argument("--state-child", nargs=3, metavar=("VARIANT", "WIDTH", "EVAL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.state_child:
+        variant, width, with_eval = args.state_child
+        state_child(variant, int(width), bool(int(with_eval)))
+        return
     if args.memmap_child:
         path, rows, features = args.memmap_child
         memmap_child(path, int(rows), int(features))
         return
     print(f"Machine: {machine()}\n")
+    if args.only_state:
+        state_memory(args.quick)
+        return
     if not args.skip_throughput:
         throughput(args.quick)
     if not args.skip_memmap:
         larger_than_memory(args.quick, args.memmap_rows)
+    state_memory(args.quick)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,18 @@ def main() -> None:
 
     # Before anything else touches JAX: join the other processes. The coordinator's address comes
     # from JAX_COORDINATOR_ADDRESS, or, like the rest, from the cluster manager when both are None.
-    jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
+    try:
+        jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
+    except ValueError as error:  # no launcher: JAX says only "coordinator_address should be defined"
+        if "coordinator" not in str(error):
+            raise
+        parser.error(
+            "no processes to join: JAX_COORDINATOR_ADDRESS is not set and no cluster manager (SLURM, Open MPI, "
+            "Kubernetes) started this script. For a local run, pass --processes N (e.g. --processes 2): this "
+            "script then starts N processes of itself on this machine. On a cluster, start it with the "
+            "cluster's launcher (srun ...), or set JAX_COORDINATOR_ADDRESS and pass --num-processes and "
+            f"--process-id (JAX: {error})"
+        )
 
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec

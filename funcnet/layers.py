@@ -525,10 +525,16 @@ def check_input_shape(fn: str, input_shape: Any, ndim: int | None, layout: str) 
         raise TypeError(f"{fn}: input_shape must be a tuple of ints {layout}, got {input_shape!r}.")
     shape = tuple(int(d) for d in input_shape)
     if ndim is not None and len(shape) != ndim:
-        raise ValueError(f"{fn}: input_shape must be {ndim}-D {layout}, got {shape}.")
+        hint = f"; {batch_first(shape)}" if len(shape) == ndim - 1 and shape[0] != -1 else ""
+        raise ValueError(f"{fn}: input_shape must be {ndim}-D {layout}, got {shape}{hint}.")
     if not (shape[0] == -1 or shape[0] >= 1) or any(d < 1 for d in shape[1:]):
         raise ValueError(f"{fn}: input_shape sizes must be positive (batch may be -1), got {shape}.")
     return shape
+
+
+def batch_first(shape: Shape) -> str:
+    """The fix for an ``input_shape`` given without its batch dimension."""
+    return f"the batch comes first: {(-1, *shape)} for any batch size (init's shapes include it)"
 
 
 def activation_name(activation: Callable[..., Any]) -> str:
@@ -544,7 +550,34 @@ def default_dtype(dtype: Any) -> np.dtype:
 def check_params(name: str, params: Any, kind: type, form: str) -> None:
     """``params`` must be a ``kind`` (params from another network are the usual cause)."""
     if not isinstance(params, kind):
+        if is_init_output(params) or (isinstance(params, tuple) and _is_shape(params)):
+            raise TypeError(
+                f"{name}: params must be {form}, got {params_text(params)}: init returns (output_shape, params); "
+                "unpack it: _, params = net.init(key, input_shape)."
+            )
         raise TypeError(f"{name}: params must be {form}, got {type(params).__name__} (params from another network?).")
+
+
+def _is_shape(value: Any) -> bool:
+    return bool(value) and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in value)
+
+
+def is_init_output(params: Any) -> bool:
+    """``params`` is what ``init`` returned, ``(output_shape, params)``, not yet unpacked (the
+    output shape a tuple of ints, or a list or tuple of them for a layer with several outputs)."""
+    if not isinstance(params, tuple) or len(params) != 2 or not isinstance(params[0], (tuple, list)):
+        return False
+    shape = params[0]
+    return _is_shape(shape) or (bool(shape) and all(isinstance(s, (tuple, list)) and _is_shape(s) for s in shape))
+
+
+def params_text(params: Any) -> str:
+    """A short description of wrong params: init's output, a shape, or a type."""
+    if is_init_output(params):
+        return f"init's (output_shape, params) pair, output_shape {params[0]!r}"
+    if isinstance(params, tuple) and _is_shape(params):
+        return f"the shape {params!r}"
+    return type(params).__name__
 
 
 @layer_spec
@@ -564,7 +597,8 @@ class _Dense(LayerSpec):
     def init(self, key: jax.Array, input_shape: Any) -> tuple[Any, Any]:
         shape = check_input_shape(self.name, input_shape, None, "(batch, ..., num_in)")
         if len(shape) < 2:
-            raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., num_in), got {shape}.")
+            fix = "" if shape[0] == -1 else f"; {batch_first(shape)}"
+            raise ValueError(f"{self.name}: input_shape must be at least 2-D (batch, ..., num_in), got {shape}{fix}.")
         k_w, k_b = jax.random.split(key)
         W = self.w_init(k_w, (shape[-1], self.neurons), self.dtype)
         params = DenseParams(W, self.b_init(k_b, (1, self.neurons), self.dtype)) if self.use_bias else WeightParams(W)
@@ -792,6 +826,11 @@ def check_layers(fn: str, layers: Sequence[Any], minimum: int = 1) -> tuple[Laye
 def check_entries(fn: str, params: Any, count: int) -> None:
     """A combinator's params are a tuple with one entry per layer."""
     if not isinstance(params, tuple) or len(params) != count:
+        if is_init_output(params):  # (two layers: the pair passes, and the first layer is given the shape)
+            raise TypeError(
+                f"{fn}: params must be a tuple with one entry per layer ({count}), got {params_text(params)}: "
+                "init returns (output_shape, params); unpack it: _, params = net.init(key, input_shape)."
+            )
         got = (
             f"{type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else type(params).__name__
         )

@@ -526,8 +526,10 @@ class _BatchNorm(LayerSpec):
         self._check(params, x)
         _checks.same_dtype(self.name, ("x", "params.gamma"), x, params.gamma)
         dtype = _checks.wide(x.dtype)
-        scale = params.gamma.astype(dtype) * lax.rsqrt(params.stats.var.astype(dtype) + jnp.asarray(self.eps, dtype))
-        shift = params.beta.astype(dtype) - params.stats.mean.astype(dtype) * scale
+        # The running statistics pass no gradient: they are not trained (an optimizer refuses them too).
+        stats = lax.stop_gradient(params.stats)
+        scale = params.gamma.astype(dtype) * lax.rsqrt(stats.var.astype(dtype) + jnp.asarray(self.eps, dtype))
+        shift = params.beta.astype(dtype) - stats.mean.astype(dtype) * scale
         return (x.astype(dtype) * _features(x, scale) + _features(x, shift)).astype(x.dtype)
 
     def train_apply(

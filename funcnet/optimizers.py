@@ -62,6 +62,7 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet._values import Method, T, dataclass_transform, number
+from funcnet.state import has_state
 
 __all__ = [
     "AccumulateState",
@@ -342,7 +343,18 @@ def _learning_rate(fn: str, learning_rate: LearningRate) -> LearningRate:
 # --- The shared gradient preprocessing and update -------------------------------------------
 
 
+def _refuse_state(fn: str, params: Params) -> None:
+    """Layer state (BatchNorm's running statistics) is never trained: an optimizer refuses it."""
+    if has_state(params):
+        raise TypeError(
+            f"{fn}: params hold layer state (BatchNorm's running statistics), which no optimizer may "
+            "update: optimize the trainable part, trainable, state = funcnet.split_state(params), and put "
+            "them back with funcnet.merge_state(new_trainable, new_state) (train_apply returns the new state)."
+        )
+
+
 def _check_trees(fn: str, grads: Params, params: Params) -> None:
+    _refuse_state(fn, params)
     g_def: Any = jax.tree_util.tree_structure(grads)
     p_def: Any = jax.tree_util.tree_structure(params)
     if g_def != p_def:
@@ -432,6 +444,7 @@ class _Base:
         raise NotImplementedError
 
     def init(self, params: Params) -> Any:
+        _refuse_state(self.label, params)
         return self.state_type(jnp.zeros((), jnp.int32), *self.state(params))
 
     def update(self, grads: Params, state: Any, params: Params) -> tuple[Params, Any]:

@@ -402,3 +402,51 @@ def test_check_vjp_takes_a_layers_params_and_names_the_leaf():
     )
     with pytest.raises(AssertionError, match=r"argument 0 \(\.W\)"):
         fn.check_vjp(wrong, reference, params, x)
+
+
+# Errors that name the fix (issue "Nothing silently wrong, round 4").
+
+
+def test_init_without_the_batch_dimension_suggests_it():
+    with pytest.raises(ValueError, match=r"the batch comes first: \(-1, 64\)"):
+        fn.Dense(3).init(KEY, (64,))
+    with pytest.raises(ValueError, match=r"serial: layer 0 \(Dense\(4, tanh\)\).*\(-1, 64\)"):
+        fn.serial(fn.Dense(4, fn.tanh), fn.Dense(2, fn.linear)).init(KEY, (64,))
+    with pytest.raises(ValueError, match=r"the batch comes first: \(-1, 5, 3\)"):
+        fn.LSTM(4).init(KEY, (5, 3))
+
+
+def test_init_output_passed_as_params_says_to_unpack_it():
+    """``net.init`` returns ``(output_shape, params)``; passing the pair as params is named."""
+    net = _classifier()
+    both = net.init(KEY, (-1, 4))
+    x, y = _classes()
+    unpack = r"_, params = net\.init\(key, input_shape\)"
+    with pytest.raises(TypeError, match=unpack):
+        net.apply(both, x)
+    with pytest.raises(TypeError, match=unpack):
+        fn.Dense(3).apply(fn.Dense(3).init(KEY, (-1, 4)), x)
+    with pytest.raises(TypeError, match=unpack):
+        fn.fit(net, fn.softmax_cross_entropy, fn.sgd(0.1), both, (x, y), epochs=1, key=KEY)
+
+
+def test_fit_without_a_key_says_what_the_key_is_for():
+    x, y = _classes()
+    net = _classifier()
+    _, params = net.init(KEY, (-1, 4))
+    with pytest.raises(TypeError, match=r"missing .*'key'.*shuffle order.*dropout.*key=jax\.random\.PRNGKey\(0\)"):
+        fn.fit(net, fn.softmax_cross_entropy, fn.sgd(0.1), params, (x, y), epochs=1, shuffle=False)
+
+
+def test_the_multihost_example_without_a_launcher_says_to_pass_processes():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "multihost.py"
+    cluster = ("JAX_COORDINATOR", "SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "JOB_COMPLETION_INDEX")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
+    done = subprocess.run([sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "pass --processes N" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -188,9 +188,23 @@ def test_train_step_updates_the_statistics_and_wants_the_trainable_optimizer_sta
     np.testing.assert_allclose(new[0].stats.var, 0.5 + 0.5 * X[:8].var(0, ddof=1), rtol=1e-12)
     assert np.isfinite(loss) and int(opt_state.step) == 1
     with pytest.raises(TypeError, match=r"train_step: opt_state does not belong .*optimizer.init\(funcnet.split_state"):
-        step(params, optimizer.init(params), X[:8], Y[:8], None)
+        step(params, optimizer.init(fn.split_state(params)[0])[:1], X[:8], Y[:8], None)
+    with pytest.raises(TypeError, match=r"adam: params hold layer state .*funcnet.split_state\(params\)"):
+        optimizer.init(params)  # an optimizer never sees the running statistics
     with pytest.raises(ValueError, match="batch statistics need at least 2 values per channel"):
         step(params, opt_state, X[:1], Y[:1], None)
+
+
+def test_a_hand_written_gradient_loop_cannot_train_the_running_statistics():
+    """The usual optax-style loop, jax.grad then update on the whole params: the statistics pass no
+    gradient, and an optimizer refuses a params tree that holds them, naming split_state."""
+    net = _first_layer_net()
+    _, params = net.init(KEY, (-1, 3))
+    grads = jax.grad(lambda p: fn.mean_squared_error(net.apply(p, X[:8]), Y[:8]))(params)
+    assert not np.any(np.asarray(grads[0].stats.mean)) and not np.any(np.asarray(grads[0].stats.var))
+    optimizer = fn.sgd(0.1)
+    with pytest.raises(TypeError, match="split_state"):
+        optimizer.update(grads, optimizer.init(fn.split_state(params)[0]), params)
 
 
 def test_a_network_without_state_compiles_the_same_train_step_program():

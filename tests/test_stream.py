@@ -323,3 +323,74 @@ def _memory_bound(tmp_path, modes):
     assert measured["stream"] < bound, measured
     if "device" in measured:
         assert measured["device"] > bound, measured
+
+
+def _carried(args):
+    """Abstract values of a ``_steps_jit`` call's arguments (its donated inputs are gone after it)."""
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a
+    return jax.tree_util.tree_map(abstract, args)
+
+
+def test_the_streamed_steps_donate_the_state_they_carry_and_leave_the_callers_params(monkeypatch, small_segments):
+    """A streamed fit's peak holds the training state about twice, as the device fit's does, not
+    three times: the segment program writes the carried params and optimizer state into the
+    buffers of the ones it replaces (``benchmarks/bench_stream.py`` measures it). The caller's
+    params are never among them."""
+    original, calls = stream._steps_jit, []
+
+    def capture(*args, **kw):
+        calls.append((_carried(args), kw))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(stream, "_steps_jit", capture)
+    params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+    before = jax.tree_util.tree_map(np.array, params)
+    result = fn.fit(NET, fn.softmax_cross_entropy, fn.adam(0.01), params, (X[:70], Y[:70]), epochs=2,
+                    batch_size=16, key=KEY, stream=True)  # fmt: skip
+    assert len(calls) == 6  # 3 segments an epoch: the first and later ones
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(params))
+    _equal(params, before)  # the caller's params: usable and unchanged
+    args, kw = calls[1]
+    carry = args[0]
+    carried = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(carry))
+    memory = original.lower(*args, **kw).compile().memory_analysis()
+    assert memory.alias_size_in_bytes >= carried, (memory.alias_size_in_bytes, carried)
+    again = fn.fit(NET, fn.softmax_cross_entropy, fn.adam(0.01), params, (X[:70], Y[:70]), epochs=2,
+                   batch_size=16, key=KEY, stream=False)  # fmt: skip
+    _equal(result.params, again.params)
+
+
+def test_at_most_three_segments_are_held_ahead_of_the_device(monkeypatch):
+    """The stream's back-pressure: with a device slower than the reads, the host waits for
+    segment i - 1 before it reads i + 2, so at most three segments are held (read and not yet
+    used up by the device). Counted at every read: segments read minus segments whose steps have
+    finished (``jax.Array.is_ready``). Without the wait the host reads a whole epoch ahead."""
+    monkeypatch.setattr(stream, "SEGMENT_BYTES", 400)  # one batch of 8 rows (8 x 44 bytes) per segment
+    steps, dispatched = stream._steps, []
+
+    def slow(carry, hyper, xs, ys, first, dropout_key, *, static, config):  # a slow device: ~10^9 flops
+        after, sums = steps(carry, hyper, xs, ys, first, dropout_key, static=static, config=config)
+        work = jnp.full((256, 256), 1e-3, jnp.float32) + sums[0].astype(jnp.float32)
+        work = jax.lax.fori_loop(0, 40, lambda i, a: jnp.tanh(a @ a), work)
+        return after, sums + jnp.isnan(work[0, 0]).astype(sums.dtype)
+
+    slow_jit = jax.jit(slow, static_argnames=("static", "config"))
+
+    def run_steps(*args, **kw):
+        after, sums = slow_jit(*args, **kw)
+        dispatched.append(sums)
+        return after, sums
+
+    train, reads, held = stream._Plan._train, [0], []
+
+    def read(plan, *args):
+        job = train(plan, *args)
+        reads[0] += 1
+        held.append(reads[0] - sum(sums.is_ready() for sums in list(dispatched)))
+        return job
+
+    monkeypatch.setattr(stream, "_steps_jit", run_steps)
+    monkeypatch.setattr(stream._Plan, "_train", read)
+    _fit(eval_data=None, epochs=2, batch_size=8, stream=True)
+    assert len(held) == 18  # 9 segments an epoch
+    assert max(held) <= 3, held

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 
 from funcnet import _checks, _host
 from funcnet._values import Static, combine, partition
-from funcnet.layers import Layer, given_inputs, layer_inputs, train_mode
+from funcnet.layers import Layer, given_inputs, is_init_output, layer_inputs, params_text, train_mode
 from funcnet.optimizers import Optimizer
 
 __all__ = [
@@ -378,6 +379,29 @@ def _min_max(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.min(a), jnp.max(a)
 
 
+Fit = TypeVar("Fit", bound=Callable[..., Any])
+
+MISSING_KEY = (
+    "fit() missing 1 required keyword-only argument: 'key'. It is the jax.random key every epoch's "
+    "randomness derives from: the shuffle order of the rows and the dropout keys (epoch e's from (key, e) "
+    "alone, so a run is reproducible and resumes exactly). It is required even when nothing is random "
+    "(shuffle=False, no dropout): pass key=jax.random.PRNGKey(0)."
+)
+
+
+def explains_missing_key(fit: Fit) -> Fit:
+    """``fit`` whose ``TypeError`` for a missing ``key`` says what the key is for and what to pass
+    (Python's own names only the argument). Everything else passes through untouched."""
+
+    @functools.wraps(fit)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if "key" not in kwargs:
+            raise TypeError(MISSING_KEY)
+        return fit(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]  # the same signature (functools.wraps)
+
+
 def check_key(key: Any) -> None:
     if not isinstance(key, jax.Array) or not (
         jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
@@ -386,6 +410,11 @@ def check_key(key: Any) -> None:
 
 
 def check_params(params: Any) -> None:
+    if is_init_output(params):
+        raise TypeError(
+            f"fit: params must be the network's params, got {params_text(params)}: init returns "
+            "(output_shape, params); unpack it: _, params = net.init(key, input_shape)."
+        )
     if not jax.tree_util.tree_leaves(params):
         raise ValueError("fit: params has no arrays to train (did you pass the output shape of init?).")
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -206,8 +206,9 @@ def shard_orders(
         orders = jnp.broadcast_to(jnp.arange(local, dtype=jnp.int32), (shards, local))
     elif shards == 1:
         orders = permutation(key, rows, epoch)[None]  # epoch_order's order; the dropout key once, below
-    elif mesh is None:
-        orders = jnp.stack([permutation(key, local, epoch, s) for s in range(shards)])
+    elif mesh is None:  # one vectorised permutation over the shard numbers, not one per shard unrolled
+        shard = jnp.arange(shards, dtype=jnp.uint32)  # ``round_keys`` hashes each salt as uint32 bits
+        orders = jax.vmap(lambda s: permutation(key, local, epoch, s))(shard)
     else:
         own = lambda k, e: permutation(k, local, e, jax.lax.axis_index(data_axis))[None]
         specs = (PartitionSpec(), PartitionSpec())

@@ -49,6 +49,7 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 Metric = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+@checks.explains_missing_key
 def fit(
     net: Layer,
     loss: Loss,

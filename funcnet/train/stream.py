@@ -22,6 +22,11 @@ Contract, stated once:
   while the device runs segment ``i``; the host waits for segment ``i - 1`` before it asks for
   ``i + 2``, so at most three segments (``SEGMENT_BYTES`` each, 16 MiB) are held at once,
   whatever the data's size. The next epoch's first segment is gathered during the last one's.
+* **Memory of the model.** The streamed programs donate the state they carry (``_steps_jit``,
+  ``_end_jit``, ``_end_rollback_jit``), as ``program.segment`` donates its state, so a streamed
+  fit holds its params and optimizer state as many times as the device-resident fit, not one
+  more (``benchmarks/bench_stream.py``). ``run`` consumes the state it is given, as ``segment``
+  does; the caller's params are never donated (``program.fresh_state`` copies them).
 * **Checks while streaming.** Data larger than memory is not read twice, so what ``fit``
   checks up front on device data (finite values) is checked here on each segment as it is
   read: a NaN or Inf raises a ``ValueError`` naming the row. So do a ``np.memmap`` whose file
@@ -382,15 +387,20 @@ def _steps(
 
 
 def _end(
-    state: TrainState,
     carry: tuple[Params, Any, Any],
+    state: TrainState,
+    kept: tuple[Params, Any, Any],
     sums: jax.Array,
     values: dict[str, jax.Array],
     min_delta: Any,
     *,
     config: Config,
 ) -> TrainState:
-    return end_epoch(state, carry, sums, lambda is_eval, p: values, min_delta, config=config)
+    """``end_epoch``, ``state`` given without its params, optimizer state and loss scale: those are
+    ``kept``, the epoch's starting ones (the ones a diverged epoch without eval data keeps)."""
+    params, opt_state, loss_scale = kept
+    whole = state._replace(params=params, opt_state=opt_state, loss_scale=loss_scale)
+    return end_epoch(whole, carry, sums, lambda is_eval, p: values, min_delta, config=config)
 
 
 def _eval_block(
@@ -422,13 +432,32 @@ def _watched(carry: tuple[Params, Any, Any], *, config: Config) -> Params:
     return watched
 
 
-_steps_jit = jax.jit(_steps, static_argnames=("static", "config"))
-_end_jit = jax.jit(_end, static_argnames=("config",))
+# Donation, as the device fit's ``program.segment`` does: the steps write the carry they return
+# (params, optimizer state, loss scale) into the buffers of the one they take, and the end of an
+# epoch writes the new state into the old one's, so a streamed fit holds the training state as
+# many times as the device fit (``benchmarks/bench_stream.py``). What is donated is always the
+# fit's own: ``program.fresh_state`` copies the caller's params, and ``run`` keeps a copy
+# (``_copy``) of an epoch's start when it must outlive the epoch's first segment. JAX 0.10 returns
+# fresh buffers from a jitted function, so no output is ever an input forwarded.
+# Which of the epoch end's inputs are donated decides whether XLA needs a temporary state (measured
+# with ``memory_analysis()``, JAX 0.10.2 on the CPU; JAX aliases each output to the first unused
+# donated input of its shape, in argument order). With eval data: the carry, then the state (the new
+# params stay where they are, the best ones are selected into the old best's buffers): no
+# temporaries. Without: the state and the epoch's start (a diverged epoch's rollback selects into
+# the start's buffers): no temporaries; donating the carry there instead cost a whole state of them.
+_steps_jit = jax.jit(_steps, static_argnames=("static", "config"), donate_argnums=(0,))
+_end_jit = jax.jit(_end, static_argnames=("config",), donate_argnums=(0, 1))  # with eval data
+_end_rollback_jit = jax.jit(_end, static_argnames=("config",), donate_argnums=(1, 2))  # without
 _eval_block_jit = jax.jit(_eval_block, static_argnames=("static", "config"))
 _eval_batch_jit = jax.jit(_eval_batch, static_argnames=("static", "config"))
 _eval_average_jit = jax.jit(_eval_average, static_argnames=("config",))
 _epoch_batches_jit = jax.jit(epoch_batches, static_argnames=("config",))
 _no_evaluation_jit = jax.jit(no_evaluation, static_argnames=("config",))
+
+
+@jax.jit
+def _copy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 @jax.jit
@@ -651,8 +680,9 @@ def runner(
     config: Config,
 ) -> Callable[[TrainState, int], TrainState]:
     """``run(state, stop)``: ``program.segment``'s contract (train epochs ``state.epoch`` to
-    ``stop - 1`` unless stopped), with the data streamed from the host. Each ``x`` is a host
-    array, or ``program.WithInputs`` of host arrays (the inputs beyond x, read row by row alike)."""
+    ``stop - 1`` unless stopped; ``state``'s buffers are donated), with the data streamed from the
+    host. Each ``x`` is a host array, or ``program.WithInputs`` of host arrays (the inputs beyond
+    x, read row by row alike)."""
     c = config
     x, y = _sources("train_data", train_data[0]), _Source("train_data y", train_data[1])
     ex = ey = None
@@ -682,7 +712,14 @@ def runner(
         feed = _Feed(plan.jobs(epoch, stop), c.progress and distributed.is_writer())
         try:
             for e in range(epoch, stop):
-                carry, parts, previous = (state.params, state.opt_state, state.loss_scale), [], None
+                # The steps donate the carry, the epoch's start first. Without eval data a diverged
+                # epoch falls back to its start, so a copy of it is kept; with, the epoch's end reads
+                # nothing of it (the best state is kept apart).
+                carry = (state.params, state.opt_state, state.loss_scale)
+                kept = (None, None, None) if c.eval_rows > 0 else _copy(carry)
+                rest = state._replace(params=None, opt_state=None, loss_scale=None)
+                del state
+                parts, previous = [], None
                 for _ in range(plan.segments()):
                     job = feed.next(e, "train")
                     carry, sums = _steps_jit(
@@ -700,9 +737,13 @@ def runner(
                     parts.append(sums)
                     previous = sums
                 scheduled = ex is not None and (e + 1) % c.eval_every == 0
-                values = evaluate(feed, e, _watched(carry, config=c)) if scheduled else _no_evaluation_jit(config=c)
-                state = _end_jit(state, carry, jnp.concatenate(parts), values, min_delta, config=c)
-                if bool(state.stopped):
+                watched = _watched(carry, config=c) if c.eval_ema else carry[0]  # no copy of the params
+                values = evaluate(feed, e, watched) if scheduled else _no_evaluation_jit(config=c)
+                del watched
+                end = _end_jit if c.eval_rows > 0 else _end_rollback_jit
+                state = end(carry, rest, kept, jnp.concatenate(parts), values, min_delta, config=c)
+                del rest, kept, carry
+                if e + 1 < stop and bool(state.stopped):  # after the last epoch, no wait for the device
                     break
         finally:
             feed.close()
