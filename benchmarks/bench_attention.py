@@ -18,10 +18,15 @@ table's variants timed in alternation, forward + backward as above:
 * dropout on the attention weights, ``dropout_rate=0.1`` against none, causal (the keep-mask is
   drawn twice, forward and backward, never stored; target <= 1.3x);
 * the padding skip: every row's ``kv_lengths`` = 64 of the 1024 keys against all 1024
-  (not causal): the tiles beyond every row's length are skipped by a ``lax.cond``.
+  (not causal): the tiles beyond every row's length are skipped by a ``lax.cond``;
+* rotary's overhead: ``MultiHeadAttention(8, is_causal=True)`` against the same layer with
+  ``rope=10000.0`` on ``x`` of 512 features (head_dim 64), the gradient of ``sum(apply(params,
+  x) * g)`` with respect to the params and ``x``; also the first call (compile + one step).
 
 Each is checked first: GQA against the plain kernel on repeated k, v; the padded run against the
-kernel on the first 64 keys alone; dropout at rate 0 against no dropout.
+kernel on the first 64 keys alone; dropout at rate 0 against no dropout; the rope layer against
+the plain one on a one-step sequence (position 0, no rotation: the same gradients), with the same
+params, and not equal to it on the whole sequence.
 
     python benchmarks/bench_attention.py                  # the tables
     python benchmarks/bench_attention.py --quick          # tiny sizes, to check it runs
@@ -190,6 +195,39 @@ def dropout_and_padding(T: int, block: int, rounds: int) -> tuple[list, list]:
     return dropout_rows, padding_rows
 
 
+def rotary(T: int, features: int, block: int, rounds: int) -> list:
+    heads, rng = 8, np.random.default_rng(3)
+    x, g = _normal(rng, BATCH, T, features), _normal(rng, BATCH, T, features)
+    layers = {
+        "none": fn.MultiHeadAttention(heads, is_causal=True, block_size=block),
+        "rope=10000.0": fn.MultiHeadAttention(heads, is_causal=True, rope=10000.0, block_size=block),
+    }
+    params = layers["none"].init(jax.random.key(0), (-1, T, features))[1]
+    rope_params = layers["rope=10000.0"].init(jax.random.key(0), (-1, T, features))[1]
+    if jax.tree.structure(params) != jax.tree.structure(rope_params):
+        raise AssertionError("rope changed the params' structure: the two layers cannot share params.")
+    grads = {
+        name: jax.jit(jax.grad(lambda p, x, g, layer=layer: jnp.sum(layer.apply(p, x) * g), argnums=(0, 1)))
+        for name, layer in layers.items()
+    }
+    with jax.default_matmul_precision("highest"):  # position 0 is not rotated: one step, the same gradients
+        first = {name: jax.tree.leaves(f(params, x[:, :1], g[:, :1])) for name, f in grads.items()}
+        _same("rope on one step", first["rope=10000.0"], first["none"])
+        plain, rotated = (layers[name].apply(params, x) for name in ("none", "rope=10000.0"))
+        if not float(jnp.max(jnp.abs(plain - rotated))) > 1e-3 * float(jnp.max(jnp.abs(plain))):
+            raise AssertionError("rope changed nothing on the whole sequence.")
+    first_call = {}
+    for name, f in grads.items():  # compile + one step, apart from the steady state below
+        start = time.perf_counter()
+        jax.block_until_ready(f(params, x, g))
+        first_call[name] = time.perf_counter() - start
+    medians = interleaved(grads, (params, x, g), rounds)
+    base = medians["none"]
+    return [
+        [name, f"{1e3 * medians[name]:.1f}", f"{medians[name] / base:.2f}", f"{first_call[name]:.2f}"] for name in grads
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
@@ -232,6 +270,13 @@ def main() -> None:
         f"block {block}: forward + backward (median ms) with every row's kv_lengths = 64 against all keys"
     )
     print(table(["keys visible", "ms", "time vs all"], padding_rows))
+    features = 64 if args.quick else 512
+    print(
+        f"\nRotary position embedding: MultiHeadAttention(8, is_causal=True) with and without rope=10000.0, "
+        f"batch {BATCH}, T = {T}, {features} features (head_dim {features // 8}), float32, block {block}: "
+        "forward + backward with respect to params and x (median ms), and the first call (compile + one step, s)"
+    )
+    print(table(["rope", "ms", "time vs none", "first call s"], rotary(T, features, block, rounds)))
 
 
 if __name__ == "__main__":

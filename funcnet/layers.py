@@ -7,8 +7,9 @@ The layer contract, stated once:
 * ``init(key, input_shape) -> (output_shape, params)``. Shapes include the batch dimension
   first, which may be ``-1`` (any). ``params`` is an immutable pytree (a ``NamedTuple`` such
   as ``DenseParams(W, B)``, a tuple, or ``()``); nothing is ever mutated.
-* ``apply(params, x, *, key=None, **inputs) -> y``. ``key`` is keyword-only; a layer with
-  randomness (``Dropout``) is active only when a key is given, so ``apply(params, x)`` is inference.
+* ``apply(params, x, *, key=None, **inputs) -> y`` is inference, for every layer: ``Dropout`` and
+  attention dropout never drop there (a key given to one of them is refused, naming the fix),
+  BatchNorm uses its running statistics. Training mode is one switch, ``train_apply`` below.
 * Inputs beyond ``x``: a layer that needs more than ``x`` per example (attention's padding:
   ``kv_lengths``, ``mask``) takes them as keywords of ``apply`` and names them in its spec's
   ``inputs``. Combinators take the union of their children's and pass each child the ones it
@@ -708,23 +709,61 @@ class _Dropout(LayerSpec):
         del key
         return check_input_shape(self.name, input_shape, None, "(batch, ...)"), ()
 
-    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+    def _check(self, params: Any, x: Any) -> None:
         if params != ():
             raise TypeError(
                 f"{self.name}: params must be (), got {type(params).__name__} (params from another network?)."
             )
         _checks.floating(self.name, "x", x)
-        if key is None or (_checks.is_concrete(self.rate) and self.rate == 0):
-            return x
-        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
-        return ops.dropout(x, jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(x.dtype))
+
+    def apply(self, params: Any, x: Any, *, key: jax.Array | None = None) -> Any:
+        """Inference: the identity."""
+        self._check(params, x)
+        refuse_training_key(self.name, key)
+        return x
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
+    ) -> tuple[Any, Any]:
+        """Training: each unit dropped with probability ``rate`` (the key draws which)."""
+        del row_mask
+        given_inputs(self.name, self.inputs, inputs)
+        self._check(params, x)
+        if _checks.is_concrete(self.rate) and self.rate == 0:
+            return x, params
+        keep = jax.random.bernoulli(training_key(self.name, key), 1.0 - self.rate, x.shape)
+        return ops.dropout(x, jnp.where(keep, 1.0 / (1.0 - self.rate), 0.0).astype(x.dtype)), params
+
+
+def refuse_training_key(name: str, key: Any) -> None:
+    """``apply`` is inference for every layer: a key there would have meant half a training mode."""
+    if key is not None:
+        raise TypeError(
+            f"{name}: apply is inference, which never drops anything, and takes no key; training mode "
+            "(dropout, BatchNorm's batch statistics) is one switch for every layer: "
+            "y, params = funcnet.train_apply(net)(params, x, key=key) (fit and train_step use it)."
+        )
+
+
+def training_key(name: str, key: Any) -> jax.Array:
+    """Training mode's randomness needs a key; returns it."""
+    if key is None:
+        raise TypeError(
+            f"{name}: training mode drops units at random and needs a key: "
+            "funcnet.train_apply(net)(params, x, key=jax.random.PRNGKey(0)) (fit passes one per step; "
+            "train_step's step takes it as its last argument)."
+        )
+    checked: jax.Array = key
+    return checked
 
 
 def Dropout(rate: float) -> Layer:
-    """Drop each unit with probability ``rate`` when a ``key`` is given (inverted dropout). Book: Dropout.
+    """Drop each unit with probability ``rate`` in training mode (inverted dropout). Book: Dropout.
 
-    Kept units are scaled by ``1 / (1 - rate)`` in training, so inference (no key) is the
-    identity. The backward routes gradients through the same mask (``ops.dropout``).
+    Training mode, ``funcnet.train_apply(net)(params, x, key=key)`` (what ``fit`` and
+    ``train_step`` run), drops with the key's draw and scales kept units by ``1 / (1 - rate)``;
+    ``apply`` is inference, the identity, and refuses a key. The backward routes gradients
+    through the same mask (``ops.dropout``).
     """
     _checks.real_number("Dropout", "rate", rate, low=0.0, high=1.0, high_open=True)
     return _Dropout(number(rate)).layer()

@@ -137,14 +137,26 @@ def test_attention_dropout_only_in_training_and_through_the_kernel():
     x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, 8)))
     _, p = layer.init(KEY, (-1, 5, 8))
     np.testing.assert_array_equal(layer.apply(p, x), plain.apply(p, x))  # inference: no dropout
+    with pytest.raises(TypeError, match="apply is inference"):
+        layer.apply(p, x, key=KEY)  # half a training mode is refused, naming train_apply
+    with pytest.raises(TypeError, match="needs a key"):
+        fn.train_apply(layer)(p, x)
+    train = lambda p, key: fn.train_apply(layer)(p, x, key=key)[0]
     k1, k2 = jax.random.split(KEY)
-    y1, y2 = layer.apply(p, x, key=k1), layer.apply(p, x, key=k2)
+    y1, y2 = train(p, k1), train(p, k2)
     assert float(jnp.max(jnp.abs(y1 - plain.apply(p, x)))) > 1e-3
     assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-3
-    np.testing.assert_array_equal(y1, layer.apply(p, x, key=k1))  # the key decides it
-    y_train, _ = fn.train_apply(fn.serial(layer))((p,), x, key=k1)
-    assert float(jnp.max(jnp.abs(y_train - plain.apply(p, x)))) > 1e-3
-    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x, key=k1) ** 2))(p)
+    np.testing.assert_array_equal(y1, train(p, k1))  # the key decides it
+    y_net, _ = fn.train_apply(fn.serial(layer))((p,), x, key=k1)
+    assert float(jnp.max(jnp.abs(y_net - plain.apply(p, x)))) > 1e-3
+    # The kernel's own dropout: the layer's output is the op's with dropout_key = the key.
+    heads = lambda W, B, n: (x.reshape(10, 8) @ W + B).reshape(2, 5, n, -1)
+    out = fn.dot_product_attention(
+        heads(p.W_q, p.B_q, 2), heads(p.W_k, p.B_k, 2), heads(p.W_v, p.B_v, 2),
+        dropout_rate=0.5, dropout_key=k1, block_size=4,
+    )  # fmt: skip
+    np.testing.assert_allclose(y1, (out.reshape(10, 8) @ p.W_o + p.B_o).reshape(2, 5, 8), rtol=1e-6, atol=1e-7)
+    grads = jax.grad(lambda p: jnp.sum(train(p, k1) ** 2))(p)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 

@@ -14,6 +14,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,6 +82,13 @@ ATTENTION = fn.MultiHeadAttention(2)
 ATTENTION_PARAMS = ATTENTION.init(KEY, (-1, 4, 6))[1]
 BN_NET = fn.serial(fn.BatchNorm(), fn.Dense(2, fn.linear))
 BN_PARAMS = BN_NET.init(KEY, (-1, 3))[1]
+ROPE_HEADS = rng.standard_normal((2, 4, 2, 6))  # (batch, T, heads, head_dim), head_dim even
+PROBABILITIES = rng.uniform(size=(12, 2))
+GQA = fn.MultiHeadAttention(4, num_kv_heads=2, is_causal=True, rope=10000.0)
+GQA_PARAMS = GQA.init(KEY, (-1, 4, 8))[1]
+CROSS = fn.CrossAttention(2)
+CROSS_PARAMS = CROSS.init(KEY, ((-1, 4, 6), (-1, 5, 3)))[1]
+CHAIN = fn.chain(fn.clip_by_global_norm(1.0), fn.sgd(0.1))
 
 
 def _streamed_fit_call(train_x=X, train_y=Y, eval_x=X, eval_y=Y, stream_threshold=None):
@@ -152,8 +160,10 @@ CALLS = {
         {"prediction": "arrays", "target": "arrays"},
     ),
     "softmax_cross_entropy": (
-        lambda logits=Y, target=LABELS: fn.softmax_cross_entropy(logits, target),
-        {"logits": "arrays", "target": "arrays"},
+        lambda logits=Y, target=LABELS, ignore_index=None: fn.softmax_cross_entropy(
+            logits, target, ignore_index=ignore_index
+        ),
+        {"logits": "arrays", "target": "arrays", "ignore_index": "numbers"},
     ),
     "conv2d": (
         lambda x=np.ones((2, 5, 5, 3)), W=np.ones((3, 3, 3, 2)), stride=1, padding="SAME": fn.conv2d(
@@ -305,8 +315,10 @@ CALLS = {
         {"x": "arrays", "window": "numbers", "stride": "numbers"},
     ),
     "accuracy": (
-        lambda prediction=Y, target=LABELS: fn.accuracy(prediction, target),
-        {"prediction": "arrays", "target": "arrays"},
+        lambda prediction=Y, target=LABELS, ignore_index=None: fn.accuracy(
+            prediction, target, ignore_index=ignore_index
+        ),
+        {"prediction": "arrays", "target": "arrays", "ignore_index": "numbers"},
     ),
     "combinators.apply": (lambda x=X: BRANCHES.apply(BRANCH_PARAMS, x), {"x": "trees"}),
     "FanInConcat": (lambda axis=-1: fn.FanInConcat(axis).init(KEY, ((-1, 3), (-1, 2))), {"axis": "numbers"}),
@@ -336,7 +348,10 @@ CALLS = {
         lambda max_length=4, input_shape=(-1, 4, 6): fn.PositionalEmbedding(max_length).init(KEY, input_shape),
         {"max_length": "numbers", "input_shape": "trees"},
     ),
-    "gelu": (lambda x=X: fn.gelu(x), {"x": "arrays"}),
+    "gelu": (
+        lambda x=X, approximate=False: fn.gelu(x, approximate=approximate),
+        {"x": "arrays", "approximate": "numbers"},
+    ),
     "mixed_precision": (
         lambda layer=NET, compute_dtype=np.dtype("float16"): fn.mixed_precision(layer, compute_dtype).init(
             KEY, (-1, 3)
@@ -365,6 +380,68 @@ CALLS = {
         lambda trainable=fn.split_state(BN_PARAMS)[0]: fn.merge_state(trainable, fn.split_state(BN_PARAMS)[1]),
         {"trainable": "trees"},
     ),
+    "rotary_embedding": (
+        lambda x=ROPE_HEADS, positions=np.arange(4), base=10000.0: fn.rotary_embedding(x, positions, base=base),
+        {"x": "arrays", "positions": "trees", "base": "numbers"},
+    ),
+    "gelu_tanh": (lambda x=X: fn.gelu_tanh(x), {"x": "arrays"}),
+    "rms_norm": (
+        lambda x=X, gamma=np.ones(3), eps=1e-6: fn.rms_norm(x, gamma, eps=eps),
+        {"x": "arrays", "gamma": "arrays", "eps": "numbers"},
+    ),
+    "RMSNorm": (
+        lambda eps=1e-6, input_shape=(-1, 3): fn.RMSNorm(eps).init(KEY, input_shape),
+        {"eps": "numbers", "input_shape": "trees"},
+    ),
+    "sigmoid_binary_cross_entropy": (
+        lambda logits=Y, target=PROBABILITIES: fn.sigmoid_binary_cross_entropy(logits, target),
+        {"logits": "arrays", "target": "arrays"},
+    ),
+    "dot_product_attention(causal, dropout)": (
+        lambda is_causal=True, q_offset=1, dropout_rate=0.1, dropout_key=KEY: fn.dot_product_attention(
+            HEADS,
+            HEADS[:, :, :1],  # one kv head for two query heads: grouped-query
+            HEADS[:, :, :1],
+            is_causal=is_causal,
+            q_offset=q_offset,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+            block_size=2,
+        ),
+        {"is_causal": "numbers", "q_offset": "trees", "dropout_rate": "numbers", "dropout_key": "trees"},
+    ),
+    "MultiHeadAttention(num_kv_heads, rope)": (
+        lambda num_kv_heads=2, rope=10000.0, dropout=0.1, is_causal=True, input_shape=(-1, 4, 8): fn.MultiHeadAttention(
+            4, num_kv_heads=num_kv_heads, rope=rope, dropout=dropout, is_causal=is_causal
+        ).init(KEY, input_shape),
+        {
+            "num_kv_heads": "numbers",
+            "rope": "numbers",
+            "dropout": "numbers",
+            "is_causal": "numbers",
+            "input_shape": "trees",
+        },
+    ),
+    "MultiHeadAttention(num_kv_heads, rope).apply": (
+        lambda params=GQA_PARAMS, x=np.ones((2, 4, 8)), kv_lengths=None, mask=None: GQA.apply(
+            params, x, kv_lengths=kv_lengths, mask=mask
+        ),
+        {"params": "trees", "x": "arrays", "kv_lengths": "arrays", "mask": "arrays"},
+    ),
+    "CrossAttention": (
+        lambda num_heads=2, input_shape=((-1, 4, 6), (-1, 5, 3)): fn.CrossAttention(num_heads).init(KEY, input_shape),
+        {"num_heads": "numbers", "input_shape": "trees"},
+    ),
+    "CrossAttention.apply": (
+        lambda params=CROSS_PARAMS, x=np.ones((2, 4, 6)), context=np.ones((2, 5, 3)): CROSS.apply(params, (x, context)),
+        {"params": "trees", "x": "arrays", "context": "arrays"},
+    ),
+    "clip_by_global_norm": (lambda max_norm=1.0: fn.clip_by_global_norm(max_norm), {"max_norm": "numbers"}),
+    "chain": (
+        lambda transform=fn.clip_by_global_norm(1.0), last=fn.sgd(0.1): fn.chain(transform, last).init(PARAMS),
+        {"transform": "trees", "last": "trees"},
+    ),
+    "chain.update": (lambda grads=PARAMS: CHAIN.update(grads, CHAIN.init(PARAMS), PARAMS), {"grads": "trees"}),
 }
 POOLS = {
     "arrays": BAD_ARRAYS,
@@ -383,6 +460,8 @@ NAMES = {
     "y": ("y", "target"),
     "params": ("params", "W", "B"),
     "x": ("x", "argument 0", "no floating argument"),
+    "transform": ("GradientTransform",),  # chain's arguments are positional: named by their role
+    "last": ("the last argument",),
 }
 CASES = [
     (function, argument, kind)
@@ -433,6 +512,301 @@ def test_malformed_argument_works_or_is_named(case, jit):
     )
 
 
+# The newer arguments, each with the message it must raise, whole (or its fragments, in order,
+# where a part depends on how the call was traced). The arrays are the outer jit's arguments, so
+# there they arrive traced: a check that needs their values cannot fire, and the message must
+# still be the same. (name, call, arrays, error, message or tuple of fragments)
+_Q, _KV, _GQA = np.ones((2, 3, 4, 8)), np.ones((2, 5, 2, 8)), np.ones((2, 5, 3, 8))
+_TORCH_QKV = (np.ones((2, 4, 3, 8)), np.ones((2, 4, 5, 8)), np.ones((2, 4, 5, 8)))  # (batch, heads, T, head_dim)
+_NO_KEY = "needs a dropout_key (e.g. jax.random.key(0)); pass dropout_rate=0.0 for no dropout."
+MESSAGES = [
+    (
+        "rotary_embedding odd head_dim",
+        lambda x, p: fn.rotary_embedding(x, p),
+        (np.ones((2, 3, 1, 5)), np.arange(3)),
+        ValueError,
+        "rotary_embedding: x's head_dim (its last axis) must be even, since rope rotates pairs of features, "
+        "got head_dim 5 (x.shape=(2, 3, 1, 5)).",
+    ),
+    (
+        "rotary_embedding positions shape",
+        lambda x, p: fn.rotary_embedding(x, p),
+        (np.ones((2, 3, 1, 4)), np.arange(4)),
+        ValueError,
+        "rotary_embedding: positions must have shape (T,) = (3,) or (batch, T) = (2, 3) for x.shape=(2, 3, 1, 4), "
+        "got (4,).",
+    ),
+    (
+        "rotary_embedding positions (T, batch)",
+        lambda x, p: fn.rotary_embedding(x, p),
+        (np.ones((2, 3, 1, 4)), np.zeros((3, 2), np.int32)),
+        ValueError,
+        "rotary_embedding: positions must have shape (T,) = (3,) or (batch, T) = (2, 3) for x.shape=(2, 3, 1, 4), "
+        "got (3, 2).",
+    ),
+    (
+        "rotary_embedding integer x",
+        lambda x, p: fn.rotary_embedding(x, p),
+        (np.ones((2, 3, 1, 4), np.int32), np.arange(3)),
+        TypeError,
+        "rotary_embedding: x must have a floating dtype, got int32. Cast it first, e.g. x.astype(jnp.float32).",
+    ),
+    (
+        "gelu approximate=1",
+        lambda x: fn.gelu(x, approximate=1),
+        (X,),
+        TypeError,
+        "gelu: approximate must be a Python bool (fixed when traced: False for the exact erf form, True for the "
+        "tanh form), got int 1.",
+    ),
+    (
+        "gelu_tanh integer x",
+        fn.gelu_tanh,
+        (LABELS,),
+        TypeError,
+        "gelu_tanh: x must have a floating dtype, got int32. Cast it first, e.g. x.astype(jnp.float32).",
+    ),
+    (
+        "rms_norm gamma shape",
+        fn.rms_norm,
+        (X, np.ones(4)),
+        ValueError,
+        "rms_norm: gamma must have shape (features,) = (3,) for x.shape=(12, 3), got (4,).",
+    ),
+    (
+        "rms_norm gamma dtype",
+        fn.rms_norm,
+        (X, np.ones(3, np.float32)),
+        TypeError,
+        "rms_norm: x and gamma must share a dtype, got float64 and float32. Cast one of them, e.g. "
+        "x.astype(gamma.dtype).",
+    ),
+    (
+        "rms_norm eps=0",
+        lambda x, g: fn.rms_norm(x, g, eps=0.0),
+        (X, np.ones(3)),
+        ValueError,
+        "rms_norm: eps must be > 0.0, got 0.0.",
+    ),
+    (
+        "rms_norm eps<0",
+        lambda x, g: fn.rms_norm(x, g, eps=-1e-6),
+        (X, np.ones(3)),
+        ValueError,
+        "rms_norm: eps must be > 0.0, got -1e-06.",
+    ),
+    (
+        "sigmoid_binary_cross_entropy shapes",
+        fn.sigmoid_binary_cross_entropy,
+        (Y, np.ones((12, 3))),
+        ValueError,
+        "sigmoid_binary_cross_entropy: logits and target must have the same shape with a row axis first, got "
+        "logits.shape=(12, 2), target.shape=(12, 3).",
+    ),
+    (
+        "sigmoid_binary_cross_entropy integer target",
+        fn.sigmoid_binary_cross_entropy,
+        (Y, np.ones((12, 2), np.int32)),
+        TypeError,
+        "sigmoid_binary_cross_entropy: target must have a floating dtype (probabilities in [0, 1]), got int32. "
+        "Cast the labels first, e.g. target.astype(logits.dtype).",
+    ),
+    (
+        "softmax_cross_entropy ignore_index=1.5",
+        lambda z, t: fn.softmax_cross_entropy(z, t, ignore_index=1.5),
+        (Y, LABELS),
+        TypeError,
+        "softmax_cross_entropy: ignore_index must be an int or None, got float.",
+    ),
+    (
+        "softmax_cross_entropy ignore_index with one-hot rows",
+        lambda z, t: fn.softmax_cross_entropy(z, t, ignore_index=-1),
+        (Y, np.eye(2)[LABELS]),
+        TypeError,
+        "softmax_cross_entropy: ignore_index applies to integer class labels only, got a float64 target "
+        "(one-hot rows). Pass integer labels, or drop ignore_index.",
+    ),
+    (
+        "accuracy ignore_index=1.5",
+        lambda z, t: fn.accuracy(z, t, ignore_index=1.5),
+        (Y, LABELS),
+        TypeError,
+        "accuracy: ignore_index must be an int or None, got float.",
+    ),
+    (
+        "accuracy ignore_index with one-hot rows",
+        lambda z, t: fn.accuracy(z, t, ignore_index=0),
+        (Y, np.eye(2)[LABELS]),
+        TypeError,
+        "accuracy: ignore_index applies to integer class labels only, got a float64 target (one-hot rows). "
+        "Pass integer labels, or drop ignore_index.",
+    ),
+    (
+        "attention kv heads not dividing",
+        fn.dot_product_attention,
+        (_Q, _GQA, _GQA),
+        ValueError,
+        "dot_product_attention: k and v's kv_heads = 3 (axis 2) must divide q's heads = 4 (grouped-query "
+        "attention: query head n uses kv head n // (heads // kv_heads)), got q.shape=(2, 3, 4, 8), "
+        "k.shape=(2, 5, 3, 8), v.shape=(2, 5, 3, 8).",
+    ),
+    (
+        "attention torch layout",
+        fn.dot_product_attention,
+        _TORCH_QKV,
+        ValueError,
+        "dot_product_attention: k and v's kv_heads = 5 (axis 2) must divide q's heads = 3 (grouped-query "
+        "attention: query head n uses kv head n // (heads // kv_heads)), got q.shape=(2, 4, 3, 8), "
+        "k.shape=(2, 4, 5, 8), v.shape=(2, 4, 5, 8). q/k/v look like (batch, heads, T, head_dim), torch's "
+        "layout; funcnet takes jax.nn's (batch, T, heads, head_dim): transpose with x.transpose(0, 2, 1, 3).",
+    ),
+    (
+        "attention dropout_rate 1.0",
+        lambda q, k, v: fn.dot_product_attention(q, k, v, dropout_rate=1.0, dropout_key=KEY),
+        (_Q, _KV, _KV),
+        ValueError,
+        "dot_product_attention: dropout_rate must be >= 0.0 and < 1.0, got 1.0.",
+    ),
+    (
+        "attention dropout without a key",
+        lambda q, k, v: fn.dot_product_attention(q, k, v, dropout_rate=0.1),
+        (_Q, _KV, _KV),
+        ValueError,
+        f"dot_product_attention: dropout_rate 0.1 {_NO_KEY}",
+    ),
+    (
+        "attention array dropout_rate without a key",  # traced: its value is unknown, so it needs a key
+        lambda q, k, v, r: fn.dot_product_attention(q, k, v, dropout_rate=r),
+        (_Q, _KV, _KV, np.float64(0.1)),
+        ValueError,
+        ("dot_product_attention: dropout_rate ", _NO_KEY),
+    ),
+    (
+        "attention q_offset shape",
+        lambda q, k, v, o: fn.dot_product_attention(q, k, v, is_causal=True, q_offset=o),
+        (_Q, _KV, _KV, np.zeros(3, np.int32)),
+        ValueError,
+        "dot_product_attention: q_offset must be an int or have shape () or (batch,) = (2,), got shape (3,).",
+    ),
+    (
+        "attention float mask",
+        lambda q, k, v, m: fn.dot_product_attention(q, k, v, mask=m),
+        (_Q, _KV, _KV, np.eye(3, 5)),
+        TypeError,
+        (  # eager, a hint follows: which of the two this mask looks like
+            "dot_product_attention: mask must be boolean (True = attend), got float64. An additive float mask "
+            "(0 = attend, -inf = blocked, as torch's float attn_mask) converts with mask == 0; a multiplicative one "
+            "(1 = attend, 0 = blocked) with mask != 0.",
+        ),
+    ),
+    (
+        "clip_by_global_norm(0.0)",
+        lambda: fn.clip_by_global_norm(0.0),
+        (),
+        ValueError,
+        "clip_by_global_norm: max_norm must be > 0.0, got 0.0.",
+    ),
+    (
+        "chain()",
+        lambda: fn.chain(),
+        (),
+        TypeError,
+        "chain: give the gradient transforms and then an Optimizer, got nothing.",
+    ),
+    (
+        "chain(optimizer, optimizer)",
+        lambda: fn.chain(fn.sgd(0.1), fn.sgd(0.1)),
+        (),
+        TypeError,
+        "chain: every argument before the last must be a GradientTransform, e.g. clip_by_global_norm(1.0), got "
+        "Optimizer at position 0.",
+    ),
+    (
+        "chain(transform)",
+        lambda: fn.chain(fn.clip_by_global_norm(1.0)),
+        (),
+        TypeError,
+        "chain: the last argument must be an Optimizer(init, update), e.g. funcnet.adam(1e-3), got GradientTransform.",
+    ),
+    (
+        "chain's update, grads of another structure",
+        lambda *grads: CHAIN.update(grads, CHAIN.init(PARAMS), PARAMS),
+        PARAMS[:1],
+        TypeError,
+        ("chain: grads must have the structure of params, got PyTreeDef(",),
+    ),
+    (
+        "MultiHeadAttention(4, num_kv_heads=3)",
+        lambda: fn.MultiHeadAttention(4, num_kv_heads=3),
+        (),
+        ValueError,
+        "MultiHeadAttention(4): num_kv_heads must divide num_heads (4) so that each key/value head serves a whole "
+        "group of query heads, got 3.",
+    ),
+    (
+        "MultiHeadAttention rope with an odd head_dim",
+        lambda: fn.MultiHeadAttention(2, rope=10000.0).init(KEY, (-1, 4, 6)),
+        (),
+        ValueError,
+        "MultiHeadAttention(2, rope=10000.0): rope rotates pairs of features, so head_dim must be even, got 3 "
+        "(6 features / 2 heads); give an even head_dim.",
+    ),
+    (
+        "CrossAttention input_shape not a pair",
+        lambda: fn.CrossAttention(2).init(KEY, (-1, 4, 6)),
+        (),
+        TypeError,
+        "CrossAttention(2): input_shape must be a pair of shapes (x, context), e.g. from FanOut(2) and parallel, "
+        "got (-1, 4, 6).",
+    ),
+    (
+        "CrossAttention context shape",
+        lambda: fn.CrossAttention(2).init(KEY, ((-1, 4, 6), (-1, 5))),
+        (),
+        ValueError,
+        "CrossAttention(2): input_shape must be 3-D (batch, S, context_features), got (-1, 5).",
+    ),
+    (
+        "CrossAttention.apply x not a pair",
+        lambda x: CROSS.apply(CROSS_PARAMS, x),
+        (np.ones((2, 4, 6)),),
+        TypeError,
+        (
+            "CrossAttention(2): x must be a pair (x, context), queries from x and keys and values from context, "
+            "got ",  # the type of the array or of its tracer
+        ),
+    ),
+    (
+        "CrossAttention.apply batch sizes",
+        lambda x, context: CROSS.apply(CROSS_PARAMS, (x, context)),
+        (np.ones((2, 4, 6)), np.ones((3, 5, 3))),
+        ValueError,
+        "CrossAttention(2): x and context must share the batch size, got x.shape=(2, 4, 6), context.shape=(3, 5, 3).",
+    ),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    ("call", "arrays", "error", "message"), [case[1:] for case in MESSAGES], ids=[case[0] for case in MESSAGES]
+)
+def test_newer_arguments_raise_their_exact_messages(call, arrays, error, message, jit):
+    before = _snapshot(arrays)
+    with pytest.raises(error) as raised:
+        jax.jit(call)(*arrays) if jit else call(*arrays)
+    assert type(raised.value) is error
+    text = raised.value.args[0]  # str(error) would add the note of JAX's traceback filtering
+    if isinstance(message, str):
+        assert text == message
+    else:  # fragments, in order: the text starts with the first
+        assert text.startswith(message[0]), text
+        position = 0
+        for fragment in message:
+            assert fragment in text[position:], f"{fragment!r} not in {text!r}"
+            position = text.index(fragment, position) + len(fragment)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, arrays, before)
+
+
 # functions that trace under an outer jit (fit, save, load and check_vjp run on the host)
 JITTABLE = {
     "weight_multiply",
@@ -462,6 +836,14 @@ JITTABLE = {
     "combinators.apply",
     "batch_norm",
     "train_apply",
+    "rotary_embedding",
+    "gelu_tanh",
+    "rms_norm",
+    "sigmoid_binary_cross_entropy",
+    "dot_product_attention(causal, dropout)",
+    "MultiHeadAttention(num_kv_heads, rope).apply",
+    "CrossAttention.apply",
+    "chain.update",
 }
 
 

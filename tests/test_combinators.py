@@ -78,8 +78,9 @@ def test_shape_agreement(name, key):
     output_shape, params = layer.init(KEY, input_shape)
     concrete = _concrete(input_shape)
     x = tuple(jnp.ones(s) for s in concrete) if isinstance(concrete[0], tuple) else jnp.ones(concrete)
-    y = layer.apply(params, x, key=key)
-    abstract = jax.eval_shape(lambda p, x: layer.apply(p, x, key=key), params, x)
+    run = lambda p, x: layer.apply(p, x) if key is None else fn.train_apply(layer)(p, x, key=key)[0]
+    y = run(params, x)
+    abstract = jax.eval_shape(run, params, x)
     shapes = lambda t: jax.tree_util.tree_map(jnp.shape, t)
     assert shapes(y) == shapes(abstract)
     assert jax.tree_util.tree_leaves(
@@ -125,7 +126,7 @@ def test_an_error_inside_a_branch_names_its_path():
 
 def test_each_branch_draws_its_own_dropout_mask():
     net = fn.serial(fn.FanOut(2), fn.parallel(fn.Dropout(0.5), fn.Dropout(0.5)))
-    left, right = net.apply(net.init(KEY, (-1, 50))[1], jnp.ones((4, 50)), key=KEY)
+    (left, right), _ = fn.train_apply(net)(net.init(KEY, (-1, 50))[1], jnp.ones((4, 50)), key=KEY)
     assert not np.array_equal(left, right)
 
 
@@ -261,6 +262,8 @@ def test_remat_gives_its_layers_outputs_and_gradients_under_jit_and_vmap():
 
     def loss(net):
         def f(params, x, y, key, lengths):
+            if key is None:  # inference
+                return fn.softmax_cross_entropy(net.apply(params, x, kv_lengths=lengths), y), params
             logits, new = fn.train_apply(net)(params, x, key=key, kv_lengths=lengths)
             return fn.softmax_cross_entropy(logits, y), new
 
@@ -401,6 +404,8 @@ def test_the_tied_gradient_is_the_sum_of_the_embeddings_and_the_heads():
 
     def loss(net):
         def f(params, key):
+            if key is None:  # inference
+                return fn.softmax_cross_entropy(net.apply(params, x, kv_lengths=lengths), y)
             logits, _ = fn.train_apply(net)(params, x, key=key, kv_lengths=lengths)
             return fn.softmax_cross_entropy(logits, y)
 

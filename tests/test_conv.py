@@ -140,8 +140,9 @@ def test_conv_layers_shape_agreement(name, input_shape):
     output_shape, params = layer.init(KEY, input_shape)
     x = jnp.ones(tuple(4 if d == -1 else d for d in input_shape))
     for key in (None, KEY):
-        y = layer.apply(params, x, key=key)
-        abstract = jax.eval_shape(lambda p, x, key=key: layer.apply(p, x, key=key), params, x)
+        run = lambda p, x, key=key: layer.apply(p, x) if key is None else fn.train_apply(layer)(p, x, key=key)[0]
+        y = run(params, x)
+        abstract = jax.eval_shape(run, params, x)
         assert y.shape == abstract.shape == tuple(4 if d == -1 else d for d in output_shape)
     assert "Total params" in fn.summary(layer, input_shape)
 

@@ -18,13 +18,18 @@ ACTIVATIONS = {
 }
 
 
+def _run(layer, params, x, key):
+    """Inference without a key, training mode (dropout) with one."""
+    return layer.apply(params, x) if key is None else fn.train_apply(layer)(params, x, key=key)[0]
+
+
 def _check_shape_agreement(layer, input_shape, key=None):
     """init's output_shape == apply(...).shape == jax.eval_shape(apply, ...) (stax's check)."""
     output_shape, params = layer.init(KEY, input_shape)
     concrete = tuple(4 if d == -1 else d for d in input_shape)
     x = jnp.ones(concrete)
-    y = layer.apply(params, x, key=key)
-    abstract = jax.eval_shape(lambda p, x: layer.apply(p, x, key=key), params, x)
+    y = _run(layer, params, x, key)
+    abstract = jax.eval_shape(lambda p, x: _run(layer, p, x, key), params, x)
     expected = tuple(4 if d == -1 else d for d in output_shape)
     assert y.shape == abstract.shape == expected
 
@@ -100,18 +105,32 @@ def test_initializers():
 def test_dropout_keep_rate_mean_and_identity_without_key():
     layer = fn.Dropout(0.3)
     x = jnp.ones((200, 500))
-    y = layer.apply((), x, key=jax.random.PRNGKey(3))
+    y, _ = fn.train_apply(layer)((), x, key=jax.random.PRNGKey(3))
     kept = np.mean(np.asarray(y) != 0)
     np.testing.assert_allclose(kept, 0.7, atol=0.01)
     np.testing.assert_allclose(np.mean(y), 1.0, atol=0.02)  # 1/(1-rate) scaling keeps the mean
     np.testing.assert_array_equal(layer.apply((), x), x)
-    np.testing.assert_array_equal(fn.Dropout(0.0).apply((), x, key=KEY), x)
+    np.testing.assert_array_equal(fn.train_apply(fn.Dropout(0.0))((), x, key=KEY)[0], x)
+
+
+def test_one_train_eval_switch_apply_never_drops_and_refuses_a_key():
+    """apply is inference for every layer; training mode is train_apply, with a key for dropout."""
+    net = fn.serial(fn.Dense(4, fn.tanh), fn.Dropout(0.5), fn.Dense(2, fn.linear))
+    _, params = net.init(KEY, (-1, 3))
+    x = jnp.ones((8, 3))
+    with pytest.raises(TypeError, match=r"apply is inference.*funcnet.train_apply\(net\)\(params, x, key=key\)"):
+        net.apply(params, x, key=KEY)
+    with pytest.raises(TypeError, match="training mode drops units at random and needs a key"):
+        fn.train_apply(net)(params, x)
+    y, same = fn.train_apply(net)(params, x, key=KEY)
+    assert not np.allclose(y, net.apply(params, x))
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params), strict=True))
 
 
 def test_dropout_backward_uses_the_same_mask():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((20, 30)))
     key = jax.random.PRNGKey(4)
-    y, vjp = jax.vjp(lambda x: fn.Dropout(0.5).apply((), x, key=key), x)
+    y, vjp = jax.vjp(lambda x: fn.train_apply(fn.Dropout(0.5))((), x, key=key)[0], x)
     (g,) = vjp(jnp.ones_like(y))
     np.testing.assert_array_equal(np.asarray(g) != 0, np.asarray(y) != 0)
     np.testing.assert_allclose(np.asarray(g)[np.asarray(y) != 0], 2.0)

@@ -75,7 +75,7 @@ def test_a_network_without_state_returns_its_params_unchanged():
     y, same = fn.train_apply(net)(params, x, key=KEY)
     for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params), strict=True):
         assert a is b
-    np.testing.assert_array_equal(y, net.apply(params, x, key=KEY))
+    np.testing.assert_array_equal(y, fn.train_apply(net)(params, x, key=KEY)[0])  # the key decides the masks
     trainable, state = fn.split_state(params)
     _leaves_equal(trainable, params)
     assert jax.tree_util.tree_leaves(state) == []
@@ -213,7 +213,8 @@ def test_a_network_without_state_compiles_the_same_train_step_program():
     optimizer = fn.momentum(0.1)
 
     def step(params, opt_state, x, y, key):  # the step before layer state existed
-        value, grads = jax.value_and_grad(lambda p: fn.mean_squared_error(net.apply(p, x, key=key), y))(params)
+        loss = lambda p: fn.mean_squared_error(fn.train_apply(net)(p, x, key=key)[0], y)
+        value, grads = jax.value_and_grad(loss)(params)
         params, opt_state = optimizer.update(grads, opt_state, params)
         return params, opt_state, value
 

@@ -13,8 +13,8 @@ Contract, stated once:
   boolean, True = attend, broadcastable to ``(batch, heads, T, S)``). ``serial``, ``residual``
   and every combinator pass them on, and ``fit`` carries them with the data (``train_data=(x,
   y, {"kv_lengths": lengths})``). A result for a real position never depends on padding.
-* ``dropout`` drops attention weights, inside the kernel, only in training (when a ``key`` is
-  given, the switch ``Dropout`` uses); inference is deterministic.
+* ``dropout`` drops attention weights, inside the kernel, only in training mode
+  (``funcnet.train_apply``, the switch ``Dropout`` uses, with its key); ``apply`` is inference.
 * ``rope=base`` rotates queries and keys by their positions (``funcnet.rotary_embedding``, its
   pairing convention said there) before the scores; positions are ``0 .. T - 1``.
 """
@@ -31,11 +31,26 @@ from jax import lax
 from funcnet import _checks, initializers, ops
 from funcnet.attention.kernel import DEFAULT_BLOCK_SIZE, dot_product_attention
 from funcnet.embeddings import rotary_embedding
-from funcnet.layers import Layer, LayerSpec, check_input_shape, check_params, default_dtype, init_only, layer_spec
+from funcnet.layers import (
+    Layer,
+    LayerSpec,
+    check_input_shape,
+    check_params,
+    default_dtype,
+    given_inputs,
+    init_only,
+    layer_spec,
+    refuse_training_key,
+    training_key,
+)
 
 __all__ = ["AttentionParams", "AttentionWeights", "CrossAttention", "KVCache", "MultiHeadAttention"]
 
 _INPUTS = frozenset({"kv_lengths", "mask"})
+
+
+def _padding(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {"kv_lengths": inputs.get("kv_lengths"), "mask": inputs.get("mask")}
 
 
 class AttentionParams(NamedTuple):
@@ -160,6 +175,12 @@ class _Attention(LayerSpec):
                 f"context.shape={tuple(context.shape)}."
             )
         features, kv_features = x.shape[-1], context.shape[-1]
+        W_q = np.shape(params.W_q)
+        if len(W_q) != 2 or W_q[0] != features:
+            raise ValueError(
+                f"{self.name}: x has {features} features but params.W_q expects shape (features, heads * head_dim), "
+                f"got x.shape={tuple(x.shape)}, W_q.shape={W_q} (params from another network?)."
+            )
         head_dim = self._head_dim(features)
         expected = {
             "W_q": (features, self.num_heads * head_dim),
@@ -204,11 +225,16 @@ class _Attention(LayerSpec):
         kv_lengths: Any,
         mask: Any,
         is_causal: bool,
+        training: bool,
     ) -> jax.Array:
         q = self.rotate(self.heads(params, x, "_q", self.num_heads), np.arange(x.shape[1], dtype=np.int32))
         k = self.rotate(self.heads(params, context, "_k", self.kv_heads()), np.arange(context.shape[1], dtype=np.int32))
         v = self.heads(params, context, "_v", self.kv_heads())
-        training = key is not None and self.dropout > 0
+        training = training and self.dropout > 0
+        if training:
+            training_key(self.name, key)
+        elif self.dropout > 0:
+            refuse_training_key(self.name, key)
         out = dot_product_attention(
             q,
             k,
@@ -235,7 +261,19 @@ class _MultiHeadAttention(_Attention):
         self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
     ) -> Any:
         self._check(params, x, "x", x)
-        return self.attend(params, x, x, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal)
+        return self.attend(
+            params, x, x, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal, training=False
+        )
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
+    ) -> tuple[Any, Any]:
+        """Training mode: attention dropout on (the key draws it)."""
+        del row_mask
+        given = given_inputs(self.name, self.inputs, inputs)
+        self._check(params, x, "x", x)
+        y = self.attend(params, x, x, key=key, is_causal=self.is_causal, training=True, **_padding(given))
+        return y, params
 
     def init_cache(self, params: Any, batch: int, max_length: int) -> KVCache:
         """Zeros for the keys and values of ``max_length`` positions: ``(batch, max_length, kv_heads, head_dim)``."""
@@ -303,7 +341,21 @@ class _CrossAttention(_Attention):
             )
         x, context = x
         self._check(params, x, "x", context)
-        return self.attend(params, x, context, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=False)
+        return self.attend(
+            params, x, context, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=False, training=False
+        )
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
+    ) -> tuple[Any, Any]:
+        """Training mode: attention dropout on (the key draws it)."""
+        del row_mask
+        given = given_inputs(self.name, self.inputs, inputs)
+        if not (isinstance(x, (tuple, list)) and len(x) == 2):
+            return self.apply(params, x), params  # apply names the mistake
+        x, context = x
+        self._check(params, x, "x", context)
+        return self.attend(params, x, context, key=key, is_causal=False, training=True, **_padding(given)), params
 
 
 def _arguments(

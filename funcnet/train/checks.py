@@ -310,7 +310,7 @@ def _trace_network(
         numbers: tuple[Any, ...], p: Any, xb: jax.Array, yb: jax.Array, ib: dict[str, jax.Array]
     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         apply, loss, metrics = combine(list(numbers), static)
-        prediction = train_mode(apply)(p, xb, **ib)[0] if train else apply(p, xb, **ib)
+        prediction = train_mode(apply)(p, xb, key=jax.random.PRNGKey(0), **ib)[0] if train else apply(p, xb, **ib)
         return loss(prediction, yb), {name: metric(prediction, yb) for name, metric in metrics.items()}, prediction
 
     try:

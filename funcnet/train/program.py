@@ -307,7 +307,7 @@ def train_step(
     batch's rows first), passed to the network's training mode; a name no layer takes is a
     ``TypeError``.
 
-    ``key`` drives dropout; ``None`` trains without it. The network runs in training mode
+    ``key`` drives dropout (a network with dropout needs one). The network runs in training mode
     (``funcnet.train_apply``), so the returned params hold updated layer state (BatchNorm's
     running statistics); ``opt_state`` is ``optimizer.init(funcnet.split_state(params)[0])``,
     which for a network without state is ``optimizer.init(params)``. Wrap it in ``jax.jit``
@@ -321,6 +321,8 @@ def train_step(
     def step(
         params: Params, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None, **inputs: Any
     ) -> tuple[Params, Any, jax.Array]:
+        if not _checks.is_array(x) or np.ndim(x) < 1:
+            raise TypeError(f"train_step: x must be an array with rows first, got {type(x).__name__} {x!r:.60}.")
         inputs = check_inputs("train_step", "inputs", net, inputs, np.shape(x)[0])
         features = with_inputs(x, inputs)
         if shard is not None and mesh is not None:
