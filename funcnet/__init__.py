@@ -84,7 +84,17 @@ from funcnet.optimizers import (
 from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
 from funcnet.state import merge_state, split_state
-from funcnet.train import FitCheckpoint, FitResult, History, fit, read_checkpoint, train_step
+from funcnet.train import (
+    FitCheckpoint,
+    FitResult,
+    History,
+    JsonLinesLogger,
+    RandomWindows,
+    fit,
+    random_windows,
+    read_checkpoint,
+    train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -120,6 +130,7 @@ __all__ = [
     "GRUParams",
     "GradientTransform",
     "History",
+    "JsonLinesLogger",
     "KVCache",
     "LSTMParams",
     "Layer",
@@ -136,6 +147,7 @@ __all__ = [
     "RMSNorm",
     "RMSNormParams",
     "RNNParams",
+    "RandomWindows",
     "TimeDistributed",
     "WeightParams",
     "accumulate",
@@ -185,6 +197,7 @@ __all__ = [
     "parallel",
     "param_count",
     "prefill",
+    "random_windows",
     "read_checkpoint",
     "relu",
     "remat",

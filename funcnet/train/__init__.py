@@ -10,11 +10,24 @@ A package by concept, each module with its contract:
 * ``progress.py``     the progress bar
 * ``distributed.py``  data parallelism across devices and processes: shards, placement, agreement
 * ``stream.py``       data larger than memory: host data fed a segment at a time, same result
+* ``steps.py``        training by steps: ``random_windows``, the applied learning rate, ``JsonLinesLogger``
 """
 
 from funcnet.train.checkpointing import FitCheckpoint, read_checkpoint
 from funcnet.train.fitting import fit
 from funcnet.train.program import FitResult, History, train_step
 from funcnet.train.shuffle import epoch_order
+from funcnet.train.steps import JsonLinesLogger, RandomWindows, random_windows
 
-__all__ = ["FitCheckpoint", "FitResult", "History", "epoch_order", "fit", "read_checkpoint", "train_step"]
+__all__ = [
+    "FitCheckpoint",
+    "FitResult",
+    "History",
+    "JsonLinesLogger",
+    "RandomWindows",
+    "epoch_order",
+    "fit",
+    "random_windows",
+    "read_checkpoint",
+    "train_step",
+]

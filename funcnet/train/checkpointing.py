@@ -243,7 +243,7 @@ def _write(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None
 # written before this rule hold them in their fingerprint; they are ignored there too.
 NOT_IDENTITY = ("epochs", "eval_batch_size")
 # The TrainState entries whose length is the number of epochs or evaluations.
-_HISTORY = re.compile(r"\.(train_loss|eval_loss|eval_metrics\[.*\])")
+_HISTORY = re.compile(r"\.(train_loss|eval_loss|eval_metrics\[.*\]|grad_norm|learning_rate)")
 
 
 def _public(text: str) -> str:

@@ -41,6 +41,7 @@ from funcnet.train.program import (
     with_inputs,
 )
 from funcnet.train.progress import bar
+from funcnet.train.steps import RandomWindows
 
 __all__ = ["fit"]
 
@@ -55,10 +56,11 @@ def fit(
     loss: Loss,
     optimizer: Optimizer,
     params: Params,
-    train_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]],
+    train_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]] | RandomWindows,
     eval_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]] | None = None,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     batch_size: int = 32,
     eval_every: int = 10,
     patience: int | None = 0,
@@ -85,6 +87,9 @@ def fit(
     eval_ema: bool = False,
     stream: bool | None = None,
     stream_threshold: int | None = None,
+    restore_best: bool = True,
+    log_every: int | None = None,
+    on_log: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -110,7 +115,38 @@ def fit(
         the checkpoint's fingerprint) and each batch's slice reaches the network, in training
         (``train_apply(net)(params, x, key=..., row_mask=..., **inputs)``) and in evaluation
         (``net.apply(params, x, **inputs)``). A name no layer takes is a ``TypeError``.
+        Or, with ``steps``, ``train_data=funcnet.random_windows(tokens, length)``: each step
+        trains on ``batch_size`` random windows of a 1-D token array, drawn inside the program
+        from ``(key, step)`` (``help(funcnet.random_windows)``; one device, no ``stream``/``mesh``
+        yet).
       epochs: train until this many epochs are done (counting from 0, also when resuming).
+      steps: instead of ``epochs`` (pass exactly one): train this many optimizer updates. Without
+        ``accumulate`` an update is one batch; with ``accumulate(optimizer, k)`` it is ``k``
+        batches (micro-batches), so ``steps=N`` trains ``N * k`` batches and applies ``N``
+        updates (a schedule of the wrapped optimizer counts the same ``N``: a warmup-cosine of
+        length ``steps``). Batches are the epoch sequence's: micro-batch ``g`` (from 0) is batch
+        ``g % B`` of epoch ``g // B`` (``B`` batches per epoch, each epoch in the order
+        ``epoch_order`` gives for ``(key, epoch)``, the same dropout keys), so ``steps=E * B``
+        trains exactly what ``epochs=E`` does, and a run may end inside an epoch. With
+        ``train_data=random_windows(tokens, length)`` each batch is drawn from ``(key, g)`` instead.
+        Under ``steps`` every count is in updates: ``eval_every``, ``checkpoint_every``,
+        ``start_epoch`` (the update to start from), ``result.best_epoch`` and
+        ``result.stopped_epoch``, and ``history.train_loss`` holds one entry per update (the mean
+        loss of its micro-batches). Not yet with streamed data (``stream``).
+      restore_best: with ``eval_data``, ``True`` (the default) returns the best evaluation's params
+        (and optimizer state); ``False`` returns the last params instead (``best_epoch`` and
+        ``best_eval`` still name the best evaluation, and early stopping still applies: pass
+        ``patience=None`` to train every epoch or step).
+      log_every, on_log: with ``steps``, every ``log_every`` updates record the mean training loss
+        over those updates, the learning rate the last of them applied (NaN for an optimizer that
+        does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the mean global
+        gradient norm, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
+        ``on_log(step, values)`` (``values`` a dict ``{"loss", "learning_rate", "grad_norm"}`` of
+        floats, e.g. ``funcnet.JsonLinesLogger(path)``) is called on the host with each entry, in
+        order, from inside the compiled program (``jax.experimental.io_callback``, ordered: no
+        host sync between entries). A hook that raises stops the run with its error; checkpoints
+        already written stay. ``on_log`` is part of the compiled program's identity (a new hook
+        object compiles anew) and does not run under ``vmap``.
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
       eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
         when the monitored value beats the best by more than ``min_delta``; a non-finite loss
@@ -201,7 +237,30 @@ def fit(
     if jax.process_count() > 1:  # before anything else, so that no process waits in a collective alone
         distributed.agree("fit", _described(locals()))
     checks.check_parts("fit", net, loss, optimizer)
-    epochs = _checks.positive_int("fit", "epochs", epochs)
+    if (epochs is None) == (steps is None):
+        raise ValueError(
+            "fit: pass either epochs (passes over the rows) or steps (optimizer updates), "
+            f"not {'both' if steps is not None else 'neither'}."
+        )
+    by_steps = steps is not None
+    epochs = _checks.positive_int("fit", "steps" if by_steps else "epochs", steps if by_steps else epochs)
+    unit = "steps" if by_steps else "epochs"
+    windowed = isinstance(train_data, RandomWindows)
+    windows: Any = train_data
+    if windowed and not by_steps:
+        raise ValueError("fit: random_windows draws batches without end: give the run's length as steps=N, not epochs.")
+    checks.check_flags(restore_best=restore_best)
+    if log_every is not None:
+        log_every = _checks.positive_int("fit", "log_every", log_every)
+        if not by_steps:
+            raise ValueError("fit: log_every counts optimizer updates: pass steps=N (epochs log per epoch).")
+        if log_every > epochs:
+            raise ValueError(f"fit: log_every ({log_every}) must be <= steps ({epochs}), or no entry is ever logged.")
+    if on_log is not None:
+        if not callable(on_log):
+            raise TypeError(f"fit: on_log must be a callable on_log(step, values), got {type(on_log).__name__}.")
+        if log_every is None:
+            raise ValueError("fit: on_log is called every log_every updates: pass log_every=k too.")
     batch_size = _checks.positive_int("fit", "batch_size", batch_size)
     eval_every = _checks.positive_int("fit", "eval_every", eval_every)
     if patience is not None:
@@ -210,7 +269,7 @@ def fit(
     eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
     checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
     if start_epoch >= epochs:
-        raise ValueError(f"fit: start_epoch must be < epochs ({epochs}), got {start_epoch}.")
+        raise ValueError(f"fit: start_epoch must be < {unit} ({epochs}), got {start_epoch}.")
     _checks.real_number("fit", "min_delta", min_delta, low=0.0)
     if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
         raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
@@ -226,15 +285,35 @@ def fit(
     checks.check_key(key)
     checks.check_params(params)
     metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
-    check_data = streaming.check_host_data if streamed else checks.check_data
-    x, y, train_digest, inputs = check_data("train_data", train_data)
-    inputs = checks.check_inputs("fit", "train_data inputs", net, inputs)
-    rows = x.shape[0]
-    if batch_size > rows:
-        raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
-    value = checks.check_fits_network("train_data", net, loss, {}, params, x, y, batch_size, train=True, inputs=inputs)
-    if rows % batch_size == 1 and not drop_last and has_state(params):
+    window = 0
+    if windowed:
+        if stream or mesh is not None or (shards or 1) > 1:
+            raise ValueError(
+                "fit: random_windows trains from device data on one device: stream, mesh and shards are not "
+                "supported with it yet."
+            )
+        tokens = _on_device(windows.tokens)
+        window, streamed = windows.length, False
+        x, y, train_digest, inputs = checks.check_data("train_data", (tokens, tokens))
+        rows = x.shape[0]
+        example = np.broadcast_to(np.arange(window), (batch_size, window))
+        value = checks.check_fits_network(
+            "train_data", net, loss, {}, params, x[example], y[example + 1], batch_size, train=True, inputs={}
+        )
+    else:
+        streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
+        if streamed and by_steps:
+            raise ValueError("fit: steps= with streamed data is not supported yet: pass stream=False, or epochs.")
+        check_data = streaming.check_host_data if streamed else checks.check_data
+        x, y, train_digest, inputs = check_data("train_data", train_data)
+        inputs = checks.check_inputs("fit", "train_data inputs", net, inputs)
+        rows = x.shape[0]
+        if batch_size > rows:
+            raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
+        value = checks.check_fits_network(
+            "train_data", net, loss, {}, params, x, y, batch_size, train=True, inputs=inputs
+        )
+    if not windowed and rows % batch_size == 1 and not drop_last and has_state(params):
         try:  # the last batch's one real row: enough values for batch statistics only in images or sequences
             checks.check_fits_network("train_data", net, loss, {}, params, x, y, 1, train=True, inputs=inputs)
         except ValueError as error:
@@ -244,7 +323,9 @@ def fit(
             ) from error
     eval_inputs: dict[str, Any] = {}
     if eval_data is not None:
-        eval_x, eval_y, eval_digest, eval_inputs = check_data("eval_data", eval_data)
+        eval_x, eval_y, eval_digest, eval_inputs = (streaming.check_host_data if streamed else checks.check_data)(
+            "eval_data", eval_data
+        )
         eval_inputs = checks.check_inputs("fit", "eval_data inputs", net, eval_inputs)
         checks.check_fits_network(
             "eval_data",
@@ -259,9 +340,9 @@ def fit(
         )
         if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
             raise ValueError(
-                f"fit: eval_every ({eval_every}) leaves no evaluation in epochs {start_epoch + 1}..{epochs}: "
-                f"with eval_data, fit evaluates every eval_every epochs (default 10) and keeps the best "
-                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more epochs, or no "
+                f"fit: eval_every ({eval_every}) leaves no evaluation in {unit} {start_epoch + 1}..{epochs}: "
+                f"with eval_data, fit evaluates every eval_every {unit} (default 10) and keeps the best "
+                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more {unit}, or no "
                 "eval_data."
             )
     else:
@@ -335,11 +416,11 @@ def fit(
         directory = checkpointing.prepare(checkpoint_dir)
 
     local, local_batch = rows // shards, batch_size // shards
-    masked = local % local_batch != 0 and not drop_last
+    masked = local % local_batch != 0 and not drop_last and not windowed
     config = Config(
         rows=rows,
         batch_size=batch_size,
-        batches=math.ceil(local / local_batch) if masked else local // local_batch,
+        batches=1 if windowed else math.ceil(local / local_batch) if masked else local // local_batch,
         epochs=epochs,
         eval_every=eval_every,
         patience=epochs if patience is None else patience,  # None: more bad evaluations than can happen
@@ -359,6 +440,12 @@ def fit(
     )
     if ema_decay is not None:
         config = config._replace(eval_ema=bool(eval_ema))
+    if by_steps:
+        config = config._replace(
+            steps_mode=True, window=window, log_every=log_every or 0, on_log=on_log, restore_best=bool(restore_best)
+        )
+    elif not restore_best:
+        config = config._replace(restore_best=False)
     hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
     if mesh is not None:  # every process places its own copy
         params, opt_state = distributed.put_replicated((params, opt_state), mesh)
@@ -383,8 +470,17 @@ def fit(
         )
     show = config.progress and distributed.is_writer()  # one bar, from process 0
     if directory is None:
-        with bar(show, epochs, start_epoch):
-            state = run(state, epochs)
+        with bar(show, epochs, start_epoch, unit[:-1]):
+            try:
+                state = run(state, epochs)
+            except Exception as error:  # JAX's own words do not name the option at fault
+                if on_log is not None and "not supported in vmap" in str(error):
+                    raise ValueError(
+                        "fit: on_log calls the host in order, which cannot run under vmap; log without "
+                        "on_log (history.step_loss, learning_rate, grad_norm hold every entry) or fit "
+                        "each member on its own."
+                    ) from error
+                raise
             if config.progress:
                 jax.block_until_ready(state)
                 jax.effects_barrier()
@@ -409,6 +505,7 @@ def fit(
         shuffle=bool(shuffle),
         drop_last=bool(drop_last),
         **({} if shards == 1 else {"shards": shards}),  # checkpoints of one-shard runs keep their fingerprint
+        **({"by_steps": True, "window": window, "log_every": log_every} if by_steps else {}),
         monitor=monitor,
         mode=mode,
         loss_scale=loss_scale,
@@ -425,8 +522,8 @@ def fit(
         if mesh is not None:  # host values: every process places its copy (NaN history entries included)
             state = distributed.put_replicated(state, mesh)
         if show:
-            print(f"fit: resumed from epoch {resumed} of the checkpoint in {str(directory)!r}", flush=True)
-    with bar(show, epochs, int(state.epoch)):
+            print(f"fit: resumed from {unit[:-1]} {resumed} of the checkpoint in {str(directory)!r}", flush=True)
+    with bar(show, epochs, int(state.epoch), unit[:-1]):
         while not bool(state.stopped) and int(state.epoch) < epochs:
             state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
             checkpointing.store(directory, state, int(state.epoch), run_id)
@@ -444,6 +541,8 @@ def _described(arguments: dict[str, Any]) -> dict[str, str]:
             described[name] = checkpointing.describe(value)
         elif name == "mesh":
             described[name] = "None" if value is None else f"{dict(value.shape)}"
+        elif name == "on_log":  # each process has its own hook object (only process 0's writes matter)
+            described[name] = "None" if value is None else "given"
         elif name == "checkpoint_dir":  # hosts may mount a shared directory at different paths
             described[name] = "None" if value is None else "given"
         elif name in ("train_data", "eval_data") or (
@@ -459,7 +558,7 @@ def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | 
     """The ``FitResult`` of a state (the jitted ``result``, typed); ``resumed``: the epoch a
     checkpoint resumed from."""
     finished: FitResult = result(state, start_epoch, config=config)
-    kept = state.best_opt_state if config.eval_rows > 0 else state.opt_state
+    kept = state.best_opt_state if config.eval_rows > 0 and config.restore_best else state.opt_state
     if isinstance(kept, optimizers.EmaState):  # the average goes with the optimizer state, for a resume by hand
         finished = finished._replace(opt_state=kept._replace(inner=finished.opt_state))
     if resumed is not None:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import io_callback
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcnet import _checks
@@ -61,6 +62,7 @@ from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.state import merge_state, split_state
 from funcnet.train import distributed, progress
 from funcnet.train.checks import check_inputs, check_parts
+from funcnet.train.steps import applied_rate, calls_per_update, window_dropout_key, window_starts, windows
 
 __all__ = [
     "Config",
@@ -100,12 +102,23 @@ class History(NamedTuple):
       eval_epoch: ``(evaluations,)``, the epochs trained when each evaluation was taken
         (``eval_every``, ``2 * eval_every``, ...).
       eval_metrics: ``{name: (evaluations,)}``, each metric at each evaluation.
+      step: with ``fit(..., log_every=k)``: ``(steps // k,)``, the updates done at each log entry
+        (``k``, ``2 * k``, ...); ``None`` without ``log_every``.
+      step_loss: ``(steps // k,)``, the mean training loss over the ``k`` updates of each entry.
+      learning_rate: ``(steps // k,)``, the learning rate the entry's last update applied (NaN for
+        an optimizer that does not expose it: ``chain``, ``multi_optimizer``, a user's own).
+      grad_norm: ``(steps // k,)``, the mean over the entry's updates of the global gradient norm
+        (under ``accumulate``, of each micro-batch's gradient, averaged).
     """
 
     train_loss: jax.Array
     eval_loss: jax.Array
     eval_epoch: jax.Array
     eval_metrics: dict[str, jax.Array]
+    step: jax.Array | None = None
+    step_loss: jax.Array | None = None
+    learning_rate: jax.Array | None = None
+    grad_norm: jax.Array | None = None
 
 
 class FitResult(NamedTuple):
@@ -187,6 +200,13 @@ class Config(NamedTuple):
     loss_scale: DynamicLossScale | None = None  # float16 training's dynamic loss scaling
     eval_ema: bool = False  # evaluate (and early-stop on) the params' moving average
     shards: int = 1  # equal parts of the rows, each shuffled on its own (``distributed.py``)
+    # ``fit(..., steps=N)``: ``epochs`` (and the state's ``epoch``, ``eval_every``, the history)
+    # count optimizer updates; each update trains ``calls_per_update`` batches of the epoch sequence
+    steps_mode: bool = False
+    window: int = 0  # ``random_windows``: the window length (the data is the token array); 0: rows
+    restore_best: bool = True  # with eval data, return the best evaluation's params (else the last)
+    log_every: int = 0  # record loss, learning rate and gradient norm per update, log every k
+    on_log: Any = None  # the host hook ``on_log(step, values)``, every ``log_every`` updates
 
     @property
     def evaluations(self) -> int:
@@ -211,6 +231,8 @@ class TrainState(NamedTuple):
     eval_loss: jax.Array  # (evaluations,)
     eval_metrics: dict[str, jax.Array]
     loss_scale: LossScaleState | None = None  # with ``Config.loss_scale``
+    grad_norm: jax.Array | None = None  # (updates,) with ``log_every``: each update's gradient norm
+    learning_rate: jax.Array | None = None  # (updates,) with ``log_every``: each update's applied rate
 
 
 class WithInputs(NamedTuple):
@@ -387,6 +409,8 @@ def _fresh_state(
         eval_loss=_nan((c.evaluations,), dtype),
         eval_metrics={name: _nan((c.evaluations,), dtype) for name in c.metrics},
         loss_scale=None if c.loss_scale is None else c.loss_scale.init(),
+        grad_norm=_nan((c.epochs,), dtype) if c.log_every else None,
+        learning_rate=_nan((c.epochs,), dtype) if c.log_every else None,
     )
     replicated: TrainState = distributed.replicate(state, c.mesh)
     return replicated
@@ -539,12 +563,13 @@ def train_steps(
     hyper: list[Any],
     carry: tuple[Params, Any, Any],
     batches: tuple[Any, jax.Array],
-    dropout_key: jax.Array,
+    dropout_key: jax.Array | None,
     fetch: Callable[[Any], tuple[Any, jax.Array]],
     *,
     static: Static,
     config: Config,
-) -> tuple[tuple[Params, Any, Any], jax.Array]:
+    norms: bool = False,
+) -> tuple[tuple[Params, Any, Any], Any]:
     """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``: its
     ``(x, y)``, ``x`` carrying the batch's inputs beyond it (``WithInputs``) if the fit has any.
 
@@ -552,6 +577,10 @@ def train_steps(
     batch's loss times its real rows. The device-resident fit fetches rows of the device data
     by index (each shard's local batch, where it lives); the streamed fit (``stream.py``) passes
     the rows themselves. One step function, so both compute the same thing.
+
+    ``dropout_key=None``: each batch brings its own, ``data[i] = (fetched, key)`` (training by
+    steps, whose batches may come from several epochs). ``norms``: each batch's output is
+    ``(loss times rows, global gradient norm)``.
     """
     c = config
     apply, loss, optimizer, _ = combine(hyper, static)
@@ -571,15 +600,19 @@ def train_steps(
     shard = batch_sharding("fit", c.mesh, c.data_axis) or (lambda a: a)
     local, local_batch = c.rows // c.shards, c.batch_size // c.shards
 
-    def step(carry: tuple[Params, Any, Any], batch: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+    def step(carry: tuple[Params, Any, Any], batch: tuple[Any, jax.Array]) -> tuple[Any, Any]:
         params, opt_state, scaling = carry
         data, b = batch
+        if dropout_key is None:
+            data, batch_key = data
+        else:
+            batch_key = dropout_key
         xb, yb = fetch(data)
-        real = b * local_batch + jnp.arange(local_batch) < local  # each shard's padded rows are its last
+        real = b * local_batch + jnp.arange(local_batch, dtype=b.dtype) < local  # each shard's padded rows are its last
         mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
         # The optimizer updates the trainable part, training mode the layer state.
         trainable, state = split_state(params)
-        args = (trainable, state, rows_map(shard, xb), shard(yb), mask, jax.random.fold_in(dropout_key, b))
+        args = (trainable, state, rows_map(shard, xb), shard(yb), mask, jax.random.fold_in(batch_key, b))
         if c.loss_scale is None:
             (value, new), grads = value_and_grad(*args)
             trainable, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -594,12 +627,19 @@ def train_steps(
             value = jnp.where(c.loss_scale.exhausted(scaling, finite), jnp.nan, value).astype(value.dtype)
             scaling = c.loss_scale.adjust(scaling, finite)
         params = merge_state(trainable, state)
-        return (params, opt_state, scaling), value.astype(dtype) * (
-            jnp.sum(mask).astype(dtype) if c.masked else c.batch_size
-        )
+        total = value.astype(dtype) * (jnp.sum(mask).astype(dtype) if c.masked else c.batch_size)
+        if norms:
+            return (params, opt_state, scaling), (total, _global_norm(grads).astype(dtype))
+        return (params, opt_state, scaling), total
 
     after, sums = lax.scan(step, carry, batches)
     return after, sums
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    """The global 2-norm of a gradient tree, in float32 (complex leaves by their magnitude)."""
+    leaves = [jnp.abs(leaf).astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)]
+    return jnp.sqrt(sum((jnp.sum(leaf * leaf) for leaf in leaves), jnp.zeros((), jnp.float32)))
 
 
 def end_epoch(
@@ -610,17 +650,21 @@ def end_epoch(
     min_delta: Any,
     *,
     config: Config,
+    rows: Any = None,
+    logged: tuple[jax.Array, jax.Array] | None = None,
 ) -> TrainState:
     """The state after epoch ``s.epoch``, whose steps gave ``carry`` (``train_steps``) and
     ``sums``: its training loss, the evaluation (``evaluate(is_eval, params)``, NaN when not
-    scheduled), early stopping and the progress tick."""
+    scheduled), early stopping and the progress tick. Training by steps (``Config.steps_mode``),
+    the "epoch" is one update: ``rows`` the real rows its ``sums`` cover, ``logged`` its gradient
+    norm and applied learning rate (with ``log_every``), recorded and handed to ``on_log``."""
     c = config
     params, opt_state, scaling = carry
     dtype = jnp.dtype(c.dtype)
     used_rows = c.rows if c.masked else c.batches * c.batch_size  # unmasked: full batches only (all rows, or drop_last)
     has_eval = c.eval_rows > 0
     e = s.epoch
-    train_loss = jnp.sum(sums) / used_rows
+    train_loss = jnp.sum(sums) / (used_rows if rows is None else rows)
     finite = jnp.isfinite(train_loss)
     history = s.train_loss.at[e].set(train_loss)
     is_eval = (e + 1) % c.eval_every == 0
@@ -671,10 +715,43 @@ def end_epoch(
             eval_loss=record(s.eval_loss, values["loss"]),
             eval_metrics={name: record(s.eval_metrics[name], values[name]) for name in c.metrics},
             loss_scale=scaling,
+            grad_norm=s.grad_norm,
+            learning_rate=s.learning_rate,
         )
+    if logged is not None and new.grad_norm is not None and new.learning_rate is not None:
+        norm, rate = logged
+        new = new._replace(
+            grad_norm=new.grad_norm.at[e].set(norm.astype(dtype)),
+            learning_rate=new.learning_rate.at[e].set(rate.astype(dtype)),
+        )
+        if c.on_log is not None:
+            _log(new, e, c)
     if c.progress:
         jax.debug.callback(progress.tick, e, train_loss, values)
     return new
+
+
+def _log(s: TrainState, e: jax.Array, c: Config) -> None:
+    """Hand ``on_log`` the entry that update ``e`` completes, if it completes one: one ordered
+    host callback every ``log_every`` updates, none in between."""
+    k = c.log_every
+    assert s.grad_norm is not None and s.learning_rate is not None
+    start = jnp.maximum(e + 1 - k, 0)
+    window = lambda h: lax.dynamic_slice(h, (start,), (k,))
+    values = {
+        "loss": jnp.mean(window(s.train_loss)),
+        "learning_rate": s.learning_rate[e],
+        "grad_norm": jnp.mean(window(s.grad_norm)),
+    }
+    hook = c.on_log
+
+    def call(step: Any, values: dict[str, Any]) -> None:
+        hook(int(step), {name: float(v) for name, v in values.items()})
+
+    def emit(args: tuple[jax.Array, dict[str, jax.Array]]) -> None:
+        io_callback(call, None, *args, ordered=True)
+
+    lax.cond((e + 1) % k == 0, emit, lambda args: None, (e + 1, values))
 
 
 def no_evaluation(config: Config) -> dict[str, jax.Array]:
@@ -722,10 +799,140 @@ def _segment(
         )
         return end_epoch(s, carry, sums, evaluate, min_delta, config=c)
 
-    done: TrainState = distributed.replicate(
-        lax.while_loop(lambda s: (s.epoch < stop) & ~s.stopped, train_epoch, state), c.mesh
-    )
+    going = lambda s: (s.epoch < stop) & ~s.stopped
+    if c.steps_mode:  # the loop also carries the current epoch's batches, made once per epoch
+        update, batches_of = _update_program(hyper, (x, y), key, evaluate, min_delta, stop, static=static, config=c)
+        trained, _ = lax.while_loop(lambda sc: going(sc[0]), update, (state, batches_of(state)))
+    else:
+        trained = lax.while_loop(going, train_epoch, state)
+    done: TrainState = distributed.replicate(trained, c.mesh)
     return done
+
+
+def _update_program(
+    hyper: list[Any],
+    x: Any,
+    key: jax.Array,
+    evaluate: Callable[[jax.Array, Params], dict[str, jax.Array]],
+    min_delta: Any,
+    stop: Any,
+    *,
+    static: Static,
+    config: Config,
+) -> tuple[Callable[[tuple[TrainState, Any]], tuple[TrainState, Any]], Callable[[TrainState], Any]]:
+    """Training by steps: ``(update, batches_of)``, ``update`` advancing ``(state, batches)`` by one
+    optimizer update (the state's ``epoch`` counts updates), of ``calls_per_update``
+    micro-batches; ``batches`` is ``(e, epoch_batches(key, e))`` of the epoch last drawn from (made
+    anew only when a micro-batch starts another epoch), ``batches_of(state)`` its first value.
+    Micro-batch ``g`` (counted from the run's start) is batch ``g % batches`` of epoch ``g // batches`` of the epoch
+    sequence (``epoch_batches``), or with ``random_windows`` the windows ``window_starts`` draws
+    for ``(key, g)``: the state's step alone decides it, so resumed runs equal uninterrupted ones."""
+    c = config
+    _, _, optimizer, _ = combine(hyper, static)
+    k = calls_per_update(optimizer)
+    dtype = jnp.dtype(c.dtype)
+    local, local_batch = c.rows // c.shards, c.batch_size // c.shards
+    gather = lambda t, index: rows_map(lambda a: distributed.local_rows(a, index, c.mesh, c.data_axis), t)
+
+    def batches_of(s: TrainState) -> Any:
+        if c.window:
+            return ()
+        e = s.epoch * jnp.asarray(k, jnp.int32) // c.batches
+        return (e, *epoch_batches(key, e, c))
+
+    def draw(g: jax.Array, cache: Any) -> tuple[Any, Any, jax.Array, jax.Array]:
+        """Micro-batch ``g``: ``(cache, (what fetch takes, its dropout key), its number in the epoch, real rows)``."""
+        if c.window:
+            starts = window_starts(key, g, c.batch_size, c.rows, c.window)
+            b = jnp.zeros((), jnp.int32)
+            return cache, (starts, window_dropout_key(key, g)), b, jnp.asarray(c.batch_size, dtype)
+        e, b = g // c.batches, g % c.batches
+        cache = lax.cond(e == cache[0], lambda: cache, lambda: (e, *epoch_batches(key, e, c)))
+        _, batches, dropout_key = cache
+        real = jnp.minimum(local_batch, local - b * local_batch) * c.shards if c.masked else c.batch_size
+        return cache, (batches[b], dropout_key), b, jnp.asarray(real, dtype)
+
+    if c.window:
+        fetch: Callable[[Any], tuple[Any, jax.Array]] = lambda starts: windows(x[0], starts, c.window)
+    else:
+        fetch = lambda index: (gather(x[0], index), gather(x[1], index))
+
+    def one_update(i: jax.Array, carry: Any, cache: Any) -> tuple[Any, ...]:
+        """Update ``i``: ``(carry, loss times rows, real rows, mean gradient norm, cache)``."""
+        first = i * jnp.asarray(k, jnp.int32)
+
+        def micro(j: jax.Array, acc: tuple[Any, ...]) -> tuple[Any, ...]:
+            carry, total, rows, norm, cache = acc
+            cache, data, b, real = draw(first + j, cache)
+            one = jax.tree_util.tree_map(lambda a: a[None], (data, b))
+            carry, out = train_steps(hyper, carry, one, None, fetch, static=static, config=c, norms=bool(c.log_every))
+            value, size = (out[0][0], out[1][0]) if c.log_every else (out[0], jnp.zeros((), dtype))
+            return carry, total + value, rows + real, norm + size, cache
+
+        zero = jnp.zeros((), dtype)
+        carry, total, rows, norm, cache = lax.fori_loop(0, k, micro, (carry, zero, zero, zero, cache))
+        return carry, total, rows, norm / jnp.asarray(k, dtype), cache
+
+    def update(sc: tuple[TrainState, Any]) -> tuple[TrainState, Any]:
+        """A block of updates from ``s.epoch`` up to the next evaluation, log entry or ``stop``,
+        or through the first non-finite loss; the bookkeeping of ``end_epoch`` for its last
+        update (the others neither evaluate nor log, and their losses were finite, so it is the
+        same as running ``end_epoch`` after each)."""
+        s, cache = sc
+        i0 = s.epoch
+        end = jnp.asarray(stop, jnp.int32)
+        for every in (c.eval_every if c.eval_rows > 0 else 0, c.log_every):
+            if every:
+                end = jnp.minimum(end, (i0 // every + 1) * every)
+        if c.progress:  # a tick per update
+            end = jnp.minimum(end, i0 + 1)
+        keep_last = c.eval_rows == 0  # without eval data a diverged update's params are dropped
+        nan = _nan((), dtype)
+        histories = (s.train_loss, s.grad_norm, s.learning_rate)
+
+        def body(loop: tuple[Any, ...]) -> tuple[Any, ...]:
+            i, carry, _, _, _, _, cache, (losses, norms, rates) = loop
+            carry, total, rows, norm, cache = one_update(i, carry, cache)
+            loss = total / rows
+            losses = losses.at[i].set(loss.astype(losses.dtype))
+            rate = applied_rate(optimizer, carry[1]) if c.log_every else jnp.full((), jnp.nan, jnp.float32)
+            if c.log_every:
+                norms, rates = norms.at[i].set(norm.astype(dtype)), rates.at[i].set(rate.astype(dtype))
+            return i + 1, carry, total, rows, norm, rate, cache, (losses, norms, rates)
+
+        def going(loop: tuple[Any, ...]) -> jax.Array:
+            i, total, rows = loop[0], loop[2], loop[3]
+            more: jax.Array = (i < end) & ((i == i0) | jnp.isfinite(total / rows))
+            return more
+
+        first = (s.params, s.opt_state, s.loss_scale)
+        start = (i0, first, nan, nan, nan, jnp.full((), jnp.nan, jnp.float32), cache, histories)
+        looped: tuple[Any, ...] = lax.while_loop(going, body, start)
+        i, carry, total, rows, norm, rate, last_cache, (losses, norms, rates) = looped
+        last = i - 1
+        s = s._replace(epoch=last, train_loss=losses, grad_norm=norms, learning_rate=rates)
+        if keep_last:  # the state before the block's last update, as end_epoch expects it
+            # Only a diverged update needs it (its params are dropped): recomputed then, from the
+            # block's start (the same updates, the same numbers), instead of kept at every update.
+            target = jnp.where(jnp.isfinite(total / rows), i0, last)
+
+            def again(r: tuple[Any, ...]) -> tuple[Any, ...]:
+                j, state, batches = r
+                state, _, _, _, batches = one_update(j, state, batches)
+                return j + 1, state, batches
+
+            redone: tuple[Any, ...] = lax.while_loop(lambda r: r[0] < target, again, (i0, first, cache))
+            params, opt_state, scaling = redone[1]
+            s = s._replace(
+                params=params,
+                opt_state=opt_state,
+                loss_scale=scaling,
+                best_epoch=jnp.where(last > i0, last, s.best_epoch),
+            )
+        logged = (norm, rate) if c.log_every else None
+        return end_epoch(s, carry, total, evaluate, min_delta, config=c, rows=rows, logged=logged), last_cache
+
+    return update, batches_of
 
 
 # The state a segment replaces is donated: its buffers hold the new state, so the program's peak
@@ -746,7 +953,9 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         jnp.arange(first + 1, c.evaluations + 1, dtype=jnp.int32) * c.eval_every,
         {name: values[first:] for name, values in state.eval_metrics.items()},
     )
-    if c.eval_rows > 0:
+    if c.log_every:
+        history = history._replace(**_step_history(state, start_epoch, c))
+    if c.eval_rows > 0 and c.restore_best:
         params, opt_state = state.best_params, state.best_opt_state
     else:
         params, opt_state = state.params, state.opt_state
@@ -769,6 +978,21 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         c.mesh,
     )
     return finished
+
+
+def _step_history(state: TrainState, start: int, c: Config) -> dict[str, Any]:
+    """``History``'s log entries (``log_every``): every ``k`` updates from ``start``'s entry on."""
+    k = c.log_every
+    entries = c.epochs // k
+    first = start // k
+    assert state.grad_norm is not None and state.learning_rate is not None
+    blocks = lambda h: h[: entries * k].reshape(entries, k)[first:]
+    return {
+        "step": jnp.arange(first + 1, entries + 1, dtype=jnp.int32) * k,
+        "step_loss": jnp.mean(blocks(state.train_loss), axis=1),
+        "learning_rate": blocks(state.learning_rate)[:, -1],
+        "grad_norm": jnp.mean(blocks(state.grad_norm), axis=1),
+    }
 
 
 def _best_eval(state: TrainState, c: Config) -> dict[str, jax.Array]:

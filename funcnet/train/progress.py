@@ -17,6 +17,7 @@ __all__ = ["bar", "status", "tick"]
 
 _bar: Any = None
 _status = ""  # a streamed fit's data status (``status``)
+_unit = "epoch"  # what the bar counts: epochs, or steps (``fit(..., steps=N)``: one tick per update)
 
 
 def tick(epoch: Any, train_loss: Any, values: dict[str, Any]) -> None:
@@ -33,20 +34,21 @@ def tick(epoch: Any, train_loss: Any, values: dict[str, Any]) -> None:
         _bar.set_postfix_str(text, refresh=False)
         _bar.update(1)
     else:
-        print(f"epoch {int(epoch) + 1}: {text}{f' ({_status})' if _status else ''}", flush=True)
+        print(f"{_unit} {int(epoch) + 1}: {text}{f' ({_status})' if _status else ''}", flush=True)
 
 
 @contextlib.contextmanager
-def bar(show: bool, total: int, initial: int) -> Iterator[None]:
-    """Show a bar of ``total`` epochs, ``initial`` of them done, while the block runs."""
-    global _bar, _status
+def bar(show: bool, total: int, initial: int, unit: str = "epoch") -> Iterator[None]:
+    """Show a bar of ``total`` epochs (or ``unit``s), ``initial`` of them done, while the block runs."""
+    global _bar, _status, _unit
+    _unit = unit
     if not show:
         yield
         return
     try:
         from tqdm.auto import tqdm
 
-        _bar = tqdm(total=total, initial=initial, unit="epoch", desc="fit")
+        _bar = tqdm(total=total, initial=initial, unit=unit, desc="fit")
     except ImportError:  # tqdm is optional: fall back to one line per epoch
         _bar = object()
     try:
@@ -54,7 +56,7 @@ def bar(show: bool, total: int, initial: int) -> Iterator[None]:
     finally:
         if hasattr(_bar, "close"):
             _bar.close()
-        _bar, _status = None, ""
+        _bar, _status, _unit = None, "", "epoch"
 
 
 def status(text: str, *, stalled: bool = False) -> None:
