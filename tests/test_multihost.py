@@ -101,13 +101,14 @@ def test_checkpoints_across_two_processes_killed_and_restarted(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_readme_multihost_block_runs_as_written_in_two_processes(tmp_path):
-    """Two processes of two devices each print the loss of one process of four devices."""
+def test_the_docs_multihost_block_runs_as_written_in_two_processes(tmp_path):
+    """The scaling-out tutorial's block: two processes of two devices each print the loss of one
+    process of four devices."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "jax.distributed.initialize(" in b)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "scaling-out.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "jax.distributed.initialize(" in b)
     processes = launch(["-c", block], devices=2, cwd=tmp_path)
     reference = single(["-c", block], devices=4, cwd=tmp_path)
     finished([*processes, reference])
