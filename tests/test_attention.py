@@ -3,6 +3,7 @@ finite differences), every mask combined with every block size; MultiHeadAttenti
 PositionalEmbedding and gelu, the Transformer's parts."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -400,11 +401,56 @@ def test_a_static_q_offset_still_skips_the_pairs_it_hides_and_an_array_one_match
     np.testing.assert_allclose(static, reference(q, k, v, is_causal=True, q_offset=5), rtol=1e-12, atol=1e-13)
 
 
+def _scan_lengths(f, *args):
+    """The lengths of the ``lax.scan``s in ``f``'s program: the pairs of blocks each pass walks."""
+    return [int(n) for n in re.findall(r"length=(\d+)", str(jax.make_jaxpr(f)(*args)))]
+
+
+def test_causal_attention_visits_only_the_pairs_of_blocks_a_causal_mask_leaves_visible():
+    # A test of the pairs visited, not of time: 8 x 8 blocks of 2, the causal plan walks the 36
+    # pairs on or below the diagonal, not all 64 (skipping disabled costs ~1.7x, and no value).
+    q, k = jnp.ones((1, 16, 1, 4)), jnp.ones((1, 16, 1, 4))
+    config = lambda causal, offset: attention._Config(causal, 1.0, 2, offset, False, None)
+    none = attention._Extras(None, None, None, None, None)
+    causal = attention._plan(q, k, config(True, 0), none)
+    assert (causal.nq, causal.nk) == (8, 8)
+    assert sorted(causal.pairs) == [(i, j) for i in range(8) for j in range(i + 1)] and len(causal.pairs) == 36
+    assert len(attention._plan(q, k, config(False, 0), none).pairs) == 64  # no mask: every pair
+    # A static q_offset of 3 keys: block i's last query 2i+1 sees keys <= 2i+4, so blocks j <= i+2.
+    shifted = attention._plan(q, k, config(True, 3), none).pairs
+    assert sorted(shifted) == [(i, j) for i in range(8) for j in range(min(i + 3, 8))]
+    assert len(shifted) == 3 + 4 + 5 + 6 + 7 + 8 + 8 + 8 == 49
+    # T not a multiple of the block: the last query block's padding reaches no further key block.
+    assert len(attention._plan(jnp.ones((1, 15, 1, 4)), k, config(True, 0), none).pairs) == 36
+    # The pairs planned are the pairs walked, forward and backward.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 1, 4)), jnp.float32)
+    attend = lambda q, **kw: fn.dot_product_attention(q, x, x, block_size=2, **kw)
+    assert _scan_lengths(lambda q: attend(q, is_causal=True), x) == [36]
+    assert _scan_lengths(lambda q: attend(q, is_causal=True, q_offset=3), x) == [49]
+    assert _scan_lengths(lambda q: attend(q), x) == [64]
+    grad = jax.grad(lambda q: jnp.sum(attend(q, is_causal=True)))
+    assert _scan_lengths(grad, x) == [36, 36]  # the forward's and the backward's
+
+
 def test_padding_and_masks_skip_hidden_tiles_with_a_cond():
     q, k, v = _inputs(np.float32)
     program = lambda **kw: str(jax.make_jaxpr(lambda q: fn.dot_product_attention(q, k, v, block_size=2, **kw))(q))
     assert "cond" in program(kv_lengths=jnp.asarray(KV)) and "cond" in program(mask=jnp.asarray(MASK))
     assert "cond" not in program() and "cond" not in program(is_causal=True)  # nothing to skip at run time
+
+
+def test_an_array_q_offset_skips_hidden_tiles_with_a_cond():
+    # An array q_offset (decoding's) cannot prune pairs when planning, so each visited pair is
+    # cond-skipped where the causal mask hides it: every pair planned, and a cond in the program.
+    q, k, v = _inputs(np.float32)
+    offsets = jnp.full((B,), 2, jnp.int32)
+    program = lambda **kw: str(jax.make_jaxpr(lambda q: fn.dot_product_attention(q, k, v, block_size=2, **kw))(q))
+    assert "cond" in program(is_causal=True, q_offset=offsets)
+    assert "cond" in program(is_causal=True, q_offset=jnp.int32(2))  # a () array is an array too
+    assert "cond" not in program(is_causal=True, q_offset=2)  # static: pruned when planning instead
+    config = attention._Config(True, 1.0, 2, None, False, None)
+    plan = attention._plan(q, k, config, attention._Extras(None, None, offsets, None, None))
+    assert plan.skip and len(plan.pairs) == plan.nq * plan.nk
 
 
 def test_the_new_paths_under_jit_vmap_and_second_order():

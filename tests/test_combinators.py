@@ -537,3 +537,17 @@ def test_remat_second_order_equals_its_layers():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4)))
     hessian = lambda net: jax.jit(jax.jacrev(jax.grad(lambda p: jnp.sum(jnp.sin(net.apply(p, x))))))(params)
     _close(hessian(remat(net)), hessian(net))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_remat_passes_a_nan_or_inf_cotangent_back_as_its_layer_does(bad):
+    # The recompute hides behind a cond on the cotangent that must be true for every float: a
+    # NaN or inf cotangent must reach the gradients as it does without remat, not become all NaN.
+    layer = fn.Dense(3, fn.linear)
+    _, params = layer.init(KEY, (-1, 4))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4)))
+    cotangent = jnp.ones((2, 3)).at[0, 0].set(bad)
+    grads = lambda net: jax.vjp(lambda p, x: net.apply(p, x), params, x)[1](cotangent)
+    want, got = grads(layer), grads(remat(layer))
+    assert np.isfinite(np.asarray(want[1][1])).all()  # the second row's input gradient: untouched
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)

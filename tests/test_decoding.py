@@ -35,7 +35,11 @@ def float32():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"rope": 10000.0, "num_kv_heads": 2, "learned": False}, {"rope": 500.0, "num_kv_heads": 1}],
+    [  # the last covers learned and rotary positions with one kv head; the others run with -m slow
+        pytest.param({}, marks=pytest.mark.slow),
+        pytest.param({"rope": 10000.0, "num_kv_heads": 2, "learned": False}, marks=pytest.mark.slow),
+        {"rope": 500.0, "num_kv_heads": 1},
+    ],
     ids=["learned", "rope-gqa", "rope-mqa-learned"],
 )
 def test_every_step_equals_a_full_recomputation_of_the_prefix(float32, options):
@@ -117,6 +121,21 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     np.testing.assert_array_equal(kept(5, 0.45), [1, 0, 0, 0, 0])
     np.testing.assert_array_equal(kept(5, 0.01), [1, 0, 0, 0, 0])  # the most likely always stays
     np.testing.assert_array_equal(kept(5, 1.0), [1, 1, 1, 1, 1])
+
+
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """The nucleus is the smallest set whose probability reaches top_p: a token whose higher-
+    ranked tokens already hold exactly top_p is out (torch/HF: cumulative mass > top_p removed)."""
+    from funcnet.decoding import _filtered
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    probabilities = jax.nn.softmax(-jnp.sort(-logits, axis=-1), axis=-1)[0]
+    before = jnp.cumsum(probabilities) - probabilities  # as the filter computes it, bit for bit
+    one, five = jnp.asarray(1.0), jnp.asarray(5)
+    kept = lambda p: np.asarray(_filtered(logits, one, five, jnp.asarray(p))[0] > -1e30)
+    np.testing.assert_array_equal(kept(before[1]), [1, 0, 0, 0, 0])  # the first reaches it alone
+    np.testing.assert_array_equal(kept(before[2]), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(kept(before[3]), [1, 1, 1, 0, 0])
 
 
 def test_bad_input_is_named():

@@ -158,6 +158,27 @@ def test_user_defined_layer_composes():
     assert "apply" not in fn.summary(net, (-1, 2)) and "init" in fn.summary(net, (-1, 2))
 
 
+def test_a_layer_of_closures_taking_any_keyword_gets_the_inputs_a_combinator_is_given():
+    """A closure layer whose apply takes ``**inputs`` takes any input (layer_inputs None): inside
+    a combinator it must get every input given, in inference and in training mode."""
+
+    def apply(params, x, *, key=None, **inputs):
+        del params, key
+        return x * inputs["kv_lengths"][:, None] if "kv_lengths" in inputs else x
+
+    def init(key, input_shape):
+        del key
+        return input_shape, ()
+
+    net = fn.serial(fn.Layer(init, apply), Activation(fn.linear))
+    _, params = net.init(KEY, (-1, 3))
+    x, lengths = jnp.ones((2, 3)), jnp.asarray([2.0, 3.0])
+    want = np.asarray([[2.0] * 3, [3.0] * 3])
+    np.testing.assert_array_equal(net.apply(params, x, kv_lengths=lengths), want)
+    np.testing.assert_array_equal(fn.train_apply(net)(params, x, kv_lengths=lengths)[0], want)
+    np.testing.assert_array_equal(net.apply(params, x), x)  # not given: not passed
+
+
 BAD = [
     (
         lambda: fn.Dense(3).init(KEY, (5,)),
