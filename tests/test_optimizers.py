@@ -224,7 +224,7 @@ def _run_optax(transform, steps=STEPS):
 
 
 def _run_optax_strict(transform, steps):
-    import optax
+    optax = pytest.importorskip("optax")
 
     params = {k: jnp.asarray(v) for k, v in START.items()}
     state = transform.init(params)
@@ -1152,7 +1152,7 @@ def _complex_twins():
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw", "adam+clip_norm", "sgd+weight_decay"])
 def test_complex_params_train_like_optax_fed_the_conjugate_gradient(name):
-    import optax
+    optax = pytest.importorskip("optax")
 
     ours, theirs = _complex_twins()[name]
     params = jax.tree_util.tree_map(jnp.zeros_like, C_TARGET)
