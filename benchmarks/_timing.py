@@ -35,7 +35,7 @@ def machine() -> str:
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table a reader can paste into the README."""
+    """A Markdown table a reader can paste into docs/performance.md."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
