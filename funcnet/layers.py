@@ -430,8 +430,7 @@ def run_child(
 ) -> tuple[Any, Params]:
     """A combinator's child in inference (``(apply(...), params)``) or training mode, given the
     inputs beyond ``x`` that it takes."""
-    takes = layer_inputs(layer)
-    own = inputs if takes is None else {name: value for name, value in inputs.items() if name in takes}
+    own = own_inputs(layer, inputs)
     if train:
         return train_mode(layer.apply)(params, x, key=key, row_mask=row_mask, **own)
     return layer.apply(params, x, key=key, **own), params
@@ -448,12 +447,17 @@ def decode_child(
 ) -> tuple[Any, Any]:
     """A combinator's child in decoding mode, given the inputs beyond ``x`` that it takes. A Layer of
     closures is taken to treat every position on its own (its ``apply``)."""
-    takes = layer_inputs(layer)
-    own = inputs if takes is None else {name: value for name, value in inputs.items() if name in takes}
+    own = own_inputs(layer, inputs)
     spec = spec_of(layer)
     if spec is None:
         return layer.apply(params, x, **own), cache
     return spec.decode(params, cache, x, offset=offset, **own)
+
+
+def own_inputs(layer: Layer, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs beyond ``x`` that ``layer`` takes, of those a combinator was given."""
+    takes = layer_inputs(layer)
+    return inputs if takes is None else {name: value for name, value in inputs.items() if name in takes}
 
 
 def layer_inputs(layer: Layer) -> frozenset[str] | None:

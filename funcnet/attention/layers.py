@@ -49,10 +49,6 @@ __all__ = ["AttentionParams", "AttentionWeights", "CrossAttention", "KVCache", "
 _INPUTS = frozenset({"kv_lengths", "mask"})
 
 
-def _padding(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {"kv_lengths": inputs.get("kv_lengths"), "mask": inputs.get("mask")}
-
-
 class AttentionParams(NamedTuple):
     """Projections ``x @ W + B`` as in ``Dense``: ``W_q: (features, heads * head_dim)``, ``W_k,
     W_v: (kv_features, kv_heads * head_dim)``, ``W_o: (heads * head_dim, features)``, each ``B``
@@ -195,6 +191,34 @@ class _Attention(LayerSpec):
                 )
         return head_dim
 
+    def pair(self, x: Any) -> tuple[Any, Any]:
+        """The queries' input and the keys' and values' (self-attention: both ``x``)."""
+        return x, x
+
+    def apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
+    ) -> Any:
+        return self.forward(params, x, key=key, kv_lengths=kv_lengths, mask=mask, training=False)
+
+    def train_apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
+    ) -> tuple[Any, Any]:
+        """Training mode: attention dropout on (the key draws it)."""
+        del row_mask
+        given = given_inputs(self.name, self.inputs, inputs)
+        padding = {"kv_lengths": given.get("kv_lengths"), "mask": given.get("mask")}
+        return self.forward(params, x, key=key, training=True, **padding), params
+
+    def forward(
+        self, params: Any, x: Any, *, key: jax.Array | None, kv_lengths: Any, mask: Any, training: bool
+    ) -> jax.Array:
+        """Inference (``training=False``) or training mode, after the checks."""
+        x, context = self.pair(x)
+        self._check(params, x, "x", context)
+        return self.attend(
+            params, x, context, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal, training=training
+        )
+
     def _project(self, params: Any, rows: jax.Array, field: str) -> jax.Array:
         """``rows @ W + B`` for one projection (``field``: ``_q``, ``_k``, ``_v``, ``_o``)."""
         out: jax.Array = ops.weight_multiply(rows, getattr(params, "W" + field))
@@ -257,24 +281,6 @@ class _MultiHeadAttention(_Attention):
         shape = check_input_shape(self.name, input_shape, 3, "(batch, time, features)")
         return shape, self._params(key, shape[2], shape[2])
 
-    def apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
-    ) -> Any:
-        self._check(params, x, "x", x)
-        return self.attend(
-            params, x, x, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=self.is_causal, training=False
-        )
-
-    def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
-    ) -> tuple[Any, Any]:
-        """Training mode: attention dropout on (the key draws it)."""
-        del row_mask
-        given = given_inputs(self.name, self.inputs, inputs)
-        self._check(params, x, "x", x)
-        y = self.attend(params, x, x, key=key, is_causal=self.is_causal, training=True, **_padding(given))
-        return y, params
-
     def init_cache(self, params: Any, batch: int, max_length: int) -> KVCache:
         """Zeros for the keys and values of ``max_length`` positions: ``(batch, max_length, kv_heads, head_dim)``."""
         W_k = params.W_k
@@ -331,31 +337,13 @@ class _CrossAttention(_Attention):
         context_shape = check_input_shape(self.name, input_shape[1], 3, "(batch, S, context_features)")
         return x_shape, self._params(key, x_shape[2], context_shape[2])
 
-    def apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, kv_lengths: Any = None, mask: Any = None
-    ) -> Any:
+    def pair(self, x: Any) -> tuple[Any, Any]:
         if not (isinstance(x, (tuple, list)) and len(x) == 2):
             raise TypeError(
                 f"{self.name}: x must be a pair (x, context), queries from x and keys and values from "
                 f"context, got {type(x).__name__}."
             )
-        x, context = x
-        self._check(params, x, "x", context)
-        return self.attend(
-            params, x, context, key=key, kv_lengths=kv_lengths, mask=mask, is_causal=False, training=False
-        )
-
-    def train_apply(
-        self, params: Any, x: Any, *, key: jax.Array | None = None, row_mask: jax.Array | None = None, **inputs: Any
-    ) -> tuple[Any, Any]:
-        """Training mode: attention dropout on (the key draws it)."""
-        del row_mask
-        given = given_inputs(self.name, self.inputs, inputs)
-        if not (isinstance(x, (tuple, list)) and len(x) == 2):
-            return self.apply(params, x), params  # apply names the mistake
-        x, context = x
-        self._check(params, x, "x", context)
-        return self.attend(params, x, context, key=key, is_causal=False, training=True, **_padding(given)), params
+        return x[0], x[1]
 
 
 def _arguments(
