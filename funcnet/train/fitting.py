@@ -1,18 +1,28 @@
 """``fit``: the book's ``Trainer.fit`` as compiled programs, with checkpoints and metrics.
 
-``fit`` checks its arguments (``checks.py``), splits the network, loss, optimizer and metrics
-into traced numbers and a static remainder (``funcnet._values``), and runs the programs of
-``program.py``: ``fresh_state``, then ``segment`` (once, or once per ``checkpoint_every``
-epochs with a checkpoint after each, ``checkpointing.py``), then ``result``. The same compiled
-programs serve a run with checkpoints and one without, so both give the same result bit for
-bit, and a resumed run equals an uninterrupted one.
+``fit`` runs in stages, each a function of this module that the next feature touches alone:
+
+1. ``_checked_options``: every argument but the data (``ValueError``/``TypeError`` before anything
+   compiles), and ``_checked_optimizer``: the moving average of ``ema_decay`` and a resumed
+   ``opt_state``;
+2. ``_checked_data``: the training and eval data, against each other and the network;
+3. ``_plan``: the shards (``_shards``), the checkpoint directory and the static ``Config``;
+4. ``_placed``: the first ``TrainState``, the data where the program reads them (device arrays,
+   or a host stream), and ``run(state, stop)``;
+5. ``_run``: one segment, or segments of ``checkpoint_every`` with a checkpoint after each
+   (``_fingerprint`` names the run), then ``_finish``: the ``FitResult``.
+
+The programs are ``program.py``'s: ``fresh_state``, ``segment`` and ``result``; the numbers of the
+network, loss, optimizer and metrics are split from their static remainder (``funcnet._values``)
+so sweeps compile once. The same compiled programs serve a run with checkpoints and one without,
+so both give the same result bit for bit, and a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -102,6 +112,20 @@ def fit(
     still returns the best evaluation's params. Without ``eval_data`` every epoch is trained and
     the final params are returned. With ``eval_data``, ``epochs`` must reach an evaluation.
 
+    Keywords by purpose (described under Args in this order):
+
+    * what to train: ``net``, ``loss``, ``optimizer``, ``params``, ``train_data``, ``eval_data``,
+      ``key``;
+    * how long, in what batches: ``epochs``, ``steps``, ``batch_size``, ``shuffle``, ``drop_last``;
+    * evaluation and early stopping: ``eval_every``, ``patience``, ``min_delta``, ``metrics``,
+      ``monitor``, ``mode``, ``eval_batch_size``, ``restore_best``;
+    * averages and precision: ``ema_decay``, ``ema_debias``, ``eval_ema``, ``loss_scale``;
+    * resuming: ``checkpoint_dir``, ``checkpoint_every``, ``run_name``, ``opt_state``,
+      ``start_epoch``;
+    * where the data and the work live: ``mesh``, ``data_axis``, ``shards``, ``stream``,
+      ``stream_threshold``;
+    * watching: ``progress``, ``log_every``, ``on_log``.
+
     Args:
       net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
         over rows) and the optimizer.
@@ -119,6 +143,7 @@ def fit(
         trains on ``batch_size`` random windows of a 1-D token array, drawn inside the program
         from ``(key, step)`` (``help(funcnet.random_windows)``; one device, no ``stream``/``mesh``
         yet).
+      key: a ``jax.random`` key; epoch ``e``'s order and dropout keys come from ``(key, e)`` alone (``epoch_order``).
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       steps: instead of ``epochs`` (pass exactly one): train this many optimizer updates. Without
         ``accumulate`` an update is one batch; with ``accumulate(optimizer, k)`` it is ``k``
@@ -133,39 +158,12 @@ def fit(
         ``start_epoch`` (the update to start from), ``result.best_epoch`` and
         ``result.stopped_epoch``, and ``history.train_loss`` holds one entry per update (the mean
         loss of its micro-batches). Not yet with streamed data (``stream``).
-      restore_best: with ``eval_data``, ``True`` (the default) returns the best evaluation's params
-        (and optimizer state); ``False`` returns the last params instead (``best_epoch`` and
-        ``best_eval`` still name the best evaluation, and early stopping still applies: pass
-        ``patience=None`` to train every epoch or step).
-      log_every, on_log: with ``steps``, every ``log_every`` updates record the mean training loss
-        over those updates, the learning rate the last of them applied (NaN for an optimizer that
-        does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the mean global
-        gradient norm, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
-        ``on_log(step, values)`` (``values`` a dict ``{"loss", "learning_rate", "grad_norm"}`` of
-        floats, e.g. ``funcnet.JsonLinesLogger(path)``) is called on the host with each entry, in
-        order, from inside the compiled program (``jax.experimental.io_callback``, ordered: no
-        host sync between entries). A hook that raises stops the run with its error; checkpoints
-        already written stay. ``on_log`` is part of the compiled program's identity (a new hook
-        object compiles anew) and does not run under ``vmap``.
       batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
+      shuffle: a fresh order every epoch (else the data order).
+      drop_last: drop the remainder rows each epoch instead of a smaller last batch.
       eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
         when the monitored value beats the best by more than ``min_delta``; a non-finite loss
         stops training too (``result.diverged``).
-      key: a ``jax.random`` key; epoch ``e``'s order and dropout keys come from ``(key, e)`` alone (``epoch_order``).
-      shuffle: a fresh order every epoch (else the data order).
-      drop_last: drop the remainder rows each epoch instead of a smaller last batch.
-      progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses
-        and metrics.
-      opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
-        ``epochs - 1`` from this optimizer state (of the trainable params,
-        ``funcnet.split_state(params)[0]``: the optimizer never sees layer state), e.g. a previous
-        run's ``result.params`` and ``result.opt_state``. Early stopping starts afresh (a
-        ``checkpoint_dir`` resumes it too). With ``ema_decay`` the state carries the moving
-        average: the ``FitResult.opt_state`` of an ``ema_decay`` run is an ``EmaState`` (the
-        optimizer's state, the average and its weight) and the resumed run continues the average
-        as an uninterrupted one would; an ``opt_state`` without one is refused (begin a new average
-        with ``funcnet.start_ema(opt_state, params)``), and so is an ``EmaState`` without
-        ``ema_decay`` (pass ``opt_state.inner`` to drop the average).
       metrics: ``{name: (prediction, target) -> scalar}``, each a mean over rows (e.g.
         ``funcnet.accuracy``), computed on ``eval_data`` at every evaluation into
         ``history.eval_metrics[name]``.
@@ -173,35 +171,10 @@ def fit(
         and whether lower (``"min"``) or higher (``"max"``) is better.
       eval_batch_size: evaluate in batches of this many rows (the result is the same up to
         rounding, for a loss and metrics that are means over rows).
-      checkpoint_dir, checkpoint_every: save the whole training state to this directory every
-        ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
-        the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
-        a line says so too), and a finished run returns its result without training. Asked for
-        more ``epochs``, a finished run continues, and equals a run of that length from the start.
-        A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
-        checkpoint's params without resuming.
-        Not under ``jit``/``vmap``.
-      mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
-        ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
-        partitioner averages the gradients with collectives. ``batch_size`` must divide by
-        that axis's device count, and so must the training and eval rows: each device holds
-        its equal part of them (NumPy data is placed so, never replicated), shuffles it on its
-        own and trains on its local batches, so steps move gradients, not data. Data may already
-        be ``jax.Array``s sharded along ``data_axis`` (multi-host: global arrays from
-        ``jax.make_array_from_process_local_data``); every process calls ``fit`` with the same
-        arguments (compared first: processes that disagree get a ``ValueError`` naming what
-        differs), and the result is replicated, readable by every process.
-      shards: how many equal parts of the rows are shuffled and batched on their own; under a
-        mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
-        device reproduces a fit on a mesh of ``n`` devices.
-      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``help(funcnet.DynamicLossScale)``):
-        the loss is scaled before the backward, the gradients unscaled after, a step with a
-        non-finite gradient skipped and the scale halved, and the scale doubled after
-        ``period`` finite steps. Not needed for bfloat16 or float32.
-      run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
-        cannot compare by value (a lambda, closure or partial as loss, metric, activation or
-        initializer): without one such a run's checkpoints are never resumed. Two calls with
-        the same ``run_name`` must pass building blocks that compute the same thing.
+      restore_best: with ``eval_data``, ``True`` (the default) returns the best evaluation's params
+        (and optimizer state); ``False`` returns the last params instead (``best_epoch`` and
+        ``best_eval`` still name the best evaluation, and early stopping still applies: pass
+        ``patience=None`` to train every epoch or step).
       ema_decay: keep the params' exponential moving average, ``ema = ema_decay * ema +
         (1 - ema_decay) * params`` after every update of the optimizer (in at least float32), and
         return it as ``FitResult.ema_params`` (the average that goes with ``params``: at the best
@@ -221,6 +194,45 @@ def fit(
         earlier releases is ``ema_debias=False``.
       eval_ema: with ``ema_decay``, evaluate the moving average instead of the params: the eval
         loss, the metrics, early stopping and the best evaluation kept all watch it.
+      loss_scale: ``funcnet.DynamicLossScale()`` for float16 training (``help(funcnet.DynamicLossScale)``):
+        the loss is scaled before the backward, the gradients unscaled after, a step with a
+        non-finite gradient skipped and the scale halved, and the scale doubled after
+        ``period`` finite steps. Not needed for bfloat16 or float32.
+      checkpoint_dir, checkpoint_every: save the whole training state to this directory every
+        ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
+        the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
+        a line says so too), and a finished run returns its result without training. Asked for
+        more ``epochs``, a finished run continues, and equals a run of that length from the start.
+        A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
+        checkpoint's params without resuming.
+        Not under ``jit``/``vmap``.
+      run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
+        cannot compare by value (a lambda, closure or partial as loss, metric, activation or
+        initializer): without one such a run's checkpoints are never resumed. Two calls with
+        the same ``run_name`` must pass building blocks that compute the same thing.
+      opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
+        ``epochs - 1`` from this optimizer state (of the trainable params,
+        ``funcnet.split_state(params)[0]``: the optimizer never sees layer state), e.g. a previous
+        run's ``result.params`` and ``result.opt_state``. Early stopping starts afresh (a
+        ``checkpoint_dir`` resumes it too). With ``ema_decay`` the state carries the moving
+        average: the ``FitResult.opt_state`` of an ``ema_decay`` run is an ``EmaState`` (the
+        optimizer's state, the average and its weight) and the resumed run continues the average
+        as an uninterrupted one would; an ``opt_state`` without one is refused (begin a new average
+        with ``funcnet.start_ema(opt_state, params)``), and so is an ``EmaState`` without
+        ``ema_decay`` (pass ``opt_state.inner`` to drop the average).
+      mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
+        ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
+        partitioner averages the gradients with collectives. ``batch_size`` must divide by
+        that axis's device count, and so must the training and eval rows: each device holds
+        its equal part of them (NumPy data is placed so, never replicated), shuffles it on its
+        own and trains on its local batches, so steps move gradients, not data. Data may already
+        be ``jax.Array``s sharded along ``data_axis`` (multi-host: global arrays from
+        ``jax.make_array_from_process_local_data``); every process calls ``fit`` with the same
+        arguments (compared first: processes that disagree get a ``ValueError`` naming what
+        differs), and the result is replicated, readable by every process.
+      shards: how many equal parts of the rows are shuffled and batched on their own; under a
+        mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
+        device reproduces a fit on a mesh of ``n`` devices.
       stream, stream_threshold: data larger than memory. ``True`` keeps host
         data (NumPy arrays, ``np.memmap``, or any object with ``shape``, ``dtype`` and indexing
         by an array of row indices) on the host and feeds the device a segment of steps at a
@@ -231,250 +243,385 @@ def fit(
         ``stream_threshold``, by default half the device's memory (``bytes_limit``; on a CPU,
         half the machine's RAM); ``jax.Array`` data is never streamed. Under a mesh of several
         processes each passes the whole host data and reads only its own devices' rows.
+      progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses
+        and metrics.
+      log_every, on_log: with ``steps``, every ``log_every`` updates record the mean training loss
+        over those updates, the learning rate the last of them applied (NaN for an optimizer that
+        does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the mean global
+        gradient norm, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
+        ``on_log(step, values)`` (``values`` a dict ``{"loss", "learning_rate", "grad_norm"}`` of
+        floats, e.g. ``funcnet.JsonLinesLogger(path)``) is called on the host with each entry, in
+        order, from inside the compiled program (``jax.experimental.io_callback``, ordered: no
+        host sync between entries). A hook that raises stops the run with its error; checkpoints
+        already written stay. ``on_log`` is part of the compiled program's identity (a new hook
+        object compiles anew) and does not run under ``vmap``.
     Returns:
       A ``FitResult``.
     """
+    call = _Call(**locals())
     if jax.process_count() > 1:  # before anything else, so that no process waits in a collective alone
-        distributed.agree("fit", _described(locals()))
-    checks.check_parts("fit", net, loss, optimizer)
-    if (epochs is None) == (steps is None):
+        distributed.agree("fit", _described(call._asdict()))
+    call = _checked_options(call)
+    data = _checked_data(call)
+    call, config = _plan(call, data)
+    return _run(call, data, config)
+
+
+class _Call(NamedTuple):
+    """``fit``'s arguments, as given, then as ``_checked_options`` and ``_plan`` normalise them
+    (``epochs`` holds the run's length in its unit; ``shards`` the shard count; ``optimizer`` stays
+    the user's, ``program_optimizer`` adds the moving average)."""
+
+    net: Layer
+    loss: Loss
+    optimizer: Optimizer
+    params: Params
+    train_data: Any
+    eval_data: Any
+    epochs: Any
+    steps: Any
+    batch_size: Any
+    eval_every: Any
+    patience: Any
+    min_delta: Any
+    key: jax.Array
+    shuffle: bool
+    drop_last: bool
+    progress: bool
+    opt_state: Any
+    start_epoch: Any
+    metrics: Any
+    monitor: str
+    mode: str
+    eval_batch_size: Any
+    checkpoint_dir: Any
+    checkpoint_every: Any
+    mesh: Mesh | None
+    data_axis: str
+    shards: Any
+    run_name: str | None
+    loss_scale: DynamicLossScale | None
+    ema_decay: float | None
+    ema_debias: bool
+    eval_ema: bool
+    stream: bool | None
+    stream_threshold: int | None
+    restore_best: bool
+    log_every: int | None
+    on_log: Callable[[int, dict[str, float]], Any] | None
+    program_optimizer: Any = None
+    directory: Any = None  # the prepared checkpoint directory
+
+    @property
+    def by_steps(self) -> bool:
+        return self.steps is not None
+
+    @property
+    def unit(self) -> str:
+        return "steps" if self.by_steps else "epochs"
+
+
+class _Data(NamedTuple):
+    """The checked training and eval data (``_checked_data``): arrays as the program takes them
+    (device arrays, or host arrays when ``streamed``), their digests for the checkpoint's
+    fingerprint, and the loss's value on a batch (its dtype sets the totals')."""
+
+    x: Any
+    y: Any
+    inputs: dict[str, Any]
+    digest: Any
+    eval_x: Any
+    eval_y: Any
+    eval_inputs: dict[str, Any]
+    eval_digest: Any
+    window: int  # ``random_windows``' length; 0 for rows
+    streamed: bool
+    value: Any  # the loss on one batch, abstract (``jax.ShapeDtypeStruct``)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def eval_rows(self) -> int:
+        return 0 if self.eval_x is None else int(self.eval_x.shape[0])
+
+
+def _checked_options(c: _Call) -> _Call:
+    """Stage 1: every argument but the data, checked (``ValueError``/``TypeError`` naming it)."""
+    checks.check_parts("fit", c.net, c.loss, c.optimizer)
+    if (c.epochs is None) == (c.steps is None):
         raise ValueError(
             "fit: pass either epochs (passes over the rows) or steps (optimizer updates), "
-            f"not {'both' if steps is not None else 'neither'}."
+            f"not {'both' if c.steps is not None else 'neither'}."
         )
-    by_steps = steps is not None
-    epochs = _checks.positive_int("fit", "steps" if by_steps else "epochs", steps if by_steps else epochs)
-    unit = "steps" if by_steps else "epochs"
-    windowed = isinstance(train_data, RandomWindows)
-    windows: Any = train_data
-    if windowed and not by_steps:
+    length = _checks.positive_int("fit", "steps" if c.by_steps else "epochs", c.steps if c.by_steps else c.epochs)
+    if isinstance(c.train_data, RandomWindows) and not c.by_steps:
         raise ValueError("fit: random_windows draws batches without end: give the run's length as steps=N, not epochs.")
-    checks.check_flags(restore_best=restore_best)
+    checks.check_flags(restore_best=c.restore_best)
+    log_every = c.log_every
     if log_every is not None:
         log_every = _checks.positive_int("fit", "log_every", log_every)
-        if not by_steps:
+        if not c.by_steps:
             raise ValueError("fit: log_every counts optimizer updates: pass steps=N (epochs log per epoch).")
-        if log_every > epochs:
-            raise ValueError(f"fit: log_every ({log_every}) must be <= steps ({epochs}), or no entry is ever logged.")
-    if on_log is not None:
-        if not callable(on_log):
-            raise TypeError(f"fit: on_log must be a callable on_log(step, values), got {type(on_log).__name__}.")
+        if log_every > length:
+            raise ValueError(f"fit: log_every ({log_every}) must be <= steps ({length}), or no entry is ever logged.")
+    if c.on_log is not None:
+        if not callable(c.on_log):
+            raise TypeError(f"fit: on_log must be a callable on_log(step, values), got {type(c.on_log).__name__}.")
         if log_every is None:
             raise ValueError("fit: on_log is called every log_every updates: pass log_every=k too.")
-    batch_size = _checks.positive_int("fit", "batch_size", batch_size)
-    eval_every = _checks.positive_int("fit", "eval_every", eval_every)
-    if patience is not None:
-        patience = _checks.positive_int("fit", "patience", patience, minimum=0)
-    start_epoch = _checks.positive_int("fit", "start_epoch", start_epoch, minimum=0)
-    eval_batch_size = _checks.positive_int("fit", "eval_batch_size", eval_batch_size)
-    checkpoint_every = _checks.positive_int("fit", "checkpoint_every", checkpoint_every)
-    if start_epoch >= epochs:
-        raise ValueError(f"fit: start_epoch must be < {unit} ({epochs}), got {start_epoch}.")
-    _checks.real_number("fit", "min_delta", min_delta, low=0.0)
-    if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
-        raise TypeError(f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(loss_scale).__name__}.")
-    if run_name is not None and not isinstance(run_name, str):
-        raise TypeError(f"fit: run_name must be a str or None, got {type(run_name).__name__}.")
-    checks.check_flags(
-        shuffle=shuffle, drop_last=drop_last, progress=progress, eval_ema=eval_ema, ema_debias=ema_debias
+    c = c._replace(
+        epochs=length,
+        log_every=log_every,
+        batch_size=_checks.positive_int("fit", "batch_size", c.batch_size),
+        eval_every=_checks.positive_int("fit", "eval_every", c.eval_every),
+        patience=None if c.patience is None else _checks.positive_int("fit", "patience", c.patience, minimum=0),
+        start_epoch=_checks.positive_int("fit", "start_epoch", c.start_epoch, minimum=0),
+        eval_batch_size=_checks.positive_int("fit", "eval_batch_size", c.eval_batch_size),
+        checkpoint_every=_checks.positive_int("fit", "checkpoint_every", c.checkpoint_every),
     )
-    if ema_decay is not None:
-        _checks.real_number("fit", "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
-    elif eval_ema:
+    if c.start_epoch >= length:
+        raise ValueError(f"fit: start_epoch must be < {c.unit} ({length}), got {c.start_epoch}.")
+    _checks.real_number("fit", "min_delta", c.min_delta, low=0.0)
+    if c.loss_scale is not None and not isinstance(c.loss_scale, DynamicLossScale):
+        raise TypeError(
+            f"fit: loss_scale must be a funcnet.DynamicLossScale or None, got {type(c.loss_scale).__name__}."
+        )
+    if c.run_name is not None and not isinstance(c.run_name, str):
+        raise TypeError(f"fit: run_name must be a str or None, got {type(c.run_name).__name__}.")
+    checks.check_flags(
+        shuffle=c.shuffle, drop_last=c.drop_last, progress=c.progress, eval_ema=c.eval_ema, ema_debias=c.ema_debias
+    )
+    if c.ema_decay is not None:
+        _checks.real_number("fit", "ema_decay", c.ema_decay, low=0.0, high=1.0, high_open=True)
+    elif c.eval_ema:
         raise ValueError("fit: eval_ema=True evaluates the params' moving average, which needs ema_decay (e.g. 0.999).")
-    checks.check_key(key)
-    checks.check_params(params)
-    metrics = checks.check_metrics(metrics, monitor, mode, eval_data is not None)
-    window = 0
-    if windowed:
-        if stream or mesh is not None or (shards or 1) > 1:
-            raise ValueError(
-                "fit: random_windows trains from device data on one device: stream, mesh and shards are not "
-                "supported with it yet."
-            )
-        tokens = _on_device(windows.tokens)
-        window, streamed = windows.length, False
-        x, y, train_digest, inputs = checks.check_data("train_data", (tokens, tokens))
-        rows = x.shape[0]
-        example = np.broadcast_to(np.arange(window), (batch_size, window))
-        value = checks.check_fits_network(
-            "train_data", net, loss, {}, params, x[example], y[example + 1], batch_size, train=True, inputs={}
-        )
-    else:
-        streamed = streaming.chooses_stream(stream, stream_threshold, train_data, eval_data)
-        if streamed and by_steps:
-            raise ValueError("fit: steps= with streamed data is not supported yet: pass stream=False, or epochs.")
-        check_data = streaming.check_host_data if streamed else checks.check_data
-        x, y, train_digest, inputs = check_data("train_data", train_data)
-        inputs = checks.check_inputs("fit", "train_data inputs", net, inputs)
-        rows = x.shape[0]
-        if batch_size > rows:
-            raise ValueError(f"fit: batch_size must be <= the {rows} training rows, got {batch_size}.")
-        value = checks.check_fits_network(
-            "train_data", net, loss, {}, params, x, y, batch_size, train=True, inputs=inputs
-        )
-    if not windowed and rows % batch_size == 1 and not drop_last and has_state(params):
-        try:  # the last batch's one real row: enough values for batch statistics only in images or sequences
-            checks.check_fits_network("train_data", net, loss, {}, params, x, y, 1, train=True, inputs=inputs)
-        except ValueError as error:
-            raise ValueError(
-                f"fit: the last batch holds 1 row ({rows} rows, batch_size {batch_size}), too few for "
-                f"the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
-            ) from error
-    eval_inputs: dict[str, Any] = {}
-    if eval_data is not None:
-        eval_x, eval_y, eval_digest, eval_inputs = (streaming.check_host_data if streamed else checks.check_data)(
-            "eval_data", eval_data
-        )
-        eval_inputs = checks.check_inputs("fit", "eval_data inputs", net, eval_inputs)
-        checks.check_fits_network(
-            "eval_data",
-            net,
-            loss,
-            metrics,
-            params,
-            eval_x,
-            eval_y,
-            min(eval_x.shape[0], eval_batch_size),
-            inputs=eval_inputs,
-        )
-        if not any((e + 1) % eval_every == 0 for e in range(start_epoch, epochs)):
-            raise ValueError(
-                f"fit: eval_every ({eval_every}) leaves no evaluation in {unit} {start_epoch + 1}..{epochs}: "
-                f"with eval_data, fit evaluates every eval_every {unit} (default 10) and keeps the best "
-                f"evaluation's params; pass eval_every={epochs - start_epoch} or less, more {unit}, or no "
-                "eval_data."
-            )
-    else:
-        eval_x = eval_y = eval_digest = None
-    eval_rows = 0 if eval_x is None else eval_x.shape[0]
-    program_optimizer = optimizer
-    if ema_decay is not None:  # the moving average rides in the optimizer state: checkpointed, vmapped, kept best
-        program_optimizer = optimizers.with_ema(optimizer, ema_decay, debias=bool(ema_debias))
-        if opt_state is not None and not isinstance(opt_state, optimizers.EmaState):
+    checks.check_key(c.key)
+    checks.check_params(c.params)
+    metrics = checks.check_metrics(c.metrics, c.monitor, c.mode, c.eval_data is not None)
+    return _checked_optimizer(c._replace(metrics=metrics))
+
+
+def _checked_optimizer(c: _Call) -> _Call:
+    """The optimizer the program runs (with the moving average of ``ema_decay`` in its state:
+    checkpointed, vmapped and kept best with it) and the ``opt_state`` a resume brings."""
+    program_optimizer = c.optimizer
+    if c.ema_decay is not None:
+        program_optimizer = optimizers.with_ema(c.optimizer, c.ema_decay, debias=bool(c.ema_debias))
+        if c.opt_state is not None and not isinstance(c.opt_state, optimizers.EmaState):
             raise ValueError(
                 "fit: opt_state holds no moving average, so ema_decay would start a new one from these "
                 "params instead of continuing the resumed run's. Pass the FitResult.opt_state of the "
                 "ema_decay run you resume (an EmaState: the optimizer's state and the average), or, to "
                 "start a new average here, opt_state=funcnet.start_ema(opt_state, params)."
             )
-    elif isinstance(opt_state, optimizers.EmaState):
+    elif isinstance(c.opt_state, optimizers.EmaState):
         raise ValueError(
             "fit: opt_state holds a moving average (an EmaState, the FitResult.opt_state of an ema_decay "
             "run), but ema_decay is None: pass that run's ema_decay to continue the average, or "
             "opt_state.inner (the optimizer's state alone) to train without one."
         )
-    if opt_state is not None:
-        check_opt_state("fit", program_optimizer, params, opt_state)
-    if mesh is not None:
-        batch_sharding("fit", mesh, data_axis)
-        check_divisible("fit", "batch_size", batch_size, mesh, data_axis)
-        devices = mesh.shape[data_axis]
-        if shards is not None and shards != devices:
+    if c.opt_state is not None:
+        check_opt_state("fit", program_optimizer, c.params, c.opt_state)
+    return c._replace(program_optimizer=program_optimizer)
+
+
+def _checked_data(c: _Call) -> _Data:
+    """Stage 2: the training and eval data, checked against each other and against the network
+    (one abstract evaluation of a batch each, nothing compiled)."""
+    if isinstance(c.train_data, RandomWindows):
+        if c.stream or c.mesh is not None or (c.shards or 1) > 1:
             raise ValueError(
-                f"fit: shards ({shards!r}) must be the {devices} devices of mesh axis {data_axis!r} under "
+                "fit: random_windows trains from device data on one device: stream, mesh and shards are not "
+                "supported with it yet."
+            )
+        tokens = _on_device(c.train_data.tokens)
+        window, streamed = c.train_data.length, False
+        x, y, digest, inputs = checks.check_data("train_data", (tokens, tokens))
+        example = np.broadcast_to(np.arange(window), (c.batch_size, window))
+        value = checks.check_fits_network(
+            "train_data", c.net, c.loss, {}, c.params, x[example], y[example + 1], c.batch_size, train=True, inputs={}
+        )
+    else:
+        window = 0
+        streamed = streaming.chooses_stream(c.stream, c.stream_threshold, c.train_data, c.eval_data)
+        if streamed and c.by_steps:
+            raise ValueError("fit: steps= with streamed data is not supported yet: pass stream=False, or epochs.")
+        x, y, digest, inputs = (streaming.check_host_data if streamed else checks.check_data)(
+            "train_data", c.train_data
+        )
+        inputs = checks.check_inputs("fit", "train_data inputs", c.net, inputs)
+        if c.batch_size > x.shape[0]:
+            raise ValueError(f"fit: batch_size must be <= the {x.shape[0]} training rows, got {c.batch_size}.")
+        fits = lambda rows: checks.check_fits_network(
+            "train_data", c.net, c.loss, {}, c.params, x, y, rows, train=True, inputs=inputs
+        )
+        value = fits(c.batch_size)
+        if x.shape[0] % c.batch_size == 1 and not c.drop_last and has_state(c.params):
+            try:  # the last batch's one real row: enough values for batch statistics only in images or sequences
+                fits(1)
+            except ValueError as error:
+                raise ValueError(
+                    f"fit: the last batch holds 1 row ({x.shape[0]} rows, batch_size {c.batch_size}), too few "
+                    f"for the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
+                ) from error
+    data = _Data(x, y, inputs, digest, None, None, {}, None, window, streamed, value)
+    return data if c.eval_data is None else _checked_eval_data(c, data)
+
+
+def _checked_eval_data(c: _Call, data: _Data) -> _Data:
+    """``data`` with the checked eval data, which must meet an evaluation in the run."""
+    check = streaming.check_host_data if data.streamed else checks.check_data
+    eval_x, eval_y, eval_digest, eval_inputs = check("eval_data", c.eval_data)
+    eval_inputs = checks.check_inputs("fit", "eval_data inputs", c.net, eval_inputs)
+    rows = min(eval_x.shape[0], c.eval_batch_size)
+    checks.check_fits_network("eval_data", c.net, c.loss, c.metrics, c.params, eval_x, eval_y, rows, inputs=eval_inputs)
+    if not any((e + 1) % c.eval_every == 0 for e in range(c.start_epoch, c.epochs)):
+        raise ValueError(
+            f"fit: eval_every ({c.eval_every}) leaves no evaluation in {c.unit} {c.start_epoch + 1}..{c.epochs}: "
+            f"with eval_data, fit evaluates every eval_every {c.unit} (default 10) and keeps the best "
+            f"evaluation's params; pass eval_every={c.epochs - c.start_epoch} or less, more {c.unit}, or no "
+            "eval_data."
+        )
+    return data._replace(eval_x=eval_x, eval_y=eval_y, eval_inputs=eval_inputs, eval_digest=eval_digest)
+
+
+def _plan(c: _Call, data: _Data) -> tuple[_Call, Config]:
+    """Stage 3: the shards (a mesh's data axis, or ``shards``), the checkpoint directory, and the
+    static ``Config`` that selects the compiled program."""
+    c = c._replace(shards=_shards(c, data))
+    if c.checkpoint_dir is not None:
+        arrays = (data.x, data.y, data.inputs, data.eval_x, data.eval_y, data.eval_inputs)
+        parts = (c.params, c.opt_state, arrays, c.key, c.min_delta, partition(c.optimizer)[0], c.ema_decay)
+        if not all(_checks.is_concrete(a) for a in jax.tree_util.tree_leaves(parts)):
+            raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
+        c = c._replace(directory=checkpointing.prepare(c.checkpoint_dir))
+    local, local_batch = data.rows // c.shards, c.batch_size // c.shards
+    masked = local % local_batch != 0 and not c.drop_last and not data.window
+    config = Config(
+        rows=data.rows,
+        batch_size=c.batch_size,
+        batches=1 if data.window else math.ceil(local / local_batch) if masked else local // local_batch,
+        epochs=c.epochs,
+        eval_every=c.eval_every,
+        patience=c.epochs if c.patience is None else c.patience,  # None: more bad evaluations than can happen
+        shuffle=bool(c.shuffle),
+        masked=masked,
+        eval_rows=data.eval_rows,
+        eval_batch_size=c.eval_batch_size,
+        metrics=tuple(c.metrics),
+        monitor=c.monitor,
+        maximize=c.mode == "max",
+        dtype=_checks.wide(data.value.dtype).name,  # totals of float16 losses overflow float16
+        progress=bool(c.progress),
+        mesh=c.mesh,
+        data_axis=c.data_axis,
+        loss_scale=c.loss_scale,
+        shards=c.shards,
+        restore_best=bool(c.restore_best),
+    )
+    if c.ema_decay is not None:
+        config = config._replace(eval_ema=bool(c.eval_ema))
+    if c.by_steps:
+        config = config._replace(steps_mode=True, window=data.window, log_every=c.log_every or 0, on_log=c.on_log)
+    return c, config
+
+
+def _shards(c: _Call, data: _Data) -> int:
+    """How many equal parts of the rows are shuffled and batched on their own, checked: the
+    devices of the mesh's data axis, else ``shards`` (default 1)."""
+    if c.mesh is not None:
+        batch_sharding("fit", c.mesh, c.data_axis)
+        check_divisible("fit", "batch_size", c.batch_size, c.mesh, c.data_axis)
+        shards = int(c.mesh.shape[c.data_axis])
+        if c.shards is not None and c.shards != shards:
+            raise ValueError(
+                f"fit: shards ({c.shards!r}) must be the {shards} devices of mesh axis {c.data_axis!r} under "
                 "that mesh (or None)."
             )
-        shards = devices
     else:
-        shards = _checks.positive_int("fit", "shards", 1 if shards is None else shards)
+        shards = _checks.positive_int("fit", "shards", 1 if c.shards is None else c.shards)
         for name, array in (
-            ("train_data", x),
-            ("eval_data", eval_x),
-            *((f"train_data inputs[{k!r}]", a) for k, a in inputs.items()),
-            *((f"eval_data inputs[{k!r}]", a) for k, a in eval_inputs.items()),
+            ("train_data", data.x),
+            ("eval_data", data.eval_x),
+            *((f"train_data inputs[{k!r}]", a) for k, a in data.inputs.items()),
+            *((f"eval_data inputs[{k!r}]", a) for k, a in data.eval_inputs.items()),
         ):
             distributed.check_global_without_mesh("fit", name, array)
     if shards > 1:
-        where = f"the {shards} devices of mesh axis {data_axis!r}" if mesh is not None else f"shards={shards}"
-        for what, size in (("batch_size", batch_size), ("train_data rows", rows), ("eval_data rows", eval_rows)):
+        where = f"the {shards} devices of mesh axis {c.data_axis!r}" if c.mesh is not None else f"shards={shards}"
+        for what, size in (
+            ("batch_size", c.batch_size),
+            ("train_data rows", data.rows),
+            ("eval_data rows", data.eval_rows),
+        ):
             if size % shards:
                 raise ValueError(
                     f"fit: {what} ({size}) must divide by {where}: each shard holds an equal part of "
                     f"the rows; choose a multiple of {shards} (e.g. drop {size % shards} rows)."
                 )
-    directory = None
-    if checkpoint_dir is not None:
-        traced = [
-            a
-            for a in jax.tree_util.tree_leaves(
-                (
-                    params,
-                    opt_state,
-                    (x, y, inputs),
-                    (eval_x, eval_y, eval_inputs),
-                    key,
-                    min_delta,
-                    partition(optimizer)[0],
-                    ema_decay,
-                )
-            )
-            if not _checks.is_concrete(a)
-        ]
-        if traced:
-            raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
-        directory = checkpointing.prepare(checkpoint_dir)
+    return shards
 
-    local, local_batch = rows // shards, batch_size // shards
-    masked = local % local_batch != 0 and not drop_last and not windowed
-    config = Config(
-        rows=rows,
-        batch_size=batch_size,
-        batches=1 if windowed else math.ceil(local / local_batch) if masked else local // local_batch,
-        epochs=epochs,
-        eval_every=eval_every,
-        patience=epochs if patience is None else patience,  # None: more bad evaluations than can happen
-        shuffle=bool(shuffle),
-        masked=masked,
-        eval_rows=0 if eval_x is None else eval_x.shape[0],
-        eval_batch_size=eval_batch_size,
-        metrics=tuple(metrics),
-        monitor=monitor,
-        maximize=mode == "max",
-        dtype=_checks.wide(value.dtype).name,  # totals of float16 losses overflow float16
-        progress=bool(progress),
-        mesh=mesh,
-        data_axis=data_axis,
-        loss_scale=loss_scale,
-        shards=shards,
-    )
-    if ema_decay is not None:
-        config = config._replace(eval_ema=bool(eval_ema))
-    if by_steps:
-        config = config._replace(
-            steps_mode=True, window=window, log_every=log_every or 0, on_log=on_log, restore_best=bool(restore_best)
-        )
-    elif not restore_best:
-        config = config._replace(restore_best=False)
-    hyper, static = partition((net.apply, loss, program_optimizer, metrics))  # init is not in the program
-    if mesh is not None:  # every process places its own copy
-        params, opt_state = distributed.put_replicated((params, opt_state), mesh)
-    state = fresh_state(params, opt_state, start_epoch, hyper, static=static, config=config)
+
+Run = Callable[[TrainState, int], TrainState]
+
+
+def _placed(c: _Call, data: _Data, config: Config) -> tuple[TrainState, Run, _Data]:
+    """Stage 4: the first training state and the data where the program reads them, and ``run``,
+    training from a state up to an epoch (or step). The ``_Data`` returned is what the
+    checkpoint's fingerprint sees (a streamed fit's shapes and digests)."""
+    hyper, static = partition((c.net.apply, c.loss, c.program_optimizer, c.metrics))  # init is not in the program
+    params, opt_state = c.params, c.opt_state
+    if c.mesh is not None:  # every process places its own copy
+        params, opt_state = distributed.put_replicated((params, opt_state), c.mesh)
+    state = fresh_state(params, opt_state, c.start_epoch, hyper, static=static, config=config)
     # The inputs beyond x ride with x (``program.WithInputs``): every row operation maps over them.
-    features, eval_features = with_inputs(x, inputs), None if eval_x is None else with_inputs(eval_x, eval_inputs)
-    if streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
-        eval_pair = None if eval_x is None else (eval_features, eval_y)
-        run = streaming.runner(hyper, (features, y), eval_pair, key, min_delta, static=static, config=config)
-        if directory is not None:  # one pass over the data, in bounded memory, for the fingerprint
-            train_digest = streaming.digest(x, y, inputs)
-            eval_digest = None if eval_x is None else streaming.digest(eval_x, eval_y, eval_inputs)
-        x, y, eval_x, eval_y = (None if a is None else streaming.shape_of(a) for a in (x, y, eval_x, eval_y))
-        inputs, eval_inputs = ({k: streaming.shape_of(a) for k, a in i.items()} for i in (inputs, eval_inputs))
-    else:
-        features, y = _on_devices("train_data", features, y, mesh, data_axis)
-        if eval_features is not None:
-            eval_features, eval_y = _on_devices("eval_data", eval_features, eval_y, mesh, data_axis)
-        program = traced_segment if _checks.tracing() else segment
-        run = lambda state, stop: program(
-            state, hyper, features, y, eval_features, eval_y, key, min_delta, stop, static=static, config=config
+    features = with_inputs(data.x, data.inputs)
+    eval_features = None if data.eval_x is None else with_inputs(data.eval_x, data.eval_inputs)
+    if data.streamed:  # the data stays on the host; the fingerprint sees its device shapes and dtypes
+        eval_pair = None if eval_features is None else (eval_features, data.eval_y)
+        run = streaming.runner(hyper, (features, data.y), eval_pair, c.key, c.min_delta, static=static, config=config)
+        if c.directory is not None:  # one pass over the data, in bounded memory, for the fingerprint
+            data = data._replace(
+                digest=streaming.digest(data.x, data.y, data.inputs),
+                eval_digest=None
+                if data.eval_x is None
+                else streaming.digest(data.eval_x, data.eval_y, data.eval_inputs),
+            )
+        shape = lambda a: None if a is None else streaming.shape_of(a)
+        data = data._replace(
+            x=shape(data.x),
+            y=shape(data.y),
+            eval_x=shape(data.eval_x),
+            eval_y=shape(data.eval_y),
+            inputs={k: shape(a) for k, a in data.inputs.items()},
+            eval_inputs={k: shape(a) for k, a in data.eval_inputs.items()},
         )
+        return state, run, data
+    features, y = _on_devices("train_data", features, data.y, c.mesh, c.data_axis)
+    eval_y = data.eval_y
+    if eval_features is not None:
+        eval_features, eval_y = _on_devices("eval_data", eval_features, eval_y, c.mesh, c.data_axis)
+    program = traced_segment if _checks.tracing() else segment
+    key, min_delta = c.key, c.min_delta
+    run = lambda s, stop: program(
+        s, hyper, features, y, eval_features, eval_y, key, min_delta, stop, static=static, config=config
+    )
+    return state, run, data
+
+
+def _run(c: _Call, data: _Data, config: Config) -> FitResult:
+    """Stage 5: train, in one segment, or in segments of ``checkpoint_every`` with a checkpoint
+    after each (resuming from the newest one of the same run), and the result."""
+    state, run, data = _placed(c, data, config)
     show = config.progress and distributed.is_writer()  # one bar, from process 0
-    if directory is None:
-        with bar(show, epochs, start_epoch, unit[:-1]):
+    if c.directory is None:
+        with bar(show, c.epochs, c.start_epoch, c.unit[:-1]):
             try:
-                state = run(state, epochs)
+                state = run(state, c.epochs)
             except Exception as error:  # JAX's own words do not name the option at fault
-                if on_log is not None and "not supported in vmap" in str(error):
+                if c.on_log is not None and "not supported in vmap" in str(error):
                     raise ValueError(
                         "fit: on_log calls the host in order, which cannot run under vmap; log without "
                         "on_log (history.step_loss, learning_rate, grad_norm hold every entry) or fit "
@@ -484,52 +631,57 @@ def fit(
             if config.progress:
                 jax.block_until_ready(state)
                 jax.effects_barrier()
-        return _finish(state, start_epoch, config)
-    run_id = checkpointing.fingerprint(
-        net=net,
-        loss=loss,
-        optimizer=optimizer,
-        metrics=metrics,
-        params=params,
-        opt_state=opt_state,
-        train_data=(x, y, inputs),
-        eval_data=None if eval_x is None else (eval_x, eval_y, eval_inputs),
-        data_digests=(train_digest, eval_digest),
-        key=key,
-        run_name=run_name,
-        start_epoch=start_epoch,
-        batch_size=batch_size,
-        eval_every=eval_every,
-        patience=patience,
-        min_delta=float(min_delta),
-        shuffle=bool(shuffle),
-        drop_last=bool(drop_last),
-        **({} if shards == 1 else {"shards": shards}),  # checkpoints of one-shard runs keep their fingerprint
-        **({"by_steps": True, "window": window, "log_every": log_every} if by_steps else {}),
-        monitor=monitor,
-        mode=mode,
-        loss_scale=loss_scale,
-        **(
-            {}
-            if ema_decay is None
-            else {"ema_decay": float(ema_decay), "eval_ema": bool(eval_ema), "ema_debias": bool(ema_debias)}
-        ),
-    )
-    restored = checkpointing.restore(directory, state, run_id, epochs)
-    resumed = start_epoch
+        return _finish(state, c.start_epoch, config)
+    run_id = _fingerprint(c, data)
+    restored = checkpointing.restore(c.directory, state, run_id, c.epochs)
+    resumed = c.start_epoch
     if restored is not None:
         state, resumed = restored
-        if mesh is not None:  # host values: every process places its copy (NaN history entries included)
-            state = distributed.put_replicated(state, mesh)
+        if c.mesh is not None:  # host values: every process places its copy (NaN history entries included)
+            state = distributed.put_replicated(state, c.mesh)
         if show:
-            print(f"fit: resumed from {unit[:-1]} {resumed} of the checkpoint in {str(directory)!r}", flush=True)
-    with bar(show, epochs, int(state.epoch), unit[:-1]):
-        while not bool(state.stopped) and int(state.epoch) < epochs:
-            state = run(state, min(int(state.epoch) + checkpoint_every, epochs))
-            checkpointing.store(directory, state, int(state.epoch), run_id)
+            print(f"fit: resumed from {c.unit[:-1]} {resumed} of the checkpoint in {str(c.directory)!r}", flush=True)
+    with bar(show, c.epochs, int(state.epoch), c.unit[:-1]):
+        while not bool(state.stopped) and int(state.epoch) < c.epochs:
+            state = run(state, min(int(state.epoch) + c.checkpoint_every, c.epochs))
+            checkpointing.store(c.directory, state, int(state.epoch), run_id)
             if config.progress:
                 jax.effects_barrier()
-    return _finish(state, start_epoch, config, resumed)
+    return _finish(state, c.start_epoch, config, resumed)
+
+
+def _fingerprint(c: _Call, data: _Data) -> dict[str, str]:
+    """The run's identity in its checkpoints: what a resume must agree on (``checkpointing.fingerprint``)."""
+    return checkpointing.fingerprint(
+        net=c.net,
+        loss=c.loss,
+        optimizer=c.optimizer,
+        metrics=c.metrics,
+        params=c.params,
+        opt_state=c.opt_state,
+        train_data=(data.x, data.y, data.inputs),
+        eval_data=None if data.eval_x is None else (data.eval_x, data.eval_y, data.eval_inputs),
+        data_digests=(data.digest, data.eval_digest),
+        key=c.key,
+        run_name=c.run_name,
+        start_epoch=c.start_epoch,
+        batch_size=c.batch_size,
+        eval_every=c.eval_every,
+        patience=c.patience,
+        min_delta=float(c.min_delta),
+        shuffle=bool(c.shuffle),
+        drop_last=bool(c.drop_last),
+        **({} if c.shards == 1 else {"shards": c.shards}),  # checkpoints of one-shard runs keep their fingerprint
+        **({"by_steps": True, "window": data.window, "log_every": c.log_every} if c.by_steps else {}),
+        monitor=c.monitor,
+        mode=c.mode,
+        loss_scale=c.loss_scale,
+        **(
+            {}
+            if c.ema_decay is None
+            else {"ema_decay": float(c.ema_decay), "eval_ema": bool(c.eval_ema), "ema_debias": bool(c.ema_debias)}
+        ),
+    )
 
 
 def _described(arguments: dict[str, Any]) -> dict[str, str]:
