@@ -4,10 +4,13 @@ Every process joins the others with ``jax.distributed.initialize``, loads only i
 the digits data, assembles the global arrays with ``jax.make_array_from_process_local_data``
 and calls the same ``fit`` with a mesh over every process's devices. Each device shuffles and
 batches its own rows, a step moves only gradients between devices, and every process reads the
-(replicated) result.
+(replicated) result. With ``--fsdp`` the params and Adam's moments are sharded over the same
+devices as well (``fit(..., param_axis="data")``): each process holds only its blocks of them.
 
     python examples/multihost.py --processes 2          # 2 local processes of this script (CPU)
     python examples/multihost.py --processes 2 --quick  # 3 epochs, for a smoke test
+    python examples/multihost.py --processes 2 --fsdp   # FSDP: params and optimizer state sharded
+                                                        # over the processes' devices too
     srun --ntasks 4 python examples/multihost.py        # SLURM: a bare jax.distributed.initialize()
                                                         # reads the job (Open MPI, Kubernetes too)
     JAX_COORDINATOR_ADDRESS=host0:1234 python examples/multihost.py --num-processes 4 --process-id I
@@ -53,9 +56,11 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int, help="the process count (without a cluster manager)")
     parser.add_argument("--process-id", type=int, help="this process's id, 0 .. count - 1 (likewise)")
     parser.add_argument("--quick", action="store_true", help="3 epochs")
+    parser.add_argument("--fsdp", action="store_true", help="shard params and optimizer state over the devices too")
     args = parser.parse_args()
     if args.processes:
-        sys.exit(launch(args.processes, args.devices, ["--quick"] if args.quick else []))
+        passed = ["--quick"] * args.quick + ["--fsdp"] * args.fsdp
+        sys.exit(launch(args.processes, args.devices, passed))
 
     import jax
 
@@ -115,13 +120,19 @@ def main() -> None:
         mode="max",
         key=jax.random.PRNGKey(1),
         mesh=mesh,
+        # FSDP: leaves of 512 elements or more (the 64 x 64 and 64 x 10 weights and their momenta) split
+        # over the devices, the biases replicated; the default threshold is 16,384 (help(fn.FSDP))
+        param_axis=fn.FSDP("data", min_size=512) if args.fsdp else None,
         progress=not args.quick,  # shown by process 0 only
     )
     # Every process reads the whole (replicated) result; none of them ever held all the data.
     accuracy = np.asarray(result.history.eval_metrics["accuracy"])
+    held = sum(s.data.size for leaf in jax.tree_util.tree_leaves(result.params) for s in leaf.addressable_shards)
+    total = sum(leaf.size for leaf in jax.tree_util.tree_leaves(result.params))
     print(
         f"process {me} of {count} ({jax.local_device_count()} of {jax.device_count()} devices): "
-        f"best test accuracy {np.nanmax(accuracy):.2%} after {int(result.best_epoch)} epochs",
+        f"best test accuracy {np.nanmax(accuracy):.2%} after {int(result.best_epoch)} epochs"
+        + (f"; holds {held} of the {total} params" if args.fsdp else ""),
         flush=True,
     )
 

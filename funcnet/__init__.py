@@ -85,20 +85,25 @@ from funcnet.precision import DynamicLossScale, LossScaleState, mixed_precision
 from funcnet.recurrent import GRU, LSTM, RNN, GRUParams, LSTMParams, RNNParams, TimeDistributed, gru, lstm, rnn
 from funcnet.state import merge_state, split_state
 from funcnet.train import (
+    FSDP,
     FitCheckpoint,
     FitResult,
     History,
     JsonLinesLogger,
     RandomWindows,
+    TensorBoardLogger,
     fit,
+    param_shardings,
     random_windows,
     read_checkpoint,
+    shard_params,
     train_step,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FSDP",
     "GRU",
     "LSTM",
     "RNN",
@@ -148,6 +153,7 @@ __all__ = [
     "RMSNormParams",
     "RNNParams",
     "RandomWindows",
+    "TensorBoardLogger",
     "TimeDistributed",
     "WeightParams",
     "accumulate",
@@ -196,6 +202,7 @@ __all__ = [
     "normal",
     "parallel",
     "param_count",
+    "param_shardings",
     "prefill",
     "random_windows",
     "read_checkpoint",
@@ -208,6 +215,7 @@ __all__ = [
     "save",
     "serial",
     "sgd",
+    "shard_params",
     "sigmoid",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

@@ -133,7 +133,15 @@ class _Residual(_Serial):
 
 
 def residual(*layers: Layer) -> Layer:
-    """``x + serial(*layers)(x)``: a residual (skip) connection around the layers."""
+    """``x + serial(*layers)(x)``: a residual (skip) connection around the layers.
+
+    Args:
+      *layers: layers that together keep the input's shape; ``apply``'s keyword inputs reach
+        those that take them, as in ``serial``.
+
+    Returns:
+      A ``Layer`` with the input's shape; params a tuple, one entry per layer.
+    """
     return _Residual(check_layers("residual", layers)).layer()
 
 
@@ -157,7 +165,14 @@ class _FanOut(LayerSpec):
 
 
 def FanOut(count: int) -> Layer:
-    """One input to ``count`` copies, for ``parallel`` branches."""
+    """One input to ``count`` copies, for ``parallel`` branches.
+
+    Args:
+      count: the number of copies, a positive int.
+
+    Returns:
+      A ``Layer`` without params whose output is a tuple of ``count`` inputs.
+    """
     _checks.positive_int("FanOut", "count", count)
     return _FanOut(int(count)).layer()
 
@@ -220,7 +235,15 @@ class _Parallel(_Runs):
 
 
 def parallel(*layers: Layer) -> Layer:
-    """Layer ``i`` applied to input ``i`` of a tuple of inputs; outputs a tuple."""
+    """Layer ``i`` applied to input ``i`` of a tuple of inputs; outputs a tuple.
+
+    Args:
+      *layers: one layer per input (per branch).
+
+    Returns:
+      A ``Layer`` from a tuple of inputs (shapes: a tuple of shapes) to a tuple of outputs;
+      params a tuple, one entry per layer.
+    """
     return _Parallel(check_layers("parallel", layers)).layer()
 
 
@@ -246,7 +269,11 @@ class _FanInSum(LayerSpec):
 
 
 def FanInSum() -> Layer:
-    """The sum of several inputs of one shape."""
+    """The sum of several inputs of one shape.
+
+    Returns:
+      A ``Layer`` without params from a tuple of inputs to their sum.
+    """
     return _FanInSum().layer()
 
 
@@ -284,7 +311,14 @@ class _FanInConcat(LayerSpec):
 
 
 def FanInConcat(axis: int = -1) -> Layer:
-    """Several inputs concatenated along ``axis`` (the features, by default; never the batch)."""
+    """Several inputs concatenated along ``axis`` (the features, by default; never the batch).
+
+    Args:
+      axis: the axis of the concatenation, never the batch's (0); default ``-1``.
+
+    Returns:
+      A ``Layer`` without params from a tuple of inputs, equal in their other sizes, to one array.
+    """
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"FanInConcat: axis must be an int, got {type(axis).__name__} {axis!r}.")
     return _FanInConcat(int(axis)).layer()
@@ -417,6 +451,12 @@ def remat(layer: Layer) -> Layer:
 
     Training mode (``train_apply``) runs ``layer`` in training mode: its state (BatchNorm's running
     statistics) is updated by the forward, as without ``remat``. Decoding passes through.
+
+    Args:
+      layer: any ``Layer`` (a block).
+
+    Returns:
+      A ``Layer`` computing what ``layer`` computes, with its params.
     """
     (layer,) = check_layers("remat", (layer,))
     return _Remat(layer).layer()
@@ -489,6 +529,13 @@ def tied(embedding: Layer, *layers: Layer) -> Layer:
     *layers' params)``: one ``W``, which ``summary`` counts once, whose gradient is the sum of the
     embedding's (a scatter-add) and the head's (``weight_multiply``'s, transposed). Inputs beyond
     ``x``, training mode and decoding reach ``layers`` as in ``serial``.
+
+    Args:
+      embedding: an ``Embedding(vocab, features)``, whose table is also the output head.
+      *layers: the body, ending with ``features`` features.
+
+    Returns:
+      A ``Layer`` from ``(batch, ...)`` integer ids to ``(batch, ..., vocab)`` logits.
     """
     parts = check_layers("tied", (embedding, *layers))
     if not isinstance(spec_of(parts[0]), _Embedding):

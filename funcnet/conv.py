@@ -96,7 +96,18 @@ def _conv2d(x: Array, W: Array, stride: Pair, padding: str) -> Array:
 
 
 def conv2d(x: jax.Array, W: jax.Array, *, stride: int | tuple[int, int] = 1, padding: str = "SAME") -> jax.Array:
-    """2-D cross-correlation of NHWC ``x`` with HWIO ``W``. Book: Conv2D_Op."""
+    """2-D cross-correlation of NHWC ``x`` with HWIO ``W``. Book: Conv2D_Op.
+
+    Args:
+      x: ``(batch, height, width, in_channels)`` floating images.
+      W: ``(kernel_h, kernel_w, in_channels, out_channels)`` kernel, of x's dtype.
+      stride: an int or ``(sh, sw)`` pair; default ``1``.
+      padding: ``"SAME"`` (output ``ceil(size / stride)``) or ``"VALID"``; default ``"SAME"``.
+
+    Returns:
+      ``(batch, out_height, out_width, out_channels)``; the backward is the book's, as
+      convolutions (module docstring).
+    """
     stride = _pair("conv2d", "stride", stride)
     padding = _padding("conv2d", padding)
     _check_conv(x, W, stride, padding)
@@ -146,7 +157,17 @@ def _check_pool(fn: str, x: Any, window: Pair) -> None:
 def max_pool2d(
     x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None
 ) -> jax.Array:
-    """Max over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
+    """Max over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID.
+
+    Args:
+      x: ``(batch, height, width, channels)`` floating images.
+      window: an int or ``(wh, ww)`` pair that fits the image; default ``2``.
+      stride: an int or pair; ``None`` (the default) is the window, non-overlapping patches.
+
+    Returns:
+      ``(batch, (height - wh) // sh + 1, (width - ww) // sw + 1, channels)``; each window's
+      gradient goes to its arg-max (the first, on ties).
+    """
     fn = "max_pool2d"
     window = _pair(fn, "window", window)
     stride = window if stride is None else _pair(fn, "stride", stride)
@@ -196,7 +217,17 @@ _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
 def avg_pool2d(
     x: jax.Array, window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None
 ) -> jax.Array:
-    """Mean over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID."""
+    """Mean over ``window`` patches of NHWC ``x`` every ``stride`` pixels (default: the window), VALID.
+
+    Args:
+      x: ``(batch, height, width, channels)`` floating images.
+      window: an int or ``(wh, ww)`` pair that fits the image; default ``2``.
+      stride: an int or pair; ``None`` (the default) is the window, non-overlapping patches.
+
+    Returns:
+      ``(batch, (height - wh) // sh + 1, (width - ww) // sw + 1, channels)``; each window's
+      gradient is spread evenly over it.
+    """
     fn = "avg_pool2d"
     window = _pair(fn, "window", window)
     stride = window if stride is None else _pair(fn, "stride", stride)
@@ -296,7 +327,24 @@ def Conv2D(
     b_init: initializers.Initializer = initializers.standard_normal,
     dtype: Any = None,
 ) -> Layer:
-    """``activation(conv2d(x, W) + B)`` on NHWC images. Book: Conv2D."""
+    """``activation(conv2d(x, W) + B)`` on NHWC images. Book: Conv2D.
+
+    Args:
+      out_channels: output channels (the book's ``out_channels``).
+      kernel_size: an int or ``(kh, kw)`` pair.
+      activation: any ``array -> array``; default ``linear`` (none).
+      stride: an int or ``(sh, sw)`` pair; default ``1``.
+      padding: ``"SAME"`` or ``"VALID"``; default ``"SAME"``.
+      w_init: W's initializer ``(key, shape, dtype)``; default ``standard_normal`` (the book's
+        N(0, 1)); ``glorot_normal`` is the modern choice.
+      b_init: B's initializer; default ``standard_normal`` (the book's); ``zeros`` is the modern
+        choice.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` on ``(batch, height, width, in_channels)`` images; params
+      ``Conv2DParams(W, B)`` with ``W: (kh, kw, in_channels, out_channels)``, ``B: (1, out_channels)``.
+    """
     kernel = _pair("Conv2D", "kernel_size", kernel_size)
     name = f"Conv2D({out_channels}, {kernel[0]}x{kernel[1]}, {activation_name(activation)})"
     _checks.positive_int(name, "out_channels", out_channels)
@@ -340,7 +388,15 @@ class _MaxPool2D(LayerSpec):
 
 
 def MaxPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> Layer:
-    """Max pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
+    """Max pooling over ``window`` patches (VALID), ``stride`` defaulting to the window.
+
+    Args:
+      window: an int or ``(wh, ww)`` pair; default ``2``.
+      stride: an int or pair; ``None`` (the default) is the window.
+
+    Returns:
+      A ``Layer`` without params running ``max_pool2d`` on NHWC images.
+    """
     window = _pair("MaxPool2D", "window", window)
     return _MaxPool2D(window, window if stride is None else _pair("MaxPool2D", "stride", stride)).layer()
 
@@ -357,7 +413,15 @@ class _AvgPool2D(_MaxPool2D):
 
 
 def AvgPool2D(window: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None) -> Layer:
-    """Average pooling over ``window`` patches (VALID), ``stride`` defaulting to the window."""
+    """Average pooling over ``window`` patches (VALID), ``stride`` defaulting to the window.
+
+    Args:
+      window: an int or ``(wh, ww)`` pair; default ``2``.
+      stride: an int or pair; ``None`` (the default) is the window.
+
+    Returns:
+      A ``Layer`` without params running ``avg_pool2d`` on NHWC images.
+    """
     window = _pair("AvgPool2D", "window", window)
     return _AvgPool2D(window, window if stride is None else _pair("AvgPool2D", "stride", stride)).layer()
 
@@ -380,5 +444,9 @@ class _Flatten(LayerSpec):
 
 
 def Flatten() -> Layer:
-    """``(batch, ...)`` to ``(batch, features)``, for a Dense after convolutions. Book: Conv2D(flatten=True)."""
+    """``(batch, ...)`` to ``(batch, features)``, for a Dense after convolutions. Book: Conv2D(flatten=True).
+
+    Returns:
+      A ``Layer`` without params; ``features`` is the product of the non-batch sizes.
+    """
     return _Flatten().layer()

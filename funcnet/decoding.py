@@ -61,7 +61,17 @@ def _check_net(fn: str, net: Any) -> None:
 
 
 def init_cache(net: Layer, params: Params, batch: int, max_length: int) -> Cache:
-    """An empty cache for ``batch`` sequences of up to ``max_length`` tokens."""
+    """An empty cache for ``batch`` sequences of up to ``max_length`` tokens.
+
+    Args:
+      net: the language model, ``(batch, T)`` token ids to ``(batch, T, vocab)`` logits.
+      params: its params (the cache takes their dtype).
+      batch: the number of sequences.
+      max_length: the most tokens a sequence holds, prompt included.
+
+    Returns:
+      A ``Cache``: each attention layer's keys and values, and every sequence at position 0.
+    """
     fn = "init_cache"
     _check_net(fn, net)
     batch = _checks.positive_int(fn, "batch", batch)
@@ -96,7 +106,19 @@ def prefill(
     net: Layer, params: Params, cache: Cache, tokens: jax.Array, *, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, Cache]:
     """Run ``tokens: (batch, P)`` into the cache; returns the logits ``(batch, P, vocab)`` and the
-    cache, each sequence ``lengths[b]`` (default ``P``) tokens longer."""
+    cache, each sequence ``lengths[b]`` (default ``P``) tokens longer.
+
+    Args:
+      net: the model ``init_cache`` was given.
+      params: its params.
+      cache: from ``init_cache`` (or an earlier call), with room for ``P`` more tokens.
+      tokens: ``(batch, P)`` integer ids, right-padded where a prompt is shorter.
+      lengths: ``(batch,)`` integers in ``[1, P]``, each prompt's real length (default ``P``).
+
+    Returns:
+      ``(logits, cache)``: ``(batch, P, vocab)`` logits (those past a prompt's length mean
+      nothing) and the cache after the prompts.
+    """
     fn = "prefill"
     _check_net(fn, net)
     _check_tokens(fn, cache, tokens, 2)
@@ -122,7 +144,18 @@ def prefill(
 
 
 def decode_step(net: Layer, params: Params, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
-    """Append ``tokens: (batch,)``, one per sequence; returns their logits ``(batch, vocab)`` and the cache."""
+    """Append ``tokens: (batch,)``, one per sequence; returns their logits ``(batch, vocab)`` and the cache.
+
+    Args:
+      net: the model ``init_cache`` was given.
+      params: its params.
+      cache: from ``prefill`` or an earlier step.
+      tokens: ``(batch,)`` integer ids, one per sequence.
+
+    Returns:
+      ``(logits, cache)``: the next token's ``(batch, vocab)`` logits, and the cache one token
+      longer, equal to a full recomputation of each prefix.
+    """
     fn = "decode_step"
     _check_net(fn, net)
     _check_tokens(fn, cache, tokens, 1)
@@ -207,6 +240,7 @@ def generate(
       top_k: sample among the ``top_k`` most likely tokens only, in ``[1, vocab]``; ``top_k=1`` is greedy.
       top_p: sample among the smallest set of tokens whose probability reaches ``top_p``, in (0, 1].
       prompt_lengths: ``(batch,)`` each prompt's real length in ``[1, P]`` (default ``P``).
+
     Returns:
       ``(batch, P + steps)``: row ``b`` holds its ``prompt_lengths[b]`` prompt tokens, then its
       ``steps`` new tokens, then (for a shorter prompt) the rest of its padding's columns as given.

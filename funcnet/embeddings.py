@@ -76,7 +76,15 @@ _embedding_vjp.defvjp(_embedding_fwd, _embedding_bwd)
 
 
 def embedding(ids: jax.Array, W: jax.Array) -> jax.Array:
-    """``W[ids]``: rows of ``W: (vocab, features)`` for integer ``ids`` of any shape."""
+    """``W[ids]``: rows of ``W: (vocab, features)`` for integer ``ids`` of any shape.
+
+    Args:
+      ids: integer token ids in ``[0, vocab)``, any shape.
+      W: ``(vocab, features)`` floating table.
+
+    Returns:
+      ``(*ids.shape, features)``; W's gradient is the output gradient scattered-added by id.
+    """
     fn = "embedding"
     _checks.array(fn, "ids", ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -136,7 +144,17 @@ def Embedding(
     w_init: initializers.Initializer = initializers.standard_normal,
     dtype: Any = None,
 ) -> Layer:
-    """Integer ids ``(batch, ...)`` to vectors ``(batch, ..., features)``; W drawn from N(0, 1) by default."""
+    """Integer ids ``(batch, ...)`` to vectors ``(batch, ..., features)``; W drawn from N(0, 1) by default.
+
+    Args:
+      vocab_size: the number of ids.
+      features: the vectors' size.
+      w_init: the table's initializer; default ``standard_normal`` (torch's ``nn.Embedding``).
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer``; params ``EmbeddingParams(W)``, ``W: (vocab_size, features)``.
+    """
     name = f"Embedding({vocab_size}, {features})"
     _checks.positive_int(name, "vocab_size", vocab_size)
     _checks.positive_int(name, "features", features)
@@ -200,7 +218,17 @@ _POSITIONS_INIT = initializers.normal(0.02)
 def PositionalEmbedding(
     max_length: int, *, w_init: initializers.Initializer = _POSITIONS_INIT, dtype: Any = None
 ) -> Layer:
-    """Learned positions: ``x + W[:T]`` on ``(batch, T, features)``, ``T <= max_length``; W from N(0, 0.02**2)."""
+    """Learned positions: ``x + W[:T]`` on ``(batch, T, features)``, ``T <= max_length``; W from N(0, 0.02**2).
+
+    Args:
+      max_length: the longest sequence, T's bound.
+      w_init: the table's initializer; default ``normal(0.02)`` (GPT-2's).
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` keeping the input's shape; params ``PositionalEmbeddingParams(W)``,
+      ``W: (max_length, features)``.
+    """
     name = f"PositionalEmbedding({max_length})"
     _checks.positive_int(name, "max_length", max_length)
     _checks.callable_(name, "w_init", w_init)
@@ -260,6 +288,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array | np.ndarray, *, base: f
       positions: each step's position, ``(T,)`` (shared by the batch) or ``(batch, T)``; an
         integer or float array, possibly traced (a decoding offset). Not differentiated.
       base: the frequency base, a Python number > 0 (10000 in RoFormer and LLaMA).
+
     Returns:
       ``x`` with each pair ``(x[..., i], x[..., i + head_dim // 2])`` rotated by
       ``positions * base ** (-2 i / head_dim)``, in ``x``'s shape and dtype.

@@ -114,11 +114,13 @@ def check_vjp(
       *args: the point to check at: arrays, or pytrees of arrays (a layer's params); messages
         name a leaf by argument and path, e.g. ``argument 1 (.W)``. Floating leaves are
         differentiated; others are fixed.
-      rtol, atol: tolerance of the forward and vjp comparisons; default by dtype
-        (float32: 1e-4/1e-6, float64: 1e-10/1e-12; atol scales
-        with the largest expected entry).
-      fd_rtol, fd_atol: tolerance of the finite-difference check; default by dtype
-        (float32: 2e-2/2e-3, float64: 1e-6/1e-8).
+      rtol: relative tolerance of the forward and vjp comparisons; ``None``: by dtype
+        (float32: 1e-4, float64: 1e-10).
+      atol: their absolute tolerance, which scales with the largest expected entry; ``None``:
+        by dtype (float32: 1e-6, float64: 1e-12).
+      fd_rtol: relative tolerance of the finite-difference check; ``None``: by dtype
+        (float32: 2e-2, float64: 1e-6).
+      fd_atol: its absolute tolerance; ``None``: by dtype (float32: 2e-3, float64: 1e-8).
       num_cotangents: how many random cotangents (and directions) to try.
       seed: seed of the random cotangents and directions.
     Raises:

@@ -31,7 +31,16 @@ def _fans(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def standard_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """N(0, 1): the book's default for W and B."""
+    """N(0, 1): the book's default for W and B.
+
+    Args:
+      key: a PRNG key.
+      shape: the array's shape.
+      dtype: a floating dtype; default ``float32``.
+
+    Returns:
+      An array of ``shape`` and ``dtype`` drawn from N(0, 1).
+    """
     return jax.random.normal(key, tuple(shape), dtype)
 
 
@@ -50,18 +59,43 @@ def normal(stddev: float) -> Initializer:
     """N(0, stddev**2): the book's ``weight_scale`` (chapter 6 draws every weight from N(0, 0.01)).
 
     A value, like the layers: ``normal(0.01) == normal(0.01)``.
+
+    Args:
+      stddev: the standard deviation, > 0.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array`` drawing from N(0, stddev**2).
     """
     _checks.real_number("normal", "stddev", stddev, low=0.0, low_open=True)
     return _Normal(float(stddev))
 
 
 def glorot_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """N(0, 2 / (fan_in + fan_out)): the book's chapter-4 "glorot" initialization."""
+    """N(0, 2 / (fan_in + fan_out)): the book's chapter-4 "glorot" initialization.
+
+    Args:
+      key: a PRNG key.
+      shape: at least 2-D: ``(fan_in, fan_out)``, or a kernel ``(..., in, out)`` whose fans are
+        multiplied by the receptive field (the product of the leading sizes).
+      dtype: a floating dtype; default ``float32``.
+
+    Returns:
+      An array of ``shape`` and ``dtype``.
+    """
     fan_in, fan_out = _fans(shape)
     return jax.random.normal(key, tuple(shape), dtype) * jnp.sqrt(jnp.asarray(2.0 / (fan_in + fan_out), dtype))
 
 
 def zeros(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """All zeros (a common choice for B)."""
+    """All zeros (a common choice for B).
+
+    Args:
+      key: unused (an initializer's signature).
+      shape: the array's shape.
+      dtype: default ``float32``.
+
+    Returns:
+      Zeros of ``shape`` and ``dtype``.
+    """
     del key
     return jnp.zeros(tuple(shape), dtype)

@@ -233,7 +233,14 @@ def check_init_arguments(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any])
 @dataclass_transform(frozen_default=True)
 def layer_spec(cls: type[T]) -> type[T]:
     """Class decorator for a ``LayerSpec`` subclass: a frozen dataclass that keeps the spec's repr,
-    whose ``init`` called with a concrete key runs as one compiled program (``_compiled_init``)."""
+    whose ``init`` called with a concrete key runs as one compiled program (``_compiled_init``).
+
+    Args:
+      cls: the ``LayerSpec`` subclass; its annotated fields are the layer's configuration.
+
+    Returns:
+      ``cls`` as a frozen dataclass: equal fields give equal, equally hashed specs.
+    """
     if "init" in cls.__dict__:
         cls.init = _compiled_init(cls.__dict__["init"])  # type: ignore[attr-defined]
     return dataclasses.dataclass(frozen=True, repr=False)(cls)
@@ -365,7 +372,15 @@ class _Named(LayerSpec):
 def named(name: str, layer: Layer) -> Layer:
     """``layer`` shown as ``name`` in ``summary`` and in error messages (a ``Layer(init, apply)``
     of closures otherwise shows as its init function's name). It computes exactly what ``layer``
-    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value."""
+    does and, like it, compiles once per object; a ``LayerSpec`` compiles once per value.
+
+    Args:
+      name: a non-empty str.
+      layer: any ``Layer``.
+
+    Returns:
+      A ``Layer`` computing what ``layer`` computes, with ``layer``'s params.
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"named: name must be a non-empty str, got {name!r}.")
     if not isinstance(layer, Layer):
@@ -412,6 +427,13 @@ def train_apply(layer: Layer) -> Callable[..., tuple[Any, Params]]:
     statistics updated; every other layer returns its params unchanged. ``row_mask: (batch,)``
     bool keeps rows (False) out of batch statistics. ``inputs`` (``kv_lengths``, ``mask``)
     reach the layers that take them, as in ``apply``. ``layer.apply(params, x)`` stays inference.
+
+    Args:
+      layer: any ``Layer``. A ``Layer(init, apply)`` of closures runs its ``apply`` and returns
+        its params unchanged; if those params hold layer state, that is an error.
+
+    Returns:
+      The function ``(params, x, *, key=None, row_mask=None, **inputs) -> (y, params)``.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"train_apply: layer must be a Layer(init, apply), got {type(layer).__name__}.")
@@ -462,7 +484,15 @@ def own_inputs(layer: Layer, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def layer_inputs(layer: Layer) -> frozenset[str] | None:
     """The inputs beyond ``x`` that ``layer.apply`` takes as keywords (``None``: any). A spec says
-    so itself (``LayerSpec.inputs``); a Layer of closures by its ``apply``'s signature."""
+    so itself (``LayerSpec.inputs``); a Layer of closures by its ``apply``'s signature.
+
+    Args:
+      layer: any ``Layer``.
+
+    Returns:
+      The keyword names (``frozenset({"kv_lengths", "mask"})`` for attention), or ``None`` when
+      ``apply`` takes ``**kwargs`` and so any input.
+    """
     spec = spec_of(layer)
     if spec is not None:
         return spec.inputs
@@ -658,9 +688,16 @@ def Dense(
       activation: any ``array -> array``; default ``sigmoid`` (the book's).
       use_bias: with False, no ``B``: ``activation(weight_multiply(x, W))`` and params
         ``WeightParams(W)`` (nanoGPT's ``bias=False``); with True, ``DenseParams(W, B)``.
-      w_init, b_init: initializers ``(key, shape, dtype)``; default ``standard_normal`` for both
-        (the book's N(0, 1)); ``glorot_normal`` and ``zeros`` are the modern choice.
+      w_init: W's initializer ``(key, shape, dtype)``; default ``standard_normal`` (the book's
+        N(0, 1)); ``glorot_normal`` is the modern choice.
+      b_init: B's initializer; default ``standard_normal`` (the book's); ``zeros`` is the modern
+        choice.
       dtype: parameter dtype; ``None`` is JAX's default float (float32 unless x64 is on).
+
+    Returns:
+      A ``Layer`` from ``(batch, ..., num_in)`` to ``(batch, ..., neurons)``; params
+      ``DenseParams(W, B)`` with ``W: (num_in, neurons)``, ``B: (1, neurons)``
+      (``WeightParams(W)`` with ``use_bias=False``).
     """
     name = f"Dense({neurons}, {activation_name(activation)})"
     _checks.positive_int(name, "neurons", neurons)
@@ -696,7 +733,14 @@ def Activation(fn: Callable[[jax.Array], jax.Array]) -> Layer:
     """``fn(x)`` elementwise, a layer without params: ``serial(Conv2D(...), BatchNorm(),
     Activation(relu))``. Any ``array -> array`` of the same shape (``relu``, ``sigmoid``, ``tanh``,
     ``gelu``, a function of one's own); equal functions give equal layers, shown as
-    ``Activation(relu)``."""
+    ``Activation(relu)``.
+
+    Args:
+      fn: the elementwise function.
+
+    Returns:
+      A ``Layer`` without params (``()``) whose output shape is its input's.
+    """
     _checks.callable_("Activation", "fn", fn)
     return _Activation(fn).layer()
 
@@ -768,6 +812,13 @@ def Dropout(rate: float) -> Layer:
     ``train_step`` run), drops with the key's draw and scales kept units by ``1 / (1 - rate)``;
     ``apply`` is inference, the identity, and refuses a key. The backward routes gradients
     through the same mask (``ops.dropout``).
+
+    Args:
+      rate: the probability of dropping a unit, in ``[0, 1)`` (torch's ``p``; the book's
+        ``keep_prob`` is ``1 - rate``).
+
+    Returns:
+      A ``Layer`` without params whose output shape is its input's.
     """
     _checks.real_number("Dropout", "rate", rate, low=0.0, high=1.0, high_open=True)
     return _Dropout(number(rate)).layer()
@@ -920,6 +971,13 @@ def serial(*layers: Layer) -> Layer:
 
     ``init`` and ``apply`` split their ``key`` into one per layer. Params are a tuple with one
     entry per layer.
+
+    Args:
+      *layers: the layers, first applied first; ``apply``'s keyword inputs (``kv_lengths``,
+        ``mask``) reach each layer that takes them.
+
+    Returns:
+      A ``Layer`` whose output shape is the last layer's.
     """
     return _Serial(check_layers("serial", layers)).layer()
 
@@ -959,7 +1017,15 @@ def init_child(combinator: str, index: int, layer: Layer, key: jax.Array, input_
 
 def param_count(params: Params, *, state: bool = False) -> int:
     """The number of trained scalars in a params pytree; with ``state=True``, of its layer state
-    (BatchNorm's running statistics) instead."""
+    (BatchNorm's running statistics) instead.
+
+    Args:
+      params: a network's params (arrays or ``jax.ShapeDtypeStruct``s).
+      state: count the layer state instead of the trained params; default ``False``.
+
+    Returns:
+      The count, a Python int.
+    """
     if state:
         return state_count(params)
     return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(split_state(params)[0])))
@@ -1049,6 +1115,13 @@ def summary(net: Layer, input_shape: Any) -> str:
     them, first among its layers' rows. The total is ``param_count`` of the network's params,
     always. A network with layer state (BatchNorm) gets a ``state`` column and total too: those
     scalars are not trained, nor counted in params.
+
+    Args:
+      net: the network, any ``Layer``.
+      input_shape: the input's shape, batch first (``-1`` allowed), as ``init`` takes it.
+
+    Returns:
+      The table as one str (print it); nothing is computed, only shapes are traced.
     """
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a Layer(init, apply), got {type(net).__name__}.")

@@ -84,7 +84,15 @@ _mean_squared_error_vjp.defvjp(_mse_fwd, _mse_bwd)
 
 def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """``sum((prediction - target)**2) / positions``: ``/ rows`` for ``(rows, features)``, the book's
-    MeanSquaredError; ``/ (batch * time)`` for sequences."""
+    MeanSquaredError; ``/ (batch * time)`` for sequences.
+
+    Args:
+      prediction: ``(rows, ...)`` floating, not empty.
+      target: prediction's shape and dtype.
+
+    Returns:
+      The scalar loss; its hand gradient is ``2 (prediction - target) / positions``.
+    """
     _checks.floating("mean_squared_error", "prediction", prediction)
     _checks.floating("mean_squared_error", "target", target)
     _checks.same_dtype("mean_squared_error", ("prediction", "target"), prediction, target)
@@ -217,6 +225,7 @@ def softmax_cross_entropy(logits: jax.Array, target: jax.Array, *, ignore_index:
         and the mean runs over the others, as torch's ``cross_entropy(..., ignore_index=k)``;
         this label is exempt from the range check. A static Python int: bind it with
         ``functools.partial(softmax_cross_entropy, ignore_index=k)`` to use it in ``fit``.
+
     Returns:
       The scalar loss. Its hand gradient is ``(softmax(logits) - target) / positions``; with
       ``ignore_index``, that at the kept positions divided by their count instead, and 0 at the
@@ -333,6 +342,7 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Ar
       target: floats of the logits' shape and dtype, probabilities in ``[0, 1]`` (0/1 labels or
         soft ones). Their values are not checked: outside ``[0, 1]`` the formula's value comes
         back, as torch's does.
+
     Returns:
       The scalar loss, of the logits' dtype (summed in at least float32). Its hand gradient is
       ``(sigmoid(logits) - target) / n`` for the logits and ``-logits / n`` for the target, with

@@ -31,6 +31,7 @@ def accuracy(prediction: jax.Array, target: jax.Array, *, ignore_index: int | No
         out, and the fraction is over the others (0 if there are none). This label is exempt
         from the range check. A static Python int: use ``functools.partial(accuracy,
         ignore_index=k)`` as a metric in ``fit``.
+
     Returns:
       A scalar in ``[0, 1]`` in the prediction's dtype.
     """

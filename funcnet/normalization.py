@@ -145,7 +145,10 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
     Args:
       x: at least 1-D, floating; normalised over its last axis.
       gamma, beta: ``(features,)``, the scale and shift, of x's dtype.
-      eps: added to the variance, > 0.
+      eps: added to the variance, > 0; default ``1e-5``.
+
+    Returns:
+      x's shape and dtype.
     """
     fn = "layer_norm"
     for name, value in (("x", x), ("gamma", gamma), ("beta", beta)):
@@ -219,7 +222,16 @@ def LayerNorm(eps: float = 1e-5, *, use_bias: bool = True, dtype: Any = None) ->
     """``layer_norm`` over the last axis (features, or channels of NHWC images) with learned
     ``gamma`` (ones) and ``beta`` (zeros): ``LayerNormParams(gamma, beta)``. With
     ``use_bias=False`` (nanoGPT's ``bias=False``) there is no ``beta``:
-    ``LayerNormScaleParams(gamma)``, and the shift is a constant zero."""
+    ``LayerNormScaleParams(gamma)``, and the shift is a constant zero.
+
+    Args:
+      eps: added to the variance, > 0; default ``1e-5`` (torch's).
+      use_bias: learn a shift ``beta``; default ``True``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` keeping the input's shape.
+    """
     _checks.real_number("LayerNorm", "eps", eps, low=0.0, low_open=True)
     if not isinstance(use_bias, bool):
         raise TypeError(f"LayerNorm: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}.")
@@ -273,7 +285,10 @@ def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     Args:
       x: at least 1-D, floating; normalised over its last axis.
       gamma: ``(features,)``, the scale, of x's dtype.
-      eps: added to the mean square, > 0 (static).
+      eps: added to the mean square, > 0 (static); default ``1e-6``.
+
+    Returns:
+      x's shape and dtype.
     """
     fn = "rms_norm"
     for name, value in (("x", x), ("gamma", gamma)):
@@ -320,7 +335,15 @@ class _RMSNorm(LayerSpec):
 
 def RMSNorm(eps: float = 1e-6, *, dtype: Any = None) -> Layer:
     """``rms_norm`` over the last axis with a learned ``gamma`` (ones): ``RMSNormParams(gamma)``,
-    torch's ``nn.RMSNorm(features, eps=eps)``."""
+    torch's ``nn.RMSNorm(features, eps=eps)``.
+
+    Args:
+      eps: added to the mean square, > 0; default ``1e-6``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` keeping the input's shape.
+    """
     _checks.real_number("RMSNorm", "eps", eps, low=0.0, low_open=True)
     return _RMSNorm(float(number(eps)), default_dtype(dtype)).layer()
 
@@ -425,6 +448,7 @@ def batch_norm(
       mask: ``(batch,)`` bool, the rows the statistics count (all, if None). Every row is
         normalised. A concrete mask is checked to count at least 2 values per channel; a traced
         one cannot be, and one counting fewer gives NaN statistics.
+
     Returns:
       ``y`` (x's shape and dtype), and the batch ``mean`` and biased ``var``, ``(channels,)``,
       in at least float32.
@@ -560,6 +584,14 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, *, dtype: Any = None) ->
     ``running = momentum * running + (1 - momentum) * batch``: torch's
     ``BatchNorm1d/2d(momentum=1 - momentum)``, so statistics port both ways. Params:
     ``BatchNormParams(gamma, beta, stats=BatchNormStats(mean, var))``.
+
+    Args:
+      momentum: the running statistics' decay, in ``[0, 1)``; default ``0.9`` (torch's 0.1).
+      eps: added to the variance, > 0; default ``1e-5``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` keeping the input's shape, ``(batch, ..., channels)``.
     """
     _checks.real_number("BatchNorm", "momentum", momentum, low=0.0, high=1.0, high_open=True)
     _checks.real_number("BatchNorm", "eps", eps, low=0.0, low_open=True)

@@ -78,7 +78,15 @@ _weight_multiply_vjp.defvjp(_weight_multiply_fwd, _weight_multiply_bwd)
 
 
 def weight_multiply(x: jax.Array, W: jax.Array) -> jax.Array:
-    """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply."""
+    """``x @ W`` for x: (batch, num_in), W: (num_in, num_out). Book: WeightMultiply.
+
+    Args:
+      x: ``(batch, num_in)`` floating inputs.
+      W: ``(num_in, num_out)`` weights, of x's dtype.
+
+    Returns:
+      ``(batch, num_out)``; the backward gives ``output_grad @ W.T`` and ``x.T @ output_grad``.
+    """
     _check_pair("weight_multiply", x, W, "W")
     _checks.rank("weight_multiply", "W", W, 2, "(num_in, num_out)")
     if x.shape[1] != W.shape[0]:
@@ -106,7 +114,15 @@ _bias_add_vjp.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
 def bias_add(x: jax.Array, B: jax.Array) -> jax.Array:
-    """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd."""
+    """``x + B`` for x: (batch, n), B: (1, n), as in the book. Book: BiasAdd.
+
+    Args:
+      x: ``(batch, n)`` floating inputs.
+      B: ``(1, n)`` bias, of x's dtype.
+
+    Returns:
+      ``(batch, n)``; B's gradient is ``output_grad`` summed over the batch.
+    """
     _check_pair("bias_add", x, B, "B")
     if B.shape != (1, x.shape[1]):
         raise ValueError(
@@ -136,7 +152,14 @@ _sigmoid_vjp.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
 def sigmoid(x: jax.Array) -> jax.Array:
-    """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid."""
+    """``1 / (1 + exp(-x))``, overflow-free for any |x| (``lax.logistic``). Book: Sigmoid.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      ``sigmoid(x)``, x's shape and dtype; the backward is ``output_grad * y * (1 - y)``.
+    """
     _checks.floating("sigmoid", "x", x)
     return _sigmoid_vjp(x)
 
@@ -159,7 +182,14 @@ _tanh_vjp.defvjp(_tanh_fwd, _tanh_bwd)
 
 
 def tanh(x: jax.Array) -> jax.Array:
-    """Hyperbolic tangent. Book: Tanh."""
+    """Hyperbolic tangent. Book: Tanh.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      ``tanh(x)``, x's shape and dtype; the backward is ``output_grad * (1 - y**2)``.
+    """
     _checks.floating("tanh", "x", x)
     return _tanh_vjp(x)
 
@@ -183,7 +213,14 @@ _relu_vjp.defvjp(_relu_fwd, _relu_bwd)
 
 
 def relu(x: jax.Array) -> jax.Array:
-    """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU."""
+    """``max(x, 0)``; its gradient at exactly 0 is 0 (as ``jax.nn.relu``'s). Book: ReLU.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      ``max(x, 0)``, x's shape and dtype.
+    """
     _checks.floating("relu", "x", x)
     return _relu_vjp(x)
 
@@ -205,7 +242,14 @@ _linear_vjp.defvjp(_linear_fwd, _linear_bwd)
 
 
 def linear(x: jax.Array) -> jax.Array:
-    """The identity, for output layers. Book: Linear."""
+    """The identity, for output layers. Book: Linear.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      ``x`` itself; the backward passes ``output_grad`` through.
+    """
     _checks.floating("linear", "x", x)
     return _linear_vjp(x)
 
@@ -236,6 +280,13 @@ def dropout(x: jax.Array, mask: jax.Array) -> jax.Array:
     Inverted dropout: the scaling happens in training, so inference is the identity (the
     book instead scales by the keep probability at inference; the expectations agree).
     The backward routes the output gradient through the same mask. Book: Dropout.
+
+    Args:
+      x: floating array of any shape.
+      mask: x's shape and dtype: 0 where a unit is dropped, ``1 / (1 - rate)`` where kept.
+
+    Returns:
+      ``x * mask``; x's gradient is ``output_grad * mask``.
     """
     _checks.floating("dropout", "x", x)
     _checks.floating("dropout", "mask", mask)
@@ -322,6 +373,7 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
         erf(x / sqrt 2))``, as ``jax.nn.gelu(x, approximate=False)`` and torch's default;
         True: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, as ``jax.nn.gelu(x)`` and
         torch's ``approximate='tanh'`` (GPT-2's).
+
     Returns:
       ``gelu(x)`` in ``x``'s dtype; see the module docstring for how it is computed.
     """
@@ -335,6 +387,13 @@ def gelu(x: jax.Array, *, approximate: bool = False) -> jax.Array:
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    """``gelu(x, approximate=True)`` as a named function value: ``Dense(n, gelu_tanh)``."""
+    """``gelu(x, approximate=True)`` as a named function value: ``Dense(n, gelu_tanh)``.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      The tanh-form GELU of x, x's shape and dtype.
+    """
     _checks.floating("gelu_tanh", "x", x)
     return _gelu_tanh_vjp(x)

@@ -228,7 +228,14 @@ class _Decay:
 
 
 def constant(value: float) -> Schedule:
-    """``step -> value``."""
+    """``step -> value``.
+
+    Args:
+      value: the learning rate, >= 0.
+
+    Returns:
+      The schedule, a value: ``constant(0.1) == constant(0.1)``.
+    """
     _checks.real_number("constant", "value", value, low=0.0)
     return _Constant(value=number(value))
 
@@ -249,12 +256,31 @@ def linear_decay(initial: float, final: float, steps: int, *, every: int = 1) ->
 
     The transition count is ``update_step // every``: with ``every=batches_per_epoch`` and
     ``steps=epochs - 1`` this is the book's per-epoch ``decay_type="linear"``.
+
+    Args:
+      initial: the rate at step 0, > 0.
+      final: the rate after ``steps`` transitions, > 0.
+      steps: the number of transitions, a positive int.
+      every: updates per transition; default ``1``.
+
+    Returns:
+      The schedule ``step -> lr``.
     """
     return _decay("linear_decay", initial, final, steps, every, exponential=False)
 
 
 def exponential_decay(initial: float, final: float, steps: int, *, every: int = 1) -> Schedule:
-    """From ``initial`` to ``final`` by a constant factor per transition (book: "exponential")."""
+    """From ``initial`` to ``final`` by a constant factor per transition (book: "exponential").
+
+    Args:
+      initial: the rate at step 0, > 0.
+      final: the rate after ``steps`` transitions, > 0.
+      steps: the number of transitions: the factor is ``(final / initial) ** (1 / steps)``.
+      every: updates per transition; default ``1``.
+
+    Returns:
+      The schedule ``step -> lr``, ``final`` after ``steps`` transitions.
+    """
     return _decay("exponential_decay", initial, final, steps, every, exponential=True)
 
 
@@ -299,7 +325,16 @@ class _WarmupCosine:
 def cosine_decay(initial: float, steps: int, final: float = 0.0) -> Schedule:
     """From ``initial`` to ``final`` along half a cosine over ``steps`` updates, then ``final``:
     ``final + (initial - final) * (1 + cos(pi * min(step, steps) / steps)) / 2`` (SGDR, Loshchilov
-    & Hutter 2017; ``optax.cosine_decay_schedule(initial, steps, alpha=final / initial)``)."""
+    & Hutter 2017; ``optax.cosine_decay_schedule(initial, steps, alpha=final / initial)``).
+
+    Args:
+      initial: the rate at step 0, > 0.
+      steps: the updates of the decay, a positive int.
+      final: the rate from update ``steps`` on, >= 0; default ``0.0``.
+
+    Returns:
+      The schedule ``step -> lr``.
+    """
     _checks.real_number("cosine_decay", "initial", initial, low=0.0, low_open=True)
     _checks.real_number("cosine_decay", "final", final, low=0.0)
     steps = _checks.positive_int("cosine_decay", "steps", steps)
@@ -311,7 +346,18 @@ def warmup_cosine_decay(
 ) -> Schedule:
     """A linear warmup from ``initial`` to ``peak`` over ``warmup_steps`` updates, then a cosine
     decay from ``peak`` to ``final`` until update ``decay_steps`` (which counts the warmup, as
-    ``optax.warmup_cosine_decay_schedule``'s does), then ``final``."""
+    ``optax.warmup_cosine_decay_schedule``'s does), then ``final``.
+
+    Args:
+      initial: the rate at step 0, >= 0.
+      peak: the rate at the end of the warmup, > 0.
+      warmup_steps: the warmup's updates, >= 0.
+      decay_steps: the whole schedule's updates, warmup included, > ``warmup_steps``.
+      final: the rate from update ``decay_steps`` on, >= 0; default ``0.0``.
+
+    Returns:
+      The schedule ``step -> lr``.
+    """
     fn = "warmup_cosine_decay"
     _checks.real_number(fn, "initial", initial, low=0.0)
     _checks.real_number(fn, "peak", peak, low=0.0, low_open=True)
@@ -580,7 +626,17 @@ def sgd(
     clip_norm: float | None = None,
     clip_value: float | None = None,
 ) -> Optimizer:
-    """``p = p - lr * g``. Book: SGD."""
+    """``p = p - lr * g``. Book: SGD.
+
+    Args:
+      learning_rate: a number, a scalar array (traced is fine) or a schedule ``step -> lr``.
+      weight_decay: L2 decay, ``g + weight_decay * p``; default ``0.0``.
+      clip_norm: scale the gradient tree down to at most this global norm, or None.
+      clip_value: clip each gradient entry to ``[-clip_value, clip_value]``, or None.
+
+    Returns:
+      The ``Optimizer``; its state is the update count.
+    """
     return _Sgd(**_common("sgd", learning_rate, weight_decay, clip_norm, clip_value)).optimizer()
 
 
@@ -592,7 +648,18 @@ def momentum(
     clip_norm: float | None = None,
     clip_value: float | None = None,
 ) -> Optimizer:
-    """``v = momentum * v + lr * g; p = p - v`` (the book's form). Book: SGDMomentum."""
+    """``v = momentum * v + lr * g; p = p - v`` (the book's form). Book: SGDMomentum.
+
+    Args:
+      learning_rate: a number, a scalar array or a schedule ``step -> lr``.
+      momentum: the velocity's decay, in ``[0, 1)``; default ``0.9``.
+      weight_decay: L2 decay, ``g + weight_decay * p``; default ``0.0``.
+      clip_norm: scale the gradient tree down to at most this global norm, or None.
+      clip_value: clip each gradient entry to ``[-clip_value, clip_value]``, or None.
+
+    Returns:
+      The ``Optimizer``; its state holds the velocity ``v``.
+    """
     _checks.real_number("momentum", "momentum", momentum, low=0.0, high=1.0, high_open=True)
     return _Momentum(
         momentum=number(momentum), **_common("momentum", learning_rate, weight_decay, clip_norm, clip_value)
@@ -607,7 +674,18 @@ def adagrad(
     clip_norm: float | None = None,
     clip_value: float | None = None,
 ) -> Optimizer:
-    """``s = s + eps + g**2; p = p - lr / sqrt(s) * g`` (the book's AdaGrad)."""
+    """``s = s + eps + g**2; p = p - lr / sqrt(s) * g`` (the book's AdaGrad).
+
+    Args:
+      learning_rate: a number, a scalar array or a schedule ``step -> lr``.
+      eps: added to the sum each step, > 0; default ``1e-7``.
+      weight_decay: L2 decay, ``g + weight_decay * p``; default ``0.0``.
+      clip_norm: scale the gradient tree down to at most this global norm, or None.
+      clip_value: clip each gradient entry to ``[-clip_value, clip_value]``, or None.
+
+    Returns:
+      The ``Optimizer``; its state holds the sums ``s``.
+    """
     _checks.real_number("adagrad", "eps", eps, low=0.0, low_open=True)
     return _Adagrad(
         eps=number(eps), **_common("adagrad", learning_rate, weight_decay, clip_norm, clip_value)
@@ -624,7 +702,21 @@ def adam(
     clip_norm: float | None = None,
     clip_value: float | None = None,
 ) -> Optimizer:
-    """Adam (Kingma & Ba, 2015) with bias correction."""
+    """Adam (Kingma & Ba, 2015) with bias correction.
+
+    Args:
+      learning_rate: a number, a scalar array or a schedule ``step -> lr``; default ``1e-3``.
+      b1: the first moment's decay, in ``[0, 1)``; default ``0.9``.
+      b2: the second moment's decay, in ``[0, 1)``; default ``0.999``.
+      eps: added to the second moment's root, > 0; default ``1e-8``.
+      weight_decay: L2 decay added to the gradient, ``g + weight_decay * p`` (``adamw``
+        decouples it); default ``0.0``.
+      clip_norm: scale the gradient tree down to at most this global norm, or None.
+      clip_value: clip each gradient entry to ``[-clip_value, clip_value]``, or None.
+
+    Returns:
+      The ``Optimizer``; its state holds both moments.
+    """
     return _adam_like(_Adam, learning_rate, b1, b2, eps, weight_decay, clip_norm, clip_value)
 
 
@@ -668,7 +760,20 @@ def adamw(
     clip_value: float | None = None,
 ) -> Optimizer:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,
-    ``p = p - lr * (adam_step + weight_decay * p)``; ``optax.adamw``'s rule."""
+    ``p = p - lr * (adam_step + weight_decay * p)``; ``optax.adamw``'s rule.
+
+    Args:
+      learning_rate: a number, a scalar array or a schedule ``step -> lr``; default ``1e-3``.
+      b1: the first moment's decay, in ``[0, 1)``; default ``0.9``.
+      b2: the second moment's decay, in ``[0, 1)``; default ``0.999``.
+      eps: added to the second moment's root, > 0; default ``1e-8``.
+      weight_decay: the decoupled decay, scaled by the learning rate; default ``1e-4``.
+      clip_norm: scale the gradient tree down to at most this global norm, or None.
+      clip_value: clip each gradient entry to ``[-clip_value, clip_value]``, or None.
+
+    Returns:
+      The ``Optimizer``; its state holds both moments.
+    """
     return _adam_like(_AdamW, learning_rate, b1, b2, eps, weight_decay, clip_norm, clip_value)
 
 
@@ -736,7 +841,16 @@ def accumulate(optimizer: Optimizer, steps: int) -> Optimizer:
     ``optimizer`` to their mean on every ``steps``-th call; the params stay as they are in
     between (``optax.MultiSteps``). The wrapped optimizer counts its own updates, so its
     schedule's ``step`` advances once per ``steps`` calls. ``steps`` is traced (a sweep over it
-    compiles once)."""
+    compiles once).
+
+    Args:
+      optimizer: the ``Optimizer`` to apply to the mean gradient.
+      steps: the calls per update, a positive int.
+
+    Returns:
+      An ``Optimizer`` whose ``update`` returns the params unchanged but on every
+      ``steps``-th call.
+    """
     _check_optimizer("accumulate", "optimizer", optimizer)
     steps = _checks.positive_int("accumulate", "steps", steps)
     if steps > _INT32_MAX:
@@ -840,6 +954,9 @@ def multi_optimizer(optimizers: dict[str, Optimizer | None], labels: Labels) -> 
     Each group's optimizer sees only its own params (the others are ``None``): its clipping
     norm and state cover that group alone, as in ``optax.multi_transform``. For one global norm
     over every group, ``chain(clip_by_global_norm(max_norm), multi_optimizer(...))``.
+
+    Returns:
+      An ``Optimizer`` over the whole params, its state each trained group's state.
     """
     fn = "multi_optimizer"
     if not isinstance(optimizers, dict) or not optimizers:
@@ -984,6 +1101,13 @@ def decay_labels(params: Params, *, embeddings: bool = True) -> Params:
         )
 
     (``labels_by_field(params, {...}, default=...)`` spells other rules.)
+
+    Args:
+      params: the network's params; only their structure is read.
+      embeddings: decay the embedding tables too (nanoGPT does); default ``True``.
+
+    Returns:
+      A tree of ``"decay"``/``"no_decay"`` with the params' structure, for ``multi_optimizer``.
     """
     if not isinstance(embeddings, bool):
         raise TypeError(f"decay_labels: embeddings must be a bool, got {type(embeddings).__name__}.")
@@ -1003,6 +1127,9 @@ class GradientTransform(NamedTuple):
 
 
 class ChainState(NamedTuple):
+    """``chain``'s optimizer state: the update count, each gradient transform's state, and the
+    optimizer's."""
+
     step: jax.Array
     transforms: tuple[Any, ...]  # each gradient transform's state, in order
     inner: Any  # the optimizer's state
@@ -1036,6 +1163,12 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
     clips by the norm over all groups together, as nanoGPT does; an optimizer's own
     ``clip_norm=`` inside a group covers that group alone. ``max_norm`` is traced (a sweep over
     it compiles once); a traced value is not checked.
+
+    Args:
+      max_norm: the largest global norm, > 0.
+
+    Returns:
+      A ``GradientTransform`` (no state of its own), for ``chain``.
     """
     _checks.real_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
     spec = _ClipByGlobalNorm(max_norm=number(max_norm))
@@ -1073,6 +1206,12 @@ def chain(*parts: GradientTransform | Optimizer) -> Optimizer:
     Mind the order with ``accumulate``: ``accumulate(chain(clip_by_global_norm(1.0), adam(...)),
     k)`` clips the mean gradient of ``k`` calls (nanoGPT's order, and ``optax.MultiSteps``'s),
     ``chain(clip_by_global_norm(1.0), accumulate(adam(...), k))`` each call's gradient.
+
+    Args:
+      *parts: zero or more ``GradientTransform``s, then one ``Optimizer``.
+
+    Returns:
+      An ``Optimizer`` with state ``ChainState(step, transforms, inner)``.
     """
     fn = "chain"
     if not parts:
@@ -1166,7 +1305,17 @@ def start_ema(opt_state: Any, params: Params, *, debias: bool = True) -> EmaStat
     ``fit(..., ema_decay=..., opt_state=...)`` takes to begin an average at a hand resume, as a
     fresh ``fit`` begins one (to continue an average, pass the ``FitResult.opt_state`` of the run
     that kept it). ``params`` are the network's (layer state is left out, as the optimizer's
-    ``opt_state`` leaves it out); ``debias`` as ``fit``'s ``ema_debias``."""
+    ``opt_state`` leaves it out); ``debias`` as ``fit``'s ``ema_debias``.
+
+    Args:
+      opt_state: the optimizer's own state.
+      params: the network's params, the average's start.
+      debias: start a debiased average (zeros, weight 0) rather than the params themselves
+        (weight 1); default ``True``.
+
+    Returns:
+      ``EmaState(opt_state, ema, weight)``.
+    """
     if not isinstance(debias, bool):
         raise TypeError(f"start_ema: debias must be a bool, got {type(debias).__name__}.")
     from funcnet.state import split_state  # deferred: the optimizers need nothing else from the layers

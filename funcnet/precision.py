@@ -114,6 +114,14 @@ def mixed_precision(layer: Layer, compute_dtype: Any) -> Layer:
 
     Build ``layer`` as usual (float32 params); wrap the whole network (or any part of it). The
     output is float32, so the loss and its targets are float32. See the module docstring.
+
+    Args:
+      layer: any ``Layer`` with float32 params.
+      compute_dtype: ``jnp.bfloat16`` or ``jnp.float16``.
+
+    Returns:
+      A ``Layer`` with ``layer``'s (float32) params that casts them and its input to
+      ``compute_dtype``, runs ``layer``, and returns float32.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"mixed_precision: layer must be a Layer(init, apply), got {type(layer).__name__}.")

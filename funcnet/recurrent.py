@@ -258,6 +258,9 @@ def rnn(
       params: ``RNNParams(W, B)``.
       h0: ``(batch, H)`` initial state; zeros if ``None``.
       return_state: also return the final state, ``(hs, h_last)``.
+
+    Returns:
+      ``hs: (batch, time, H)``, or ``(hs, h_last)`` with ``return_state=True``.
     """
     _, hidden = _check("rnn", x, params, RNNParams, {"h0": h0})
     hs = _rnn_vjp(x, params, _zeros(x, hidden, h0))
@@ -362,8 +365,12 @@ def lstm(
     Args:
       x: ``(batch, time, V)``.
       params: ``LSTMParams(W_f, B_f, W_i, B_i, W_c, B_c, W_o, B_o)``.
-      h0, c0: ``(batch, H)`` initial hidden and cell states; zeros if ``None``.
+      h0: ``(batch, H)`` initial hidden state; zeros if ``None``.
+      c0: ``(batch, H)`` initial cell state; zeros if ``None``.
       return_state: also return the final states, ``(hs, (h_last, c_last))``.
+
+    Returns:
+      ``hs: (batch, time, H)``, or ``(hs, (h_last, c_last))`` with ``return_state=True``.
     """
     _, hidden = _check("lstm", x, params, LSTMParams, {"h0": h0, "c0": c0})
     h0 = _zeros(x, hidden, h0)
@@ -457,6 +464,9 @@ def gru(
       params: ``GRUParams(W_xr, W_hr, B_r, W_xu, W_hu, B_u, W_xh, W_hh, B_h)``.
       h0: ``(batch, H)`` initial state; zeros if ``None``.
       return_state: also return the final state, ``(hs, h_last)``.
+
+    Returns:
+      ``hs: (batch, time, H)``, or ``(hs, h_last)`` with ``return_state=True``.
     """
     _, hidden = _check("gru", x, params, GRUParams, {"h0": h0})
     hs = _gru_vjp(x, params, _zeros(x, hidden, h0))
@@ -571,6 +581,15 @@ def RNN(
     Defaults: ``glorot_normal`` weights and zero biases (the book draws all of them from
     ``N(0, 2 / (V + output))``; pass ``w_init=b_init=normal(...)`` to follow it). The book's
     output projection is a separate layer: ``TimeDistributed(Dense(O, linear))``.
+
+    Args:
+      hidden: the hidden state's size H.
+      w_init: the weights' initializer; default ``glorot_normal``.
+      b_init: the biases' initializer; default ``zeros``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` from ``(batch, time, V)`` to ``(batch, time, hidden)``; params ``RNNParams``.
     """
     return _recurrent("RNN", hidden, w_init, b_init, dtype)
 
@@ -589,6 +608,15 @@ def LSTM(
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all, i.e.
     ``w_init=b_init=normal(0.01)``).
+
+    Args:
+      hidden: the hidden and cell states' size H.
+      w_init: the gates' weights' initializer; default ``glorot_normal``.
+      b_init: the gates' biases' initializer; default ``zeros``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` from ``(batch, time, V)`` to ``(batch, time, hidden)``; params ``LSTMParams``.
     """
     return _recurrent("LSTM", hidden, w_init, b_init, dtype)
 
@@ -606,6 +634,15 @@ def GRU(
     and also returns the final state.
 
     Defaults: ``glorot_normal`` weights, zero biases (the book: ``N(0, 0.01)`` for all).
+
+    Args:
+      hidden: the hidden state's size H.
+      w_init: the weights' initializer; default ``glorot_normal``.
+      b_init: the biases' initializer; default ``zeros``.
+      dtype: parameter dtype; ``None`` is JAX's default float.
+
+    Returns:
+      A ``Layer`` from ``(batch, time, V)`` to ``(batch, time, hidden)``; params ``GRUParams``.
     """
     return _recurrent("GRU", hidden, w_init, b_init, dtype)
 
@@ -670,6 +707,12 @@ def TimeDistributed(layer: Layer) -> Layer:
 
     The book's per-step output projection is ``TimeDistributed(Dense(O, linear))``; params are
     the inner layer's. The steps are one batch of ``batch * time`` rows to the inner layer.
+
+    Args:
+      layer: a layer of rows, ``(rows, features...) -> (rows, out...)``.
+
+    Returns:
+      A ``Layer`` from ``(batch, time, features...)`` to ``(batch, time, out...)``.
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"TimeDistributed: layer must be a Layer(init, apply), got {type(layer).__name__}.")

@@ -55,14 +55,30 @@ def state_count(params: Params) -> int:
 
 
 def split_state(params: Params) -> tuple[Params, Params]:
-    """``(trainable, state)``: complementary trees of ``params``'s structure (see the module)."""
+    """``(trainable, state)``: complementary trees of ``params``'s structure (see the module).
+
+    Args:
+      params: a network's params, layer state (``BatchNormStats``) included.
+
+    Returns:
+      ``(trainable, state)``: ``trainable`` has ``None`` in place of each state subtree (what an
+      optimizer may see), ``state`` the state subtrees and ``None`` for every other leaf.
+    """
     trainable = jax.tree_util.tree_map(lambda n: None if is_state(n) else n, params, is_leaf=is_state)
     state = jax.tree_util.tree_map(lambda n: n if is_state(n) else None, params, is_leaf=is_state)
     return trainable, state
 
 
 def merge_state(trainable: Params, state: Params) -> Params:
-    """The params ``split_state`` split: ``trainable`` with ``state``'s subtrees in its ``None`` places."""
+    """The params ``split_state`` split: ``trainable`` with ``state``'s subtrees in its ``None`` places.
+
+    Args:
+      trainable: the first tree of ``split_state`` (updated by an optimizer, say).
+      state: the second, of the same structure.
+
+    Returns:
+      The params, so ``merge_state(*split_state(params)) == params``.
+    """
     try:
         return jax.tree_util.tree_map(
             lambda t, s: s if t is None else t, trainable, state, is_leaf=lambda n: n is None or is_state(n)

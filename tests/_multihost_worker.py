@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import funcnet as fn  # noqa: E402
+from funcnet import checkpoint  # noqa: E402
 from funcnet.train import checkpointing, fitting  # noqa: E402
 
 OUT = Path(sys.argv[1])
@@ -210,6 +211,132 @@ def case_ckpt_kill():
 
 def case_ckpt_resume():
     save("ckpt_resume", {"result": fit(checkpoint_dir=str(OUT / "killed")), "writes": np.array(WRITES, np.int64)})
+
+
+# --- FSDP: a 4-layer MLP's params and optimizer state sharded over the same 2 devices as the rows ---
+
+MLP = fn.serial(fn.Dense(16, fn.tanh), fn.Dense(16, fn.tanh), fn.Dense(16, fn.tanh), fn.Dense(3, fn.linear))
+MLP_PARAMS = MLP.init(jax.random.PRNGKey(0), (-1, 4))[1]
+RULE = fn.FSDP("data", min_size=64)  # the 4 x 16 and 16 x 16 weights sharded, the rest replicated
+
+
+def fit_mlp(**kw):
+    arguments = dict(epochs=3, batch_size=8, eval_every=1, patience=None, key=KEY, mesh=MESH, param_axis=RULE)
+    arguments.update(kw)
+    data = ((X, Y), (EVAL_X, EVAL_Y)) if arguments["mesh"] is not None else ((ALL_X, ALL_Y), (ALL_EVAL_X, ALL_EVAL_Y))
+    return fn.fit(
+        MLP, fn.softmax_cross_entropy, fn.adam(0.01), MLP_PARAMS, *data, metrics={"accuracy": fn.accuracy}, **arguments
+    )
+
+
+def gathered(tree):
+    """Every leaf whole on this host (a test's view: sharded leaves are gathered from the processes)."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree_util.tree_map(
+        lambda leaf: multihost_utils.process_allgather(leaf, tiled=True) if not leaf.is_fully_addressable else leaf,
+        tree,
+    )
+
+
+def layout(tree):
+    """Per leaf: 1 if this process holds only a part of it, and the elements it holds."""
+    return {
+        "split": np.array([not leaf.is_fully_replicated for leaf in jax.tree_util.tree_leaves(tree)]),
+        "held": np.array(
+            [sum(s.data.size for s in leaf.addressable_shards) for leaf in jax.tree_util.tree_leaves(tree)]
+        ),
+    }
+
+
+BLOCKS = []
+_read_block = checkpoint.read_block
+
+
+def recording_read_block(fn_name, file, name, token):
+    BLOCKS.append(file.name)
+    return _read_block(fn_name, file, name, token)
+
+
+checkpoint.read_block = recording_read_block
+
+
+def case_fsdp():
+    result = fit_mlp()
+    save("fsdp", {"result": gathered(result), "params": layout(result.params), "opt": layout(result.opt_state)})
+
+
+def case_fsdp_stream():
+    """The whole data set on the host in every process, streamed: the device-resident FSDP fit's result."""
+    data = ((Reads(ALL_X), Reads(ALL_Y)), (Reads(ALL_EVAL_X), Reads(ALL_EVAL_Y)))
+    arguments = dict(epochs=3, batch_size=8, eval_every=1, patience=None, key=KEY, mesh=MESH, param_axis=RULE)
+    metrics = {"accuracy": fn.accuracy}
+    result = fn.fit(
+        MLP, fn.softmax_cross_entropy, fn.adam(0.01), MLP_PARAMS, *data, stream=True, metrics=metrics, **arguments
+    )
+    save("fsdp_stream", {"result": gathered(result), "params": layout(result.params)})
+
+
+def case_fsdp_ref():
+    """One device, no mesh, the rows in 2 shards: the data-parallel fit FSDP must equal."""
+    save("fsdp_ref", {"result": fit_mlp(mesh=None, param_axis=None, shards=2)})
+
+
+def case_fsdp_step():
+    optimizer = fn.adam(0.01)
+    if COUNT > 1:
+        step = jax.jit(fn.train_step(MLP, fn.softmax_cross_entropy, optimizer, mesh=MESH, param_axis=RULE))
+        params = fn.shard_params(MLP_PARAMS, MESH, RULE)
+        state = fn.shard_params(optimizer.init(MLP_PARAMS), MESH, RULE)
+        x, y = X, Y
+    else:
+        step = jax.jit(fn.train_step(MLP, fn.softmax_cross_entropy, optimizer))
+        params, state, x, y = MLP_PARAMS, optimizer.init(MLP_PARAMS), ALL_X, ALL_Y
+    for _ in range(2):
+        params, state, loss = step(params, state, x, y, None)
+    save("fsdp_step", {"params": gathered(params), "state": gathered(state), "loss": loss})
+
+
+def case_fsdp_save():
+    """Each process writes its own blocks and, in the same mesh, reads back only its own."""
+    tree = {"params": fn.shard_params(MLP_PARAMS, MESH, RULE), "count": np.int32(3)}
+    path = OUT / "tree.safetensors"
+    fn.save(path, tree)
+    BLOCKS.clear()
+    same_mesh = fn.load(path, tree)
+    own = sorted(set(BLOCKS))
+    BLOCKS.clear()
+    replicated = fn.load(
+        path, {"params": jax.device_put(MLP_PARAMS, NamedSharding(MESH, PartitionSpec())), "count": np.int32(0)}
+    )
+    save(
+        "fsdp_save",
+        {
+            "same": gathered(same_mesh),
+            "replicated": replicated,
+            "own": np.array(own),
+            "all": np.array(sorted(set(BLOCKS))),
+            "files": np.array(sorted(p.name for p in OUT.glob("tree*"))),
+        },
+    )
+
+
+def case_fsdp_ckpt_kill():
+    store = fitting.checkpointing.store
+
+    def store_then_die(directory, state, epoch, run):
+        store(directory, state, epoch, run)
+        if epoch == 2:
+            os._exit(17)
+
+    fitting.checkpointing.store = store_then_die
+    fit_mlp(checkpoint_dir=str(OUT / "fsdp_killed"))
+
+
+def case_fsdp_ckpt_resume():
+    BLOCKS.clear()
+    result = fit_mlp(checkpoint_dir=str(OUT / "fsdp_killed"))
+    save("fsdp_ckpt_resume", {"result": gathered(result), "read": np.array(sorted(set(BLOCKS)))})
 
 
 for name in sys.argv[2:]:

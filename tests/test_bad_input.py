@@ -180,7 +180,10 @@ CALLS = {
         {"neurons": "numbers", "input_shape": "trees"},
     ),
     "Dense.apply": (lambda params=PARAMS[0], x=X: fn.Dense(4).apply(params, x), {"params": "trees", "x": "arrays"}),
-    "Dropout": (lambda rate=0.5, x=X: fn.Dropout(rate).apply((), x, key=KEY), {"rate": "numbers", "x": "arrays"}),
+    "Dropout": (
+        lambda rate=0.5, x=X: fn.train_apply(fn.Dropout(rate))((), x, key=KEY),
+        {"rate": "numbers", "x": "arrays"},
+    ),
     "Conv2D": (
         lambda out_channels=2, kernel_size=3, input_shape=(-1, 5, 5, 1): fn.Conv2D(out_channels, kernel_size).init(
             KEY, input_shape

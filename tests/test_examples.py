@@ -1,6 +1,7 @@
 """Every example runs, on its tiny --quick configuration, as a user would run it."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,19 @@ def test_multihost_starts_two_processes_that_agree(tmp_path):
         "process 1 of 2 (1 of 2 devices)",
     ]
     assert lines[0].split(":")[1] == lines[1].split(":")[1]
+
+
+@pytest.mark.slow
+def test_multihost_fsdp_shards_the_params_over_the_two_processes(tmp_path):
+    """``--fsdp``: the same fit with params and optimizer state sharded; each process holds about half."""
+    args = [sys.executable, str(ROOT / "examples" / "multihost.py"), "--processes", "2", "--quick", "--fsdp"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("process "))
+    assert len(lines) == 2 and lines[0].split(":")[1] == lines[1].split(":")[1]
+    held, total = (int(n) for n in re.search(r"holds (\d+) of the (\d+) params", lines[0]).groups())
+    assert total == 4810 and held < total * 0.55
 
 
 def test_example_list_is_complete():

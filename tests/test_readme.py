@@ -27,6 +27,7 @@ SLOW_SECTIONS = (
     "The optimizer toolbox",
     "Precision",
     "Data larger than memory",
+    "Models larger than one device",
 )
 
 

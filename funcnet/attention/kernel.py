@@ -553,6 +553,15 @@ def attention_dropout_mask(
 
     It depends on ``block_size`` (each tile has its own key, the module docstring's), and on the
     batch and head counts; the kernel never builds it, this is for tests and inspection.
+
+    Args:
+      dropout_key: the key passed to ``dot_product_attention``.
+      shape: ``(batch, heads, T, S)``, positive ints.
+      rate: the dropout rate, in ``[0, 1)``.
+      block_size: the kernel's tile, as passed to it; default ``128``.
+
+    Returns:
+      The boolean ``(batch, heads, T, S)`` keep-mask.
     """
     fn = "attention_dropout_mask"
     data, impl = _check_key(fn, dropout_key)
@@ -613,6 +622,7 @@ def dot_product_attention(
         heads, T, S), dropout_rate, block_size=block_size)``.
       block_size: rows and columns of one tile of scores, >= 1; memory and speed, never the
         result, depend on it (up to rounding), except the dropout mask, which is drawn per tile.
+
     Returns:
       ``(batch, T, heads, value_dim)``; zeros for a query that sees no key.
     """

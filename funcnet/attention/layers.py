@@ -421,10 +421,15 @@ def MultiHeadAttention(
       dropout: the rate at which attention weights are dropped in training (a ``key`` given).
       block_size: the kernel's tile (memory and speed, never the result).
       use_bias: with False, no biases (``AttentionWeights``), nanoGPT's ``bias=False``.
-      w_init, b_init: the projections' weight and bias initializers (glorot, zeros).
+      w_init: the projections' weight initializer; default ``glorot_normal``.
+      b_init: the projections' bias initializer; default ``zeros``.
       o_init: the output projection's weight initializer, if not ``w_init`` (GPT-2 scales it by
         ``1 / sqrt(2 * layers)``: ``fn.normal(0.02 / math.sqrt(2 * layers))``).
       dtype: the params' dtype (JAX's default float if None).
+
+    Returns:
+      A ``Layer`` from ``(batch, time, features)`` to the same shape; params ``AttentionParams``
+      (``AttentionWeights`` with ``use_bias=False``).
     """
     name = f"MultiHeadAttention({num_heads})"
     if not isinstance(is_causal, (bool, np.bool_)):
@@ -471,6 +476,23 @@ def CrossAttention(
     features, num_heads, kdim=context_features, vdim=context_features, batch_first=True)(x,
     context, context)`` with the weights mapped as ``AttentionParams`` says. The arguments are
     ``MultiHeadAttention``'s (no ``is_causal``: the context is another sequence).
+
+    Args:
+      num_heads: query heads.
+      head_dim: features per head (default ``features // num_heads``).
+      num_kv_heads: key/value heads, dividing ``num_heads`` (default ``num_heads``).
+      rope: the rotary base to rotate queries and keys by their positions, or None.
+      dropout: the rate at which attention weights are dropped in training (a ``key`` given).
+      block_size: the kernel's tile (memory and speed, never the result).
+      use_bias: with False, no biases (``AttentionWeights``).
+      w_init: the projections' weight initializer; default ``glorot_normal``.
+      b_init: the projections' bias initializer; default ``zeros``.
+      o_init: the output projection's weight initializer, if not ``w_init``.
+      dtype: the params' dtype (JAX's default float if None).
+
+    Returns:
+      A ``Layer`` from the pair ``(x, context)`` (shapes: a pair of shapes) to ``x``'s shape;
+      ``W_k``, ``W_v`` are ``(context_features, kv_heads * head_dim)``.
     """
     name = f"CrossAttention({num_heads})"
     checked = _arguments(

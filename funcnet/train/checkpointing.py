@@ -32,7 +32,17 @@ Contract, stated once:
   crashed write (``.funcnet-*.tmp``) are removed and never read.
 * Across processes (``jax.distributed``) the directory must be one they all share: process 0
   alone removes leftovers and writes each file (from the replicated state), and every process
-  waits at a barrier until the file is durable. Every process restores on its own, and they
+  waits at a barrier until the file is durable.
+* Under FSDP (``fit(..., param_axis=...)``) the params and optimizer states are sharded and are
+  never gathered: every process writes its devices' blocks of them to
+  ``checkpoint-<epochs>.<token>.process-<p>-of-<n>.safetensors``, and behind a barrier process 0
+  writes ``checkpoint-<epochs>.safetensors``: the replicated entries, the run's fingerprint and
+  the index of the blocks (``funcnet.checkpoint.write_tree``). That file is the commit; a
+  checkpoint whose block files are missing or of another save is torn (skipped as above), and
+  block files without their checkpoint are leftovers. A restore places each entry as the fresh
+  state is placed, every process reading only the blocks its devices need (in the same mesh, its
+  own), so an FSDP checkpoint resumes a replicated fit of the same shards and the other way
+  round (``param_axis`` is placement, not part of the run's identity). Every process restores on its own, and they
   compare which checkpoint they resumed from: processes that see different checkpoints raise
   a ``ValueError`` instead of training apart.
 """
@@ -57,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet import checkpoint
+from funcnet import _host, checkpoint
 from funcnet._values import Method
 from funcnet.train import distributed
 
@@ -79,8 +89,27 @@ def prepare(directory: Any) -> Path:
     if distributed.is_writer():
         for leftover in path.glob(f"{checkpoint.TEMPORARY_PREFIX}*{checkpoint.TEMPORARY_SUFFIX}"):
             leftover.unlink(missing_ok=True)
+        _remove_orphan_blocks(path)
     distributed.barrier("funcnet-checkpoint-prepare")
     return path
+
+
+def _remove_orphan_blocks(directory: Path) -> None:
+    """Block files (FSDP) whose checkpoint was never committed, or was committed by another save."""
+    for block in directory.glob("checkpoint-*.process-*-of-*.safetensors"):
+        match = checkpoint.SHARD_FILE.fullmatch(block.name)
+        if match is None:
+            continue
+        index = directory / f"{match['stem']}.safetensors"
+        token = None
+        if index.is_file():
+            try:
+                _, metadata = checkpoint.read("fit", index)
+                token = json.loads(metadata.get(checkpoint.SHARDS, "{}")).get("token")
+            except ValueError:
+                token = None
+        if token != match["token"]:
+            block.unlink(missing_ok=True)
 
 
 def _importable(value: Any) -> bool:
@@ -136,10 +165,29 @@ def describe(value: Any, unprovable: list[str] | None = None) -> str:
 def _digest(tree: Any) -> str:
     hasher = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if _host.is_global(leaf):  # blocks on other processes' devices: a checksum computed where they live
+            hasher.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}{leaf.shape}".encode())
+            hasher.update(np.asarray(_host.reduce_to_host(_checksum, leaf)).tobytes())
+            continue
         array = np.ascontiguousarray(np.asarray(leaf))
         hasher.update(f"{jax.tree_util.keystr(path)}:{array.dtype}{array.shape}".encode())
         hasher.update(array.tobytes())
     return hasher.hexdigest()[:16]
+
+
+def _checksum(array: jax.Array) -> jax.Array:
+    """A checksum of ``array``'s bits that does not depend on how it is split: each element's bits
+    times an odd weight of its position, summed modulo 2**32 (exact in any order)."""
+    bits = array.reshape(-1)
+    if jnp.issubdtype(bits.dtype, jnp.complexfloating):
+        bits = jnp.stack([bits.real, bits.imag], axis=-1).reshape(-1)
+    width = bits.dtype.itemsize * 8
+    unsigned = jax.lax.bitcast_convert_type(bits, jnp.dtype(f"uint{width}")) if width > 1 else bits.astype(jnp.uint8)
+    if width == 64:
+        unsigned = (unsigned ^ (unsigned >> 32)).astype(jnp.uint32)
+    weight = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    total: jax.Array = jnp.sum(unsigned.astype(jnp.uint32) * weight, dtype=jnp.uint32)
+    return total
 
 
 def _shapes(tree: Any) -> str:
@@ -165,9 +213,11 @@ def fingerprint(
     data_digests: tuple[str | None, str | None],
     key: jax.Array,
     run_name: str | None,
+    sources: Any = None,
     **arguments: Any,
 ) -> dict[str, str]:
-    """What identifies a run: two calls with equal fingerprints compute the same training."""
+    """What identifies a run: two calls with equal fingerprints compute the same training.
+    ``sources``: the batch sources made inside the program (``train/sources.py``), if any."""
     key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
     def data(pair: tuple[Any, ...] | None, digest: str | None) -> str:
@@ -193,6 +243,8 @@ def fingerprint(
         "key": str(np.asarray(key_data).tolist()),
         **{name: repr(value) for name, value in arguments.items()},
     }
+    if sources is not None:  # absent otherwise: checkpoints of runs without them keep their fingerprint
+        described["batch sources"] = describe(sources, unprovable)
     if run_name is not None:
         described["run name"] = repr(run_name)
     elif unprovable:
@@ -206,9 +258,10 @@ def fingerprint(
     return described
 
 
-def _crc(arrays: dict[str, np.ndarray]) -> str:
+def _crc(arrays: dict[str, Any]) -> str:
+    """A CRC-32 of the arrays a file holds whole (a sharded entry's blocks carry their own)."""
     crc = 0
-    for key in sorted(arrays):
+    for key in sorted(k for k, a in arrays.items() if isinstance(a, np.ndarray)):
         crc = zlib.crc32(np.ascontiguousarray(arrays[key]).data, zlib.crc32(key.encode(), crc))
     return f"{crc:08x}"
 
@@ -222,20 +275,44 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def store(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
     """Write ``state`` (replicated) as the checkpoint after ``epoch`` epochs; then drop all but the
     newest ``KEEP``. Process 0 writes; every process returns once the file is durable."""
-    if distributed.is_writer():
+    if any(checkpoint.is_sharded(leaf) for leaf in jax.tree_util.tree_leaves(state)):
+        _write_sharded(directory, state, epoch, run)  # FSDP: every process writes its own blocks
+    elif distributed.is_writer():
         _write(directory, jax.device_get(state), epoch, run)
     distributed.barrier(f"funcnet-checkpoint-{epoch}")
+
+
+def _write_sharded(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
+    """``state`` with sharded entries (FSDP): blocks per process, then the index (module docstring)."""
+    replicated = jax.tree_util.tree_map(
+        lambda leaf: np.zeros((), np.int8) if checkpoint.is_sharded(leaf) else leaf, state
+    )
+    arrays = checkpoint.flatten("fit", replicated)[0]
+    sharded = {
+        jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(state) if checkpoint.is_sharded(leaf)
+    }
+    whole = {k: a for k, a in arrays.items() if k not in sharded}
+    metadata = {"format": FORMAT, "run": json.dumps(run, sort_keys=True), "crc32": _crc(whole)}
+    checkpoint.write_tree("fit", directory / f"checkpoint-{epoch:06d}.safetensors", state, metadata)
+    if distributed.is_writer():
+        _remove_stale(directory)
+
+
+def _remove_stale(directory: Path) -> None:
+    """All but the newest ``KEEP`` checkpoints, with their block files."""
+    stale = _checkpoints(directory)[KEEP:]
+    for _, path in stale:
+        path.unlink(missing_ok=True)
+        checkpoint.remove_stale(path, None)
+    if stale:
+        checkpoint.sync_directory(str(directory))
 
 
 def _write(directory: Path, state: Any, epoch: int, run: dict[str, str]) -> None:
     arrays, _ = checkpoint.flatten("fit", state)
     metadata = {"format": FORMAT, "run": json.dumps(run, sort_keys=True), "crc32": _crc(arrays)}
     checkpoint.write(directory / f"checkpoint-{epoch:06d}.safetensors", arrays, metadata)
-    stale = _checkpoints(directory)[KEEP:]
-    for _, path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        checkpoint.sync_directory(str(directory))
+    _remove_stale(directory)
 
 
 # Arguments recorded with a run that do not decide its identity: ``epochs`` (a run continues to
@@ -275,6 +352,7 @@ def _newest(fn: str, directory: Path) -> tuple[Path, dict[str, np.ndarray], dict
                     f"{fn}: {str(path)!r} is torn or not a funcnet fit checkpoint (its CRC-32 or format "
                     "does not match)."
                 )
+            checkpoint.check_blocks(fn, path, metadata)  # FSDP: every block file there, of this save
             stored = json.loads(metadata["run"])
         except (ValueError, KeyError) as error:
             if i + 1 < len(found):
@@ -373,7 +451,9 @@ def read_checkpoint(checkpoint_dir: Any, like: Any) -> FitCheckpoint:
     Args:
       checkpoint_dir: the directory given to ``fit``.
       like: a params tree of the network's structure, shapes and dtypes, e.g. the initial params
-        or ``jax.eval_shape(net.init, key, input_shape)[1]``.
+        or ``jax.eval_shape(lambda k: net.init(k, input_shape), key)[1]`` (shapes only; the
+        input shape stays a Python tuple, outside what ``eval_shape`` traces).
+
     Returns:
       A ``FitCheckpoint``: ``epoch``, ``params``, ``best_params``, ``best_epoch``, ``stopped``.
     """

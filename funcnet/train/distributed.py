@@ -20,7 +20,9 @@ Contract, stated once:
   ``local_shards``). ``agree`` compares a digest of every argument (data left on disk, such as
   an ``np.memmap``: its shape and dtype) across processes before anything runs, and raises in every
   process, naming what differs, instead of hanging in a collective. Results are replicated:
-  every process reads them. Only process 0 writes checkpoints and shows progress; the others
+  every process reads them (under FSDP, ``fsdp.py``, but for the params and optimizer state,
+  which stay sharded, each process holding and checkpointing its own blocks). Only process 0
+  writes checkpoints (under FSDP: their index) and shows progress; the others
   wait at a barrier (``barrier``) until each file is durable.
 """
 

@@ -33,8 +33,8 @@ from funcnet._values import partition
 from funcnet.layers import Layer
 from funcnet.optimizers import Optimizer
 from funcnet.precision import DynamicLossScale
-from funcnet.state import has_state
-from funcnet.train import checkpointing, checks, distributed
+from funcnet.state import has_state, split_state
+from funcnet.train import checkpointing, checks, distributed, fsdp, sources
 from funcnet.train import stream as streaming
 from funcnet.train.program import (
     Config,
@@ -50,7 +50,7 @@ from funcnet.train.program import (
     traced_segment,
     with_inputs,
 )
-from funcnet.train.progress import bar
+from funcnet.train.progress import bar, show_end
 from funcnet.train.steps import RandomWindows
 
 __all__ = ["fit"]
@@ -66,12 +66,15 @@ def fit(
     loss: Loss,
     optimizer: Optimizer,
     params: Params,
-    train_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]] | RandomWindows,
+    train_data: tuple[jax.Array, jax.Array]
+    | tuple[jax.Array, jax.Array, dict[str, jax.Array]]
+    | RandomWindows
+    | Callable[[jax.Array, jax.Array], Any],
     eval_data: tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[str, jax.Array]] | None = None,
     *,
     epochs: int | None = None,
     steps: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     eval_every: int = 10,
     patience: int | None = 0,
     min_delta: float = 0.0,
@@ -89,6 +92,7 @@ def fit(
     checkpoint_every: int = 1,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    param_axis: str | fsdp.FSDP | None = None,
     shards: int | None = None,
     run_name: str | None = None,
     loss_scale: DynamicLossScale | None = None,
@@ -100,6 +104,7 @@ def fit(
     restore_best: bool = True,
     log_every: int | None = None,
     on_log: Callable[[int, dict[str, float]], Any] | None = None,
+    transform: Callable[[jax.Array, Any], Any] | None = None,
 ) -> FitResult:
     """Train ``net`` on ``train_data`` as one compiled program. Book: ``Trainer.fit``.
 
@@ -116,13 +121,14 @@ def fit(
 
     * what to train: ``net``, ``loss``, ``optimizer``, ``params``, ``train_data``, ``eval_data``,
       ``key``;
-    * how long, in what batches: ``epochs``, ``steps``, ``batch_size``, ``shuffle``, ``drop_last``;
+    * how long, in what batches: ``epochs``, ``steps``, ``batch_size``, ``shuffle``, ``drop_last``,
+      ``transform``;
     * evaluation and early stopping: ``eval_every``, ``patience``, ``min_delta``, ``metrics``,
       ``monitor``, ``mode``, ``eval_batch_size``, ``restore_best``;
     * averages and precision: ``ema_decay``, ``ema_debias``, ``eval_ema``, ``loss_scale``;
     * resuming: ``checkpoint_dir``, ``checkpoint_every``, ``run_name``, ``opt_state``,
       ``start_epoch``;
-    * where the data and the work live: ``mesh``, ``data_axis``, ``shards``, ``stream``,
+    * where the data and the work live: ``mesh``, ``data_axis``, ``param_axis``, ``shards``, ``stream``,
       ``stream_threshold``;
     * watching: ``progress``, ``log_every``, ``on_log``.
 
@@ -130,7 +136,7 @@ def fit(
       net, loss, optimizer: the network, the loss ``(prediction, target) -> scalar`` (a mean
         over rows) and the optimizer.
       params: initial params, e.g. ``net.init(key, input_shape)[1]``.
-      train_data, eval_data: pairs ``(x, y)`` with rows first; x floating (or integer token
+      train_data: pairs ``(x, y)`` with rows first; x floating (or integer token
         ids), y floating or integer labels. Or triples ``(x, y, inputs)``: ``inputs`` is a dict
         ``{name: array}`` of the inputs beyond x that the network's layers take as keywords
         (padding's ``kv_lengths`` ``(rows,)``, an attention ``mask`` ``(rows, heads or 1, T, S)``),
@@ -141,8 +147,15 @@ def fit(
         (``net.apply(params, x, **inputs)``). A name no layer takes is a ``TypeError``.
         Or, with ``steps``, ``train_data=funcnet.random_windows(tokens, length)``: each step
         trains on ``batch_size`` random windows of a 1-D token array, drawn inside the program
-        from ``(key, step)`` (``help(funcnet.random_windows)``; one device, no ``stream``/``mesh``
-        yet).
+        from ``(key, step)`` (``help(funcnet.random_windows)``; one device, no ``mesh`` yet). Host
+        tokens stay on the host under the ``stream`` rule (an ``np.memmap`` always): each step's
+        windows are read there by a callback inside the program, the same windows bit for bit.
+        Or, with ``steps``, a sampler ``train_data=sampler``, ``sampler(key, step) -> (x, y)``
+        (or ``(x, y, inputs)``): a pure JAX function the program calls for every micro-batch, its
+        key ``sampler_key(key, step)``; its batches' rows are the batch size (one device, no
+        ``stream``/``mesh`` yet). A ``jax.tree_util.Partial`` of it is split like a loss: its
+        arrays are traced, so a sweep over them compiles once.
+      eval_data: see ``train_data``.
       key: a ``jax.random`` key; epoch ``e``'s order and dropout keys come from ``(key, e)`` alone (``epoch_order``).
       epochs: train until this many epochs are done (counting from 0, also when resuming).
       steps: instead of ``epochs`` (pass exactly one): train this many optimizer updates. Without
@@ -158,17 +171,27 @@ def fit(
         ``start_epoch`` (the update to start from), ``result.best_epoch`` and
         ``result.stopped_epoch``, and ``history.train_loss`` holds one entry per update (the mean
         loss of its micro-batches). Not yet with streamed data (``stream``).
-      batch_size: rows per step; the last batch may be smaller (see ``drop_last``).
+      batch_size: rows per step (default 32); the last batch may be smaller (see ``drop_last``).
+        A sampler's batches set it: leave it out.
       shuffle: a fresh order every epoch (else the data order).
       drop_last: drop the remainder rows each epoch instead of a smaller last batch.
-      eval_every, patience, min_delta: the early-stopping schedule above. An evaluation improves
+      transform: ``transform(key, batch) -> batch`` applied to every training batch ``(x, y)``
+        (or ``(x, y, inputs)``) before the network sees it, never to eval data: augmentation, such
+        as random crops (of a fixed size: pad first) and flips. It must return the batch's
+        structure, shapes and dtypes (checked before anything compiles). Its key is the batch's own
+        (``funcnet.train.sources.transform_key``), so a resumed run equals an uninterrupted one;
+        a ``jax.tree_util.Partial`` of it compiles once over a sweep of its arrays.
+      eval_every: the early-stopping schedule above. An evaluation improves
         when the monitored value beats the best by more than ``min_delta``; a non-finite loss
         stops training too (``result.diverged``).
+      patience: see ``eval_every``.
+      min_delta: see ``eval_every``.
       metrics: ``{name: (prediction, target) -> scalar}``, each a mean over rows (e.g.
         ``funcnet.accuracy``), computed on ``eval_data`` at every evaluation into
         ``history.eval_metrics[name]``.
-      monitor, mode: what early stopping watches, ``"loss"`` (the eval loss) or a metric's name,
+      monitor: what early stopping watches, ``"loss"`` (the eval loss) or a metric's name,
         and whether lower (``"min"``) or higher (``"max"``) is better.
+      mode: see ``monitor``.
       eval_batch_size: evaluate in batches of this many rows (the result is the same up to
         rounding, for a loss and metrics that are means over rows).
       restore_best: with ``eval_data``, ``True`` (the default) returns the best evaluation's params
@@ -198,7 +221,7 @@ def fit(
         the loss is scaled before the backward, the gradients unscaled after, a step with a
         non-finite gradient skipped and the scale halved, and the scale doubled after
         ``period`` finite steps. Not needed for bfloat16 or float32.
-      checkpoint_dir, checkpoint_every: save the whole training state to this directory every
+      checkpoint_dir: save the whole training state to this directory every
         ``checkpoint_every`` epochs; calling ``fit`` again with the same arguments resumes from
         the newest checkpoint (``result.resumed_epoch`` says from which epoch; with ``progress``
         a line says so too), and a finished run returns its result without training. Asked for
@@ -206,11 +229,12 @@ def fit(
         A checkpoint of another run is refused, listing what differs; ``read_checkpoint`` reads a
         checkpoint's params without resuming.
         Not under ``jit``/``vmap``.
+      checkpoint_every: see ``checkpoint_dir``.
       run_name: with ``checkpoint_dir``, a name that vouches for the building blocks funcnet
         cannot compare by value (a lambda, closure or partial as loss, metric, activation or
         initializer): without one such a run's checkpoints are never resumed. Two calls with
         the same ``run_name`` must pass building blocks that compute the same thing.
-      opt_state, start_epoch: resume by hand from saved params: train epochs ``start_epoch`` to
+      opt_state: resume by hand from saved params: train epochs ``start_epoch`` to
         ``epochs - 1`` from this optimizer state (of the trainable params,
         ``funcnet.split_state(params)[0]``: the optimizer never sees layer state), e.g. a previous
         run's ``result.params`` and ``result.opt_state``. Early stopping starts afresh (a
@@ -220,7 +244,8 @@ def fit(
         as an uninterrupted one would; an ``opt_state`` without one is refused (begin a new average
         with ``funcnet.start_ema(opt_state, params)``), and so is an ``EmaState`` without
         ``ema_decay`` (pass ``opt_state.inner`` to drop the average).
-      mesh, data_axis: data parallelism. Each batch is sharded along ``data_axis`` of the
+      start_epoch: see ``opt_state``.
+      mesh: data parallelism. Each batch is sharded along ``data_axis`` of the
         ``jax.sharding.Mesh``, params and optimizer state are replicated, and XLA's SPMD
         partitioner averages the gradients with collectives. ``batch_size`` must divide by
         that axis's device count, and so must the training and eval rows: each device holds
@@ -230,10 +255,25 @@ def fit(
         ``jax.make_array_from_process_local_data``); every process calls ``fit`` with the same
         arguments (compared first: processes that disagree get a ``ValueError`` naming what
         differs), and the result is replicated, readable by every process.
+      data_axis: see ``mesh``.
+      param_axis: with ``mesh``, fully sharded data parallelism (FSDP) for a model larger than
+        one device: a mesh axis name (``"fsdp"``), or a ``funcnet.FSDP`` rule. Each leaf of the
+        params, the optimizer state and the moving average is split over that axis' devices along
+        its largest dimension that divides by their count; leaves under ``FSDP.min_size``
+        elements (default ``2**14``: biases, norms, counts) stay replicated (``help(funcnet.FSDP)``).
+        The program keeps them sharded (sharding constraints: XLA gathers each layer's params where
+        they are used and reduce-scatters the gradients), and so are ``result.params``,
+        ``opt_state`` and ``ema_params``; the rest of the result is replicated. The data are sharded
+        along ``data_axis`` as above; a mesh without a ``"data"`` axis uses ``param_axis`` for the
+        rows too (FSDP proper: ``Mesh(devices, ("fsdp",))``), and a 2-D mesh ``("data", "fsdp")``
+        splits the rows over ``data`` and the state over ``fsdp``. The result equals
+        ``param_axis=None``'s (and ``fit(..., shards=n)`` on one device) up to the rounding of the
+        gradient's reduction. Checkpoints are written per process without gathering
+        (``funcnet.save``), and resume under either setting. Not under ``vmap``.
       shards: how many equal parts of the rows are shuffled and batched on their own; under a
         mesh the devices of ``data_axis`` (the default), else 1. ``fit(..., shards=n)`` on one
         device reproduces a fit on a mesh of ``n`` devices.
-      stream, stream_threshold: data larger than memory. ``True`` keeps host
+      stream: data larger than memory. ``True`` keeps host
         data (NumPy arrays, ``np.memmap``, or any object with ``shape``, ``dtype`` and indexing
         by an array of row indices) on the host and feeds the device a segment of steps at a
         time, the next segment read and transferred while the device trains on the current
@@ -243,9 +283,13 @@ def fit(
         ``stream_threshold``, by default half the device's memory (``bytes_limit``; on a CPU,
         half the machine's RAM); ``jax.Array`` data is never streamed. Under a mesh of several
         processes each passes the whole host data and reads only its own devices' rows.
-      progress: show a progress bar (tqdm if installed, else a line per epoch) with the losses
-        and metrics.
-      log_every, on_log: with ``steps``, every ``log_every`` updates record the mean training loss
+      stream_threshold: see ``stream``.
+      progress: show a progress bar (``tqdm.auto`` if installed: a terminal or Jupyter; else a line
+        every few seconds) counting epochs or steps, updated a few times a second (the batch within
+        an epoch; rows per second and rows read while streaming) with the latest losses and
+        metrics, and end with a line saying why the run stopped (finished, early stop with the
+        best evaluation, diverged).
+      log_every: with ``steps``, every ``log_every`` updates record the mean training loss
         over those updates, the learning rate the last of them applied (NaN for an optimizer that
         does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the mean global
         gradient norm, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
@@ -255,6 +299,8 @@ def fit(
         host sync between entries). A hook that raises stops the run with its error; checkpoints
         already written stay. ``on_log`` is part of the compiled program's identity (a new hook
         object compiles anew) and does not run under ``vmap``.
+      on_log: see ``log_every``.
+
     Returns:
       A ``FitResult``.
     """
@@ -262,7 +308,7 @@ def fit(
     if jax.process_count() > 1:  # before anything else, so that no process waits in a collective alone
         distributed.agree("fit", _described(call._asdict()))
     call = _checked_options(call)
-    data = _checked_data(call)
+    call, data = _checked_data(call)
     call, config = _plan(call, data)
     return _run(call, data, config)
 
@@ -298,6 +344,7 @@ class _Call(NamedTuple):
     checkpoint_every: Any
     mesh: Mesh | None
     data_axis: str
+    param_axis: Any  # as given, then the ``fsdp.FSDP`` rule (or None)
     shards: Any
     run_name: str | None
     loss_scale: DynamicLossScale | None
@@ -309,6 +356,7 @@ class _Call(NamedTuple):
     restore_best: bool
     log_every: int | None
     on_log: Callable[[int, dict[str, float]], Any] | None
+    transform: Callable[[jax.Array, Any], Any] | None
     program_optimizer: Any = None
     directory: Any = None  # the prepared checkpoint directory
 
@@ -319,6 +367,11 @@ class _Call(NamedTuple):
     @property
     def unit(self) -> str:
         return "steps" if self.by_steps else "epochs"
+
+    @property
+    def sampler(self) -> Callable[[jax.Array, jax.Array], Any] | None:
+        """``train_data`` when it is a sampler ``(key, step) -> batch``."""
+        return self.train_data if callable(self.train_data) else None
 
 
 class _Data(NamedTuple):
@@ -335,6 +388,7 @@ class _Data(NamedTuple):
     eval_inputs: dict[str, Any]
     eval_digest: Any
     window: int  # ``random_windows``' length; 0 for rows
+    sampled: bool  # a sampler draws the batches: x, y, inputs are its first batch
     streamed: bool
     value: Any  # the loss on one batch, abstract (``jax.ShapeDtypeStruct``)
 
@@ -356,14 +410,18 @@ def _checked_options(c: _Call) -> _Call:
             f"not {'both' if c.steps is not None else 'neither'}."
         )
     length = _checks.positive_int("fit", "steps" if c.by_steps else "epochs", c.steps if c.by_steps else c.epochs)
-    if isinstance(c.train_data, RandomWindows) and not c.by_steps:
-        raise ValueError("fit: random_windows draws batches without end: give the run's length as steps=N, not epochs.")
+    if (isinstance(c.train_data, RandomWindows) or c.sampler is not None) and not c.by_steps:
+        what = "random_windows" if c.sampler is None else "a sampler"
+        raise ValueError(f"fit: {what} draws batches without end: give the run's length as steps=N, not epochs.")
     checks.check_flags(restore_best=c.restore_best)
     log_every = c.log_every
     if log_every is not None:
         log_every = _checks.positive_int("fit", "log_every", log_every)
         if not c.by_steps:
-            raise ValueError("fit: log_every counts optimizer updates: pass steps=N (epochs log per epoch).")
+            raise ValueError(
+                "fit: log_every counts optimizer updates: pass steps=N (epochs=E is steps=E * B for B batches "
+                "per epoch, the same updates bit for bit; by epochs, history logs per epoch)."
+            )
         if log_every > length:
             raise ValueError(f"fit: log_every ({log_every}) must be <= steps ({length}), or no entry is ever logged.")
     if c.on_log is not None:
@@ -374,7 +432,7 @@ def _checked_options(c: _Call) -> _Call:
     c = c._replace(
         epochs=length,
         log_every=log_every,
-        batch_size=_checks.positive_int("fit", "batch_size", c.batch_size),
+        batch_size=None if c.batch_size is None else _checks.positive_int("fit", "batch_size", c.batch_size),
         eval_every=_checks.positive_int("fit", "eval_every", c.eval_every),
         patience=None if c.patience is None else _checks.positive_int("fit", "patience", c.patience, minimum=0),
         start_epoch=_checks.positive_int("fit", "start_epoch", c.start_epoch, minimum=0),
@@ -400,7 +458,37 @@ def _checked_options(c: _Call) -> _Call:
     checks.check_key(c.key)
     checks.check_params(c.params)
     metrics = checks.check_metrics(c.metrics, c.monitor, c.mode, c.eval_data is not None)
-    return _checked_optimizer(c._replace(metrics=metrics))
+    return _checked_fsdp(_checked_optimizer(c._replace(metrics=metrics)))
+
+
+def _checked_fsdp(c: _Call) -> _Call:
+    """``param_axis`` as an ``fsdp.FSDP`` rule, checked against the mesh, ``vmap`` and every leaf of
+    the params and the optimizer state (an explicit rule's error before anything compiles); a mesh
+    without the default ``"data"`` axis takes the rows along ``param_axis`` too."""
+    rule = fsdp.resolve("fit", c.mesh, c.param_axis)
+    if rule is None or c.mesh is None:
+        return c._replace(param_axis=rule)
+    fsdp.check_not_vmapped(
+        "fit",
+        rule,
+        params=c.params,
+        opt_state=c.opt_state,
+        key=c.key,
+        train_data=c.train_data,
+        eval_data=c.eval_data,
+        optimizer=partition(c.optimizer)[0],
+        ema_decay=c.ema_decay,
+        min_delta=c.min_delta,
+    )
+    fsdp.check("fit", c.params, c.mesh, rule)
+    opt_state = c.opt_state
+    if opt_state is None:
+        opt_state = jax.eval_shape(c.program_optimizer.init, split_state(c.params)[0])
+    fsdp.check("fit", opt_state, c.mesh, rule)
+    data_axis = c.data_axis
+    if data_axis == "data" and data_axis not in c.mesh.axis_names:
+        data_axis = rule.axis
+    return c._replace(param_axis=rule, data_axis=data_axis)
 
 
 def _checked_optimizer(c: _Call) -> _Call:
@@ -427,18 +515,41 @@ def _checked_optimizer(c: _Call) -> _Call:
     return c._replace(program_optimizer=program_optimizer)
 
 
-def _checked_data(c: _Call) -> _Data:
+def _checked_data(c: _Call) -> tuple[_Call, _Data]:
     """Stage 2: the training and eval data, checked against each other and against the network
-    (one abstract evaluation of a batch each, nothing compiled)."""
-    if isinstance(c.train_data, RandomWindows):
-        if c.stream or c.mesh is not None or (c.shards or 1) > 1:
+    (one abstract evaluation of a batch each, nothing compiled), and the batch size (a sampler's
+    batches have their own)."""
+    drawn = isinstance(c.train_data, RandomWindows) or c.sampler is not None
+    if drawn and (c.mesh is not None or (c.shards or 1) > 1 or (c.stream and c.sampler is not None)):
+        what = "random_windows" if c.sampler is None else "a sampler (which makes its batches on the device)"
+        raise ValueError(
+            f"fit: {what} trains on one device: {'stream, ' if c.sampler else ''}mesh and shards are not "
+            "supported with it yet."
+        )
+    if c.sampler is not None:
+        x, y, inputs = sources.check_sampler(c.sampler, c.key)
+        x, y, digest, inputs = checks.check_data("train_data (a sampler's batch)", (x, y, inputs))
+        inputs = checks.check_inputs("fit", "train_data inputs", c.net, inputs)
+        if c.batch_size is not None and c.batch_size != x.shape[0]:
             raise ValueError(
-                "fit: random_windows trains from device data on one device: stream, mesh and shards are not "
-                "supported with it yet."
+                f"fit: batch_size ({c.batch_size}) differs from the {x.shape[0]} rows of the sampler's batches; "
+                "the sampler decides the batch: leave batch_size out."
             )
-        tokens = _on_device(c.train_data.tokens)
-        window, streamed = c.train_data.length, False
-        x, y, digest, inputs = checks.check_data("train_data", (tokens, tokens))
+        c = c._replace(batch_size=x.shape[0])
+        value = checks.check_fits_network(
+            "train_data", c.net, c.loss, {}, c.params, x, y, x.shape[0], train=True, inputs=inputs
+        )
+        data = _Data(x, y, inputs, digest, None, None, {}, None, 0, True, False, value)
+        return c, _checked_transform(c, data)
+    c = c._replace(batch_size=32 if c.batch_size is None else c.batch_size)
+    if isinstance(c.train_data, RandomWindows):
+        tokens, window, streamed = c.train_data.tokens, c.train_data.length, False
+        if streaming.chooses_stream(c.stream, c.stream_threshold, (tokens, tokens[:0]), None):
+            # the tokens stay on the host (np.memmap: on disk), each step's windows read there
+            x, y, digest, inputs = streaming.check_host_data("train_data", (tokens, tokens))
+        else:
+            tokens = _on_device(tokens)
+            x, y, digest, inputs = checks.check_data("train_data", (tokens, tokens))
         example = np.broadcast_to(np.arange(window), (c.batch_size, window))
         value = checks.check_fits_network(
             "train_data", c.net, c.loss, {}, c.params, x[example], y[example + 1], c.batch_size, train=True, inputs={}
@@ -466,7 +577,17 @@ def _checked_data(c: _Call) -> _Data:
                     f"fit: the last batch holds 1 row ({x.shape[0]} rows, batch_size {c.batch_size}), too few "
                     f"for the network's batch statistics; choose another batch_size or drop_last=True. ({error})"
                 ) from error
-    data = _Data(x, y, inputs, digest, None, None, {}, None, window, streamed, value)
+    data = _Data(x, y, inputs, digest, None, None, {}, None, window, False, streamed, value)
+    return c, _checked_transform(c, data)
+
+
+def _checked_transform(c: _Call, data: _Data) -> _Data:
+    """``data`` with the eval data checked; a ``transform`` checked on a training batch's shapes."""
+    if c.transform is not None:
+        x, y = data.x, data.y
+        if data.window:
+            x = y = jax.ShapeDtypeStruct((1, data.window), data.x.dtype)
+        sources.check_transform(c.transform, c.key, x, y, data.inputs, c.batch_size)
     return data if c.eval_data is None else _checked_eval_data(c, data)
 
 
@@ -498,11 +619,13 @@ def _plan(c: _Call, data: _Data) -> tuple[_Call, Config]:
             raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
         c = c._replace(directory=checkpointing.prepare(c.checkpoint_dir))
     local, local_batch = data.rows // c.shards, c.batch_size // c.shards
-    masked = local % local_batch != 0 and not c.drop_last and not data.window
+    drawn = data.window or data.sampled  # each step's batch drawn from (key, step): no epochs of rows
+    host_tokens = None if not data.window or isinstance(data.x, jax.Array) else sources.HostTokens(data.x)
+    masked = local % local_batch != 0 and not c.drop_last and not drawn
     config = Config(
         rows=data.rows,
         batch_size=c.batch_size,
-        batches=1 if data.window else math.ceil(local / local_batch) if masked else local // local_batch,
+        batches=1 if drawn else math.ceil(local / local_batch) if masked else local // local_batch,
         epochs=c.epochs,
         eval_every=c.eval_every,
         patience=c.epochs if c.patience is None else c.patience,  # None: more bad evaluations than can happen
@@ -519,12 +642,16 @@ def _plan(c: _Call, data: _Data) -> tuple[_Call, Config]:
         data_axis=c.data_axis,
         loss_scale=c.loss_scale,
         shards=c.shards,
+        param_axis=c.param_axis,
         restore_best=bool(c.restore_best),
+        host_tokens=host_tokens,
     )
     if c.ema_decay is not None:
         config = config._replace(eval_ema=bool(c.eval_ema))
     if c.by_steps:
-        config = config._replace(steps_mode=True, window=data.window, log_every=c.log_every or 0, on_log=c.on_log)
+        config = config._replace(
+            steps_mode=True, window=data.window, sampled=data.sampled, log_every=c.log_every or 0, on_log=c.on_log
+        )
     return c, config
 
 
@@ -571,9 +698,13 @@ def _placed(c: _Call, data: _Data, config: Config) -> tuple[TrainState, Run, _Da
     """Stage 4: the first training state and the data where the program reads them, and ``run``,
     training from a state up to an epoch (or step). The ``_Data`` returned is what the
     checkpoint's fingerprint sees (a streamed fit's shapes and digests)."""
-    hyper, static = partition((c.net.apply, c.loss, c.program_optimizer, c.metrics))  # init is not in the program
+    batch_sources = sources.Sources(c.sampler, c.transform)
+    hyper, static = partition((c.net.apply, c.loss, c.program_optimizer, c.metrics, batch_sources))  # not init
     params, opt_state = c.params, c.opt_state
-    if c.mesh is not None:  # every process places its own copy
+    if c.mesh is not None and c.param_axis is not None:  # FSDP: every process places its own blocks
+        params = fsdp.shard(params, c.mesh, c.param_axis)
+        opt_state = None if opt_state is None else fsdp.shard(opt_state, c.mesh, c.param_axis)
+    elif c.mesh is not None:  # every process places its own copy
         params, opt_state = distributed.put_replicated((params, opt_state), c.mesh)
     state = fresh_state(params, opt_state, c.start_epoch, hyper, static=static, config=config)
     # The inputs beyond x ride with x (``program.WithInputs``): every row operation maps over them.
@@ -599,7 +730,12 @@ def _placed(c: _Call, data: _Data, config: Config) -> tuple[TrainState, Run, _Da
             eval_inputs={k: shape(a) for k, a in data.eval_inputs.items()},
         )
         return state, run, data
-    features, y = _on_devices("train_data", features, data.y, c.mesh, c.data_axis)
+    if data.sampled or config.host_tokens is not None:  # the sampler, or host tokens, are the data
+        features, y = None, None
+        if config.host_tokens is not None and c.directory is not None:  # in bounded memory
+            data = data._replace(digest=streaming.digest(data.x, data.y))
+    else:
+        features, y = _on_devices("train_data", features, data.y, c.mesh, c.data_axis)
     eval_y = data.eval_y
     if eval_features is not None:
         eval_features, eval_y = _on_devices("eval_data", eval_features, eval_y, c.mesh, c.data_axis)
@@ -637,8 +773,8 @@ def _run(c: _Call, data: _Data, config: Config) -> FitResult:
     resumed = c.start_epoch
     if restored is not None:
         state, resumed = restored
-        if c.mesh is not None:  # host values: every process places its copy (NaN history entries included)
-            state = distributed.put_replicated(state, c.mesh)
+        if c.mesh is not None:  # placed as the fresh state is (restore reads each process's own parts)
+            state = distributed.put_replicated(state, c.mesh) if c.param_axis is None else state
         if show:
             print(f"fit: resumed from {c.unit[:-1]} {resumed} of the checkpoint in {str(c.directory)!r}", flush=True)
     with bar(show, c.epochs, int(state.epoch), c.unit[:-1]):
@@ -664,6 +800,7 @@ def _fingerprint(c: _Call, data: _Data) -> dict[str, str]:
         data_digests=(data.digest, data.eval_digest),
         key=c.key,
         run_name=c.run_name,
+        sources=None if c.sampler is None and c.transform is None else sources.Sources(c.sampler, c.transform),
         start_epoch=c.start_epoch,
         batch_size=c.batch_size,
         eval_every=c.eval_every,
@@ -689,7 +826,7 @@ def _described(arguments: dict[str, Any]) -> dict[str, str]:
     blocks described, arrays by shape, dtype and (host-readable ones) a digest of their values."""
     described = {}
     for name, value in arguments.items():
-        if name in ("net", "loss", "optimizer", "metrics"):
+        if name in ("net", "loss", "optimizer", "metrics", "param_axis"):
             described[name] = checkpointing.describe(value)
         elif name == "mesh":
             described[name] = "None" if value is None else f"{dict(value.shape)}"
@@ -715,6 +852,8 @@ def _finish(state: TrainState, start_epoch: int, config: Config, resumed: int | 
         finished = finished._replace(opt_state=kept._replace(inner=finished.opt_state))
     if resumed is not None:
         finished = finished._replace(resumed_epoch=jax.device_put(np.asarray(resumed, np.int32)))
+    if config.progress and distributed.is_writer():  # after the bar: why the run stopped
+        show_end(finished, config)
     return finished
 
 

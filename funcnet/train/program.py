@@ -15,7 +15,10 @@ Contract, stated once (``fit`` in ``funcnet/train/fitting.py`` is its only calle
   frozen.
 * Epoch ``e`` draws its order and dropout keys from ``(key, e)`` alone (``shuffle.py``),
   each of ``config.shards`` parts of the rows in its own order (``distributed.py``). Under a mesh
-  every state and result the programs return is replicated, so every process can read it.
+  every state and result the programs return is replicated, so every process can read it; under
+  FSDP (``Config.param_axis``, ``fsdp.py``) but for the params and optimizer states (and the
+  result's moving average), which stay sharded by the rule: ``placed_state`` and the steps'
+  constraints (``_sharded``) keep them so in every program.
 * Every row is used every epoch: when ``batch_size`` does not divide the row count the last
   batch is padded (with real rows) and masked, the loss being evaluated row by row (``vmap``
   over one-row batches, exact for losses that are means over rows) and averaged over real rows.
@@ -60,8 +63,9 @@ from funcnet.layers import train_mode
 from funcnet.optimizers import EmaState, ema_params
 from funcnet.precision import DynamicLossScale, LossScaleState
 from funcnet.state import merge_state, split_state
-from funcnet.train import distributed, progress
+from funcnet.train import distributed, fsdp, progress
 from funcnet.train.checks import check_inputs, check_parts
+from funcnet.train.sources import sample, transform_key, transformed
 from funcnet.train.steps import applied_rate, calls_per_update, window_dropout_key, window_starts, windows
 
 __all__ = [
@@ -204,9 +208,12 @@ class Config(NamedTuple):
     # count optimizer updates; each update trains ``calls_per_update`` batches of the epoch sequence
     steps_mode: bool = False
     window: int = 0  # ``random_windows``: the window length (the data is the token array); 0: rows
+    sampled: bool = False  # a user's sampler ``(key, step) -> batch`` draws the batches (``sources.py``)
+    host_tokens: Any = None  # ``random_windows`` of host tokens: ``sources.HostTokens``, read each step
     restore_best: bool = True  # with eval data, return the best evaluation's params (else the last)
     log_every: int = 0  # record loss, learning rate and gradient norm per update, log every k
     on_log: Any = None  # the host hook ``on_log(step, values)``, every ``log_every`` updates
+    param_axis: fsdp.FSDP | None = None  # FSDP: params and optimizer state sharded by this rule (``fsdp.py``)
 
     @property
     def evaluations(self) -> int:
@@ -281,6 +288,31 @@ def check_divisible(fn: str, what: str, size: int, mesh: Mesh, data_axis: str) -
         )
 
 
+def _sharded(tree: Any, config: Config) -> Any:
+    """Under FSDP (``Config.param_axis``) ``tree`` (params, an optimizer state, gradients)
+    constrained to the rule's shardings (``fsdp.constrain``); otherwise ``tree`` as it is."""
+    if config.param_axis is None or config.mesh is None:
+        return tree
+    return fsdp.constrain(tree, config.mesh, config.param_axis)
+
+
+def placed_state(state: TrainState, config: Config) -> TrainState:
+    """Inside a program: ``state`` as the programs return it: replicated over the mesh (every
+    process reads it), but for FSDP's params and optimizer states (the current and the best),
+    which stay sharded by the rule."""
+    if config.param_axis is None:
+        replicated: TrainState = distributed.replicate(state, config.mesh)
+        return replicated
+    empty = state._replace(params=None, opt_state=None, best_params=None, best_opt_state=None)
+    rest: TrainState = distributed.replicate(empty, config.mesh)
+    return rest._replace(
+        params=_sharded(state.params, config),
+        opt_state=_sharded(state.opt_state, config),
+        best_params=_sharded(state.best_params, config),
+        best_opt_state=_sharded(state.best_opt_state, config),
+    )
+
+
 def _batch_loss(apply: Callable[..., Any], loss: Loss, masked: bool) -> Callable[..., tuple[jax.Array, Params]]:
     """``(trainable, state, features, y, mask, key) -> (loss, params)``, in training mode (``features``:
     ``x`` or ``WithInputs``): ``params`` with their state updated; with ``masked``, a mean over the
@@ -320,7 +352,13 @@ def _averaged(opt_state: Any, params: Params) -> Params:
 
 
 def train_step(
-    net: Any, loss: Loss, optimizer: Any, *, mesh: Mesh | None = None, data_axis: str = "data"
+    net: Any,
+    loss: Loss,
+    optimizer: Any,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    param_axis: str | fsdp.FSDP | None = None,
 ) -> Callable[..., tuple[Params, Any, jax.Array]]:
     """A pure ``step(params, opt_state, x, y, key, **inputs) -> (params, opt_state, loss)``. Book: one
     ``Trainer`` batch (``train_batch`` + ``optim.step``).
@@ -334,11 +372,39 @@ def train_step(
     running statistics); ``opt_state`` is ``optimizer.init(funcnet.split_state(params)[0])``,
     which for a network without state is ``optimizer.init(params)``. Wrap it in ``jax.jit``
     (or call it inside ``lax.scan``) yourself. With ``mesh``, the batch is sharded along
-    ``data_axis`` (see ``fit``).
+    ``data_axis`` (see ``fit``) and the returned params and optimizer state are replicated.
+
+    With ``param_axis`` as well (FSDP, ``help(funcnet.FSDP)``: a mesh axis name or an ``FSDP``
+    rule), the params, the gradients and the optimizer state are constrained inside the step to
+    be sharded over that axis by the rule, and so are the returned ones (the loss is replicated):
+    place the initial ones with ``funcnet.shard_params(tree, mesh, param_axis)`` so that no
+    device ever holds them whole. A ``param_axis`` not in the mesh is a ``ValueError`` here; a
+    leaf an explicit ``FSDP.dims`` rule cannot shard is one at the step's first trace.
+
+    Args:
+      net: the network, a ``Layer``.
+      loss: ``(prediction, target) -> scalar``, e.g. ``softmax_cross_entropy``.
+      optimizer: an ``Optimizer``.
+      mesh: a ``jax.sharding.Mesh`` to shard the batch over, or None (one device).
+      data_axis: the mesh axis the batch's rows are split along; default ``"data"`` (with
+        ``param_axis`` and a mesh without a ``"data"`` axis: ``param_axis``'s axis, FSDP proper).
+      param_axis: a mesh axis name or an ``FSDP`` rule to shard the params over, or None
+        (replicated).
+
+    Returns:
+      The pure ``step(params, opt_state, x, y, key, **inputs) -> (params, opt_state, loss)``.
     """
     check_parts("train_step", net, loss, optimizer)
     value_and_grad = jax.value_and_grad(_batch_loss(net.apply, loss, masked=False), has_aux=True)
+    rule = fsdp.resolve("train_step", mesh, param_axis)
+    if rule is not None and mesh is not None and data_axis == "data" and data_axis not in mesh.axis_names:
+        data_axis = rule.axis  # a mesh of one axis: FSDP proper, the rows along it too (as ``fit``)
     shard = batch_sharding("train_step", mesh, data_axis)
+    sharded = (
+        (lambda tree: tree)
+        if rule is None or mesh is None
+        else lambda tree: fsdp.constrain(tree, mesh, rule, "train_step")
+    )
 
     def step(
         params: Params, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array | None, **inputs: Any
@@ -351,9 +417,16 @@ def train_step(
             check_divisible("train_step", "x rows", x.shape[0], mesh, data_axis)
             features, y = rows_map(shard, features), shard(y)
         check_opt_state("train_step", optimizer, params, opt_state)
+        params, opt_state = sharded(params), sharded(opt_state)
         trainable, state = split_state(params)
         (value, new), grads = value_and_grad(trainable, state, features, y, None, key)
-        trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable, opt_state = optimizer.update(sharded(grads), opt_state, trainable)
+        if rule is not None:  # FSDP: the state stays sharded, the loss is replicated
+            return (
+                sharded(merge_state(trainable, split_state(new)[1])),
+                sharded(opt_state),
+                distributed.replicate(value, mesh),
+            )
         replicated: tuple[Params, Any, jax.Array] = distributed.replicate(
             (merge_state(trainable, split_state(new)[1]), opt_state, value), mesh
         )
@@ -385,7 +458,7 @@ def _fresh_state(
     """The state before ``start_epoch``; ``opt_state=None`` is the optimizer's initial state."""
     c, dtype = config, jnp.dtype(config.dtype)
     if opt_state is None:
-        _, _, optimizer, _ = combine(hyper, static)
+        _, _, optimizer, _, _ = combine(hyper, static)
         opt_state = optimizer.init(split_state(params)[0])
     int_ = lambda v: jnp.asarray(v, jnp.int32)
     has_eval = c.eval_rows > 0
@@ -412,8 +485,7 @@ def _fresh_state(
         grad_norm=_nan((c.epochs,), dtype) if c.log_every else None,
         learning_rate=_nan((c.epochs,), dtype) if c.log_every else None,
     )
-    replicated: TrainState = distributed.replicate(state, c.mesh)
-    return replicated
+    return placed_state(state, c)
 
 
 fresh_state = jax.jit(_fresh_state, static_argnames=("static", "config"))
@@ -569,7 +641,8 @@ def train_steps(
     static: Static,
     config: Config,
     norms: bool = False,
-) -> tuple[tuple[Params, Any, Any], Any]:
+    report: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[Any, Any]:
     """Training steps over ``batches = (data, b)``, batch ``b[i]`` being ``fetch(data[i])``: its
     ``(x, y)``, ``x`` carrying the batch's inputs beyond it (``WithInputs``) if the fit has any.
 
@@ -580,10 +653,12 @@ def train_steps(
 
     ``dropout_key=None``: each batch brings its own, ``data[i] = (fetched, key)`` (training by
     steps, whose batches may come from several epochs). ``norms``: each batch's output is
-    ``(loss times rows, global gradient norm)``.
+    ``(loss times rows, global gradient norm)``. ``report=(due, done)``: progress, ``done`` batches
+    trained before these; the host hears of the batch it asked for (``progress.reported``), and
+    the returned carry is ``(carry, the next due count)``.
     """
     c = config
-    apply, loss, optimizer, _ = combine(hyper, static)
+    apply, loss, optimizer, _, sources = combine(hyper, static)
     dtype = jnp.dtype(c.dtype)
     batch_loss = _batch_loss(apply, loss, c.masked)
     value_and_grad = jax.value_and_grad(batch_loss, has_aux=True)
@@ -608,6 +683,10 @@ def train_steps(
         else:
             batch_key = dropout_key
         xb, yb = fetch(data)
+        if sources.transform is not None:  # augmentation: a key of its own per batch
+            (x_, inputs_), key_ = split_inputs(xb), transform_key(batch_key, b)
+            x_, yb, inputs_ = transformed(sources.transform, key_, x_, yb, inputs_)
+            xb = with_inputs(x_, inputs_)
         real = b * local_batch + jnp.arange(local_batch, dtype=b.dtype) < local  # each shard's padded rows are its last
         mask: Any = shard(jnp.tile(real, c.shards)) if c.masked else None
         # The optimizer updates the trainable part, training mode the layer state.
@@ -615,25 +694,35 @@ def train_steps(
         args = (trainable, state, rows_map(shard, xb), shard(yb), mask, jax.random.fold_in(batch_key, b))
         if c.loss_scale is None:
             (value, new), grads = value_and_grad(*args)
-            trainable, opt_state = optimizer.update(grads, opt_state, trainable)
+            trainable, opt_state = optimizer.update(_sharded(grads, c), opt_state, trainable)  # FSDP: reduce-scattered
             state = split_state(new)[1]
         else:  # scaled loss, unscaled gradients; a step with a non-finite gradient is skipped
             (value, new), grads = scaled_value_and_grad(*args, scaling.scale)
-            grads, finite = c.loss_scale.unscale(scaling, grads)  # in float32, to the optimizer
+            grads, finite = c.loss_scale.unscale(scaling, _sharded(grads, c))  # in float32, to the optimizer
             stepped = (*optimizer.update(grads, opt_state, trainable), split_state(new)[1])
             trainable, opt_state, state = _select(finite, stepped, (trainable, opt_state, state))
             # non-finite even at min_scale: a diverged step (its NaN loss stops the run), never
             # a silently frozen one
             value = jnp.where(c.loss_scale.exhausted(scaling, finite), jnp.nan, value).astype(value.dtype)
             scaling = c.loss_scale.adjust(scaling, finite)
-        params = merge_state(trainable, state)
+        params, opt_state = _sharded(merge_state(trainable, state), c), _sharded(opt_state, c)
         total = value.astype(dtype) * (jnp.sum(mask).astype(dtype) if c.masked else c.batch_size)
         if norms:
             return (params, opt_state, scaling), (total, _global_norm(grads).astype(dtype))
         return (params, opt_state, scaling), total
 
-    after, sums = lax.scan(step, carry, batches)
-    return after, sums
+    if report is None:
+        after, sums = lax.scan(step, carry, batches)
+        return after, sums
+    due, done = report
+
+    def reporting(carry_due: tuple[Any, jax.Array], batch: tuple[Any, jax.Array]) -> tuple[Any, Any]:
+        (carry, due), b = carry_due, batch[1]
+        carry, out = step(carry, batch)
+        due = progress.reported(due, done + b.astype(jnp.int32) + 1, progress.batch_report, np.int32(c.batches))
+        return (carry, due), out
+
+    return lax.scan(reporting, (carry, due), batches)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -718,40 +807,71 @@ def end_epoch(
             grad_norm=s.grad_norm,
             learning_rate=s.learning_rate,
         )
+    if c.param_axis is not None:  # FSDP: the new state keeps its placement (the streamed fit's epoch ends too)
+        new = placed_state(new, c)
     if logged is not None and new.grad_norm is not None and new.learning_rate is not None:
         norm, rate = logged
         new = new._replace(
             grad_norm=new.grad_norm.at[e].set(norm.astype(dtype)),
             learning_rate=new.learning_rate.at[e].set(rate.astype(dtype)),
         )
-        if c.on_log is not None:
-            _log(new, e, c)
-    if c.progress:
+    if c.progress and not c.steps_mode:  # training by steps reports from its loop (``_update_program``)
         jax.debug.callback(progress.tick, e, train_loss, values)
     return new
 
 
-def _log(s: TrainState, e: jax.Array, c: Config) -> None:
-    """Hand ``on_log`` the entry that update ``e`` completes, if it completes one: one ordered
-    host callback every ``log_every`` updates, none in between."""
-    k = c.log_every
+LOG_WINDOW = 64  # the most log entries one ``on_log`` delivery carries
+_LOGGED = ("loss", "learning_rate", "grad_norm")  # on_log's values, in this order (a pytree's dict is sorted)
+
+
+def _log_start(s: TrainState, c: Config) -> tuple[jax.Array, jax.Array]:
+    """``_log``'s carry at a segment's start: the first entry due at once, the earlier ones sent."""
+    sent = s.epoch // c.log_every
+    return (sent + 1) * c.log_every, sent
+
+
+def _log(s: TrainState, log: tuple[jax.Array, jax.Array], final: jax.Array, c: Config) -> tuple[jax.Array, jax.Array]:
+    """Hand ``on_log`` the log entries completed since the last delivery, ``log = (due, sent)``:
+    once ``due`` updates are done (or at ``final``, a segment's end), one ordered host callback
+    calls the hook for each entry in order and says when the next delivery is due, about
+    ``progress.REPORTS_PER_SECOND`` times a second (``progress.Clock``). A callback costs about
+    0.2 ms on a CPU: one per entry was 1.2x workload A's time at ``log_every=100``. At most
+    ``LOG_WINDOW`` entries wait. Returns the new ``(due, sent)``."""
     assert s.grad_norm is not None and s.learning_rate is not None
-    start = jnp.maximum(e + 1 - k, 0)
-    window = lambda h: lax.dynamic_slice(h, (start,), (k,))
+    k, entries = c.log_every, c.epochs // c.log_every
+    m = min(LOG_WINDOW, entries)
+    due, sent = log
+    done = s.epoch // k  # entries complete
+    first = jnp.minimum(sent, entries - m)  # the window of entries handed over: first .. first + m - 1
+    block = lambda h: lax.dynamic_slice(h, (first * k,), (m * k,)).reshape(m, k)
     values = {
-        "loss": jnp.mean(window(s.train_loss)),
-        "learning_rate": s.learning_rate[e],
-        "grad_norm": jnp.mean(window(s.grad_norm)),
+        "loss": jnp.mean(block(s.train_loss), axis=1),
+        "learning_rate": block(s.learning_rate)[:, -1],
+        "grad_norm": jnp.mean(block(s.grad_norm), axis=1),
     }
-    hook = c.on_log
+    hook, clock = c.on_log, progress.Clock()
 
-    def call(step: Any, values: dict[str, Any]) -> None:
-        hook(int(step), {name: float(v) for name, v in values.items()})
+    def call(first: Any, sent: Any, done: Any, updates: Any, values: dict[str, Any]) -> np.ndarray:
+        at = {name: np.asarray(values[name]) for name in _LOGGED}  # jax.Arrays: one copy each, not one per entry
+        for j in range(int(sent), int(done)):
+            hook((j + 1) * k, {name: float(at[name][j - int(first)]) for name in _LOGGED})
+        return clock.next(int(updates), every=k)
 
-    def emit(args: tuple[jax.Array, dict[str, jax.Array]]) -> None:
-        io_callback(call, None, *args, ordered=True)
+    send = (done > sent) & ((s.epoch >= due) | final)
+    shape = jax.ShapeDtypeStruct((), jnp.int32)
+    emit = lambda: io_callback(call, shape, first, sent, done, s.epoch, values, ordered=True)
+    due = lax.cond(send, emit, lambda: due)
+    sent = jnp.where(send, done, sent)
+    return jnp.minimum(due, (sent + m) * k), sent  # never more entries waiting than a delivery holds
 
-    lax.cond((e + 1) % k == 0, emit, lambda args: None, (e + 1, values))
+
+def _latest_eval(s: TrainState, c: Config) -> dict[str, jax.Array]:
+    """The eval loss and metrics of the last evaluation taken (NaN before the first), for progress."""
+    if c.eval_rows == 0 or c.evaluations == 0:
+        return no_evaluation(c)
+    j = s.epoch // c.eval_every - 1
+    at = lambda h: jnp.where(j >= 0, h[jnp.maximum(j, 0)], jnp.nan)
+    return {"loss": at(s.eval_loss), **{name: at(h) for name, h in s.eval_metrics.items()}}
 
 
 def no_evaluation(config: Config) -> dict[str, jax.Array]:
@@ -776,7 +896,7 @@ def _segment(
     """Epochs ``state.epoch`` to ``stop - 1`` (the module's contract); ``x`` and ``eval_x`` are
     arrays, or ``WithInputs`` with the inputs beyond them."""
     c = config
-    apply, loss, _, metrics = combine(hyper, static)
+    apply, loss, _, metrics, _ = combine(hyper, static)
 
     def evaluate(is_eval: jax.Array, params: Params) -> dict[str, jax.Array]:
         scheduled = lambda p: _evaluate(apply, loss, metrics, p, eval_x, eval_y, c)
@@ -785,7 +905,8 @@ def _segment(
 
     gather = lambda t, index: rows_map(lambda a: distributed.local_rows(a, index, c.mesh, c.data_axis), t)
 
-    def train_epoch(s: TrainState) -> TrainState:
+    def train_epoch(sd: tuple[TrainState, jax.Array]) -> tuple[TrainState, jax.Array]:
+        s, due = sd  # due: the batch count at which progress reports next
         batches, dropout_key = epoch_batches(key, s.epoch, c)
         fetch = lambda index: (gather(x, index), gather(y, index))  # each shard's rows, where they live
         carry, sums = train_steps(
@@ -796,17 +917,24 @@ def _segment(
             fetch,
             static=static,
             config=c,
+            report=(due, s.epoch * c.batches) if c.progress else None,
         )
-        return end_epoch(s, carry, sums, evaluate, min_delta, config=c)
+        if c.progress:
+            carry, due = carry
+        return end_epoch(s, carry, sums, evaluate, min_delta, config=c), due
 
     going = lambda s: (s.epoch < stop) & ~s.stopped
     if c.steps_mode:  # the loop also carries the current epoch's batches, made once per epoch
         update, batches_of = _update_program(hyper, (x, y), key, evaluate, min_delta, stop, static=static, config=c)
-        trained, _ = lax.while_loop(lambda sc: going(sc[0]), update, (state, batches_of(state)))
+        # progress reports after the first update; on_log's first entry is delivered at once
+        loop = (state, batches_of(state), state.epoch + 1, _log_start(state, c) if c.on_log is not None else ())
+        trained = lax.while_loop(lambda sc: going(sc[0]), update, loop)[0]
     else:
-        trained = lax.while_loop(going, train_epoch, state)
-    done: TrainState = distributed.replicate(trained, c.mesh)
-    return done
+        trained = lax.while_loop(lambda sd: going(sd[0]), train_epoch, (state, state.epoch * c.batches + 1))[0]
+    return placed_state(trained, c)
+
+
+_Loop = tuple[TrainState, Any, jax.Array, Any]  # training by steps: (state, batches, progress due, log carry)
 
 
 def _update_program(
@@ -819,7 +947,7 @@ def _update_program(
     *,
     static: Static,
     config: Config,
-) -> tuple[Callable[[tuple[TrainState, Any]], tuple[TrainState, Any]], Callable[[TrainState], Any]]:
+) -> tuple[Callable[[_Loop], _Loop], Callable[[TrainState], Any]]:
     """Training by steps: ``(update, batches_of)``, ``update`` advancing ``(state, batches)`` by one
     optimizer update (the state's ``epoch`` counts updates), of ``calls_per_update``
     micro-batches; ``batches`` is ``(e, epoch_batches(key, e))`` of the epoch last drawn from (made
@@ -828,24 +956,24 @@ def _update_program(
     sequence (``epoch_batches``), or with ``random_windows`` the windows ``window_starts`` draws
     for ``(key, g)``: the state's step alone decides it, so resumed runs equal uninterrupted ones."""
     c = config
-    _, _, optimizer, _ = combine(hyper, static)
+    _, _, optimizer, _, sources = combine(hyper, static)
     k = calls_per_update(optimizer)
     dtype = jnp.dtype(c.dtype)
     local, local_batch = c.rows // c.shards, c.batch_size // c.shards
     gather = lambda t, index: rows_map(lambda a: distributed.local_rows(a, index, c.mesh, c.data_axis), t)
 
     def batches_of(s: TrainState) -> Any:
-        if c.window:
+        if c.window or c.sampled:
             return ()
         e = s.epoch * jnp.asarray(k, jnp.int32) // c.batches
         return (e, *epoch_batches(key, e, c))
 
     def draw(g: jax.Array, cache: Any) -> tuple[Any, Any, jax.Array, jax.Array]:
         """Micro-batch ``g``: ``(cache, (what fetch takes, its dropout key), its number in the epoch, real rows)``."""
-        if c.window:
-            starts = window_starts(key, g, c.batch_size, c.rows, c.window)
+        if c.window or c.sampled:  # drawn from (key, g) alone: a window's starts, or the sampler's step
+            what = window_starts(key, g, c.batch_size, c.rows, c.window) if c.window else g
             b = jnp.zeros((), jnp.int32)
-            return cache, (starts, window_dropout_key(key, g)), b, jnp.asarray(c.batch_size, dtype)
+            return cache, (what, window_dropout_key(key, g)), b, jnp.asarray(c.batch_size, dtype)
         e, b = g // c.batches, g % c.batches
         cache = lax.cond(e == cache[0], lambda: cache, lambda: (e, *epoch_batches(key, e, c)))
         _, batches, dropout_key = cache
@@ -854,6 +982,14 @@ def _update_program(
 
     if c.window:
         fetch: Callable[[Any], tuple[Any, jax.Array]] = lambda starts: windows(x[0], starts, c.window)
+        if c.host_tokens is not None:
+            fetch = lambda starts: c.host_tokens.windows(starts, c.window)
+    elif c.sampled:
+
+        def fetch(g: jax.Array) -> tuple[Any, jax.Array]:
+            xs, ys, inputs = sample(sources.sampler, key, g)
+            return with_inputs(xs, inputs), ys
+
     else:
         fetch = lambda index: (gather(x[0], index), gather(x[1], index))
 
@@ -873,19 +1009,22 @@ def _update_program(
         carry, total, rows, norm, cache = lax.fori_loop(0, k, micro, (carry, zero, zero, zero, cache))
         return carry, total, rows, norm / jnp.asarray(k, dtype), cache
 
-    def update(sc: tuple[TrainState, Any]) -> tuple[TrainState, Any]:
-        """A block of updates from ``s.epoch`` up to the next evaluation, log entry or ``stop``,
-        or through the first non-finite loss; the bookkeeping of ``end_epoch`` for its last
-        update (the others neither evaluate nor log, and their losses were finite, so it is the
-        same as running ``end_epoch`` after each)."""
-        s, cache = sc
+    def update(sc: _Loop) -> _Loop:
+        """A block of updates from ``s.epoch`` up to the next evaluation, progress report, log
+        delivery or ``stop``, or through the first non-finite loss; the bookkeeping of
+        ``end_epoch`` for its last update (the others do not evaluate, each one's loss, gradient
+        norm and rate are recorded as it runs, and their losses were finite, so it is the same as
+        running ``end_epoch`` after each). ``due``: the update at which progress reports next;
+        ``log``: ``_log``'s ``(due, sent)`` with ``on_log``."""
+        s, cache, due, log = sc
         i0 = s.epoch
         end = jnp.asarray(stop, jnp.int32)
-        for every in (c.eval_every if c.eval_rows > 0 else 0, c.log_every):
-            if every:
-                end = jnp.minimum(end, (i0 // every + 1) * every)
-        if c.progress:  # a tick per update
-            end = jnp.minimum(end, i0 + 1)
+        if c.eval_rows > 0:
+            end = jnp.minimum(end, (i0 // c.eval_every + 1) * c.eval_every)
+        if c.progress:  # a block ends where the host asked for a report
+            end = jnp.minimum(end, due)
+        if c.on_log is not None:  # or at the first log entry completed at or after the delivery due
+            end = jnp.minimum(end, jnp.maximum(log[0], (i0 // c.log_every + 1) * c.log_every))
         keep_last = c.eval_rows == 0  # without eval data a diverged update's params are dropped
         nan = _nan((), dtype)
         histories = (s.train_loss, s.grad_norm, s.learning_rate)
@@ -930,7 +1069,14 @@ def _update_program(
                 best_epoch=jnp.where(last > i0, last, s.best_epoch),
             )
         logged = (norm, rate) if c.log_every else None
-        return end_epoch(s, carry, total, evaluate, min_delta, config=c, rows=rows, logged=logged), last_cache
+        new = end_epoch(s, carry, total, evaluate, min_delta, config=c, rows=rows, logged=logged)
+        if c.progress:  # and the run's last update is always reported
+            last = new.stopped | (new.epoch >= stop)
+            report = (last, new.train_loss[new.epoch - 1], _latest_eval(new, c))
+            due = progress.reported(jnp.where(last, new.epoch, due), new.epoch, progress.step_report, *report)
+        if c.on_log is not None:
+            log = _log(new, log, new.stopped | (new.epoch >= stop), c)
+        return new, last_cache, due, log
 
     return update, batches_of
 
@@ -964,8 +1110,8 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
         opt_state, averaged = opt_state.inner, _averaged(opt_state, params)
     finished: FitResult = distributed.replicate(
         FitResult(
-            params,
-            opt_state,
+            None if c.param_axis else params,
+            None if c.param_axis else opt_state,
             history,
             state.best_epoch,
             state.stopped_epoch,
@@ -973,10 +1119,14 @@ def _result(state: TrainState, start_epoch: int, *, config: Config) -> FitResult
             _best_eval(state, c),
             _last_finite(history.train_loss),
             jnp.asarray(start_epoch, jnp.int32),
-            averaged,
+            None if c.param_axis else averaged,
         ),
         c.mesh,
     )
+    if c.param_axis:  # FSDP: the params, optimizer state and average stay sharded
+        finished = finished._replace(
+            params=_sharded(params, c), opt_state=_sharded(opt_state, c), ema_params=_sharded(averaged, c)
+        )
     return finished
 
 

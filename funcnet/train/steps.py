@@ -7,6 +7,8 @@ step-level log.
 * ``calls_per_update``: how many micro-batches one optimizer update takes (``accumulate``'s ``k``).
 * ``applied_rate``: the learning rate the last update applied, read from the optimizer state.
 * ``JsonLinesLogger``: an ``on_log`` hook writing one JSON object per logged step.
+* ``TensorBoardLogger``: an ``on_log`` hook writing TensorBoard event files (``tensorboardX``, the
+  optional extra ``pip install "funcnet[tensorboard]"``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import numpy as np
 from funcnet import _checks
 from funcnet.optimizers import _Accumulate, _Base, _Ema
 
-__all__ = ["JsonLinesLogger", "RandomWindows", "applied_rate", "calls_per_update", "random_windows", "window_starts"]
+__all__ = [
+    "JsonLinesLogger",
+    "RandomWindows",
+    "TensorBoardLogger",
+    "applied_rate",
+    "calls_per_update",
+    "random_windows",
+    "window_starts",
+]
 
 
 class RandomWindows(NamedTuple):
@@ -41,9 +51,19 @@ def random_windows(tokens: Any, length: int) -> RandomWindows:
     Step ``t`` (counting micro-batches under ``accumulate``) draws ``batch_size`` starts ``i``
     uniformly in ``0 .. len(tokens) - length - 1`` from ``jax.random.fold_in(key, t)``
     (``window_starts``) and trains on ``x = tokens[i : i + length]`` (shape ``(batch_size,
-    length)``), ``y = tokens[i + 1 : i + length + 1]``. The tokens are placed on the device once;
-    the windows are gathered inside the compiled program (streaming the tokens from the host or an
-    ``np.memmap`` is not supported yet: pass an array that fits in device memory)."""
+    length)``), ``y = tokens[i + 1 : i + length + 1]``. Device tokens (and host tokens that
+    ``fit``'s ``stream`` rule keeps on the device) are placed there once and the windows gathered
+    inside the compiled program; host tokens that it streams (an ``np.memmap`` always, or
+    ``stream=True``) stay on the host, and each step's windows are read there by a callback inside
+    the program (``funcnet.train.sources.HostTokens``), the same windows bit for bit.
+
+    Args:
+      tokens: a 1-D array of integer token ids, at least ``length + 1`` long.
+      length: the window's length T: ``x`` and ``y`` are ``(batch_size, length)``.
+
+    Returns:
+      A ``RandomWindows(tokens, length)`` to pass as ``fit``'s ``train_data``.
+    """
     _checks.array("random_windows", "tokens", tokens)
     if np.ndim(tokens) != 1:
         raise ValueError(f"random_windows: tokens must be a 1-D array of token ids, got shape {np.shape(tokens)}.")
@@ -102,7 +122,11 @@ def applied_rate(optimizer: Any, state: Any) -> jax.Array:
 class JsonLinesLogger:
     """An ``on_log`` hook for ``fit(..., log_every=k, on_log=JsonLinesLogger(path))``: appends one
     JSON object per logged step to ``path``, ``{"step": ..., "loss": ..., "learning_rate": ...,
-    "grad_norm": ...}`` (NaN written as ``null``), flushed at once so a killed run keeps its log."""
+    "grad_norm": ...}`` (NaN written as ``null``), flushed at once so a killed run keeps its log.
+
+    Args:
+      path: the JSON Lines file, appended to (created if absent).
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
@@ -117,3 +141,67 @@ class JsonLinesLogger:
 
     def __repr__(self) -> str:
         return f"JsonLinesLogger({self.path!r})"
+
+
+class TensorBoardLogger:
+    """An ``on_log`` hook writing TensorBoard event files: ``fit(..., log_every=k,
+    on_log=TensorBoardLogger(logdir))``, then ``tensorboard --logdir logdir``.
+
+    Each logged step adds one scalar per value under the tag ``prefix + name`` (``train/loss``,
+    ``train/learning_rate``, ``train/grad_norm``) at that step, and flushes, so a killed run keeps
+    what it logged (a NaN is written as NaN: TensorBoard shows the gap). The writer is
+    ``tensorboardX``'s ``SummaryWriter`` (an optional dependency: ``pip install
+    "funcnet[tensorboard]"``), opened at the first logged step, so constructing the logger writes
+    nothing; ``close()`` (or a ``with`` block) closes it, and a later step opens a new event file
+    in the same directory, as a resumed run does. Logging continues across a resume from a
+    checkpoint: the steps go on from the checkpoint's.
+
+    Args:
+      logdir: the directory of the event files (created if missing). One directory per run: a
+        second run writing to the same directory shows in TensorBoard as the same curves.
+      prefix: put before each value's name to make its tag; ``"train/"`` groups the three curves
+        in one TensorBoard section.
+
+    Returns:
+      A callable ``logger(step, values)`` for ``fit``'s ``on_log``.
+
+    Raises:
+      ImportError: ``tensorboardX`` is not installed (the message says how to install it).
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "train/"):
+        if not isinstance(prefix, str):
+            raise TypeError(f"TensorBoardLogger: prefix must be a str, got {type(prefix).__name__}.")
+        try:
+            import tensorboardX  # noqa: F401  (imported here so a missing package fails now, not mid-run)
+        except ImportError as error:
+            raise ImportError(
+                "TensorBoardLogger writes through tensorboardX, which is not installed: "
+                'pip install "funcnet[tensorboard]" (or pip install tensorboardX).'
+            ) from error
+        self.logdir, self.prefix = os.fspath(logdir), prefix
+        self._writer: Any = None
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.logdir)
+        for name, value in values.items():
+            self._writer.add_scalar(self.prefix + name, float(value), int(step))
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Close the event file (a later logged step opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorBoardLogger({self.logdir!r}, prefix={self.prefix!r})"

@@ -413,14 +413,14 @@ def _eval_block(
     static: Static,
     config: Config,
 ) -> dict[str, jax.Array]:
-    apply, loss, _, metrics = combine(hyper, static)
+    apply, loss, _, metrics, _ = combine(hyper, static)
     return _eval_totals(apply, loss, metrics, params, total, xs, ys, config)
 
 
 def _eval_batch(
     params: Params, hyper: list[Any], x: Any, y: jax.Array, *, static: Static, config: Config
 ) -> dict[str, jax.Array]:
-    apply, loss, _, metrics = combine(hyper, static)
+    apply, loss, _, metrics, _ = combine(hyper, static)
     return _means(apply, loss, metrics, params, x, y, jnp.dtype(config.dtype))
 
 
@@ -623,13 +623,15 @@ class _Plan:
 
 
 class _Feed:
-    """Runs the plan's jobs one ahead on a worker thread; reports rows per second and stalls."""
+    """Runs the plan's jobs one ahead on a worker thread; reports rows per second, the rows of the
+    epoch handed to training (of ``epoch_rows``), and stalls."""
 
-    def __init__(self, jobs: Iterator[Callable[[], _Job]], show: bool):
+    def __init__(self, jobs: Iterator[Callable[[], _Job]], show: bool, epoch_rows: int = 0):
         self.jobs, self.show = jobs, show
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="funcnet-stream")
         self.pending: concurrent.futures.Future[_Job] | None = None
         self.rows, self.shown = 0, time.perf_counter()  # rows read since the rate was last shown
+        self.epoch_rows, self.trained = epoch_rows, (-1, 0)  # (epoch, its rows handed to training)
         self._submit()
 
     def _submit(self) -> None:
@@ -657,9 +659,12 @@ class _Feed:
             )
         self._submit()
         self.rows += job.rows
+        if kind == "train":
+            self.trained = (epoch, job.rows + (self.trained[1] if self.trained[0] == epoch else 0))
         now = time.perf_counter()
         if self.show and now - self.shown > 0.5:
-            progress.status(f"{self.rows / (now - self.shown):,.0f} rows/s")
+            done = f", {min(self.trained[1], self.epoch_rows):,}/{self.epoch_rows:,} rows" if self.epoch_rows else ""
+            progress.status(f"{self.rows / (now - self.shown):,.0f} rows/s{done}")
             self.rows, self.shown = 0, now
         return job
 
@@ -709,7 +714,8 @@ def runner(
         if bool(state.stopped) or epoch >= stop:
             return state
         plan.warm(epoch)  # compile the host's order program here, not as a stalled read
-        feed = _Feed(plan.jobs(epoch, stop), c.progress and distributed.is_writer())
+        epoch_rows = min(c.rows, c.batches * c.batch_size)  # all of them, or the full batches' (drop_last)
+        feed = _Feed(plan.jobs(epoch, stop), c.progress and distributed.is_writer(), epoch_rows)
         try:
             for e in range(epoch, stop):
                 # The steps donate the carry, the epoch's start first. Without eval data a diverged
