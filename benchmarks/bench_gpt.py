@@ -29,10 +29,12 @@ medians over the chunks), from the same start along the whole run:
    iteration from Python, the batches already on the device;
 3. torch's training loop, eager, ``torch.set_num_threads(--torch-threads)``.
 
-Then the validation loss each reached (the same held-out windows), and each system's peak
-memory (``resource.getrusage(...).ru_maxrss``) in its own subprocess (which imports only its own
-library) training one chunk. Targets: fit <= 0.9x torch's time per iteration, the train_step loop
-<= 1.0x, validation losses within 0.02 nats, peak memory <= 1.0x torch's.
+Around every chunk the process's user and system CPU time and minor page faults are read
+(``getrusage``): a standalone step's extra time shows there. Then the validation loss each reached
+(the same held-out windows), and each system's peak memory (``VmHWM``) in its own subprocess
+(which imports only its own library) training one chunk. Targets: fit <= 0.9x torch's time per
+iteration, the train_step loop <= 1.0x, validation losses within 0.02 nats, peak memory <= 1.0x
+torch's.
 
     python benchmarks/bench_gpt.py                      # 2,000 iterations, 1 seed (~10 min on 2 cores)
     python benchmarks/bench_gpt.py --quick              # a tiny model, 20 iterations: check it runs
@@ -417,7 +419,14 @@ def step_overheads(step_run: StepRun, x: jax.Array, y: jax.Array, calls: int) ->
         "flops": float(cost.get("flops", float("nan"))),
         "bytes": float(cost.get("bytes accessed", float("nan"))),
         "hlo_lines": len(compiled.as_text().splitlines()),
+        "temp_bytes": float(compiled.memory_analysis().temp_size_in_bytes),
     }
+
+
+def _usage() -> tuple[float, float, int]:
+    """This process's user and system CPU seconds and minor page faults so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -457,6 +466,7 @@ def main() -> None:
     base.update(iterations=iterations, torch_threads=args.torch_threads)
 
     times: dict[str, list[float]] = {"fit": [], "step": [], "torch": []}
+    usage: dict[str, list[list[float]]] = {"fit": [], "step": [], "torch": []}  # per iteration: user s, sys s, faults
     val: dict[str, list[float]] = {"fit": [], "step": [], "torch": []}
     checks, first_chunk = [], {}
     for seed in range(args.seeds):
@@ -494,10 +504,11 @@ def main() -> None:
             order = names[i % 3 :] + names[: i % 3]  # rotate who goes first
             for name in order:
                 run, data = runs[name]
-                start = time.perf_counter()
+                start, before = time.perf_counter(), _usage()
                 train_loss = run.chunk(*data[i])
                 seconds = (time.perf_counter() - start) / chunk
                 times[name].append(seconds)
+                usage[name].append([(b - a) / chunk for a, b in zip(before, _usage(), strict=True)])
                 if i == 0 and seed == 0:
                     first_chunk[name] = train_loss
             done = f"seed {seed}, iteration {(i + 1) * chunk}/{iterations}: " + ", ".join(
@@ -522,6 +533,8 @@ def main() -> None:
 
     # --- the table ------------------------------------------------------------------------------
     median = {name: float(np.median(t)) for name, t in times.items()}
+    cpu = {name: np.median(np.array(u), axis=0) for name, u in usage.items()}
+    cpu_torch = float(cpu["torch"][0] + cpu["torch"][1])  # user + system, the whole process
     mean_val = {name: float(np.mean(v)) for name, v in val.items()}
     labels = {
         "fit": "funcnet `fit` (one call per chunk, shuffle=False)",
@@ -538,6 +551,7 @@ def main() -> None:
                 f"{1e3 * t:.1f}",
                 spread,
                 f"{t / median['torch']:.2f}",
+                f"{1e3 * (cpu[name][0] + cpu[name][1]):.1f} ({(cpu[name][0] + cpu[name][1]) / cpu_torch:.2f})",
                 f"{mean_val[name]:.4f}",
                 f"{mean_val[name] - mean_val['torch']:+.4f}",
                 f"{memory[name]['peak_mb']:.0f} ({memory[name]['imported_mb']:.0f})",
@@ -564,6 +578,7 @@ def main() -> None:
                 "ms / iteration (median)",
                 "IQR (ms)",
                 "time vs torch",
+                "CPU ms / iteration (vs torch)",
                 f"val loss after {iterations}",
                 "vs torch (nats)",
                 "peak RSS MB (after imports)",
@@ -593,7 +608,19 @@ def main() -> None:
         f"{overheads['leaves'][1]} optimizer-state leaves, donated) costs {1e6 * overheads['dispatch_s']:.0f} us "
         f"a call, {overheads['dispatch_s'] / median['step']:.1%} of a step; the step program: "
         f"{overheads['flops'] / 1e6:.0f} MFLOP, {overheads['bytes'] / 2**20:.0f} MiB accessed (XLA's cost "
-        f"analysis), {overheads['hlo_lines']} lines of optimized HLO.",
+        f"analysis), {overheads['hlo_lines']} lines of optimized HLO. Per iteration (medians over chunks, "
+        "CPU of the whole process): "
+        + "; ".join(
+            f"{n} {1e3 * cpu[n][0]:.1f} ms user + {1e3 * cpu[n][1]:.1f} ms system, {cpu[n][2]:,.0f} minor page faults"
+            for n in names
+        )
+        + f". The step program's temporary buffer is {overheads['temp_bytes'] / 2**20:.1f} MiB, allocated at every "
+        "call (inside fit's scan, once per call of many steps): "
+        + (
+            "above glibc's largest dynamic mmap threshold (32 MiB): every call maps it fresh and faults its pages in."
+            if overheads["temp_bytes"] > 32 * 2**20
+            else "below glibc's largest dynamic mmap threshold (32 MiB), so calls reuse the heap's pages."
+        ),
     ]
     print("\n".join(lines))
 

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sweep import compilations
 
 import funcnet as fn
 from funcnet.train.sources import sampler_key, transform_key
-from tests.test_sweep import compilations
 
 KEY = jax.random.PRNGKey(0)
 W = np.array([[1.0], [-2.0], [0.5], [0.0]])

@@ -186,6 +186,20 @@ def test_grad_norm_is_the_global_norm_of_the_gradient():
     np.testing.assert_allclose(float(result.history.grad_norm[0]), norm, rtol=1e-5)
 
 
+def test_grad_norm_is_the_norm_of_each_entrys_last_update():
+    net, params = _mlp()
+    x, y = _regression()
+    result = _fit(fn.sgd(0.5), data=(x, y), steps=4, batch_size=50, log_every=2)
+    step = jax.jit(fn.train_step(net, fn.mean_squared_error, fn.sgd(0.5)))
+    opt_state, norms = fn.sgd(0.5).init(params), []
+    for _ in range(4):  # the gradient each update applies, at the params it starts from
+        grads = jax.grad(lambda p: fn.mean_squared_error(net.apply(p, x), y))(params)
+        norms.append(np.sqrt(sum(float(np.sum(np.square(g))) for g in jax.tree_util.tree_leaves(grads))))
+        params, opt_state, _ = step(params, opt_state, x, y, None)
+    assert abs(norms[1] - norms[0]) > 1e-3 * norms[1]  # so the mean of an entry's updates would differ
+    np.testing.assert_allclose(np.asarray(result.history.grad_norm), [norms[1], norms[3]], rtol=1e-5)
+
+
 def test_on_log_is_called_in_order_and_json_lines_are_written(tmp_path):
     calls = []
     result = _fit(steps=10, log_every=3, on_log=lambda step, values: calls.append((step, values)))

@@ -347,6 +347,24 @@ def _backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """FlashAttention-2's backward (module docstring): ``dQ, dK, dV`` block by block."""
     q, k, v, extras, out, lse = residuals
+    # Behind a conditional on the output gradient, true for every float but unknowable to XLA: the
+    # recomputation can be neither merged with the forward's scores (common-subexpression
+    # elimination) nor hoisted into the forward, either of which kept every layer's probabilities
+    # alive from the forward to the backward (a GPT's step at T = 64: 6 of its 55 MiB of
+    # temporaries). An optimization barrier did not do it: XLA's CPU backend removes barriers
+    # before it schedules.
+    c = jnp.ravel(output_grad)[0]
+    always = jnp.isfinite(c) | jnp.isnan(c) | jnp.isinf(c)
+    grads = lambda operands: _backward_blocks(plan, config, operands)
+    unreachable = lambda operands: tuple(jnp.full(a.shape, jnp.nan, a.dtype) for a in operands[:3])  # dq, dk, dv
+    result: tuple[jax.Array, jax.Array, jax.Array] = lax.cond(
+        always, grads, unreachable, (q, k, v, extras, out, lse, output_grad)
+    )
+    return result
+
+
+def _backward_blocks(plan: _Plan, config: _Config, operands: tuple[Any, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, extras, out, lse, output_grad = operands
     dtype, acc = q.dtype, _accumulator(q.dtype)
     batch = q.shape[0]
     d = jnp.sum(output_grad.astype(acc) * out.astype(acc), axis=-1)  # D = rowsum(dO * O)

@@ -291,8 +291,8 @@ def fit(
         best evaluation, diverged).
       log_every: with ``steps``, every ``log_every`` updates record the mean training loss
         over those updates, the learning rate the last of them applied (NaN for an optimizer that
-        does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the mean global
-        gradient norm, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
+        does not expose its rate: ``chain``, ``multi_optimizer``, a user's own) and the global
+        gradient norm of that last update, into ``history.step``, ``step_loss``, ``learning_rate`` and ``grad_norm``;
         ``on_log(step, values)`` (``values`` a dict ``{"loss", "learning_rate", "grad_norm"}`` of
         floats, e.g. ``funcnet.JsonLinesLogger(path)``) is called on the host with each entry, in
         order, from inside the compiled program (``jax.experimental.io_callback``, ordered: no
