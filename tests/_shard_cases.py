@@ -295,3 +295,34 @@ def test_a_streamed_fit_under_a_mesh_equals_the_device_fit_bit_for_bit(monkeypat
         resident = run(**kw)
         streamed = run(**kw, stream=True)
         jax.tree_util.tree_map(np.testing.assert_array_equal, streamed, resident)
+
+
+def test_random_windows_and_a_sampler_under_a_mesh_equal_one_device():
+    """Drawn batches (each step's whole batch from (key, step)) are sharded along the data axis
+    as they are made; the tokens are replicated, every device drawing from all of them."""
+    tokens = np.asarray(np.arange(300) % 7, np.int32)
+    lm = fn.serial(fn.Embedding(7, 8), fn.Dense(7, fn.linear))
+    lm_params = lm.init(KEY, (-1, 6))[1]
+    windows = lambda **kw: fn.fit(
+        lm,
+        fn.softmax_cross_entropy,
+        fn.adam(0.05),
+        lm_params,
+        fn.random_windows(tokens, 6),
+        steps=6,
+        batch_size=8,
+        key=KEY,
+        **kw,
+    )
+
+    def sampler(key, step):
+        x = jax.random.normal(key, (8, 5))
+        return x, x[:, :2] * 2.0
+
+    sampled = lambda **kw: fn.fit(NET, fn.mean_squared_error, fn.adam(0.01), PARAMS, sampler, steps=6, key=KEY, **kw)
+    one_windows, one_sampled = windows(), sampled()
+    for devices in (2, 4):
+        on_mesh = windows(mesh=mesh(devices))
+        close(on_mesh.params, one_windows.params)
+        assert on_mesh.params[0].W.sharding.is_fully_replicated
+        close(sampled(mesh=mesh(devices)).params, one_sampled.params)

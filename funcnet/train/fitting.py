@@ -147,13 +147,14 @@ def fit(
         (``net.apply(params, x, **inputs)``). A name no layer takes is a ``TypeError``.
         Or, with ``steps``, ``train_data=funcnet.random_windows(tokens, length)``: each step
         trains on ``batch_size`` random windows of a 1-D token array, drawn inside the program
-        from ``(key, step)`` (``help(funcnet.random_windows)``; one device, no ``mesh`` yet). Host
-        tokens stay on the host under the ``stream`` rule (an ``np.memmap`` always): each step's
-        windows are read there by a callback inside the program, the same windows bit for bit.
+        from ``(key, step)`` (``help(funcnet.random_windows)``). Host tokens stay on the host
+        under the ``stream`` rule (an ``np.memmap`` always): each step's windows are read there by
+        a callback inside the program, the same windows bit for bit (one device). Under a mesh,
+        device tokens are replicated and each step's windows sharded along ``data_axis``.
         Or, with ``steps``, a sampler ``train_data=sampler``, ``sampler(key, step) -> (x, y)``
         (or ``(x, y, inputs)``): a pure JAX function the program calls for every micro-batch, its
-        key ``sampler_key(key, step)``; its batches' rows are the batch size (one device, no
-        ``stream``/``mesh`` yet). A ``jax.tree_util.Partial`` of it is split like a loss: its
+        key ``sampler_key(key, step)``; its batches' rows are the batch size, sharded along
+        ``data_axis`` under a mesh. A ``jax.tree_util.Partial`` of it is split like a loss: its
         arrays are traced, so a sweep over them compiles once.
       eval_data: see ``train_data``.
       key: a ``jax.random`` key; epoch ``e``'s order and dropout keys come from ``(key, e)`` alone (``epoch_order``).
@@ -520,12 +521,14 @@ def _checked_data(c: _Call) -> tuple[_Call, _Data]:
     (one abstract evaluation of a batch each, nothing compiled), and the batch size (a sampler's
     batches have their own)."""
     drawn = isinstance(c.train_data, RandomWindows) or c.sampler is not None
-    if drawn and (c.mesh is not None or (c.shards or 1) > 1 or (c.stream and c.sampler is not None)):
-        what = "random_windows" if c.sampler is None else "a sampler (which makes its batches on the device)"
+    what = "random_windows" if c.sampler is None else "a sampler"
+    if drawn and c.mesh is None and (c.shards or 1) > 1:
         raise ValueError(
-            f"fit: {what} trains on one device: {'stream, ' if c.sampler else ''}mesh and shards are not "
-            "supported with it yet."
+            f"fit: {what} draws each step's batch whole, so shards (equal parts of fixed rows) does not "
+            "apply; to train on several devices pass a mesh and shards=None."
         )
+    if c.sampler is not None and c.stream:
+        raise ValueError("fit: a sampler makes its batches on the device: stream=True does not apply to it.")
     if c.sampler is not None:
         x, y, inputs = sources.check_sampler(c.sampler, c.key)
         x, y, digest, inputs = checks.check_data("train_data (a sampler's batch)", (x, y, inputs))
@@ -546,6 +549,11 @@ def _checked_data(c: _Call) -> tuple[_Call, _Data]:
         tokens, window, streamed = c.train_data.tokens, c.train_data.length, False
         if streaming.chooses_stream(c.stream, c.stream_threshold, (tokens, tokens[:0]), None):
             # the tokens stay on the host (np.memmap: on disk), each step's windows read there
+            if c.mesh is not None:
+                raise ValueError(
+                    "fit: random_windows of host tokens (an np.memmap, or stream=True) reads each step's "
+                    "windows on one host: not under a mesh yet; pass device tokens (jnp.asarray(tokens))."
+                )
             x, y, digest, inputs = streaming.check_host_data("train_data", (tokens, tokens))
         else:
             tokens = _on_device(tokens)
@@ -683,7 +691,7 @@ def _shards(c: _Call, data: _Data) -> int:
             ("train_data rows", data.rows),
             ("eval_data rows", data.eval_rows),
         ):
-            if size % shards:
+            if size % shards and not (what == "train_data rows" and (data.window or data.sampled)):
                 raise ValueError(
                     f"fit: {what} ({size}) must divide by {where}: each shard holds an equal part of "
                     f"the rows; choose a multiple of {shards} (e.g. drop {size % shards} rows)."
@@ -730,7 +738,9 @@ def _placed(c: _Call, data: _Data, config: Config) -> tuple[TrainState, Run, _Da
             eval_inputs={k: shape(a) for k, a in data.eval_inputs.items()},
         )
         return state, run, data
-    if data.sampled or config.host_tokens is not None:  # the sampler, or host tokens, are the data
+    if data.window and c.mesh is not None and config.host_tokens is None:  # each device draws from all tokens
+        features, y = distributed.put_replicated((data.x, data.y), c.mesh)
+    elif data.sampled or config.host_tokens is not None:  # the sampler, or host tokens, are the data
         features, y = None, None
         if config.host_tokens is not None and c.directory is not None:  # in bounded memory
             data = data._replace(digest=streaming.digest(data.x, data.y))
