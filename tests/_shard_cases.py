@@ -326,3 +326,13 @@ def test_random_windows_and_a_sampler_under_a_mesh_equal_one_device():
         close(on_mesh.params, one_windows.params)
         assert on_mesh.params[0].W.sharding.is_fully_replicated
         close(sampled(mesh=mesh(devices)).params, one_sampled.params)
+
+
+def test_a_transform_under_a_mesh_equals_its_shards_on_one_device():
+    """Each batch is transformed whole (its key the batch's own), then sharded as any batch."""
+
+    def noise(key, batch):
+        x, y = batch
+        return x + 0.1 * jax.random.normal(key, x.shape, x.dtype), y
+
+    close(run(mesh=mesh(2), transform=noise), run(shards=2, transform=noise))
