@@ -3,9 +3,6 @@ on 4 forced CPU devices: runs tests/_fsdp_cases.py in a subprocess, because the 
 fixed when JAX starts. The 2-process cases are in tests/test_multihost.py. The rule's own cases
 need no devices and run here."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
+from test_shard import run_on_four_devices
 
 import funcnet as fn
 from funcnet.train import fsdp
@@ -21,19 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run_cases(marks):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    options = ["-q", "-n", "0", "-p", "no:randomly", "-p", "no:cacheprovider", "-m", marks]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", *options, str(HERE / "_fsdp_cases.py")],
-        cwd=HERE.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    run_on_four_devices(HERE / "_fsdp_cases.py", marks, timeout=900)
 
 
 def test_fsdp_cases_pass_on_four_cpu_devices():

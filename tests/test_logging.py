@@ -8,25 +8,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_steps import _fit, _regression
 
 import funcnet as fn
 from funcnet.train import progress
 
 KEY = jax.random.PRNGKey(0)
-
-
-def _regression(rows=50, features=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, features))
-    y = np.sin(x @ rng.standard_normal((features, 1)))
-    return x, y
-
-
-def _fit(optimizer=None, **kwargs):
-    net = fn.serial(fn.Dense(5, fn.tanh), fn.Dense(1, fn.linear))
-    params = net.init(KEY, (-1, 4))[1]
-    kwargs.setdefault("batch_size", 8)
-    return fn.fit(net, fn.mean_squared_error, optimizer or fn.adam(0.01), params, _regression(), key=KEY, **kwargs)
 
 
 # --- TensorBoardLogger -----------------------------------------------------------------------------

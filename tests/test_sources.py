@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_steps import _mlp, _same
 from test_sweep import compilations
 
 import funcnet as fn
@@ -12,16 +13,6 @@ from funcnet.train.sources import sampler_key, transform_key
 
 KEY = jax.random.PRNGKey(0)
 W = np.array([[1.0], [-2.0], [0.5], [0.0]])
-
-
-def _mlp():
-    net = fn.serial(fn.Dense(5, fn.tanh), fn.Dense(1, fn.linear))
-    return net, net.init(KEY, (-1, 4))[1]
-
-
-def _same(a, b):
-    for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
 
 
 def regression_sampler(key, step, scale=1.0):

@@ -140,10 +140,13 @@ def check_data(name: str, data: Any) -> tuple[Any, Any, str | None, dict[str, An
     check_input_rows(fn, f"{name} inputs", inputs, x.shape[0])
     parts = ((f"{name} x", x), (f"{name} y", y), *((f"{name} inputs[{k!r}]", v) for k, v in inputs.items()))
     digests: list[str] = []
+    inspected: dict[int, tuple[int | None, str]] = {}  # one array given twice (random_windows' x, y): read once
     for part, array in parts:
         if not _checks.is_concrete(array):
             continue  # traced data (fit under vmap of the data) cannot be inspected here
-        bad, digest = _inspect(array)
+        if id(array) not in inspected:
+            inspected[id(array)] = _inspect(array)
+        bad, digest = inspected[id(array)]
         if bad is not None:
             raise ValueError(f"{fn}: {part} must be finite, got NaN or Inf values (first at row {bad}).")
         digests.append(digest)

@@ -398,6 +398,11 @@ class _Data(NamedTuple):
         return int(self.x.shape[0])
 
     @property
+    def drawn(self) -> bool:
+        """Each step's batch is drawn from ``(key, step)`` (windows, a sampler): no epochs of rows."""
+        return bool(self.window or self.sampled)
+
+    @property
     def eval_rows(self) -> int:
         return 0 if self.eval_x is None else int(self.eval_x.shape[0])
 
@@ -627,13 +632,12 @@ def _plan(c: _Call, data: _Data) -> tuple[_Call, Config]:
             raise ValueError("fit: checkpoint_dir needs concrete values: call fit outside jit/vmap to checkpoint.")
         c = c._replace(directory=checkpointing.prepare(c.checkpoint_dir))
     local, local_batch = data.rows // c.shards, c.batch_size // c.shards
-    drawn = data.window or data.sampled  # each step's batch drawn from (key, step): no epochs of rows
     host_tokens = None if not data.window or isinstance(data.x, jax.Array) else sources.HostTokens(data.x)
-    masked = local % local_batch != 0 and not c.drop_last and not drawn
+    masked = local % local_batch != 0 and not c.drop_last and not data.drawn
     config = Config(
         rows=data.rows,
         batch_size=c.batch_size,
-        batches=1 if drawn else math.ceil(local / local_batch) if masked else local // local_batch,
+        batches=1 if data.drawn else math.ceil(local / local_batch) if masked else local // local_batch,
         epochs=c.epochs,
         eval_every=c.eval_every,
         patience=c.epochs if c.patience is None else c.patience,  # None: more bad evaluations than can happen
@@ -691,7 +695,7 @@ def _shards(c: _Call, data: _Data) -> int:
             ("train_data rows", data.rows),
             ("eval_data rows", data.eval_rows),
         ):
-            if size % shards and not (what == "train_data rows" and (data.window or data.sampled)):
+            if size % shards and not (what == "train_data rows" and data.drawn):
                 raise ValueError(
                     f"fit: {what} ({size}) must divide by {where}: each shard holds an equal part of "
                     f"the rows; choose a multiple of {shards} (e.g. drop {size % shards} rows)."
@@ -739,7 +743,7 @@ def _placed(c: _Call, data: _Data, config: Config) -> tuple[TrainState, Run, _Da
         )
         return state, run, data
     if data.window and c.mesh is not None and config.host_tokens is None:  # each device draws from all tokens
-        features, y = distributed.put_replicated((data.x, data.y), c.mesh)
+        features = y = distributed.put_replicated(data.x, c.mesh)  # x and y are the tokens: one copy
     elif data.sampled or config.host_tokens is not None:  # the sampler, or host tokens, are the data
         features, y = None, None
         if config.host_tokens is not None and c.directory is not None:  # in bounded memory
