@@ -829,6 +829,18 @@ LOG_WINDOW = 64  # the most log entries one ``on_log`` delivery carries
 _LOGGED = ("loss", "learning_rate", "grad_norm")  # on_log's values, in this order (a pytree's dict is sorted)
 
 
+def _entries(s: TrainState, blocks: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
+    """Log entries from the per-update histories, ``blocks(h)`` cutting one into ``(entries, k)``:
+    each entry's mean loss over its ``k`` updates, and its last update's learning rate and gradient
+    norm (``on_log``'s values and ``History``'s step fields alike)."""
+    assert s.grad_norm is not None and s.learning_rate is not None
+    return {
+        "loss": jnp.mean(blocks(s.train_loss), axis=1),
+        "learning_rate": blocks(s.learning_rate)[:, -1],
+        "grad_norm": blocks(s.grad_norm)[:, -1],
+    }
+
+
 def _log_start(s: TrainState, c: Config) -> tuple[jax.Array, jax.Array]:
     """``_log``'s carry at a segment's start: the first entry due at once, the earlier ones sent."""
     sent = s.epoch // c.log_every
@@ -842,18 +854,12 @@ def _log(s: TrainState, log: tuple[jax.Array, jax.Array], final: jax.Array, c: C
     ``progress.REPORTS_PER_SECOND`` times a second (``progress.Clock``). A callback costs about
     0.2 ms on a CPU: one per entry was 1.2x workload A's time at ``log_every=100``. At most
     ``LOG_WINDOW`` entries wait. Returns the new ``(due, sent)``."""
-    assert s.grad_norm is not None and s.learning_rate is not None
     k, entries = c.log_every, c.epochs // c.log_every
     m = min(LOG_WINDOW, entries)
     due, sent = log
     done = s.epoch // k  # entries complete
     first = jnp.minimum(sent, entries - m)  # the window of entries handed over: first .. first + m - 1
-    block = lambda h: lax.dynamic_slice(h, (first * k,), (m * k,)).reshape(m, k)
-    values = {
-        "loss": jnp.mean(block(s.train_loss), axis=1),
-        "learning_rate": block(s.learning_rate)[:, -1],
-        "grad_norm": block(s.grad_norm)[:, -1],
-    }
+    values = _entries(s, lambda h: lax.dynamic_slice(h, (first * k,), (m * k,)).reshape(m, k))
     hook, clock = c.on_log, progress.Clock()
 
     def call(first: Any, sent: Any, done: Any, updates: Any, values: dict[str, Any]) -> np.ndarray:
@@ -1142,13 +1148,12 @@ def _step_history(state: TrainState, start: int, c: Config) -> dict[str, Any]:
     k = c.log_every
     entries = c.epochs // k
     first = start // k
-    assert state.grad_norm is not None and state.learning_rate is not None
-    blocks = lambda h: h[: entries * k].reshape(entries, k)[first:]
+    values = _entries(state, lambda h: h[: entries * k].reshape(entries, k)[first:])
     return {
         "step": jnp.arange(first + 1, entries + 1, dtype=jnp.int32) * k,
-        "step_loss": jnp.mean(blocks(state.train_loss), axis=1),
-        "learning_rate": blocks(state.learning_rate)[:, -1],
-        "grad_norm": blocks(state.grad_norm)[:, -1],
+        "step_loss": values["loss"],
+        "learning_rate": values["learning_rate"],
+        "grad_norm": values["grad_norm"],
     }
 
 
