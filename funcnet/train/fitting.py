@@ -491,10 +491,7 @@ def _checked_fsdp(c: _Call) -> _Call:
     if opt_state is None:
         opt_state = jax.eval_shape(c.program_optimizer.init, split_state(c.params)[0])
     fsdp.check("fit", opt_state, c.mesh, rule)
-    data_axis = c.data_axis
-    if data_axis == "data" and data_axis not in c.mesh.axis_names:
-        data_axis = rule.axis
-    return c._replace(param_axis=rule, data_axis=data_axis)
+    return c._replace(param_axis=rule, data_axis=fsdp.rows_axis(c.mesh, c.data_axis, rule))
 
 
 def _checked_optimizer(c: _Call) -> _Call:

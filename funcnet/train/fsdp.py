@@ -46,6 +46,7 @@ __all__ = [
     "leaf_spec",
     "param_shardings",
     "resolve",
+    "rows_axis",
     "shard",
     "shard_params",
 ]
@@ -110,6 +111,15 @@ def resolve(fn: str, mesh: Any, param_axis: Any) -> FSDP | None:
             f"{fn}: param_axis {rule.axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}."
         )
     return rule
+
+
+def rows_axis(mesh: Any, data_axis: str, rule: FSDP | None) -> str:
+    """The mesh axis the batch's rows split along: ``data_axis``, except that under a rule on a mesh
+    without the default ``"data"`` axis the rows go along the rule's own axis (FSDP proper: one
+    axis carries both rows and state)."""
+    if rule is not None and mesh is not None and data_axis == "data" and data_axis not in mesh.axis_names:
+        return rule.axis
+    return data_axis
 
 
 def leaf_spec(fn: str, rule: FSDP, devices: int, path: str, shape: tuple[int, ...]) -> PartitionSpec:

@@ -398,8 +398,7 @@ def train_step(
     check_parts("train_step", net, loss, optimizer)
     value_and_grad = jax.value_and_grad(_batch_loss(net.apply, loss, masked=False), has_aux=True)
     rule = fsdp.resolve("train_step", mesh, param_axis)
-    if rule is not None and mesh is not None and data_axis == "data" and data_axis not in mesh.axis_names:
-        data_axis = rule.axis  # a mesh of one axis: FSDP proper, the rows along it too (as ``fit``)
+    data_axis = fsdp.rows_axis(mesh, data_axis, rule)  # as ``fit``'s
     shard = batch_sharding("train_step", mesh, data_axis)
     sharded = (
         (lambda tree: tree)
