@@ -49,6 +49,7 @@ script sets it to ``PASSIVE`` before torch is imported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -63,12 +64,13 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
-ROLE = os.environ.get("BENCH_GPT_CHILD", "")  # a memory child: "fit", "step" or "torch"
+ROLE = os.environ.get("BENCH_GPT_CHILD", "")  # a memory child: "fit", "step", "jax" or "torch"
 HERE = Path(__file__).resolve().parent
 
-if ROLE != "torch":  # a torch child imports no JAX, a funcnet child no torch: peaks that do not mix
+if ROLE != "torch":  # a torch child imports no JAX, a JAX child no torch: peaks that do not mix
     import jax
     import jax.numpy as jnp
+if ROLE in ("", "fit", "step"):  # the plain-JAX child imports no funcnet
     from _timing import machine, table
 
     import funcnet as fn
@@ -299,10 +301,10 @@ if ROLE != "torch":
     class StepRun:
         """``jax.jit(train_step, donate_argnums=(0, 1))`` called once per iteration."""
 
-        def __init__(self, net: Any, params: Any, optimizer: Any) -> None:
+        def __init__(self, net: Any, params: Any, optimizer: Any, copy: bool = True) -> None:
+            """``copy``: train a copy (donated: never the caller's arrays; the memory child owns its own)."""
             self.step = jax.jit(fn.train_step(net, fn.softmax_cross_entropy, optimizer), donate_argnums=(0, 1))
-            copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # donated: never the caller's arrays
-            self.params = copy(params)
+            self.params = jax.tree_util.tree_map(jnp.copy, params) if copy else params
             self.opt_state = optimizer.init(self.params)
             self.optimizer = optimizer
 
@@ -322,43 +324,168 @@ if ROLE != "torch":
         return float(np.mean([float(loss(params, x, y)) for x, y in zip(xs, ys, strict=True)]))
 
 
+# --- plain JAX + optax: the memory peer that says what JAX itself costs ----------------------
+
+
+def plain_jax(config: dict, weights: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+    """The same GPT written in plain JAX (``jax.numpy``, ``jax.nn.dot_product_attention``) on the
+    torch layout's weights, and trained with optax as nanoGPT trains it: ``(step, params, state)``,
+    ``step`` jitted with the params and state donated."""
+    import optax
+
+    c, pre = config, "transformer."
+    params = {name: jnp.asarray(w) for name, w in weights.items()}
+
+    def norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + 1e-5) * gamma
+
+    def logits(p: dict, idx: jax.Array) -> jax.Array:
+        b, t = idx.shape
+        x = p[pre + "wte.weight"][idx] + p[pre + "wpe.weight"][:t]
+        for i in range(c["layers"]):
+            h = f"{pre}h.{i}."
+            qkv = norm(x, p[h + "ln_1.weight"]) @ p[h + "attn.c_attn.weight"].T
+            q, k, v = (a.reshape(b, t, c["heads"], -1) for a in jnp.split(qkv, 3, axis=-1))
+            attended = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, -1)
+            x = x + attended @ p[h + "attn.c_proj.weight"].T
+            hidden = jax.nn.gelu(norm(x, p[h + "ln_2.weight"]) @ p[h + "mlp.c_fc.weight"].T, approximate=False)
+            x = x + hidden @ p[h + "mlp.c_proj.weight"].T
+        return norm(x, p[pre + "ln_f.weight"]) @ p[pre + "wte.weight"].T
+
+    def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()
+
+    iterations = c["iterations"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(100, iterations // 10), iterations, 1e-4)
+    decay = {name: w.ndim >= 2 for name, w in params.items()}  # nanoGPT's groups
+    adamw = optax.adamw(schedule, b2=0.99, weight_decay=0.1, mask=decay)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), adamw)
+
+    def step(p: dict, state: Any, x: jax.Array, y: jax.Array) -> tuple[dict, Any, jax.Array]:
+        value, grads = jax.value_and_grad(loss)(p, x, y)
+        updates, state = optimizer.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, value
+
+    return jax.jit(step, donate_argnums=(0, 1)), params, optimizer.init(params)
+
+
 # --- memory children ----------------------------------------------------------------------------
 
 
 def memory_child(path: str) -> None:
-    """Train one chunk with ``ROLE``'s system (data and weights from ``path``) and print the peaks."""
+    """Train one chunk with ``ROLE``'s system (data and weights from ``path``) and print the peak
+    memory after the imports, with everything built (model, params, optimizer state, data), and at
+    the end, and the last loss."""
     imported = _maxrss_mb()
     data = np.load(path)
     config = json.loads(str(data["config"]))
     x, y = data["x"], data["y"]
     batch = config["batch"]
     xs, ys = x.reshape(-1, batch, x.shape[1]), y.reshape(-1, batch, y.shape[1])
+    weights = {name[2:]: data[name] for name in data.files if name.startswith("w:")}
+    train: Any
     if ROLE == "torch":
         torch.set_num_threads(config["torch_threads"])
-        weights = {name[2:]: data[name] for name in data.files if name.startswith("w:")}
         run = TorchRun(config, weights)
-        run.chunk(tokens(xs), tokens(ys))
+        txs, tys = tokens(xs), tokens(ys)
+        train = lambda: run.chunk(txs, tys)
+    elif ROLE == "fit":
+        fit_run = FitRun(*funcnet_parts(config), batch)
+        train = lambda: (fit_run.chunk(x, y), fit_run.chunk(x, y))[1]  # as in the benchmark: a resumed call
     else:
-        net, params, optimizer = funcnet_parts(config)
-        if ROLE == "fit":
-            fit_run = FitRun(net, params, optimizer, batch)
-            fit_run.chunk(x, y)
-            fit_run.chunk(x, y)  # as in the benchmark: a call resuming from the last
+        dxs, dys = [jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ys]
+        if ROLE == "step":
+            step_run = StepRun(*funcnet_parts(config), copy=False)
+            train = lambda: step_run.chunk(dxs, dys)
         else:
-            step_run = StepRun(net, params, optimizer)
-            step_run.chunk([jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ys])
-    print(json.dumps({"imported_mb": imported, "peak_mb": _maxrss_mb()}))
+            step, params, state = plain_jax(config, weights)
+
+            def train() -> float:
+                p, s = params, state
+                for bx, by in zip(dxs, dys, strict=True):
+                    p, s, value = step(p, s, bx, by)
+                return float(value)
+
+    ready = _maxrss_mb()
+    loss = train()
+    print(json.dumps({"imported_mb": imported, "ready_mb": ready, "peak_mb": _maxrss_mb(), "loss": loss}))
 
 
-def peak_memory(role: str, path: str) -> dict[str, float]:
-    env = {**os.environ, "BENCH_GPT_CHILD": role}
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory-child", path], env=env, capture_output=True, text=True, check=False
+def peak_memory(role: str, path: str, env: dict[str, str], repeats: int) -> dict[str, float]:
+    """The medians over ``repeats`` fresh children (a peak varies by +-30 MB from run to run)."""
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, __file__, "--memory-child", path],
+            env={**os.environ, **env, "BENCH_GPT_CHILD": role},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the {role} memory child failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+
+
+def memory_settings(cache: str) -> dict[str, dict[str, str]]:
+    """The environments the memory table compares (each system, torch too, runs under each)."""
+    warm = {
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    return {
+        "default": {},
+        "warm compilation cache": warm,
+        "warm cache, MALLOC_ARENA_MAX=1": {**warm, "MALLOC_ARENA_MAX": "1"},
+    }
+
+
+MEMORY_ROLES = {
+    "fit": "funcnet `fit`",
+    "step": "funcnet `train_step` loop",
+    "jax": "plain JAX + optax loop",
+    "torch": "torch eager loop",
+}
+
+
+def memory_lines(iterations: int, repeats: int) -> str:
+    return (
+        "Peak memory: each system alone in a fresh subprocess importing only its library, training "
+        f"{iterations} iterations from the same weights on the same batches; VmHWM after the imports, with "
+        f"the model, params, optimizer state and data built, and at the end; medians of {repeats} children."
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"the {role} memory child failed:\n{done.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+
+
+def memory_table(path: str, settings: dict[str, dict[str, str]], repeats: int) -> tuple[str, dict]:
+    """Each system's peaks under each setting, as a table, and the default setting's numbers."""
+    roles = [r for r in MEMORY_ROLES if r != "jax" or importlib.util.find_spec("optax") is not None]
+    rows, default = [], {}
+    for setting, env in settings.items():
+        if "JAX_COMPILATION_CACHE_DIR" in env:  # fill the cache first: the rows measure a second run
+            for role in roles:
+                if role != "torch":
+                    peak_memory(role, path, env, 1)
+        measured = {role: peak_memory(role, path, env, repeats) for role in roles}
+        default = default or measured
+        for role in roles:
+            m = measured[role]
+            rows.append(
+                [
+                    setting,
+                    MEMORY_ROLES[role],
+                    f"{m['imported_mb']:.0f}",
+                    f"{m['ready_mb']:.0f}",
+                    f"{m['peak_mb']:.0f}",
+                    f"{m['peak_mb'] / measured['torch']['peak_mb']:.2f}",
+                ]
+            )
+    header = ["setting", "system", "after imports MB", "model built MB", "peak MB", "peak vs torch"]
+    losses = ", ".join(f"{MEMORY_ROLES[role]} {default[role]['loss']:.4f}" for role in roles)
+    same = f"The same training in each: the last loss of the default children, {losses} (`fit`'s: its call's mean)."
+    return table(header, rows) + "\n\n" + same, default
 
 
 # --- the checks before timing -------------------------------------------------------------------
@@ -439,6 +566,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="iterations per timed sample (default 200)")
     parser.add_argument("--seeds", type=int, default=1, help="runs from different inits and windows (default 1)")
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument(
+        "--memory", action="store_true", help="only the peak-memory table, under each setting (~6 min on 2 cores)"
+    )
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh children per peak (median; default 3)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -469,6 +600,8 @@ def main() -> None:
     usage: dict[str, list[list[float]]] = {"fit": [], "step": [], "torch": []}  # per iteration: user s, sys s, faults
     val: dict[str, list[float]] = {"fit": [], "step": [], "torch": []}
     checks, first_chunk = [], {}
+    scratch = tempfile.TemporaryDirectory()
+    path = os.path.join(scratch.name, "data.npz")
     for seed in range(args.seeds):
         config = {**base, "seed": seed}
         rng = np.random.default_rng(seed)
@@ -476,6 +609,15 @@ def main() -> None:
         vx, vy = example.windows(ids[split:], val_batches * batch, length, rng)
         vx, vy = vx.reshape(val_batches, batch, length), vy.reshape(val_batches, batch, length)
         net, params, optimizer = funcnet_parts(config)
+        if seed == 0:  # the memory children's data: the first windows, the same initial weights
+            n = memory_iterations * batch
+            weights = {f"w:{name}": w for name, w in torch_layout(params).items()}
+            np.savez(path, config=json.dumps(config), x=x[:n], y=y[:n], **weights)
+        if args.memory:
+            settings = memory_settings(os.path.join(scratch.name, "cache"))
+            memory_text, _ = memory_table(path, settings, args.memory_repeats)
+            print(memory_lines(memory_iterations, args.memory_repeats) + "\n\n" + memory_text)
+            return
         if seed == 0:
             n_params = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
         checks.append(check_same(net, params, config, x[:batch], y[:batch]))
@@ -520,16 +662,7 @@ def main() -> None:
         val["torch"].append(torch_run.val_loss(vx, vy))
         if seed == 0:
             overheads = step_overheads(step_run, step_data[0][0][0], step_data[0][1][0], 20 if args.quick else 200)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "data.npz")
-                np.savez(
-                    path,
-                    config=json.dumps(config),
-                    x=x[: memory_iterations * batch],
-                    y=y[: memory_iterations * batch],
-                    **{f"w:{name}": w for name, w in torch_layout(params).items()},
-                )
-                memory = {role: peak_memory(role, path) for role in ("fit", "step", "torch")}
+            memory_text, memory = memory_table(path, {"default": {}}, args.memory_repeats)
 
     # --- the table ------------------------------------------------------------------------------
     median = {name: float(np.median(t)) for name, t in times.items()}
@@ -563,8 +696,7 @@ def main() -> None:
         f"Machine: {machine()}; torch {torch.__version__}, {args.torch_threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load average at the end "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} (a shared machine: medians of interleaved chunks). "
-        "Peak memory: each system alone in a subprocess importing only its library, training "
-        f"{memory_iterations} iterations (VmHWM).",
+        + memory_lines(memory_iterations, args.memory_repeats),
         f"GPT (examples/gpt.py, nanoGPT's CPU config): vocab {len(chars)}, {features} features, {heads} heads, "
         f"{layers} layers, context {length}, batch {batch}, bias=False, tied, {n_params:,} params, float32. "
         f"{iterations} iterations x {seeds}, timed in {len(times['torch'])} chunks of {chunk} per system, "
@@ -622,7 +754,7 @@ def main() -> None:
             else "below glibc's largest dynamic mmap threshold (32 MiB), so calls reuse the heap's pages."
         ),
     ]
-    print("\n".join(lines))
+    print("\n".join([*lines, "", memory_text]))
 
 
 if __name__ == "__main__":
