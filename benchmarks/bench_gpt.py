@@ -32,7 +32,10 @@ medians over the chunks), from the same start along the whole run:
 Around every chunk the process's user and system CPU time and minor page faults are read
 (``getrusage``): a standalone step's extra time shows there. Then the validation loss each reached
 (the same held-out windows), and each system's peak memory (``VmHWM``) in its own subprocess
-(which imports only its own library) training one chunk. Targets: fit <= 0.9x torch's time per
+(which imports only its own library) training 50 iterations (medians of ``--memory-repeats``
+children). ``--memory`` measures only the peaks, with and without a warm persistent compilation
+cache and ``MALLOC_ARENA_MAX=1``, beside the same training written in plain JAX with optax (where
+optax is installed: what JAX itself costs). Targets: fit <= 0.9x torch's time per
 iteration, the train_step loop <= 1.0x, validation losses within 0.02 nats, peak memory <= 1.0x
 torch's.
 
@@ -40,6 +43,8 @@ torch's.
     python benchmarks/bench_gpt.py --quick              # a tiny model, 20 iterations: check it runs
     python benchmarks/bench_gpt.py --seeds 3            # the validation loss as a mean of 3 seeds
     python benchmarks/bench_gpt.py --torch-threads 1    # torch on one thread
+    python benchmarks/bench_gpt.py --memory             # only the peaks, under three settings, with
+                                                        # a plain JAX + optax peer (~6 min)
 
 torch's OpenMP threads spin while they wait; on a busy machine that costs torch up to 10x (an
 iteration of 0.5-1 s instead of 0.1 s was seen here), so unless ``OMP_WAIT_POLICY`` is set the
