@@ -27,19 +27,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _memory import status_mb
+
 CHILD = os.environ.get("BENCH_COMPILE_CHILD", "")
 LEGACY = {"xla_cpu_use_fusion_emitters": False}
-
-
-def _status(key: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(key)
 
 
 def child(spec: dict) -> dict:
@@ -50,7 +42,6 @@ def child(spec: dict) -> dict:
     jnp.ones(3).block_until_ready()  # the backend starts before the measurement
     if spec["program"] in ("gpt", "plain"):
         os.environ["BENCH_GPT_CHILD"] = "step"  # bench_gpt without torch
-        sys.path.insert(0, str(HERE))
         import bench_gpt
 
         import funcnet as fn
@@ -75,9 +66,9 @@ def child(spec: dict) -> dict:
             return x
 
         lowered = jax.jit(chain).lower(jnp.ones((64, 64)))
-    before = _status("VmRSS")
+    before = status_mb("VmRSS")
     compiled = lowered.compile(LEGACY if spec["legacy"] else None)
-    result = {"compile_mb": _status("VmHWM") - before, "kept_mb": _status("VmRSS") - before}
+    result = {"compile_mb": status_mb("VmHWM") - before, "kept_mb": status_mb("VmRSS") - before}
     if spec["program"] in ("gpt", "plain"):
         times = []
         for _ in range(30):
@@ -99,7 +90,6 @@ def measure(spec: dict) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
     from _timing import machine, table
 
     rows = []

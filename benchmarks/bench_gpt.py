@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _memory import status_mb
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
 ROLE = os.environ.get("BENCH_GPT_CHILD", "")  # a memory child: "fit", "step", "jax" or "torch"
@@ -101,13 +102,9 @@ def _maxrss_mb() -> float:
     """This process's peak resident memory. On Linux ``VmHWM``: ``getrusage``'s ``ru_maxrss`` keeps the
     peak of the process that forked it across ``exec``, so a child would report the parent's."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def learning_rate(step: int, iterations: int) -> float:

@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _memory import status_mb
 from _timing import machine, table
 
 import funcnet as fn
@@ -55,11 +56,10 @@ from funcnet.train import stream
 
 
 def anon_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    try:
+        return round(status_mb("RssAnon") * 2**20)
+    except (OSError, KeyError):
+        return 0
 
 
 def storage_read_bytes() -> int:
